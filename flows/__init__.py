@@ -1,0 +1,1 @@
+"""Prefect flows and the `refit` CLI wrapping the stages."""

@@ -1,0 +1,1 @@
+"""Refit pipeline stages: pure functions, no Prefect imports."""

@@ -1,0 +1,568 @@
+"""The recipe: one YAML file is one complete run.
+
+Every section is a frozen pydantic model with unknown keys rejected and every field
+documented. Contradictions between fields are rejected when the recipe is built, each
+with the path of the field at fault; `load_recipe` adds the checks that need the file
+system (globs that match nothing, a missing base model) and reports every problem at
+once, with YAML line numbers, as one `RecipeError`.
+
+Defaults follow "Reuse, Don't Retrain" (Parmar et al., 2024): the LR starts at the base
+model's pretraining minimum, no warmup, cosine decay to max_lr/100, and the QA blend
+(about 10% QA tokens) starts when the LR has fallen to max_lr/5.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import InitErrorDetails, PydanticCustomError
+
+Loc = tuple[str | int, ...]
+PRETRAINING_RECORD = "refit_pretraining.json"  # written beside a base checkpoint by its pretraining
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
+_SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+
+
+def _parse_count(value: Any) -> Any:
+    """Token counts may be written 2000000, 2e6, "2M" or "1.5B" (YAML reads 2e6 as a string)."""
+    if isinstance(value, str) and (match := _COUNT.match(value)):
+        number, suffix = match.groups()
+        value = float(number) * _SUFFIX[suffix.lower()]
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def _absolute(value: Any, base_dir: Path | None) -> str | None:
+    """A local path of the recipe made absolute against base_dir; None for URLs and non-paths."""
+    if not isinstance(value, (str, Path)) or "://" in str(value):
+        return None
+    path = Path(value).expanduser()
+    return os.path.normpath(path if path.is_absolute() or base_dir is None else Path(base_dir) / path)
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Relative paths in a recipe are relative to the recipe file, not the caller's cwd."""
+    resolved = _absolute(value, (info.context or {}).get("base_dir"))
+    return value if resolved is None else resolved
+
+
+TokenCount = Annotated[int, BeforeValidator(_parse_count), Field(gt=0)]
+RecipePath = Annotated[str, BeforeValidator(_resolve_path)]
+Fraction = Annotated[float, Field(gt=0, le=1)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+def _problem(loc: Loc, message: str, value: Any = None) -> InitErrorDetails:
+    return InitErrorDetails(type=PydanticCustomError("recipe", message), loc=loc, input=value)
+
+
+def _raise_if(title: str | BaseModel, problems: list[InitErrorDetails]) -> None:
+    if problems:
+        raise ValidationError.from_exception_data(title if isinstance(title, str) else type(title).__name__, problems)
+
+
+class BaseModelSpec(Section):
+    path: RecipePath
+    """Directory of the Hugging Face causal-LM checkpoint to continue from (safetensors)."""
+    pretraining_min_lr: float | None = Field(default=None, gt=0)
+    """Final (minimum) LR of the base model's pretraining; the default max_lr of this run."""
+    pretraining_max_lr: float | None = Field(default=None, gt=0)
+    """Peak LR of the base model's pretraining, for the record and the pilot sweep."""
+    pretraining_tokens: TokenCount | None = None
+    """Tokens the base model was pretrained on; used by the cost report (retrain vs refit)."""
+    trust_remote_code: bool = False
+    """Allow the checkpoint's own modelling code to run. Off: only built-in architectures load."""
+
+    @model_validator(mode="after")
+    def _lrs_ordered(self) -> BaseModelSpec:
+        low, high = self.pretraining_min_lr, self.pretraining_max_lr
+        if low is not None and high is not None and low > high:
+            _raise_if(self, [_problem(("pretraining_min_lr",), f"{low} is above pretraining_max_lr {high}", low)])
+        return self
+
+
+class SourceSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Short name used in weights, shard folders and reports (letters, digits, _ . -)."""
+    paths: list[RecipePath] = Field(min_length=1)
+    """Files or glob patterns (** allowed) of this source; each must match at least one file."""
+    format: Literal["jsonl", "parquet"] = "jsonl"
+    """File format. JSONL may be compressed (.gz, .zst), detected from the file suffix."""
+    text_field: str = "text"
+    """Field holding the document text."""
+    id_field: str | None = "id"
+    """Field holding a unique document id; null to number documents by file and line."""
+    role: Literal["legacy", "new", "qa"]
+    """legacy: data like the base model's pretraining (forgetting is measured on it);
+    new: the new domain to learn; qa: QA-formatted data for the late phase."""
+
+
+class MinHashSpec(Section):
+    ngram: int = Field(default=5, ge=1)
+    """Word n-gram size of the shingles."""
+    buckets: int = Field(default=14, ge=1)
+    """LSH bands; with hashes_per_bucket this sets the Jaccard threshold (~0.72 for 14 x 8)."""
+    hashes_per_bucket: int = Field(default=8, ge=1)
+    """Hashes per band."""
+
+
+class CurateSpec(Section):
+    min_chars: int = Field(default=50, ge=1)
+    """Documents shorter than this (after normalisation) are quarantined as too short."""
+    max_chars: int = Field(default=100_000, ge=1)
+    """Documents longer than this are split or quarantined (see long_documents)."""
+    long_documents: Literal["split", "quarantine"] = "split"
+    """split: cut at paragraph boundaries into pieces of at most max_chars; quarantine: drop."""
+    max_bad_fraction: float = Field(default=0.05, ge=0, le=1)
+    """A source with a larger fraction of quarantined records fails the stage."""
+    minhash: MinHashSpec = MinHashSpec()
+    """Near-duplicate detection settings (datatrove MinHash)."""
+    decontaminate_ngram: int = Field(default=13, ge=1)
+    """Training documents sharing an n-gram of normalised words with a benchmark item are removed."""
+    validation_fraction: float = Field(default=0.02, ge=0, lt=1)
+    """Fraction of each source held out by id hash for validation loss (forgetting)."""
+    workers: int = Field(default=2, ge=1)
+    """Parallel worker processes of the datatrove executor."""
+
+    @model_validator(mode="after")
+    def _lengths_ordered(self) -> CurateSpec:
+        if self.min_chars > self.max_chars:
+            _raise_if(self, [_problem(("min_chars",), f"{self.min_chars} is above max_chars {self.max_chars}")])
+        return self
+
+
+class TokenizeSpec(Section):
+    seq_len: int = Field(default=512, ge=8)
+    """Tokens per packed training sequence (documents joined by EOS)."""
+    rows_per_shard: int = Field(default=8192, ge=1)
+    """Packed sequences per Arrow shard."""
+    batch_size: int = Field(default=512, ge=1)
+    """Documents per call of the fast tokenizer."""
+    workers: int = Field(default=2, ge=1)
+    """Parallel tokenizer worker processes."""
+
+
+class PhaseSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the phase in logs and reports."""
+    weights: dict[str, float] = Field(min_length=1)
+    """Share of this phase's sequences per source name; normalised to sum to 1."""
+    lr_below: Fraction | None = None
+    """The phase starts at the first optimizer step whose LR is at or below lr_below x max_lr.
+    Must be unset for the first phase (it starts at step 0) and set for every later one."""
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_valid(cls, weights: dict[str, float]) -> dict[str, float]:
+        if any(w < 0 for w in weights.values()):
+            raise ValueError("weights must be non-negative")
+        if sum(weights.values()) <= 0:
+            raise ValueError("weights must not all be zero")
+        return weights
+
+    def normalised(self) -> dict[str, float]:
+        total = sum(self.weights.values())
+        return {name: weight / total for name, weight in self.weights.items()}
+
+
+class MixtureSpec(Section):
+    phases: list[PhaseSpec] = Field(min_length=1)
+    """Ordered data phases. Default (when the section is omitted): a general blend of legacy
+    (60%) and new (40%) sources, then, at LR <= max_lr/5, the same blend at 90% with the
+    QA sources at 10%."""
+    max_epochs: float = Field(default=4.0, gt=0)
+    """A source drawn more often than this many epochs gets a warning in the manifest."""
+
+
+class ScheduleSpec(Section):
+    max_lr: float | None = Field(default=None, gt=0)
+    """Peak (initial, without warmup) LR. Default: base_model.pretraining_min_lr."""
+    min_lr_ratio: float = Field(default=0.01, ge=0, lt=1)
+    """The LR decays to min_lr_ratio x max_lr (paper: max_lr/100)."""
+    warmup_fraction: float = Field(default=0.0, ge=0, lt=1)
+    """Fraction of the optimizer steps spent warming up linearly from 0 (paper: none)."""
+    decay: Literal["cosine", "linear", "wsd", "constant"] = "cosine"
+    """Shape after warmup. wsd holds max_lr, then decays linearly over the last wsd_decay_fraction."""
+    wsd_decay_fraction: Fraction = 0.2
+    """For decay: wsd, the final fraction of the run spent decaying."""
+    total_tokens: TokenCount
+    """Training tokens of the whole run (all phases); sets the number of optimizer steps."""
+
+
+class TrainSpec(Section):
+    micro_batch_size: int = Field(default=8, ge=1)
+    """Sequences per forward/backward pass on one process."""
+    sequences_per_step: int = Field(default=32, ge=1)
+    """Global sequences per optimizer step; a multiple of micro_batch_size x num_processes."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 where the hardware supports it, else fp32."""
+    seed: int = 0
+    """Seeds the data order and initialisation of anything new; the run is a function of it."""
+    checkpoint_every: int = Field(default=100, ge=1)
+    """Optimizer steps between checkpoints (one is always written at the end)."""
+    num_processes: int = Field(default=1, ge=1)
+    """Processes started by `accelerate launch` (GPUs, or CPU processes over gloo)."""
+    grad_clip: float = Field(default=1.0, gt=0)
+    """Gradient-norm clipping threshold."""
+    weight_decay: float = Field(default=0.1, ge=0)
+    """AdamW weight decay."""
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    optimizer_state: RecipePath | None = None
+    """Optional optimizer state of the base model's pretraining to start from (default: fresh)."""
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> TrainSpec:
+        per_pass = self.micro_batch_size * self.num_processes
+        if self.sequences_per_step % per_pass:
+            _raise_if(self, [_problem(("sequences_per_step",),
+                                      f"{self.sequences_per_step} is not a multiple of micro_batch_size x num_processes = {per_pass}",
+                                      self.sequences_per_step)])
+        return self
+
+
+class BenchmarkSpec(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name in reports."""
+    path: RecipePath
+    """JSONL with {"id", "query", "choices", "gold"}; choices start with a space."""
+    domain: Literal["legacy", "new"]
+    """Whether it measures retention of the legacy domain or learning of the new one."""
+
+
+class EvaluateSpec(Section):
+    benchmarks: list[BenchmarkSpec] = []
+    """Multiple-choice benchmarks scored for base and candidate."""
+    validation_docs: int = Field(default=200, ge=1)
+    """At most this many held-out documents per source for validation loss."""
+    batch_size: int = Field(default=16, ge=1)
+    """Sequences per forward pass when scoring."""
+
+
+class GatesSpec(Section):
+    min_average_gain: float = 0.0
+    """Average accuracy gain (candidate - base, in points of 0..1) must exceed this."""
+    max_benchmark_drop: float = Field(default=0.02, ge=0)
+    """No benchmark may fall by more than this (accuracy, 0..1)."""
+    max_legacy_loss_increase: float = Field(default=0.05, ge=0)
+    """Relative increase of legacy validation loss allowed (forgetting)."""
+    require_new_loss_decrease: bool = True
+    """The new sources' validation loss must fall."""
+    max_contaminated_items: int = Field(default=0, ge=0)
+    """Benchmark items allowed to share an n-gram with the training data."""
+    noise_sigmas: float = Field(default=2.0, ge=0)
+    """Differences count only beyond this many standard errors (small models are noisy)."""
+    loss_spike_factor: float = Field(default=3.0, gt=1)
+    """A step whose loss exceeds this x the running median is a spike."""
+
+
+class PublishSpec(Section):
+    registry: RecipePath = "registry"
+    """Local folder or fsspec URL under which <model_name>/vNNNN/ versions are written."""
+    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    """Name of the model in the registry. Default: the recipe name."""
+    license: str = "apache-2.0"
+    """License identifier written into the model card."""
+
+
+class CostSpec(Section):
+    device_hour_price: float = Field(default=2.0, ge=0)
+    """Price of one device-hour (USD) for the cost report."""
+    device_peak_flops: float | None = Field(default=None, gt=0)
+    """Peak FLOP/s of one device, for model FLOPs utilisation. Default: detected when known."""
+
+
+class Recipe(Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    """Run name: names the workdir, the Prefect flow runs and the published model."""
+    description: str = ""
+    """Free text for the model card."""
+    workdir: RecipePath | None = None
+    """Where every stage writes. Default: runs/<name> beside the recipe file."""
+    base_model: BaseModelSpec
+    """The checkpoint to continue from. Pretraining facts missing here are read from
+    refit_pretraining.json in its folder when present (the demo base model writes one)."""
+    tokenizer: RecipePath | None = None
+    """Tokenizer directory. Default: the base model's."""
+    sources: list[SourceSpec] = Field(min_length=1)
+    """Training corpora."""
+    curate: CurateSpec = CurateSpec()
+    """Validation, normalisation, dedupe, decontamination, held-out split."""
+    tokenize: TokenizeSpec = TokenizeSpec()
+    """Packing into Arrow shards."""
+    mixture: MixtureSpec | None = None
+    """Data phases. Default: the paper's general blend then QA blend, built from source roles."""
+    schedule: ScheduleSpec
+    """LR schedule and token budget."""
+    train: TrainSpec = TrainSpec()
+    """Optimizer, batch and checkpointing."""
+    evaluate: EvaluateSpec = EvaluateSpec()
+    """Benchmarks and validation loss."""
+    gates: GatesSpec = GatesSpec()
+    """Audit thresholds."""
+    publish: PublishSpec = PublishSpec()
+    """Registry and model card."""
+    cost: CostSpec = CostSpec()
+    """Prices for the cost report."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: Any, info: ValidationInfo) -> Recipe:
+        """Fill derived defaults, then report field errors and cross-section problems together."""
+        data = _fill_defaults(data, info)
+        problems = _cross_problems(data) if isinstance(data, dict) else []
+        try:
+            recipe = handler(data)
+        except ValidationError as error:
+            problems = [_problem(e["loc"], e["msg"], e.get("input")) for e in error.errors()] + problems
+        _raise_if(cls.__name__, problems)
+        return recipe
+
+    @property
+    def phases(self) -> list[PhaseSpec]:
+        assert self.mixture is not None
+        return self.mixture.phases
+
+    @property
+    def peak_lr(self) -> float:
+        assert self.schedule.max_lr is not None
+        return self.schedule.max_lr
+
+    @property
+    def model_name(self) -> str:
+        return self.publish.model_name or self.name
+
+
+def _fill_defaults(data: Any, info: ValidationInfo) -> Any:
+    """Defaults that depend on other sections: workdir, base-model facts, max_lr, mixture."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    if data.get("workdir") is None and isinstance(data.get("name"), str):
+        data["workdir"] = f"runs/{data['name']}"
+    base = data.get("base_model")
+    if isinstance(base, dict) and isinstance(base.get("path"), str):
+        base = data["base_model"] = {**_pretraining_record(base["path"], info), **base}
+    schedule = data.get("schedule")
+    if isinstance(schedule, dict) and schedule.get("max_lr") is None and isinstance(base, dict):
+        if base.get("pretraining_min_lr") is not None:
+            data["schedule"] = {**schedule, "max_lr": base["pretraining_min_lr"]}
+    if data.get("mixture") is None and isinstance(data.get("sources"), list):
+        data["mixture"] = default_mixture(data["sources"])
+    return data
+
+
+def _read(data: Any, *path: str | int) -> Any:
+    """data[path...] or None where the raw recipe lacks it or has the wrong shape there."""
+    for key in path:
+        ok = isinstance(data, dict) if isinstance(key, str) else isinstance(data, list) and key < len(data)
+        if not ok:
+            return None
+        data = data.get(key) if isinstance(data, dict) else data[key]
+    return data
+
+
+def _setting(data: dict, section: type[Section], name: str, field: str) -> Any:
+    """A section's raw value, or the field's default when absent."""
+    value = _read(data, name, field)
+    return section.model_fields[field].default if value is None else _parse_count(value)
+
+
+def _duplicates(items: Any, key: str, loc: Loc, what: str) -> list[InitErrorDetails]:
+    names = [_read(item, key) for item in items] if isinstance(items, list) else []
+    return [_problem((*loc, i, key), f"{what} {name!r} is used twice", name)
+            for i, name in enumerate(names) if name is not None and name in names[:i]]
+
+
+def _cross_problems(data: dict) -> list[InitErrorDetails]:
+    """Contradictions between sections, checked on the raw recipe so that they are reported
+    even when some field fails its own validation."""
+    number = (int, float)
+    problems = _duplicates(data.get("sources"), "name", ("sources",), "source name")
+    problems += _duplicates(_read(data, "mixture", "phases"), "name", ("mixture", "phases"), "phase name")
+    problems += _duplicates(_read(data, "evaluate", "benchmarks"), "name", ("evaluate", "benchmarks"), "benchmark name")
+    if _read(data, "schedule", "max_lr") is None:
+        problems.append(_problem(("schedule", "max_lr"), "required: set it, or set base_model.pretraining_min_lr to default to it"))
+    sources = list(dict.fromkeys(name for s in data.get("sources") or [] if isinstance(name := _read(s, "name"), str)))
+    decay = _setting(data, ScheduleSpec, "schedule", "decay")
+    floor = _setting(data, ScheduleSpec, "schedule", "min_lr_ratio")
+    phases = _read(data, "mixture", "phases")
+    previous = 1.0
+    for i, phase in enumerate(phases if isinstance(phases, list) else []):
+        loc = ("mixture", "phases", i, "lr_below")
+        for source in _read(phase, "weights") or {}:
+            if source not in sources:
+                problems.append(_problem(("mixture", "phases", i, "weights", source),
+                                         f"names no declared source (declared: {', '.join(sources)})", source))
+        threshold = _read(phase, "lr_below")
+        if i == 0:
+            if threshold is not None:
+                problems.append(_problem(loc, "the first phase starts at step 0: remove lr_below", threshold))
+            continue
+        if threshold is None:
+            problems.append(_problem(loc, "every phase after the first needs lr_below"))
+        elif not isinstance(threshold, number):
+            continue  # reported by the field itself
+        elif threshold >= previous:
+            problems.append(_problem(loc, f"{threshold} does not decrease (previous threshold {previous})", threshold))
+        elif decay == "constant":
+            problems.append(_problem(loc, "schedule.decay is constant: the LR never falls, so this phase would never start", threshold))
+        elif isinstance(floor, number) and threshold <= floor:
+            problems.append(_problem(loc, f"{threshold} is not above schedule.min_lr_ratio {floor}: the LR reaches it "
+                                          "at the last step at best, so the phase would get no steps", threshold))
+        previous = threshold if isinstance(threshold, number) else previous
+    tokens = _setting(data, ScheduleSpec, "schedule", "total_tokens")
+    per_step = _setting(data, TrainSpec, "train", "sequences_per_step")
+    seq_len = _setting(data, TokenizeSpec, "tokenize", "seq_len")
+    warmup = _setting(data, ScheduleSpec, "schedule", "warmup_fraction")
+    if all(isinstance(v, number) and v > 0 for v in (tokens, per_step, seq_len)) and isinstance(warmup, number):
+        steps = int(tokens // (per_step * seq_len))
+        if steps < 2 or steps <= int(warmup * steps):
+            problems.append(_problem(("schedule", "total_tokens"),
+                                     f"{tokens} tokens make {steps} optimizer steps of {per_step * seq_len} tokens "
+                                     "(train.sequences_per_step x tokenize.seq_len): need at least 2 beyond warmup", tokens))
+    return problems
+
+
+def _pretraining_record(path: str, info: ValidationInfo) -> dict[str, Any]:
+    """Pretraining facts recorded beside a checkpoint (refit_pretraining.json), if any."""
+    record_file = Path(_resolve_path(path, info)) / PRETRAINING_RECORD
+    if not record_file.is_file():
+        return {}
+    record = json.loads(record_file.read_text())
+    keys = ("pretraining_min_lr", "pretraining_max_lr", "pretraining_tokens")
+    return {key: record[key] for key in keys if key in record}
+
+
+def default_mixture(sources: list[Any]) -> dict[str, Any]:
+    """The paper's two phases built from source roles (see MixtureSpec.phases)."""
+    roles: dict[str, list[str]] = {"legacy": [], "new": [], "qa": []}
+    for source in sources:
+        if isinstance(source, dict) and source.get("role") in roles and isinstance(source.get("name"), str):
+            roles[source["role"]].append(source["name"])
+    shares = {"legacy": 0.6, "new": 0.4} if roles["legacy"] and roles["new"] else {"legacy": 1.0, "new": 1.0}
+    general = {name: shares[role] / len(roles[role]) for role in ("legacy", "new") for name in roles[role]}
+    phases: list[dict[str, Any]] = [{"name": "general", "weights": general or {n: 1.0 for n in roles["qa"]}}]
+    if general and roles["qa"]:
+        qa_blend = {name: 0.9 * weight for name, weight in general.items()}
+        qa_blend.update({name: 0.1 / len(roles["qa"]) for name in roles["qa"]})
+        phases.append({"name": "qa", "lr_below": 0.2, "weights": qa_blend})
+    return {"phases": phases}
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+class RecipeError(Exception):
+    """Every problem of a recipe at once: (field path, YAML line or None, message)."""
+
+    def __init__(self, source: str, problems: list[tuple[str, int | None, str]]):
+        self.source = source
+        self.problems = problems
+        lines = [f"recipe {source} has {len(problems)} problem{'s' * (len(problems) != 1)}:"]
+        lines += [f"  - {path}{f' (line {line})' if line else ''}: {message}" for path, line, message in problems]
+        super().__init__("\n".join(lines))
+
+
+def format_loc(loc: Loc) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text or "(recipe)"
+
+
+def _yaml_line(root: yaml.Node | None, loc: Loc) -> int | None:
+    """Line of the deepest YAML node along loc (the key itself for mapping entries)."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]]:
+    """File-system checks on the raw recipe, so they are reported beside schema problems."""
+    def resolved(value: Any) -> Path | None:
+        path = _absolute(value, base_dir)
+        return None if path is None else Path(path)
+
+    def entries(key: str) -> list[tuple[int, dict]]:
+        items = data.get(key) if key != "benchmarks" else (data.get("evaluate") or {}).get("benchmarks")
+        return [(i, item) for i, item in enumerate(items) if isinstance(item, dict)] if isinstance(items, list) else []
+
+    problems: list[tuple[Loc, str]] = []
+    for i, source in entries("sources"):
+        patterns = source.get("paths")
+        for j, pattern in enumerate(patterns if isinstance(patterns, list) else []):
+            path = resolved(pattern)
+            if path is not None and not glob.glob(str(path), recursive=True):
+                problems.append((("sources", i, "paths", j), f"matches no file: {path}"))
+    base = resolved((data.get("base_model") or {}).get("path") if isinstance(data.get("base_model"), dict) else None)
+    if base is not None and not (base / "config.json").is_file():
+        problems.append((("base_model", "path"), f"no Hugging Face checkpoint (config.json) at {base}"))
+    for i, bench in entries("benchmarks"):
+        path = resolved(bench.get("path"))
+        if path is not None and not path.is_file():
+            problems.append((("evaluate", "benchmarks", i, "path"), f"no such file: {path}"))
+    return problems
+
+
+def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
+    """Read, validate and resolve a recipe file; raise RecipeError listing every problem."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise RecipeError(str(path), [("(file)", None, f"cannot read: {error.strerror}")]) from None
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        raise RecipeError(str(path), [("(yaml)", mark.line + 1 if mark else None, str(error).replace("\n", " "))]) from None
+    if not isinstance(data, dict):
+        raise RecipeError(str(path), [("(recipe)", 1, "the recipe must be a YAML mapping of sections")])
+    base_dir = path.resolve().parent
+    found: list[tuple[Loc, str]] = _file_problems(data, base_dir) if check_files else []
+    recipe = None
+    try:
+        recipe = Recipe.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as error:
+        found += [(e["loc"], e["msg"]) for e in error.errors()]
+    if found or recipe is None:
+        found.sort(key=lambda problem: _yaml_line(root, problem[0]) or 0)
+        raise RecipeError(str(path), [(format_loc(loc), _yaml_line(root, loc), msg) for loc, msg in found])
+    return recipe
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    """The resolved recipe (defaults filled, paths absolute) as YAML, saved beside outputs."""
+    return yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,200 @@
+"""The recipe schema: defaults from the paper, and every rejection named by field and line."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from stages.config import PRETRAINING_RECORD, Recipe, RecipeError, load_recipe
+
+from flows.cli import main as refit
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Path:
+    """A recipe folder with a base checkpoint stub, two corpora and a benchmark."""
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    (tmp_path / "data").mkdir()
+    for name in ("old.jsonl", "new.jsonl", "qa.jsonl", "bench.jsonl"):
+        (tmp_path / "data" / name).write_text('{"id": "1", "text": "x"}\n')
+    return tmp_path
+
+
+BASE = {
+    "name": "r1",
+    "base_model": {"path": "base", "pretraining_min_lr": 3e-4},
+    "sources": [
+        {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+        {"name": "new", "paths": ["data/*.jsonl"], "role": "new"},
+        {"name": "qa", "paths": ["data/qa.jsonl"], "role": "qa"},
+    ],
+    "schedule": {"total_tokens": "2M"},
+}
+
+
+def write(folder: Path, recipe: dict | str) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def problems(folder: Path, recipe: dict | str) -> dict[str, tuple[int | None, str]]:
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write(folder, recipe))
+    return {path: (line, message) for path, line, message in caught.value.problems}
+
+
+def edit(**changes) -> dict:
+    recipe = json.loads(json.dumps(BASE))
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = recipe
+        for key in parents:
+            node = node[int(key)] if isinstance(node, list) else node.setdefault(key, {})
+        node[leaf] = value
+    return recipe
+
+
+def test_defaults_follow_the_paper(layout):
+    recipe = load_recipe(write(layout, BASE))
+    assert recipe.schedule.max_lr == 3e-4  # the base model's pretraining minimum LR
+    assert recipe.schedule.warmup_fraction == 0 and recipe.schedule.decay == "cosine"
+    assert recipe.schedule.min_lr_ratio == 0.01
+    assert recipe.schedule.total_tokens == 2_000_000
+    general, qa = recipe.phases
+    assert general.lr_below is None and qa.lr_below == 0.2
+    assert qa.normalised()["qa"] == pytest.approx(0.10)
+    assert general.normalised() == pytest.approx({"old": 0.6, "new": 0.4})
+    assert recipe.workdir == str(layout / "runs" / "r1")
+    assert recipe.sources[0].paths == [str(layout / "data" / "old.jsonl")]  # relative to the recipe
+    assert recipe.curate.minhash.buckets == 14 and recipe.curate.minhash.hashes_per_bucket == 8
+
+
+def test_every_field_is_documented():
+    def walk(model):
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no docstring"
+            annotation = field.annotation
+            for candidate in getattr(annotation, "__args__", (annotation,)):
+                if isinstance(candidate, type) and issubclass(candidate, Recipe.__mro__[1]):
+                    walk(candidate)
+    walk(Recipe)
+
+
+def test_recipe_is_frozen(layout):
+    recipe = load_recipe(write(layout, BASE))
+    with pytest.raises(ValidationError):
+        recipe.schedule.max_lr = 1.0
+
+
+def test_max_lr_defaults_from_the_pretraining_record(layout):
+    (layout / "base" / PRETRAINING_RECORD).write_text(json.dumps({"pretraining_min_lr": 1e-4, "pretraining_tokens": 5000}))
+    recipe = load_recipe(write(layout, edit(base_model={"path": "base"})))
+    assert recipe.schedule.max_lr == 1e-4 and recipe.base_model.pretraining_tokens == 5000
+
+
+@pytest.mark.parametrize(
+    "changes, path, message",
+    [
+        ({"colour": "blue"}, "colour", "Extra inputs are not permitted"),
+        ({"train__warmup": 5}, "train.warmup", "Extra inputs are not permitted"),
+        ({"sources__0__role": "old"}, "sources[0].role", "'legacy', 'new' or 'qa'"),
+        ({"sources__1__name": "old"}, "sources[1].name", "source name 'old' is used twice"),
+        ({"sources__0__paths": ["data/missing-*.jsonl"]}, "sources[0].paths[0]", "matches no file"),
+        ({"base_model": {"path": "nowhere", "pretraining_min_lr": 3e-4}}, "base_model.path", "no Hugging Face checkpoint"),
+        ({"base_model__pretraining_max_lr": 1e-4}, "base_model.pretraining_min_lr", "above pretraining_max_lr"),
+        ({"base_model": {"path": "base"}}, "schedule.max_lr", "required"),
+        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1, "web": 1}}]}}, "mixture.phases[0].weights.web",
+         "names no declared source (declared: old, new, qa)"),
+        ({"mixture": {"phases": [{"name": "a", "lr_below": 0.5, "weights": {"old": 1}}]}}, "mixture.phases[0].lr_below",
+         "the first phase starts at step 0"),
+        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1}}, {"name": "b", "weights": {"qa": 1}}]}},
+         "mixture.phases[1].lr_below", "needs lr_below"),
+        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1}}, {"name": "b", "lr_below": 0.3, "weights": {"qa": 1}},
+                                 {"name": "c", "lr_below": 0.4, "weights": {"new": 1}}]}},
+         "mixture.phases[2].lr_below", "0.4 does not decrease (previous threshold 0.3)"),
+        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1}}, {"name": "a", "lr_below": 0.3, "weights": {"qa": 1}}]}},
+         "mixture.phases[1].name", "phase name 'a' is used twice"),
+        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 0}}]}}, "mixture.phases[0].weights", "must not all be zero"),
+        ({"mixture": {"phases": [{"name": "a", "weights": {"old": -1, "new": 2}}]}}, "mixture.phases[0].weights", "non-negative"),
+        ({"schedule__decay": "constant"}, "mixture.phases[1].lr_below", "never falls"),
+        ({"schedule__min_lr_ratio": 0.25}, "mixture.phases[1].lr_below", "not above schedule.min_lr_ratio 0.25"),
+        ({"schedule__total_tokens": 1000}, "schedule.total_tokens", "make 0 optimizer steps"),
+        ({"train__micro_batch_size": 5}, "train.sequences_per_step", "not a multiple of micro_batch_size x num_processes = 5"),
+        ({"curate__min_chars": 500, "curate__max_chars": 100}, "curate.min_chars", "above max_chars"),
+        ({"evaluate": {"benchmarks": [{"name": "b", "path": "data/none.jsonl", "domain": "new"}]}},
+         "evaluate.benchmarks[0].path", "no such file"),
+        ({"evaluate": {"benchmarks": [{"name": "b", "path": "data/bench.jsonl", "domain": "new"},
+                                      {"name": "b", "path": "data/bench.jsonl", "domain": "legacy"}]}},
+         "evaluate.benchmarks[1].name", "benchmark name 'b' is used twice"),
+    ],
+)
+def test_rejections_name_the_field(layout, changes, path, message):
+    found = problems(layout, edit(**changes))
+    assert path in found, found
+    assert message in found[path][1]
+
+
+def test_all_problems_are_listed_at_once_with_yaml_lines(layout):
+    text = textwrap.dedent("""\
+        name: r1
+        base_model:
+          path: nowhere
+          pretraining_min_lr: 3.0e-4
+        sources:
+          - name: old
+            paths: [data/old.jsonl]
+            role: legacy
+          - name: new
+            paths: [data/missing.jsonl]
+            role: new
+            colour: blue
+        mixture:
+          phases:
+            - name: a
+              weights: {old: 1, web: 1}
+            - name: b
+              lr_below: 0.3
+              weights: {new: -1}
+            - name: c
+              lr_below: 0.5
+              weights: {old: 1}
+        schedule:
+          total_tokens: 2M
+        """)
+    found = problems(layout, text)
+    assert found == {
+        "base_model.path": (3, found["base_model.path"][1]),
+        "sources[1].paths[0]": (10, found["sources[1].paths[0]"][1]),
+        "sources[1].colour": (12, "Extra inputs are not permitted"),
+        "mixture.phases[0].weights.web": (16, found["mixture.phases[0].weights.web"][1]),
+        "mixture.phases[1].weights": (19, found["mixture.phases[1].weights"][1]),
+        "mixture.phases[2].lr_below": (21, "0.5 does not decrease (previous threshold 0.3)"),
+    }
+
+
+def test_yaml_syntax_error_gives_its_line(layout):
+    found = problems(layout, "name: r1\nsources: [\n  - a: b\n")
+    ((line, message),) = found.values()
+    assert line == 3 and "expected" in message
+
+
+def test_cli_validate_exit_codes(layout, capsys):
+    assert refit(["validate", str(write(layout, BASE))]) == 0
+    assert "valid" in capsys.readouterr().out
+    bad = edit(colour="blue", sources__0__paths=["data/none.jsonl"])
+    assert refit(["validate", str(write(layout, bad))]) == 2
+    err = capsys.readouterr().err
+    assert "2 problems" in err and "colour (line" in err and "sources[0].paths[0] (line" in err
+
+
+def test_bundled_recipes_validate_without_the_base_model():
+    recipe = load_recipe(Path(__file__).parent.parent / "deployments" / "demo.yaml", check_files=False)
+    assert [p.name for p in recipe.phases] == ["general", "qa"]
+    assert len(recipe.evaluate.benchmarks) == 3
