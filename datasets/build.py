@@ -28,6 +28,9 @@ import warnings
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+from stages.text import WORD, word_ngrams  # noqa: E402  (the definitions decontamination uses)
+
 SEED = 20240710
 HELD_OUT_PERCENT = 20  # pages/modules reserved for the cloze benchmarks, never in a corpus
 MAN_DIRS = [Path("/usr/share/man/man7"), Path("/usr/share/man/man1")]
@@ -36,7 +39,6 @@ STDLIB_SKIP = {"antigravity", "this", "idlelib", "lib2to3", "tkinter", "turtle",
                "test", "ensurepip", "venv", "pydoc_data", "msilib", "nturl2path", "_pydecimal"}
 LEGACY_MAX_BYTES = 3_200_000
 NGRAM = 13
-WORD = re.compile(r"\w+")
 
 
 def bucket(key: str) -> int:
@@ -185,17 +187,12 @@ def command_items(commands: list[tuple[str, str]], rng: random.Random) -> list[d
     return items
 
 
-def ngrams(text: str) -> set[tuple[str, ...]]:
-    words = WORD.findall(text.lower())
-    return {tuple(words[i:i + NGRAM]) for i in range(len(words) - NGRAM + 1)}
-
-
 def decontaminate(items: list[dict], corpora: list[list[dict]]) -> list[dict]:
     seen: set[tuple[str, ...]] = set()
     for docs in corpora:
         for doc in docs:
-            seen |= ngrams(doc["text"])
-    return [item for item in items if not ngrams(item["query"] + item["choices"][item["gold"]]) & seen]
+            seen |= word_ngrams(doc["text"], NGRAM)
+    return [item for item in items if not word_ngrams(item["query"] + item["choices"][item["gold"]], NGRAM) & seen]
 
 
 # ----------------------------------------------------------------------------- QA

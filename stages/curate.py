@@ -1,0 +1,212 @@
+"""curate: validate, normalise, dedupe (exact and MinHash, across sources), decontaminate
+and split off held-out validation documents.
+
+Writes under `<workdir>/curate/`:
+  <source>/train-BBBB.parquet, <source>/validation-BBBB.parquet   clean docs (id, text) of batch BBBB
+  quarantine/<source>/batch-BBBB.jsonl   bad records: source, file, line, id, reason, detail, excerpt
+  removed/<source>/batch-BBBB.jsonl      good records removed: exact/near duplicate, contaminated
+  state.sqlite, minhash-index/           what has been seen, for incremental reruns
+  report.json, _SUCCESS.json
+
+A run processes only files not seen before (a batch); `force` starts over. The whole folder
+is rebuilt in `curate.tmp/` and swapped into place, so a failed run leaves the previous
+good output untouched.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import logging
+import shutil
+import sqlite3
+import time
+from collections import Counter
+from pathlib import Path
+
+from stages.config import Recipe, SourceSpec
+from stages.markers import fingerprint, is_done, read_marker, staging_dir, swap_into_place, write_json_atomic, write_marker
+from stages.records import read_records
+from stages.text import word_ngrams
+
+log = logging.getLogger(__name__)
+ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicate ties
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, batch INTEGER,
+                                  PRIMARY KEY (source, path));
+CREATE TABLE IF NOT EXISTS ids (source TEXT, id TEXT, PRIMARY KEY (source, id));
+CREATE TABLE IF NOT EXISTS texts (hash TEXT PRIMARY KEY, source TEXT, id TEXT);
+"""
+
+
+class CurationError(RuntimeError):
+    """The stage failed; the previous curated output is untouched."""
+
+
+def source_files(source: SourceSpec) -> list[Path]:
+    return sorted({Path(p) for pattern in source.paths for p in glob.glob(pattern, recursive=True) if Path(p).is_file()})
+
+
+def _settings(recipe: Recipe) -> dict:
+    """What curated output depends on apart from the input files: changing it means starting over."""
+    benchmarks = {b.name: hashlib.sha256(Path(b.path).read_bytes()).hexdigest() for b in recipe.evaluate.benchmarks}
+    sources = [s.model_dump(mode="json", exclude={"paths"}) for s in recipe.sources]
+    return {"curate": recipe.curate.model_dump(mode="json"), "sources": sources, "benchmarks": benchmarks}
+
+
+def curate_fingerprint(recipe: Recipe) -> str:
+    files = {s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s)] for s in recipe.sources}
+    return fingerprint("curate", {"settings": _settings(recipe), "files": files})
+
+
+def _benchmark_index(recipe: Recipe) -> dict[tuple[str, ...], str]:
+    """n-gram -> benchmark item id, over each item's query and gold answer."""
+    index: dict[tuple[str, ...], str] = {}
+    n = recipe.curate.decontaminate_ngram
+    for bench in recipe.evaluate.benchmarks:
+        with open(bench.path, encoding="utf-8") as lines:
+            for line in lines:
+                if line.strip():
+                    item = json.loads(line)
+                    for gram in word_ngrams(item["query"] + item["choices"][item["gold"]], n):
+                        index.setdefault(gram, f"{bench.name}:{item['id']}")
+    return index
+
+
+def _in_validation(doc_id: str, fraction: float) -> bool:
+    bucket = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+    return bucket < fraction
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    if rows:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "w", encoding="utf-8") as out:
+            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+
+
+def _write_parquet(path: Path, docs: list[tuple[str, str]]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table({"id": [d[0] for d in docs], "text": [d[1] for d in docs]})
+    pq.write_table(table, path)
+
+
+def _new_files(db: sqlite3.Connection, source: SourceSpec) -> list[Path]:
+    new = []
+    for path in source_files(source):
+        row = db.execute("SELECT size, mtime_ns FROM files WHERE source=? AND path=?", (source.name, str(path))).fetchone()
+        stat = path.stat()
+        if row is None:
+            new.append(path)
+        elif tuple(row) != (stat.st_size, stat.st_mtime_ns):
+            raise CurationError(f"source {source.name}: {path} changed since it was curated; curation adds new files "
+                                "incrementally but does not redo old ones: rerun with --force to start over")
+    return new
+
+
+def _curate_source(recipe: Recipe, source: SourceSpec, out: Path, db: sqlite3.Connection, batch: int,
+                   contamination: dict[tuple[str, ...], str]) -> dict:
+    from stages.near_dedup import near_dedup
+
+    spec, files = recipe.curate, _new_files(db, source)
+    counts: Counter[str] = Counter()
+    quarantined: list[dict] = []
+    removed: list[dict] = []
+    clean: list[tuple[str, str]] = []
+    for path in files:
+        for record in read_records(path, source, spec):
+            counts["records"] += 1
+            if record.reason is None and "#part" in (record.id or ""):
+                counts["split_parts"] += 1
+            if record.reason is None and db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (source.name, record.id)).rowcount == 0:
+                record.reason, record.detail = "duplicate_id", f"id {record.id!r} seen before in {source.name}"
+                record.excerpt = record.text[:200] if record.text else ""
+            if record.reason is not None:
+                counts[f"quarantined:{record.reason}"] += 1
+                quarantined.append(record.quarantine_row(source.name))
+                continue
+            digest = hashlib.sha256(record.text.encode()).hexdigest()
+            first = db.execute("SELECT source, id FROM texts WHERE hash=?", (digest,)).fetchone()
+            if first is not None:
+                removed.append({"id": record.id, "reason": "exact_duplicate", "of": f"{first[0]}:{first[1]}"})
+                continue
+            db.execute("INSERT INTO texts VALUES (?, ?, ?)", (digest, source.name, record.id))
+            hit = next((contamination[g] for g in word_ngrams(record.text, spec.decontaminate_ngram) if g in contamination), None)
+            if hit is not None:
+                removed.append({"id": record.id, "reason": "contaminated", "of": hit})
+                continue
+            clean.append((record.id, record.text))
+    bad = sum(v for k, v in counts.items() if k.startswith("quarantined:"))
+    bad_fraction = bad / counts["records"] if counts["records"] else 0.0
+    if bad_fraction > spec.max_bad_fraction:
+        top = Counter({k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("quarantined:")}).most_common(3)
+        raise CurationError(f"source {source.name}: {bad_fraction:.1%} of {counts['records']} records are bad "
+                            f"(limit curate.max_bad_fraction {spec.max_bad_fraction:.1%}); top reasons: "
+                            + ", ".join(f"{reason} {n}" for reason, n in top) + "; previous curated output kept")
+    kept, near = near_dedup(clean, out / "work" / source.name, out / "minhash-index", f"{source.name}-{batch:04d}",
+                            spec.minhash, spec.workers)
+    removed += [{"id": doc_id, "reason": "near_duplicate", "of": "MinHash match (earlier source, batch or document)"}
+                for doc_id in near]
+    validation = [d for d in kept if _in_validation(d[0], spec.validation_fraction)]
+    train = [d for d in kept if not _in_validation(d[0], spec.validation_fraction)]
+    _write_parquet(out / source.name / f"train-{batch:04d}.parquet", train)
+    _write_parquet(out / source.name / f"validation-{batch:04d}.parquet", validation)
+    _write_jsonl(out / "quarantine" / source.name / f"batch-{batch:04d}.jsonl", quarantined)
+    _write_jsonl(out / "removed" / source.name / f"batch-{batch:04d}.jsonl", removed)
+    for path in files:
+        stat = path.stat()
+        db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", (source.name, str(path), stat.st_size, stat.st_mtime_ns, batch))
+    reasons = Counter(r["reason"] for r in removed)
+    return {
+        "files": [str(p) for p in files], "records": counts["records"], "split_parts": counts["split_parts"],
+        "quarantined": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined:")},
+        "bad_fraction": round(bad_fraction, 6), "removed": dict(sorted(reasons.items())),
+        "contaminated_ids": [r["id"] for r in removed if r["reason"] == "contaminated"],
+        "train_docs": len(train), "validation_docs": len(validation),
+        "train_chars": sum(len(t) for _, t in train),
+    }
+
+
+def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+    """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
+    final = Path(workdir) / "curate"
+    input_fingerprint = curate_fingerprint(recipe)
+    if not force and is_done(final, input_fingerprint):
+        log.info("curate: up to date (%s)", input_fingerprint[:12])
+        return json.loads((final / "report.json").read_text())
+    started = time.time()
+    settings = hashlib.sha256(json.dumps(_settings(recipe), sort_keys=True).encode()).hexdigest()
+    previous = read_marker(final)
+    incremental = not force and previous is not None and previous.get("settings") == settings
+    out = staging_dir(final, copy_previous=incremental)
+    try:
+        db = sqlite3.connect(out / "state.sqlite", isolation_level=None)
+        db.executescript(SCHEMA)
+        batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
+        contamination = _benchmark_index(recipe)
+        sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
+        report_sources = {}
+        for source in sources:
+            log.info("curate: %s (batch %d)", source.name, batch)
+            report_sources[source.name] = _curate_source(recipe, source, out, db, batch, contamination)
+        db.close()
+        shutil.rmtree(out / "work", ignore_errors=True)
+        report = {"stage": "curate", "batch": batch, "incremental": incremental, "sources": report_sources,
+                  "seconds": round(time.time() - started, 2)}
+        write_json_atomic(out / "report.json", report)
+        write_marker(out, "curate", input_fingerprint, started, {"settings": settings})
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    swap_into_place(out, final)
+    return report
+
+
+def curated_files(workdir: Path, source: str, split: str) -> list[Path]:
+    """The curated Parquet files of one source and split ("train" or "validation"), in batch order."""
+    return sorted((Path(workdir) / "curate" / source).glob(f"{split}-*.parquet"))
+
