@@ -1,7 +1,9 @@
 """The `refit` command line.
 
-    refit validate RECIPE     check a recipe; every problem listed with its field and line
-    refit demo                build the demo base model if missing, then check the demo recipe
+    refit validate RECIPE                 check a recipe; every problem listed with its field and line
+    refit stage STAGE RECIPE [--force]    run one stage (curate, tokenize, mix) as a plain function
+    refit plan RECIPE                     run the data stages as needed and print the mixture plan
+    refit demo                            build the demo base model if missing, then run the demo recipe
 
 Exit codes: 0 success, 1 a stage failed, 2 the recipe (or the command line) is invalid.
 """
@@ -9,11 +11,14 @@ Exit codes: 0 success, 1 a stage failed, 2 the recipe (or the command line) is i
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
 from stages.config import Recipe, RecipeError, load_recipe
+from stages.curate import CurationError
+from stages.markers import StageNotReady
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "deployments" / "demo.yaml"
@@ -49,6 +54,42 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def data_stages() -> dict:
+    """The stages that run so far, in pipeline order (imported lazily: heavy dependencies)."""
+    from stages.curate import run_curate
+    from stages.mix import run_mix
+    from stages.tokenize import run_tokenize
+
+    return {"curate": run_curate, "tokenize": run_tokenize, "mix": run_mix}
+
+
+def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
+    return Path(args.workdir) if args.workdir else Path(recipe.workdir)
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    report = data_stages()[args.stage](recipe, _workdir(args, recipe), force=args.force)
+    print(json.dumps({k: v for k, v in report.items() if k != "sources"} | {"sources": sorted(report.get("sources", {}))}, indent=2))
+    print(f"{args.stage}: done, outputs in {_workdir(args, recipe) / args.stage}")
+    return 0
+
+
+def run_plan(recipe: Recipe, workdir: Path) -> str:
+    from stages.mix import format_plan
+
+    manifest = None
+    for stage in data_stages().values():  # each is skipped when its output is up to date
+        manifest = stage(recipe, workdir)
+    return format_plan(manifest)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe)
+    print(run_plan(recipe, _workdir(args, recipe)))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from stages.demo_base import build_demo_base
 
@@ -61,8 +102,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         build_demo_base(DEMO_LEGACY_CORPUS, base)
     recipe = load_recipe(DEMO_RECIPE)  # now with the base model's pretraining record and every file checked
     print(describe(recipe))
-    print("The pipeline stages (curate, tokenize, mix, train, evaluate, audit, publish) are not built yet;"
-          " this demo stops after building the base model and validating the recipe.")
+    print(run_plan(recipe, Path(recipe.workdir)))
+    print(f"\nData stages done: curated, tokenized and mixed under {recipe.workdir}. The train, evaluate, audit and"
+          " publish stages are not built yet, so the demo stops here.")
     return 0
 
 
@@ -73,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="check a recipe and list every problem")
     validate.add_argument("recipe", type=Path)
     validate.set_defaults(run=cmd_validate)
+    stage = commands.add_parser("stage", help="run one stage of a recipe")
+    stage.add_argument("stage", choices=["curate", "tokenize", "mix"])
+    stage.add_argument("recipe", type=Path)
+    stage.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
+    stage.add_argument("--force", action="store_true", help="rerun even if the output is up to date (curate: start over)")
+    stage.set_defaults(run=cmd_stage)
+    plan = commands.add_parser("plan", help="print phases, steps, tokens and epochs per source, without training")
+    plan.add_argument("recipe", type=Path)
+    plan.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
+    plan.set_defaults(run=cmd_plan)
     demo = commands.add_parser("demo", help="build the demo base model if missing and run the demo recipe")
     demo.add_argument("--rebuild-base", action="store_true", help="retrain the demo base model even if it exists")
     demo.set_defaults(run=cmd_demo)
@@ -83,11 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    if not args.verbose:
+        from loguru import logger  # datatrove's logger: its per-step statistics are noise at the CLI
+
+        logger.remove()
+        logger.add(sys.stderr, level="WARNING")
     try:
         return args.run(args)
     except RecipeError as error:
         print(error, file=sys.stderr)
         return 2
+    except (CurationError, StageNotReady) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

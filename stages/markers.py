@@ -52,6 +52,18 @@ def is_done(directory: Path, input_fingerprint: str) -> bool:
     return marker is not None and marker.get("fingerprint") == input_fingerprint
 
 
+def upstream_fingerprint(workdir: Path, stage: str, needed_by: str) -> str:
+    """The fingerprint of a finished upstream stage, or a clear error if it has not run."""
+    marker = read_marker(Path(workdir) / stage)
+    if marker is None:
+        raise StageNotReady(f"{needed_by} needs the {stage} stage's output in {workdir}: run `refit stage {stage}` first")
+    return marker["fingerprint"]
+
+
+class StageNotReady(RuntimeError):
+    """A stage was asked to run before the stage it reads from."""
+
+
 def write_json_atomic(path: Path, payload: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str) + "\n")

@@ -66,7 +66,7 @@ def write_jsonl(path: Path, lines: list, opener=open) -> Path:
     return path
 
 
-def make_recipe(tmp_path: Path, sources: list[dict], **curate) -> Path:
+def make_recipe(tmp_path: Path, sources: list[dict], sections: dict | None = None, **curate) -> Path:
     (tmp_path / "base").mkdir(exist_ok=True)
     (tmp_path / "base" / "config.json").write_text("{}")
     bench = tmp_path / "bench.jsonl"
@@ -75,7 +75,7 @@ def make_recipe(tmp_path: Path, sources: list[dict], **curate) -> Path:
     recipe = {"name": "t", "base_model": {"path": "base", "pretraining_min_lr": 1e-3}, "sources": sources,
               "curate": {"workers": 1, "min_chars": 20, "validation_fraction": 0.1, **curate},
               "schedule": {"total_tokens": 100000}, "tokenize": {"seq_len": 64}, "train": {"micro_batch_size": 2, "sequences_per_step": 4},
-              "evaluate": {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}]}}
+              "evaluate": {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}]}, **(sections or {})}
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

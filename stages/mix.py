@@ -1,0 +1,143 @@
+"""mix: shard indexes + recipe -> `<workdir>/manifest.json`, the only thing training reads.
+
+DuckDB aggregates the per-source shard indexes; the phase boundaries come in closed form
+from the schedule: phase k starts at the first optimizer step whose LR is at or below
+its `lr_below` x max_lr, so the plan and the trainer agree by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from stages.config import Recipe
+from stages.markers import fingerprint, is_done, read_marker, upstream_fingerprint, write_json_atomic, write_marker
+from stages.schedule import Schedule, schedule_for, tokens_per_step
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+
+def shard_table(workdir: Path) -> dict[str, dict]:
+    """Per source: rows, tokens and shards (path relative to the workdir, rows, sha256)."""
+    import duckdb
+
+    indexes = sorted(str(p) for p in (Path(workdir) / "tokenize").glob("*/index.json"))
+    if not indexes:
+        return {}
+    con = duckdb.connect()
+    shards = con.execute(
+        """SELECT source, s.file AS file, s.rows AS rows, s.tokens AS tokens, s.sha256 AS sha256
+           FROM (SELECT source, unnest(shards) AS s FROM read_json_auto(?, union_by_name = true))
+           ORDER BY source, file""", [indexes]).fetchall()
+    totals = con.execute(
+        """SELECT source, max(seq_len)::INTEGER, max(dtype), max(tokenizer_sha256), max(eos_id)
+           FROM read_json_auto(?, union_by_name = true) GROUP BY source""", [indexes]).fetchall()
+    table = {source: {"seq_len": seq_len, "dtype": dtype, "tokenizer_sha256": tok, "eos_id": int(eos),
+                      "rows": 0, "tokens": 0, "shards": []} for source, seq_len, dtype, tok, eos in totals}
+    for source, file, rows, tokens, sha in shards:
+        entry = table[source]
+        entry["rows"] += rows
+        entry["tokens"] += tokens
+        entry["shards"].append({"path": f"tokenize/{source}/{file}", "rows": rows, "sha256": sha})
+    return table
+
+
+def phase_plan(recipe: Recipe, schedule: Schedule) -> list[dict]:
+    """Start step, steps and tokens of each phase from the schedule."""
+    starts = [0 if p.lr_below is None else schedule.first_step_at_or_below(p.lr_below) for p in recipe.phases]
+    plan = []
+    for i, phase in enumerate(recipe.phases):
+        start = starts[i] if starts[i] is not None else schedule.total_steps
+        later = [s for s in starts[i + 1:] if s is not None]
+        end = min(later) if later else schedule.total_steps
+        steps = max(0, end - start)
+        plan.append({"name": phase.name, "lr_below": phase.lr_below, "weights": phase.normalised(),
+                     "start_step": start, "steps": steps, "start_fraction": start / schedule.total_steps,
+                     "start_tokens": start * tokens_per_step(recipe), "tokens": steps * tokens_per_step(recipe),
+                     "start_lr": schedule.lr(start) if start < schedule.total_steps else None})
+    return plan
+
+
+def build_manifest(recipe: Recipe, workdir: Path) -> dict:
+    schedule = schedule_for(recipe)
+    table = shard_table(workdir)
+    phases = phase_plan(recipe, schedule)
+    warnings = []
+    sources = {}
+    for source in recipe.sources:
+        entry = table.get(source.name, {"rows": 0, "tokens": 0, "shards": []})
+        drawn = sum(p["steps"] * recipe.train.sequences_per_step * p["weights"].get(source.name, 0.0) for p in phases)
+        epochs = drawn / entry["rows"] if entry["rows"] else (float("inf") if drawn else 0.0)
+        sources[source.name] = {"role": source.role, "rows": entry["rows"], "tokens": entry["tokens"],
+                                "shards": entry["shards"], "drawn_sequences": round(drawn),
+                                "drawn_tokens": round(drawn) * recipe.tokenize.seq_len, "epochs": epochs}
+        if drawn and not entry["rows"]:
+            warnings.append(f"source {source.name} has weight but no tokens: nothing can be drawn from it")
+        elif epochs > recipe.mixture.max_epochs:
+            warnings.append(f"source {source.name} is drawn {epochs:.1f} times (more than mixture.max_epochs "
+                            f"{recipe.mixture.max_epochs:g}): add data, lower its weight or the token budget")
+    for phase in phases:
+        if phase["steps"] == 0:
+            warnings.append(f"phase {phase['name']} gets no steps")
+    first = next(iter(table.values()), {})
+    manifest = {
+        "version": MANIFEST_VERSION, "recipe": recipe.name,
+        "tokenizer_sha256": first.get("tokenizer_sha256"), "dtype": first.get("dtype"), "eos_id": first.get("eos_id"),
+        "seq_len": recipe.tokenize.seq_len, "sequences_per_step": recipe.train.sequences_per_step,
+        "tokens_per_step": tokens_per_step(recipe), "total_steps": schedule.total_steps,
+        "total_tokens": schedule.total_steps * tokens_per_step(recipe), "seed": recipe.train.seed,
+        "schedule": {"max_lr": schedule.max_lr, "min_lr_ratio": schedule.min_lr_ratio, "warmup_steps": schedule.warmup_steps,
+                     "decay": schedule.decay, "wsd_decay_steps": schedule.wsd_decay_steps},
+        "phases": phases, "sources": sources, "warnings": warnings,
+    }
+    manifest["sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return manifest
+
+
+def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+    """Write `<workdir>/mix/manifest.json` (done marker beside it); returns the manifest."""
+    workdir = Path(workdir)
+    out = workdir / "mix"
+    sections = {k: getattr(recipe, k).model_dump(mode="json") for k in ("mixture", "schedule", "train", "tokenize")}
+    input_fingerprint = fingerprint("mix", sections, [upstream_fingerprint(workdir, "tokenize", "mix")])
+    if not force and is_done(out, input_fingerprint):
+        return json.loads((out / MANIFEST).read_text())
+    started = time.time()
+    manifest = build_manifest(recipe, workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "_SUCCESS.json").unlink(missing_ok=True)  # not done while the manifest changes
+    write_json_atomic(out / MANIFEST, manifest)
+    write_marker(out, "mix", input_fingerprint, started, {"manifest_sha256": manifest["sha256"]})
+    return manifest
+
+
+def manifest_path(workdir: Path) -> Path:
+    if read_marker(Path(workdir) / "mix") is None:
+        raise FileNotFoundError(f"no finished mix stage in {workdir}: run `refit stage mix` first")
+    return Path(workdir) / "mix" / MANIFEST
+
+
+def format_plan(manifest: dict) -> str:
+    """The manifest as tables: phases (steps, tokens, switch) and sources (share, epochs)."""
+    total = manifest["total_steps"]
+    lines = [f"{manifest['recipe']}: {total} steps x {manifest['tokens_per_step']:,} tokens = {manifest['total_tokens']:,} tokens "
+             f"({manifest['schedule']['decay']}, max_lr {manifest['schedule']['max_lr']:.2e})", "",
+             f"{'phase':<12}{'trigger':<16}{'start step':>11}{'% of run':>10}{'steps':>8}{'tokens':>13}  weights"]
+    for p in manifest["phases"]:
+        trigger = "step 0" if p["lr_below"] is None else f"LR <= {p['lr_below']:g} max"
+        weights = ", ".join(f"{k} {v:.0%}" for k, v in p["weights"].items())
+        lines.append(f"{p['name']:<12}{trigger:<16}{p['start_step']:>11}{p['start_fraction']:>10.1%}{p['steps']:>8}"
+                     f"{p['tokens']:>13,}  {weights}")
+    lines += ["", f"{'source':<12}{'role':<8}{'available':>13}{'drawn':>13}{'share':>8}{'epochs':>8}"]
+    drawn_total = sum(s["drawn_tokens"] for s in manifest["sources"].values()) or 1
+    for name, s in manifest["sources"].items():
+        lines.append(f"{name:<12}{s['role']:<8}{s['tokens']:>13,}{s['drawn_tokens']:>13,}{s['drawn_tokens'] / drawn_total:>8.1%}"
+                     f"{s['epochs']:>8.2f}")
+    switches = [p for p in manifest["phases"] if p["lr_below"] is not None]
+    for p in switches:
+        lines.append(f"\nswitch to {p['name']} at step {p['start_step']} of {total} ({p['start_fraction']:.1%} of the run)")
+    lines += [f"warning: {w}" for w in manifest["warnings"]]
+    return "\n".join(lines)

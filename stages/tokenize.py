@@ -1,0 +1,198 @@
+"""tokenize: curated documents -> fixed-length packed token sequences in Arrow shards.
+
+Writes `<workdir>/tokenize/<source>/shard-NNNNN.arrow` (Arrow IPC file format,
+uncompressed, memory-mappable; one FixedSizeList column `tokens` of seq_len ids, uint16
+when the vocabulary fits) and `index.json` with rows, tokens and sha256 per shard.
+
+Each shard packs one contiguous run of documents of one curated file (documents joined
+by EOS; the last partial row is dropped, under seq_len tokens per shard), so shards are
+independent: worker processes write them in parallel, a shard is a pure function of its
+input range, and a rerun (after a kill, or after curate added a batch) writes only the
+shards that are missing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from stages.config import Recipe
+from stages.curate import curated_files
+from stages.markers import file_sha256, fingerprint, is_done, swap_into_place, upstream_fingerprint, write_json_atomic, write_marker
+
+log = logging.getLogger(__name__)
+CHARS_PER_TOKEN = 4  # only sizes the document runs behind each shard; the rows are exact
+_TOKENIZER = None  # per worker process
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    source: str
+    index: int
+    input_file: str
+    start: int  # first row of input_file
+    stop: int  # one past the last row
+    out: str
+    settings: str  # hash of tokenizer and packing settings
+
+
+def tokenizer_dir(recipe: Recipe) -> Path:
+    return Path(recipe.tokenizer or recipe.base_model.path)
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if not tokenizer.is_fast:
+        raise ValueError(f"{path}: Refit needs a fast (Rust) tokenizer, found {type(tokenizer).__name__}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"{path}: the tokenizer has no EOS token to separate documents")
+    return tokenizer
+
+
+def tokenizer_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(os.listdir(path)):
+        if name.startswith("tokenizer") or name in ("special_tokens_map.json", "vocab.json", "merges.txt"):
+            digest.update(name.encode() + b"\0" + (path / name).read_bytes())
+    return digest.hexdigest()
+
+
+def token_dtype(vocab_size: int) -> pa.DataType:
+    return pa.uint16() if vocab_size <= 2**16 else pa.uint32()
+
+
+def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[ShardJob]:
+    """Cut every curated train file into runs of documents of about one shard each."""
+    budget = recipe.tokenize.rows_per_shard * recipe.tokenize.seq_len * CHARS_PER_TOKEN
+    jobs = []
+    for source in recipe.sources:
+        index = 0
+        for path in curated_files(workdir, source.name, "train"):
+            lengths = pc.utf8_length(pq.read_table(path, columns=["text"])["text"]).to_numpy()
+            start, chars = 0, 0
+            for row, length in enumerate(lengths):
+                chars += int(length)
+                if chars >= budget or row == len(lengths) - 1:
+                    jobs.append(ShardJob(source.name, index, str(path), start, row + 1,
+                                         str(out / source.name / f"shard-{index:05d}.arrow"), settings))
+                    index, start, chars = index + 1, row + 1, 0
+    return jobs
+
+
+def _init_worker(path: str) -> None:
+    global _TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+    _TOKENIZER = load_tokenizer(Path(path))
+
+
+def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str, str]) -> dict:
+    """Tokenize, pack and write one shard atomically; returns its index entry."""
+    tokenizer = _TOKENIZER
+    texts = pq.read_table(job.input_file, columns=["text"]).slice(job.start, job.stop - job.start)["text"].to_pylist()
+    eos = tokenizer.eos_token_id
+    pieces = []
+    for first in range(0, len(texts), batch_size):
+        for ids in tokenizer(texts[first:first + batch_size], add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids, dtype=np.int64))
+            pieces.append(np.asarray([eos], dtype=np.int64))
+    dtype = token_dtype(len(tokenizer))
+    flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    rows = len(flat) // seq_len
+    values = pa.array(flat[: rows * seq_len].astype(dtype.to_pandas_dtype()), type=dtype)
+    column = pa.FixedSizeListArray.from_arrays(values, seq_len)
+    schema = pa.schema([pa.field("tokens", column.type)], metadata={**metadata, "source": job.source})
+    out = Path(job.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
+        writer.write_table(pa.table({"tokens": column}, schema=schema))
+    os.replace(tmp, out)
+    entry = {"file": out.name, "rows": rows, "tokens": rows * seq_len, "sha256": file_sha256(out),
+             "docs": len(texts), "dropped_tail_tokens": int(len(flat) - rows * seq_len), "job": asdict(job)}
+    write_json_atomic(out.with_suffix(".json"), entry)  # the shard is complete once this exists
+    return entry
+
+
+def _complete(job: ShardJob) -> dict | None:
+    sidecar = Path(job.out).with_suffix(".json")
+    if not sidecar.is_file() or not Path(job.out).is_file():
+        return None
+    entry = json.loads(sidecar.read_text())
+    return entry if entry["job"] == asdict(job) else None
+
+
+def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+    """Tokenize every source's curated train documents; returns the report."""
+    workdir = Path(workdir)
+    upstream = upstream_fingerprint(workdir, "curate", "tokenize")
+    final, tmp = workdir / "tokenize", workdir / "tokenize.tmp"
+    tok_dir = tokenizer_dir(recipe)
+    settings = fingerprint("tokenize-settings", {"tokenize": recipe.tokenize.model_dump(mode="json"),
+                                                 "tokenizer": tokenizer_sha256(tok_dir)})
+    input_fingerprint = fingerprint("tokenize", {"settings": settings}, [upstream])
+    if not force and is_done(final, input_fingerprint):
+        return json.loads((final / "report.json").read_text())
+    started = time.time()
+    if force:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not tmp.exists():  # a killed run's tmp is kept: its complete shards are reused
+        tmp.mkdir(parents=True)
+        if final.is_dir() and not force:
+            for path in final.rglob("shard-*"):
+                (tmp / path.relative_to(final)).parent.mkdir(parents=True, exist_ok=True)
+                os.link(path, tmp / path.relative_to(final))
+    tokenizer = load_tokenizer(tok_dir)
+    seq_len = recipe.tokenize.seq_len
+    metadata = {"tokenizer_sha256": tokenizer_sha256(tok_dir), "seq_len": str(seq_len), "eos_id": str(tokenizer.eos_token_id),
+                "vocab_size": str(len(tokenizer)), "dtype": str(token_dtype(len(tokenizer)))}
+    jobs = plan_jobs(recipe, workdir, tmp, settings)
+    wanted = {Path(job.out) for job in jobs} | {Path(job.out).with_suffix(".json") for job in jobs}
+    for stale in set(tmp.rglob("shard-*")) - wanted:  # shards of inputs that no longer exist
+        stale.unlink()
+    done = {job: entry for job in jobs if (entry := _complete(job)) is not None}
+    todo = [job for job in jobs if job not in done]
+    log.info("tokenize: %d shards, %d already complete", len(jobs), len(done))
+    with ProcessPoolExecutor(max_workers=max(1, min(recipe.tokenize.workers, len(todo))), initializer=_init_worker,
+                             initargs=(str(tok_dir),)) as pool:
+        futures = {job: pool.submit(write_shard, job, seq_len, recipe.tokenize.batch_size, metadata) for job in todo}
+        for n, (job, future) in enumerate(futures.items(), start=1):
+            done[job] = future.result()
+            log.info("tokenize: %s shard %d written (%d/%d)", job.source, job.index, n, len(todo))
+    report = {"stage": "tokenize", **metadata, "seq_len": seq_len, "sources": {}}
+    for source in recipe.sources:
+        shards = [{k: v for k, v in done[j].items() if k != "job"} for j in jobs if j.source == source.name]
+        index = {"source": source.name, **metadata, "rows": sum(s["rows"] for s in shards),
+                 "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+        (tmp / source.name).mkdir(parents=True, exist_ok=True)
+        write_json_atomic(tmp / source.name / "index.json", index)
+        report["sources"][source.name] = {k: index[k] for k in ("rows", "tokens")} | {"shards": len(shards)}
+    report["seconds"] = round(time.time() - started, 2)
+    write_json_atomic(tmp / "report.json", report)
+    write_marker(tmp, "tokenize", input_fingerprint, started)
+    swap_into_place(tmp, final)
+    return report
+
+
+def read_shard(path: Path) -> np.ndarray:
+    """A shard's rows as a (rows, seq_len) array viewing the memory-mapped file (zero-copy)."""
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
+    column = reader.get_batch(0).column(0) if reader.num_record_batches else None
+    if column is None or len(column) == 0:
+        return np.zeros((0, int(reader.schema.metadata[b"seq_len"])), dtype=np.uint16)
+    values = column.values.to_numpy(zero_copy_only=True)
+    return values.reshape(len(column), -1)
+

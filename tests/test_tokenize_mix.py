@@ -1,0 +1,118 @@
+"""tokenize (Arrow shards, zero-copy, resumable) and mix (manifest, closed-form switch step)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from transformers import AutoTokenizer
+
+from flows.cli import main as refit
+from stages.config import load_recipe
+from stages.curate import curated_files, run_curate
+from stages.markers import MARKER, StageNotReady, file_sha256
+from stages.mix import run_mix
+from stages.schedule import schedule_for
+from stages.tokenize import read_shard, run_tokenize
+
+from test_curate import LEGACY, NEW, make_recipe, write_jsonl
+
+
+@pytest.fixture
+def curated(tmp_path, tiny_tokenizer_dir):
+    write_jsonl(tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:30])])
+    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:30])])
+    path = make_recipe(tmp_path, [{"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+                                  {"name": "new", "paths": ["data/new.jsonl"], "role": "new"}],
+                       sections={"tokenizer": str(tiny_tokenizer_dir), "tokenize": {"seq_len": 64, "rows_per_shard": 40, "workers": 2},
+                                 "mixture": {"phases": [{"name": "general", "weights": {"old": 1, "new": 1}},
+                                                        {"name": "qa", "lr_below": 0.2, "weights": {"old": 1, "new": 3}}]}},
+                       validation_fraction=0.0)
+    recipe = load_recipe(path)
+    run_curate(recipe, tmp_path / "wd")
+    return recipe, tmp_path / "wd", path
+
+
+def test_shards_hold_packed_documents_and_open_zero_copy(curated, tiny_tokenizer_dir):
+    recipe, workdir, _ = curated
+    report = run_tokenize(recipe, workdir)
+    index = json.loads((workdir / "tokenize" / "new" / "index.json").read_text())
+    assert len(index["shards"]) >= 2 and index["dtype"] == "uint16"
+    tokenizer = AutoTokenizer.from_pretrained(tiny_tokenizer_dir)
+    first = index["shards"][0]
+    path = workdir / "tokenize" / "new" / first["file"]
+    assert file_sha256(path) == first["sha256"]
+    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))  # IPC file format, uncompressed
+    meta = reader.schema.metadata
+    assert meta[b"seq_len"] == b"64" and meta[b"source"] == b"new" and meta[b"tokenizer_sha256"]
+    rows = read_shard(path)
+    assert rows.dtype == np.uint16 and rows.shape == (first["rows"], 64) and not rows.flags.owndata
+    texts = [t for f in curated_files(workdir, "new", "train") for t in pa.parquet.read_table(f)["text"].to_pylist()]
+    expected = [t for text in texts[: first["docs"]] for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    assert rows.reshape(-1).tolist() == expected[: rows.size]  # documents joined by EOS, cut into rows
+    assert report["sources"]["new"]["tokens"] == index["tokens"] == sum(s["tokens"] for s in index["shards"])
+
+
+def test_rerun_skips_complete_shards_and_reproduces_them(curated):
+    recipe, workdir, _ = curated
+    run_tokenize(recipe, workdir)
+    shards = sorted((workdir / "tokenize").rglob("shard-*.arrow"))
+    before = {p.name + p.parent.name: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in shards}
+    # a run killed before its marker: the complete shards are still there and must be reused
+    (workdir / "tokenize").rename(workdir / "tokenize.tmp")
+    (workdir / "tokenize.tmp" / MARKER).unlink()
+    removed = shards[0].relative_to(workdir / "tokenize")
+    (workdir / "tokenize.tmp" / removed).unlink()
+    run_tokenize(recipe, workdir)
+    after = {p.name + p.parent.name: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in sorted((workdir / "tokenize").rglob("shard-*.arrow"))}
+    assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}  # byte-identical
+    rewritten = {k for k in before if after[k][1] != before[k][1]}
+    assert rewritten == {removed.name + removed.parent.name}  # only the missing shard was written again
+    assert not (workdir / "tokenize.tmp").exists()
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "wsd"])
+def test_manifest_switch_step_is_the_schedules(tmp_path, curated, decay):
+    recipe, workdir, _ = curated
+    run_tokenize(recipe, workdir)
+    recipe = recipe.model_copy(update={"schedule": recipe.schedule.model_copy(update={"decay": decay, "warmup_fraction": 0.1})})
+    manifest = run_mix(recipe, workdir)
+    schedule = schedule_for(recipe)
+    threshold = recipe.phases[1].lr_below * schedule.max_lr
+    expected = next(s for s in range(schedule.warmup_steps, schedule.total_steps) if schedule.lr(s) <= threshold)
+    general, qa = manifest["phases"]
+    assert qa["start_step"] == expected == general["steps"]
+    assert general["steps"] + qa["steps"] == manifest["total_steps"] == schedule.total_steps
+    for name, source in manifest["sources"].items():
+        assert source["rows"] == json.loads((workdir / "tokenize" / name / "index.json").read_text())["rows"]
+        assert source["epochs"] == pytest.approx(source["drawn_sequences"] / source["rows"], rel=0.01)
+
+
+def test_manifest_warns_about_repeats_and_empty_sources(curated, tmp_path):
+    recipe, workdir, _ = curated
+    run_tokenize(recipe, workdir)
+    greedy = recipe.model_copy(update={"schedule": recipe.schedule.model_copy(update={"total_tokens": 3_000_000})})
+    warnings = run_mix(greedy, workdir)["warnings"]
+    assert any("source old is drawn" in w and "mixture.max_epochs 4" in w for w in warnings)
+    (workdir / "tokenize" / "new" / "index.json").write_text(json.dumps(
+        {**json.loads((workdir / "tokenize" / "new" / "index.json").read_text()), "rows": 0, "tokens": 0, "shards": []}))
+    assert any("source new has weight but no tokens" in w for w in run_mix(recipe, workdir, force=True)["warnings"])
+
+
+def test_stages_refuse_to_run_out_of_order(tmp_path, curated):
+    recipe, workdir, _ = curated
+    with pytest.raises(StageNotReady, match="run `refit stage tokenize` first"):
+        run_mix(recipe, workdir)
+
+
+def test_refit_plan_prints_the_table(curated, capsys):
+    recipe, workdir, path = curated
+    assert refit(["plan", str(path), "--workdir", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
+    switch = manifest["phases"][1]["start_step"]
+    assert f"switch to qa at step {switch} of {manifest['total_steps']}" in out
+    assert "epochs" in out and "old" in out and "general" in out
