@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -135,11 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    if not args.verbose:
-        from loguru import logger  # datatrove's logger: its per-step statistics are noise at the CLI
-
-        logger.remove()
-        logger.add(sys.stderr, level="WARNING")
+    if not args.verbose:  # datatrove logs per-step statistics, in worker processes too: keep warnings only
+        os.environ.setdefault("LOGURU_LEVEL", "WARNING")
     try:
         return args.run(args)
     except RecipeError as error:
