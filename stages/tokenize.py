@@ -109,22 +109,28 @@ def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str
         for ids in tokenizer(texts[first:first + batch_size], add_special_tokens=False)["input_ids"]:
             pieces.append(np.asarray(ids, dtype=np.int64))
             pieces.append(np.asarray([eos], dtype=np.int64))
-    dtype = token_dtype(len(tokenizer))
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
+    out = Path(job.out)
+    rows = write_rows(out, flat, seq_len, token_dtype(len(tokenizer)), {**metadata, "source": job.source})
+    entry = {"file": out.name, "rows": rows, "tokens": rows * seq_len, "sha256": file_sha256(out),
+             "docs": len(texts), "dropped_tail_tokens": int(len(flat) - rows * seq_len), "job": asdict(job)}
+    write_json_atomic(out.with_suffix(".json"), entry)  # the shard is complete once this exists
+    return entry
+
+
+def write_rows(out: Path, flat: np.ndarray, seq_len: int, dtype: pa.DataType, metadata: dict[str, str]) -> int:
+    """Cut a token stream into rows of seq_len (dropping the tail) and write them as an
+    uncompressed Arrow IPC file, atomically. Returns the number of rows."""
     rows = len(flat) // seq_len
     values = pa.array(flat[: rows * seq_len].astype(dtype.to_pandas_dtype()), type=dtype)
     column = pa.FixedSizeListArray.from_arrays(values, seq_len)
-    schema = pa.schema([pa.field("tokens", column.type)], metadata={**metadata, "source": job.source})
-    out = Path(job.out)
+    schema = pa.schema([pa.field("tokens", column.type)], metadata=metadata)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
         writer.write_table(pa.table({"tokens": column}, schema=schema))
     os.replace(tmp, out)
-    entry = {"file": out.name, "rows": rows, "tokens": rows * seq_len, "sha256": file_sha256(out),
-             "docs": len(texts), "dropped_tail_tokens": int(len(flat) - rows * seq_len), "job": asdict(job)}
-    write_json_atomic(out.with_suffix(".json"), entry)  # the shard is complete once this exists
-    return entry
+    return rows
 
 
 def _complete(job: ShardJob) -> dict | None:
