@@ -28,6 +28,7 @@ DEMO_LEGACY_CORPUS = REPO / "datasets" / "legacy_python_docs.jsonl.gz"
 
 def describe(recipe: Recipe) -> str:
     """A short human summary of what a valid recipe will run."""
+    from stages.mix import phase_plan
     from stages.schedule import schedule_for, tokens_per_step
 
     schedule = schedule_for(recipe)
@@ -38,11 +39,11 @@ def describe(recipe: Recipe) -> str:
         f"  schedule  {recipe.schedule.decay} from max_lr {recipe.peak_lr:.2e} to {schedule.min_lr:.2e}, "
         f"warmup {schedule.warmup_steps} steps, {schedule.total_steps} steps of {tokens_per_step(recipe)} tokens",
     ]
-    for phase in recipe.phases:
-        start = 0 if phase.lr_below is None else schedule.first_step_at_or_below(phase.lr_below)
-        weights = ", ".join(f"{name} {share:.0%}" for name, share in phase.normalised().items())
-        trigger = "from step 0" if phase.lr_below is None else f"at LR <= {phase.lr_below} x max_lr, step {start} ({start / schedule.total_steps:.1%})"
-        lines.append(f"  phase     {phase.name}: {weights}; {trigger}")
+    for phase in phase_plan(recipe, schedule):
+        weights = ", ".join(f"{name} {share:.0%}" for name, share in phase["weights"].items())
+        trigger = ("from step 0" if phase["lr_below"] is None else
+                   f"at LR <= {phase['lr_below']} x max_lr, step {phase['start_step']} ({phase['start_fraction']:.1%})")
+        lines.append(f"  phase     {phase['name']}: {weights}; {trigger}")
     lines.append(f"  evaluate  " + (", ".join(b.name for b in recipe.evaluate.benchmarks) or "validation loss only"))
     lines.append(f"  publish   {recipe.publish.registry}/{recipe.model_name}")
     return "\n".join(lines)
