@@ -55,9 +55,10 @@ def _settings(recipe: Recipe) -> dict:
     return {"curate": recipe.curate.model_dump(mode="json"), "sources": sources, "benchmarks": benchmarks}
 
 
-def curate_fingerprint(recipe: Recipe) -> str:
+def _fingerprint(recipe: Recipe, settings: dict) -> str:
+    """Settings plus the listing of every input file: a file added to a source means a rerun."""
     files = {s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s)] for s in recipe.sources}
-    return fingerprint("curate", {"settings": _settings(recipe), "files": files})
+    return fingerprint("curate", {"settings": settings, "files": files})
 
 
 def _benchmark_index(recipe: Recipe) -> dict[tuple[str, ...], str]:
@@ -120,7 +121,7 @@ def _curate_source(recipe: Recipe, source: SourceSpec, out: Path, db: sqlite3.Co
     for path in files:
         for record in read_records(path, source, spec):
             counts["records"] += 1
-            if record.reason is None and "#part" in (record.id or ""):
+            if record.part is not None:
                 counts["split_parts"] += 1
             if record.reason is None and db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (source.name, record.id)).rowcount == 0:
                 record.reason, record.detail = "duplicate_id", f"id {record.id!r} seen before in {source.name}"
@@ -174,14 +175,15 @@ def _curate_source(recipe: Recipe, source: SourceSpec, out: Path, db: sqlite3.Co
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / "curate"
-    input_fingerprint = curate_fingerprint(recipe)
+    settings = _settings(recipe)
+    input_fingerprint = _fingerprint(recipe, settings)
     if not force and is_done(final, input_fingerprint):
         log.info("curate: up to date (%s)", input_fingerprint[:12])
         return json.loads((final / "report.json").read_text())
     started = time.time()
-    settings = hashlib.sha256(json.dumps(_settings(recipe), sort_keys=True).encode()).hexdigest()
+    settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     previous = read_marker(final)
-    incremental = not force and previous is not None and previous.get("settings") == settings
+    incremental = not force and previous is not None and previous.get("settings") == settings_hash
     out = staging_dir(final, copy_previous=incremental)
     try:
         db = sqlite3.connect(out / "state.sqlite", isolation_level=None)
@@ -198,7 +200,7 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         report = {"stage": "curate", "batch": batch, "incremental": incremental, "sources": report_sources,
                   "seconds": round(time.time() - started, 2)}
         write_json_atomic(out / "report.json", report)
-        write_marker(out, "curate", input_fingerprint, started, {"settings": settings})
+        write_marker(out, "curate", input_fingerprint, started, {"settings": settings_hash})
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

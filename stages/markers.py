@@ -70,11 +70,17 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_marker(directory: Path, stage: str, input_fingerprint: str, started: float, extra: dict | None = None) -> dict:
-    """Record what was produced (sha256 of every output file) and when; written last."""
+def write_marker(directory: Path, stage: str, input_fingerprint: str, started: float, extra: dict | None = None,
+                 known_sha256: dict[str, str] | None = None) -> dict:
+    """Record what was produced (sha256 of every output file) and when; written last.
+    known_sha256 (relative path -> digest) spares re-reading files the stage already hashed."""
     directory = Path(directory)
-    outputs = {str(p.relative_to(directory)): file_sha256(p) for p in sorted(directory.rglob("*"))
-               if p.is_file() and p.name != MARKER}
+    known = known_sha256 or {}
+    outputs = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MARKER:
+            name = str(path.relative_to(directory))
+            outputs[name] = known.get(name) or file_sha256(path)
     marker = {"stage": stage, "fingerprint": input_fingerprint, "code_version": code_version(),
               "started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
               "outputs": outputs, **(extra or {})}

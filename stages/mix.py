@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from stages.config import Recipe
-from stages.markers import fingerprint, is_done, read_marker, upstream_fingerprint, write_json_atomic, write_marker
+from stages.markers import MARKER, fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
 from stages.schedule import Schedule, schedule_for, tokens_per_step
 
 MANIFEST = "manifest.json"
@@ -108,16 +108,10 @@ def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     started = time.time()
     manifest = build_manifest(recipe, workdir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "_SUCCESS.json").unlink(missing_ok=True)  # not done while the manifest changes
+    (out / MARKER).unlink(missing_ok=True)  # not done while the manifest changes
     write_json_atomic(out / MANIFEST, manifest)
     write_marker(out, "mix", input_fingerprint, started, {"manifest_sha256": manifest["sha256"]})
     return manifest
-
-
-def manifest_path(workdir: Path) -> Path:
-    if read_marker(Path(workdir) / "mix") is None:
-        raise FileNotFoundError(f"no finished mix stage in {workdir}: run `refit stage mix` first")
-    return Path(workdir) / "mix" / MANIFEST
 
 
 def format_plan(manifest: dict) -> str:

@@ -31,6 +31,7 @@ class Record:
     reason: str | None = None
     detail: str = ""
     excerpt: str = ""
+    part: int | None = None  # index of the piece when a long document was split
 
     def quarantine_row(self, source: str) -> dict:
         return {"source": source, "file": self.file, "line": self.line, "id": self.id, "reason": self.reason,
@@ -119,7 +120,7 @@ def _validate(record: Record, item: dict, source: SourceSpec, curate: CurateSpec
         yield _bad(record, "too_long", f"{len(text)} > max_chars {curate.max_chars}", text)
     elif len(text) > curate.max_chars:
         for part, piece in enumerate(split_long(text, curate.max_chars)):
-            yield Record(file=record.file, line=record.line, id=f"{record.id}#part{part}", text=piece)
+            yield Record(file=record.file, line=record.line, id=f"{record.id}#part{part}", text=piece, part=part)
     else:
         record.text = text
         yield record

@@ -188,7 +188,8 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         report["sources"][source.name] = {k: index[k] for k in ("rows", "tokens")} | {"shards": len(shards)}
     report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(tmp / "report.json", report)
-    write_marker(tmp, "tokenize", input_fingerprint, started)
+    shard_sha256 = {str(Path(j.out).relative_to(tmp)): done[j]["sha256"] for j in jobs}
+    write_marker(tmp, "tokenize", input_fingerprint, started, known_sha256=shard_sha256)
     swap_into_place(tmp, final)
     return report
 
