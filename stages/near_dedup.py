@@ -30,8 +30,10 @@ log = logging.getLogger(__name__)
 
 
 def _run(pipeline: list, tasks: int, workers: int, logs: Path) -> None:
+    # fork, not datatrove's default forkserver: workers then start without re-importing
+    # datatrove and spaCy, which costs more than the work itself on small batches
     LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs),
-                          skip_completed=False).run()
+                          skip_completed=False, start_method="fork").run()
 
 
 def near_dedup(docs: list[tuple[str, str]], work: Path, index: Path, batch_name: str,
