@@ -109,10 +109,10 @@ def _new_files(db: sqlite3.Connection, source: SourceSpec) -> list[Path]:
     return new
 
 
-def _curate_source(recipe: Recipe, source: SourceSpec, out: Path, db: sqlite3.Connection, batch: int,
+def _screen_source(recipe: Recipe, source: SourceSpec, db: sqlite3.Connection,
                    contamination: dict[tuple[str, ...], str]) -> dict:
-    from stages.near_dedup import near_dedup
-
+    """Read a source's new files: quarantine bad records, drop exact duplicates and
+    contaminated documents; fail if too many records are bad. Returns the clean documents."""
     spec, files = recipe.curate, _new_files(db, source)
     counts: Counter[str] = Counter()
     quarantined: list[dict] = []
@@ -148,28 +148,53 @@ def _curate_source(recipe: Recipe, source: SourceSpec, out: Path, db: sqlite3.Co
         raise CurationError(f"source {source.name}: {bad_fraction:.1%} of {counts['records']} records are bad "
                             f"(limit curate.max_bad_fraction {spec.max_bad_fraction:.1%}); top reasons: "
                             + ", ".join(f"{reason} {n}" for reason, n in top) + "; previous curated output kept")
-    kept, near = near_dedup(clean, out / "work" / source.name, out / "minhash-index", f"{source.name}-{batch:04d}",
-                            spec.minhash, spec.workers)
-    removed += [{"id": doc_id, "reason": "near_duplicate", "of": "MinHash match (earlier source, batch or document)"}
-                for doc_id in near]
-    validation = [d for d in kept if _in_validation(d[0], spec.validation_fraction)]
-    train = [d for d in kept if not _in_validation(d[0], spec.validation_fraction)]
+    return {"files": files, "counts": counts, "bad_fraction": bad_fraction, "quarantined": quarantined,
+            "removed": removed, "clean": clean}
+
+
+def _write_source(source: SourceSpec, screened: dict, kept: list[tuple[str, str]], out: Path,
+                  db: sqlite3.Connection, batch: int, validation_fraction: float) -> dict:
+    """Write one source's batch (train/validation Parquet, quarantine, removed) and its report."""
+    validation = [d for d in kept if _in_validation(d[0], validation_fraction)]
+    train = [d for d in kept if not _in_validation(d[0], validation_fraction)]
+    removed = screened["removed"]
     _write_parquet(out / source.name / f"train-{batch:04d}.parquet", train)
     _write_parquet(out / source.name / f"validation-{batch:04d}.parquet", validation)
-    _write_jsonl(out / "quarantine" / source.name / f"batch-{batch:04d}.jsonl", quarantined)
+    _write_jsonl(out / "quarantine" / source.name / f"batch-{batch:04d}.jsonl", screened["quarantined"])
     _write_jsonl(out / "removed" / source.name / f"batch-{batch:04d}.jsonl", removed)
-    for path in files:
+    for path in screened["files"]:
         stat = path.stat()
         db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", (source.name, str(path), stat.st_size, stat.st_mtime_ns, batch))
-    reasons = Counter(r["reason"] for r in removed)
+    counts = screened["counts"]
     return {
-        "files": [str(p) for p in files], "records": counts["records"], "split_parts": counts["split_parts"],
+        "files": [str(p) for p in screened["files"]], "records": counts["records"], "split_parts": counts["split_parts"],
         "quarantined": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined:")},
-        "bad_fraction": round(bad_fraction, 6), "removed": dict(sorted(reasons.items())),
+        "bad_fraction": round(screened["bad_fraction"], 6),
+        "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
         "contaminated_ids": [r["id"] for r in removed if r["reason"] == "contaminated"],
         "train_docs": len(train), "validation_docs": len(validation),
         "train_chars": sum(len(t) for _, t in train),
     }
+
+
+def _near_dedup_all(screened: dict[str, dict], sources: list[SourceSpec], out: Path, batch: int,
+                    recipe: Recipe) -> dict[str, list[tuple[str, str]]]:
+    """One MinHash pass over every source's clean documents in priority order; the removed
+    ones are added to each source's removed list, naming the document they duplicate."""
+    from stages.near_dedup import EARLIER_BATCH, near_dedup
+
+    ordered = [(source.name, doc) for source in sources for doc in screened[source.name]["clean"]]
+    duplicates = near_dedup([text for _, (_, text) in ordered], out / "work", out / "minhash-index",
+                            f"batch-{batch:04d}", recipe.curate.minhash, recipe.curate.workers)
+    kept: dict[str, list[tuple[str, str]]] = {source.name: [] for source in sources}
+    for position, (name, doc) in enumerate(ordered):
+        if position not in duplicates:
+            kept[name].append(doc)
+            continue
+        original = duplicates[position]
+        of = "a document of an earlier batch" if original == EARLIER_BATCH else f"{ordered[original][0]}:{ordered[original][1][0]}"
+        screened[name]["removed"].append({"id": doc[0], "reason": "near_duplicate", "of": of})
+    return kept
 
 
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
@@ -193,10 +218,13 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
         contamination = _benchmark_index(recipe)
         sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
-        report_sources = {}
-        for source in sources:
-            log.info("curate: %s (batch %d)", source.name, batch)
-            report_sources[source.name] = _curate_source(recipe, source, out, db, batch, contamination)
+        screened = {}
+        for source in sources:  # every source is screened before the (costlier) dedupe
+            log.info("curate: reading %s (batch %d)", source.name, batch)
+            screened[source.name] = _screen_source(recipe, source, db, contamination)
+        kept = _near_dedup_all(screened, sources, out, batch, recipe)
+        report_sources = {source.name: _write_source(source, screened[source.name], kept[source.name], out, db, batch,
+                                                     recipe.curate.validation_fraction) for source in sources}
         db.commit()
         db.close()
         shutil.rmtree(out / "work", ignore_errors=True)

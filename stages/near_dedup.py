@@ -1,32 +1,36 @@
-"""MinHash near-duplicate removal with datatrove, against everything curated before.
+"""MinHash near-duplicate removal with datatrove, across sources and against earlier batches.
 
-Each call dedupes one batch of one source: the batch's documents are compared with each
-other and with the MinHash index of every earlier batch (earlier runs, and sources curated
-earlier in this run: legacy before new before qa), then the batch's own signatures join
-the index. A document matching the index is the one removed, so when a new document
-near-duplicates a legacy one the legacy one is kept, and a rerun costs only the new data.
+One datatrove pass (signatures, buckets, clusters) over the whole batch: every source's new
+documents, given in priority order (legacy, then new, then qa; within a source, input
+order). Datatrove finds the clusters of near-duplicates, matching them also against the
+MinHash index of every earlier batch; Refit then keeps one member per cluster by priority:
+the earliest document, unless the cluster touches an earlier batch, which always wins.
+So when a new document near-duplicates a legacy one the legacy one is kept, the choice
+does not depend on the number of workers, and a rerun costs only the new data.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import struct
+from collections import defaultdict
 from pathlib import Path
 
 from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.dedup.minhash import (
+    SENTINEL,
     MinhashConfig,
     MinhashDedupBuckets,
     MinhashDedupCluster,
-    MinhashDedupFilter,
     MinhashDedupSignature,
 )
 from datatrove.pipeline.readers import JsonlReader
-from datatrove.pipeline.writers import JsonlWriter
 
 from stages.config import MinHashSpec
 
 log = logging.getLogger(__name__)
+EARLIER_BATCH = -1  # priority of a cluster member that lives in the index of an earlier batch
 
 
 def _run(pipeline: list, tasks: int, workers: int, logs: Path) -> None:
@@ -36,35 +40,41 @@ def _run(pipeline: list, tasks: int, workers: int, logs: Path) -> None:
                           skip_completed=False, start_method="fork").run()
 
 
-def near_dedup(docs: list[tuple[str, str]], work: Path, index: Path, batch_name: str,
-               spec: MinHashSpec, workers: int) -> tuple[list[tuple[str, str]], list[str]]:
-    """Split (id, text) docs into (kept docs in input order, ids removed as near-duplicates)."""
+def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:
+    """cluster id -> members as (signature file = task rank, document index in that task)."""
+    members: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    for path in folder.glob("*.clusters"):
+        data = path.read_bytes()
+        for doc, cluster in struct.iter_unpack("<2I", data):
+            members[cluster].append((int(path.stem), doc))
+    return members
+
+
+def near_dedup(docs: list[str], work: Path, index: Path, batch_name: str, spec: MinHashSpec,
+               workers: int) -> dict[int, int]:
+    """Near-duplicates among docs (texts, in priority order): {removed position: kept position},
+    the kept position being EARLIER_BATCH when the match is in an earlier batch's index."""
     if not docs:
-        return [], []
+        return {}
     config = MinhashConfig(n_grams=spec.ngram, num_buckets=spec.buckets, hashes_per_bucket=spec.hashes_per_bucket)
     inputs = work / "input"
     inputs.mkdir(parents=True)
     tasks = max(1, min(workers, len(docs)))
-    for rank in range(tasks):  # one input file per task: the doc index of the filter is per task
+    for rank in range(tasks):  # task r reads file r; position = rank + doc_index * tasks
         with open(inputs / f"{rank:05d}.jsonl", "w", encoding="utf-8") as out:
-            for doc_id, text in docs[rank::tasks]:
-                out.write(json.dumps({"id": doc_id, "text": text}) + "\n")
-
-    def reader() -> JsonlReader:
-        return JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None)
-
-    _run([reader(), MinhashDedupSignature(output_folder=str(work / "signatures"), config=config)], tasks, workers, work / "logs/1")
+            for position in range(rank, len(docs), tasks):
+                out.write(json.dumps({"id": str(position), "text": docs[position]}) + "\n")
+    _run([JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None),
+          MinhashDedupSignature(output_folder=str(work / "signatures"), config=config)], tasks, workers, work / "logs/1")
     _run([MinhashDedupBuckets(input_folder=str(work / "signatures"), output_folder=str(work / "buckets"), config=config,
                               index_folder=str(index), create_index_name=batch_name, only_dedup_in_index=False)],
          config.num_buckets, workers, work / "logs/2")
-    _run([MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "remove"), config=config)],
-         1, 1, work / "logs/3")
-    _run([reader(),
-          MinhashDedupFilter(input_folder=str(work / "remove"),
-                             exclusion_writer=JsonlWriter(str(work / "removed"), output_filename="${rank}.jsonl", compression=None)),
-          JsonlWriter(str(work / "kept"), output_filename="${rank}.jsonl", compression=None)], tasks, workers, work / "logs/4")
-    kept_ids = {json.loads(line)["id"] for path in (work / "kept").glob("*.jsonl") for line in open(path, encoding="utf-8")}
-    kept = [doc for doc in docs if doc[0] in kept_ids]
-    removed = [doc_id for doc_id, _ in docs if doc_id not in kept_ids]
+    _run([MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "clusters"), config=config,
+                              save_cluster_id=True)], 1, 1, work / "logs/3")
+    removed: dict[int, int] = {}
+    for members in _clusters(work / "clusters").values():
+        positions = sorted(EARLIER_BATCH if rank == SENTINEL else rank + doc * tasks for rank, doc in members)
+        keep = positions[0]
+        removed.update({position: keep for position in positions[1:]})
     log.info("%s: MinHash removed %d of %d documents", batch_name, len(removed), len(docs))
-    return kept, removed
+    return removed

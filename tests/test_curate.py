@@ -164,6 +164,11 @@ def test_dedupe_within_and_across_sources_keeps_legacy(tmp_path):
     assert curated_ids(tmp_path / "wd", "old") == {f"old{i}" for i in range(20)}
     assert curated_ids(tmp_path / "wd", "new") == {f"new{i}" for i in range(20)}
     assert report["sources"]["new"]["removed"] == {"exact_duplicate": 1, "near_duplicate": 10}
+    removed = {r["id"]: r for line in (tmp_path / "wd/curate/removed/new/batch-0001.jsonl").read_text().splitlines()
+               for r in [json.loads(line)]}
+    assert [removed[f"cross{i}"]["of"] for i in range(5)] == [f"old:old{i}" for i in range(5)]
+    assert [removed[f"newdup{i}"]["of"] for i in range(5)] == [f"new:new{i}" for i in range(5)]
+    assert removed["exact"] == {"id": "exact", "reason": "exact_duplicate", "of": "new:new7"}
 
 
 def test_contaminated_documents_are_removed_and_listed(tmp_path):
@@ -200,6 +205,8 @@ def test_incremental_rerun_processes_only_new_files_against_everything_seen(tmp_
     assert second["incremental"] and second["batch"] == 2
     assert [Path(f).name for f in docs["files"]] == ["day2.jsonl"] and docs["records"] == 12
     assert docs["removed"] == {"near_duplicate": 1} and docs["quarantined"] == {"duplicate_id": 1}
+    (removed,) = (tmp_path / "wd/curate/removed/docs/batch-0002.jsonl").read_text().splitlines()
+    assert json.loads(removed) == {"id": "b-copy", "reason": "near_duplicate", "of": "a document of an earlier batch"}
     assert curated_ids(tmp_path / "wd", "docs") == {f"a{i}" for i in range(15)} | {f"b{i}" for i in range(10)}
 
 
