@@ -1,7 +1,7 @@
 """The `refit` command line.
 
     refit validate RECIPE                 check a recipe; every problem listed with its field and line
-    refit stage STAGE RECIPE [--force]    run one stage (curate, tokenize, mix) as a plain function
+    refit stage STAGE RECIPE [--force]    run one stage (curate, tokenize, mix, train) as a plain function
     refit plan RECIPE                     run the data stages as needed and print the mixture plan
     refit demo                            build the demo base model if missing, then run the demo recipe
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from stages.config import Recipe, RecipeError, load_recipe
 from stages.curate import CurationError
 from stages.markers import StageNotReady
+from stages.train import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "deployments" / "demo.yaml"
@@ -56,13 +57,18 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-def data_stages() -> dict:
+STAGES = ("curate", "tokenize", "mix", "train")
+DATA_STAGES = STAGES[:3]
+
+
+def stage_functions() -> dict:
     """The stages that run so far, in pipeline order (imported lazily: heavy dependencies)."""
     from stages.curate import run_curate
     from stages.mix import run_mix
     from stages.tokenize import run_tokenize
+    from stages.train import run_train
 
-    return {"curate": run_curate, "tokenize": run_tokenize, "mix": run_mix}
+    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train)))
 
 
 def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
@@ -71,7 +77,7 @@ def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
-    report = data_stages()[args.stage](recipe, _workdir(args, recipe), force=args.force)
+    report = stage_functions()[args.stage](recipe, _workdir(args, recipe), force=args.force)
     print(json.dumps({k: v for k, v in report.items() if k != "sources"} | {"sources": sorted(report.get("sources", {}))}, indent=2))
     print(f"{args.stage}: done, outputs in {_workdir(args, recipe) / args.stage}")
     return 0
@@ -81,8 +87,9 @@ def run_plan(recipe: Recipe, workdir: Path) -> str:
     from stages.mix import format_plan
 
     manifest = None
-    for stage in data_stages().values():  # each is skipped when its output is up to date
-        manifest = stage(recipe, workdir)
+    functions = stage_functions()
+    for stage in DATA_STAGES:  # each is skipped when its output is up to date
+        manifest = functions[stage](recipe, workdir)
     return format_plan(manifest)
 
 
@@ -118,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe", type=Path)
     validate.set_defaults(run=cmd_validate)
     stage = commands.add_parser("stage", help="run one stage of a recipe")
-    stage.add_argument("stage", choices=["curate", "tokenize", "mix"])
+    stage.add_argument("stage", choices=STAGES)
     stage.add_argument("recipe", type=Path)
     stage.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
     stage.add_argument("--force", action="store_true", help="rerun even if the output is up to date (curate: start over)")
@@ -144,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(error, file=sys.stderr)
         return 2
-    except (CurationError, StageNotReady) as error:
+    except (CurationError, StageNotReady, TrainingError, FloatingPointError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 
