@@ -1,0 +1,42 @@
+"""Data order: a pure function of (seed, manifest, step), blended to within one sequence."""
+
+import json
+
+import numpy as np
+import pytest
+
+from stages.sampler import Sampler, blend
+
+from test_tokenize_mix import curated  # noqa: F401  (fixture)
+from stages.mix import run_mix
+from stages.tokenize import run_tokenize
+
+
+@pytest.mark.parametrize("weights", [[0.5, 0.5], [0.45, 0.45, 0.1], [0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])
+def test_blend_holds_weights_over_every_prefix(weights):
+    owners = blend(np.array(weights), 997)
+    for source, weight in enumerate(weights):
+        counts = np.cumsum(owners == source)
+        ideal = weight * np.arange(1, len(owners) + 1)
+        assert np.max(np.abs(counts - ideal)) <= 1.0
+
+
+def test_order_is_pure_and_never_repeats_before_exhaustion(curated):  # noqa: F811
+    recipe, workdir, _ = curated
+    run_tokenize(recipe, workdir)
+    manifest = run_mix(recipe, workdir)
+    a, b = Sampler(manifest, workdir), Sampler(json.loads(json.dumps(manifest)), workdir)
+    per_step = manifest["sequences_per_step"]
+    total = manifest["total_steps"] * per_step
+    slots = [a.slot(i) for i in range(total)]
+    assert slots == [b.slot(i) for i in reversed(range(total))][::-1]  # any order of asking, same answer
+    assert np.array_equal(a.batch(3, range(per_step)), b.batch(3, range(per_step)))
+    for source in range(len(a.sources)):
+        rows = [row for s, row in slots if s == source]
+        size = a.sources[source].rows
+        for epoch in range(0, len(rows), size):  # each epoch is a permutation of the source
+            chunk = rows[epoch:epoch + size]
+            assert len(set(chunk)) == len(chunk)
+    switch = manifest["phases"][1]["start_step"] * per_step
+    qa_new = sum(1 for s, _ in slots[switch:] if a.sources[s].name == "new") / (total - switch)
+    assert qa_new == pytest.approx(0.75, abs=1 / (total - switch) + 1e-9)

@@ -1,0 +1,121 @@
+"""train: tiny Llama and GPT-2 through the same code; the switch where the plan says;
+SIGKILL and rerun gives bitwise the same run; 2 gloo processes match 1; NaN stops cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from stages.config import load_recipe
+from stages.curate import run_curate
+from stages.mix import run_mix
+from stages.tokenize import run_tokenize
+from stages.train import run_train
+
+from test_curate import LEGACY, NEW, make_recipe, write_jsonl
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parent.parent
+
+
+def prepare(tmp_path: Path, model_dir: Path, max_lr: float = 3e-3, **train) -> tuple[Path, Path]:
+    write_jsonl(tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])])
+    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:20])])
+    path = make_recipe(tmp_path, [{"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+                                  {"name": "new", "paths": ["data/new.jsonl"], "role": "new"}], sections={
+        "base_model": {"path": str(model_dir), "pretraining_min_lr": max_lr},
+        "tokenize": {"seq_len": 32, "workers": 1},
+        "mixture": {"phases": [{"name": "general", "weights": {"old": 1, "new": 1}},
+                               {"name": "late", "lr_below": 0.5, "weights": {"old": 1, "new": 3}}]},
+        "schedule": {"total_tokens": 20 * 4 * 32},
+        "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train}},
+        validation_fraction=0.0)
+    recipe = load_recipe(path)
+    workdir = tmp_path / "wd"
+    for stage in (run_curate, run_tokenize, run_mix):
+        stage(recipe, workdir)
+    return path, workdir
+
+
+def metrics(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir)
+    report = run_train(load_recipe(path), workdir)
+    manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
+    planned = manifest["phases"][1]["start_step"]
+    assert report["switches"] == [{"step": planned, "phase": "late", "lr": pytest.approx(metrics(workdir)[planned]["lr"])}]
+    lines = metrics(workdir)
+    assert [m["step"] for m in lines] == list(range(20))
+    assert {m["phase"] for m in lines[:planned]} == {"general"} and {m["phase"] for m in lines[planned:]} == {"late"}
+    assert sum(m["sources"]["new"] for m in lines[planned:]) == 3 * (20 - planned)  # 3:1 blend after the switch
+    assert set(lines[0]) >= {"step", "tokens", "lr", "loss", "grad_norm", "phase", "tokens_per_s", "elapsed"}
+    assert lines[-1]["loss"] < lines[0]["loss"]
+    model = AutoModelForCausalLM.from_pretrained(workdir / "train" / "final", use_safetensors=True)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
+    assert type(model) is type(base)
+    assert (workdir / "train" / "final" / "refit_recipe.yaml").is_file()
+    assert sorted(p.name for p in (workdir / "train" / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (4, 8, 12, 16, 20)]
+    assert run_train(load_recipe(path), workdir) == report  # done: not trained again
+
+
+def kill_at_step(path: Path, workdir: Path, step: int) -> None:
+    """Run the stage in a subprocess and SIGKILL its whole process group once `step` is logged."""
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
+                               cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = workdir / "train" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines())):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.002)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def test_sigkill_before_and_after_the_switch_resumes_bitwise(tmp_path, tiny_model_dir):
+    reference_path, reference = prepare(tmp_path / "ref", tiny_model_dir)
+    run_train(load_recipe(reference_path), reference)
+    expected = metrics(reference)
+    switch = json.loads((reference / "mix" / "manifest.json").read_text())["phases"][1]["start_step"]
+    path, workdir = prepare(tmp_path / "killed", tiny_model_dir)
+    kill_at_step(path, workdir, switch - 1)   # just before the switch
+    kill_at_step(path, workdir, switch + 1)   # just after it
+    run_train(load_recipe(path), workdir)
+    got = metrics(workdir)
+    assert [(m["step"], m["loss"], m["lr"], m["phase"]) for m in got] == [(m["step"], m["loss"], m["lr"], m["phase"]) for m in expected]
+    final, ref = load_file(workdir / "train/final/model.safetensors"), load_file(reference / "train/final/model.safetensors")
+    assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in ref)
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_two_gloo_processes_match_one(tmp_path, tiny_model_dir):
+    one_path, one = prepare(tmp_path / "one", tiny_model_dir)
+    two_path, two = prepare(tmp_path / "two", tiny_model_dir, num_processes=2)
+    run_train(load_recipe(one_path), one)
+    run_train(load_recipe(two_path), two)
+    losses_one, losses_two = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
+    assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, capfd):
+    path, workdir = prepare(tmp_path, tiny_model_dir, max_lr=1e30, grad_clip=1e30)
+    with pytest.raises(Exception, match="exited with code"):
+        run_train(load_recipe(path), workdir)
+    assert "non-finite loss" in capfd.readouterr().err  # the training process says why it stopped
+    checkpoints = sorted(p.name for p in (workdir / "train" / "checkpoints").glob("step-*") if (p / "_SUCCESS.json").exists())
+    assert not (workdir / "train" / "_SUCCESS.json").exists() and not (workdir / "train" / "final").exists()
+    assert all(m["loss"] == m["loss"] for m in metrics(workdir))  # no NaN was ever logged as a step
+    assert len(checkpoints) == len(metrics(workdir)) // 4
