@@ -112,8 +112,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     recipe = load_recipe(DEMO_RECIPE)  # now with the base model's pretraining record and every file checked
     print(describe(recipe))
     print(run_plan(recipe, Path(recipe.workdir)))
-    print(f"\nData stages done: curated, tokenized and mixed under {recipe.workdir}. The train, evaluate, audit and"
-          " publish stages are not built yet, so the demo stops here.")
+    report = stage_functions()["train"](recipe, Path(recipe.workdir))
+    switches = ", ".join(f"{s['phase']} at step {s['step']}" for s in report["switches"]) or "none"
+    print(f"\ntrained {report['steps']} steps ({report['tokens']:,} tokens) in {report['seconds']:.0f} s: loss "
+          f"{report['first_loss']:.3f} -> {report['final_loss']:.3f}; switches: {switches}; model in {report['final_model']}")
+    print("The evaluate, audit and publish stages are not built yet, so the demo stops here.")
     return 0
 
 

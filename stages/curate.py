@@ -26,7 +26,7 @@ from collections import Counter
 from pathlib import Path
 
 from stages.config import Recipe, SourceSpec
-from stages.markers import fingerprint, is_done, read_marker, staging_dir, swap_into_place, write_json_atomic, write_marker
+from stages.markers import code_version, fingerprint, is_done, read_marker, staging_dir, swap_into_place, write_json_atomic, write_marker
 from stages.records import read_records
 from stages.text import word_ngrams
 
@@ -52,7 +52,8 @@ def _settings(recipe: Recipe) -> dict:
     """What curated output depends on apart from the input files: changing it means starting over."""
     benchmarks = {b.name: hashlib.sha256(Path(b.path).read_bytes()).hexdigest() for b in recipe.evaluate.benchmarks}
     sources = [s.model_dump(mode="json", exclude={"paths"}) for s in recipe.sources]
-    return {"curate": recipe.curate.model_dump(mode="json"), "sources": sources, "benchmarks": benchmarks}
+    return {"curate": recipe.curate.model_dump(mode="json"), "sources": sources, "benchmarks": benchmarks,
+            "code": code_version()}  # batches curated by other code are not extended, but redone
 
 
 def _fingerprint(recipe: Recipe, settings: dict) -> str:
@@ -92,7 +93,8 @@ def _write_parquet(path: Path, docs: list[tuple[str, str]]) -> None:
     import pyarrow.parquet as pq
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"id": [d[0] for d in docs], "text": [d[1] for d in docs]})
+    schema = pa.schema([("id", pa.string()), ("text", pa.string())])  # typed even when empty
+    table = pa.table({"id": [d[0] for d in docs], "text": [d[1] for d in docs]}, schema=schema)
     pq.write_table(table, path)
 
 

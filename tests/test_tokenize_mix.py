@@ -116,3 +116,18 @@ def test_refit_plan_prints_the_table(curated, capsys):
     switch = manifest["phases"][1]["start_step"]
     assert f"switch to qa at step {switch} of {manifest['total_steps']}" in out
     assert "epochs" in out and "old" in out and "general" in out
+
+
+def test_a_batch_that_adds_nothing_to_a_source_tokenizes(curated, tmp_path):
+    recipe, workdir, path = curated
+    run_tokenize(recipe, workdir)
+    # the nightly case: new files arrive for one source only; the other gets an empty batch
+    write_jsonl(tmp_path / "data" / "new-day2.jsonl", [{"id": f"m{i}", "text": d["text"]} for i, d in enumerate(NEW[30:36])])
+    recipe = load_recipe(path.parent / "recipe.yaml")
+    recipe = recipe.model_copy(update={"sources": [recipe.sources[0], recipe.sources[1].model_copy(
+        update={"paths": [str(tmp_path / "data" / "new*.jsonl")]})]})
+    report = run_curate(recipe, workdir)
+    assert report["batch"] == 2 and report["sources"]["old"]["records"] == 0
+    assert [p.name for p in curated_files(workdir, "old", "train")] == ["train-0001.parquet", "train-0002.parquet"]
+    tokens = run_tokenize(recipe, workdir)["sources"]
+    assert tokens["old"]["rows"] == json.loads((workdir / "tokenize" / "old" / "index.json").read_text())["rows"] > 0

@@ -119,3 +119,37 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert not (workdir / "train" / "_SUCCESS.json").exists() and not (workdir / "train" / "final").exists()
     assert all(m["loss"] == m["loss"] for m in metrics(workdir))  # no NaN was ever logged as a step
     assert len(checkpoints) == len(metrics(workdir)) // 4
+
+
+def training_processes(workdir: Path) -> list[int]:
+    """PIDs of live processes whose command line names this workdir (the stage's children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if "stages.train_loop" in cmdline and str(workdir) in cmdline and "State:\tZ" not in status:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=2)
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
+                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = workdir / "train" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while not (log.exists() and log.read_text().strip()):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.01)
+    assert len(training_processes(workdir)) >= 2  # both ranks are running
+    process.send_signal(signal.SIGINT)  # what Ctrl-C, or a flow cancellation, delivers
+    process.wait(timeout=60)
+    deadline = time.time() + 30
+    while training_processes(workdir) and time.time() < deadline:
+        time.sleep(0.1)
+    assert training_processes(workdir) == []
