@@ -153,3 +153,15 @@ def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_
     while training_processes(workdir) and time.time() < deadline:
         time.sleep(0.1)
     assert training_processes(workdir) == []
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["gpt2"], indirect=True)
+def test_optional_optimizer_state_is_loaded(tmp_path, tiny_model_dir):
+    fresh_path, fresh = prepare(tmp_path / "fresh", tiny_model_dir)
+    run_train(load_recipe(fresh_path), fresh)
+    state = fresh / "train" / "checkpoints" / "step-00000020" / "optimizer.pt"
+    warm_path, warm = prepare(tmp_path / "warm", tiny_model_dir, optimizer_state=str(state))
+    run_train(load_recipe(warm_path), warm)
+    first_fresh, first_warm = metrics(fresh)[0], metrics(warm)[0]
+    assert first_fresh["loss"] == first_warm["loss"]  # same weights and data at step 0
+    assert metrics(fresh)[1]["loss"] != metrics(warm)[1]["loss"]  # Adam moments differed at the first update
