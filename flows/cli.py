@@ -1,7 +1,7 @@
 """The `refit` command line.
 
     refit validate RECIPE                 check a recipe; every problem listed with its field and line
-    refit stage STAGE RECIPE [--force]    run one stage (curate, tokenize, mix, train) as a plain function
+    refit stage STAGE RECIPE [--force]    run one stage (curate ... evaluate) as a plain function
     refit plan RECIPE                     run the data stages as needed and print the mixture plan
     refit demo                            build the demo base model if missing, then run the demo recipe
 
@@ -57,18 +57,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = ("curate", "tokenize", "mix", "train")
+STAGES = ("curate", "tokenize", "mix", "train", "evaluate")
 DATA_STAGES = STAGES[:3]
 
 
 def stage_functions() -> dict:
     """The stages that run so far, in pipeline order (imported lazily: heavy dependencies)."""
     from stages.curate import run_curate
+    from stages.evaluate import run_evaluate
     from stages.mix import run_mix
     from stages.tokenize import run_tokenize
     from stages.train import run_train
 
-    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train)))
+    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train, run_evaluate)))
 
 
 def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
@@ -116,8 +117,30 @@ def cmd_demo(args: argparse.Namespace) -> int:
     switches = ", ".join(f"{s['phase']} at step {s['step']}" for s in report["switches"]) or "none"
     print(f"\ntrained {report['steps']} steps ({report['tokens']:,} tokens) in {report['seconds']:.0f} s: loss "
           f"{report['first_loss']:.3f} -> {report['final_loss']:.3f}; switches: {switches}; model in {report['final_model']}")
-    print("The evaluate, audit and publish stages are not built yet, so the demo stops here.")
+    print(format_evaluation(stage_functions()["evaluate"](recipe, Path(recipe.workdir))))
+    print("The audit and publish stages are not built yet, so the demo stops here.")
     return 0
+
+
+def _pm(value: float, error: float | None) -> str:
+    """A fraction as 'points +- stderr points'."""
+    return f"{value * 100:.1f}" + (f" +- {error * 100:.1f}" if error is not None else "")
+
+
+def format_evaluation(report: dict) -> str:
+    """Base against candidate: accuracy per benchmark (points) and validation loss per source."""
+    lines = ["", f"{'benchmark':<16}{'domain':<8}{'items':>6}{'base acc':>16}{'candidate acc':>16}{'difference':>16}"]
+    rows = [(name, b["domain"], b["items"], b["acc"]) for name, b in report["benchmarks"].items()]
+    if report["average_acc"]:
+        rows.append(("average", "", sum(b["items"] for b in report["benchmarks"].values()), report["average_acc"]))
+    for name, domain, items, acc in rows:
+        lines.append(f"{name:<16}{domain:<8}{items:>6}{_pm(acc['base'], acc['base_stderr']):>16}"
+                     f"{_pm(acc['candidate'], acc['candidate_stderr']):>16}{_pm(acc['delta'], acc['delta_stderr']):>16}")
+    lines += ["", f"{'validation':<16}{'role':<8}{'docs':>6}{'base loss':>16}{'candidate loss':>16}{'bits/byte':>16}"]
+    for name, v in report["validation"].items():
+        lines.append(f"{name:<16}{v['role']:<8}{v['docs']:>6}{v['base_loss_per_token']:>16.3f}{v['candidate_loss_per_token']:>16.3f}"
+                     f"{v['base_bits_per_byte']:>8.3f} -> {v['candidate_bits_per_byte']:.3f}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
