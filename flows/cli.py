@@ -1,7 +1,7 @@
 """The `refit` command line.
 
     refit validate RECIPE                 check a recipe; every problem listed with its field and line
-    refit stage STAGE RECIPE [--force]    run one stage (curate ... evaluate) as a plain function
+    refit stage STAGE RECIPE [--force]    run one stage (curate ... audit) as a plain function
     refit plan RECIPE                     run the data stages as needed and print the mixture plan
     refit demo                            build the demo base model if missing, then run the demo recipe
 
@@ -17,9 +17,10 @@ import os
 import sys
 from pathlib import Path
 
+from stages.audit import AuditFailed
 from stages.config import Recipe, RecipeError, load_recipe
 from stages.curate import CurationError
-from stages.markers import StageNotReady
+from stages.markers import StageNotReady, stage_dir
 from stages.train import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -57,19 +58,20 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = ("curate", "tokenize", "mix", "train", "evaluate")
+STAGES = ("curate", "tokenize", "mix", "train", "evaluate", "audit")
 DATA_STAGES = STAGES[:3]
 
 
 def stage_functions() -> dict:
     """The stages that run so far, in pipeline order (imported lazily: heavy dependencies)."""
+    from stages.audit import run_audit
     from stages.curate import run_curate
     from stages.evaluate import run_evaluate
     from stages.mix import run_mix
     from stages.tokenize import run_tokenize
     from stages.train import run_train
 
-    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train, run_evaluate)))
+    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train, run_evaluate, run_audit)))
 
 
 def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
@@ -80,7 +82,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     report = stage_functions()[args.stage](recipe, _workdir(args, recipe), force=args.force)
     print(json.dumps({k: v for k, v in report.items() if k != "sources"} | {"sources": sorted(report.get("sources", {}))}, indent=2))
-    print(f"{args.stage}: done, outputs in {_workdir(args, recipe) / args.stage}")
+    print(f"{args.stage}: done, outputs in {stage_dir(_workdir(args, recipe), args.stage)}")
     return 0
 
 
@@ -118,7 +120,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\ntrained {report['steps']} steps ({report['tokens']:,} tokens) in {report['seconds']:.0f} s: loss "
           f"{report['first_loss']:.3f} -> {report['final_loss']:.3f}; switches: {switches}; model in {report['final_model']}")
     print(format_evaluation(stage_functions()["evaluate"](recipe, Path(recipe.workdir))))
-    print("The audit and publish stages are not built yet, so the demo stops here.")
+    audit = stage_functions()["audit"](recipe, Path(recipe.workdir))  # raises AuditFailed with every reason
+    print(f"\naudit PASSED ({len(audit['gates'])} gates); read {stage_dir(Path(recipe.workdir), 'audit') / 'report.md'}")
+    print("The publish stage is not built yet, so the demo stops here.")
     return 0
 
 
@@ -177,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(error, file=sys.stderr)
         return 2
-    except (CurationError, StageNotReady, TrainingError, FloatingPointError) as error:
+    except (CurationError, StageNotReady, TrainingError, FloatingPointError, AuditFailed) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -23,7 +23,8 @@ import numpy as np
 
 from stages.config import Recipe
 from stages.curate import curated_files
-from stages.markers import fingerprint, is_done, staging_dir, swap_into_place, upstream_fingerprint, write_json_atomic, write_marker
+from stages.markers import (fingerprint, is_done, stage_dir, staging_dir, swap_into_place, upstream_fingerprint,
+                            write_json_atomic, write_marker)
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +128,23 @@ def _validation_texts(workdir: Path, source: str, limit: int) -> list[str]:
     return texts[:limit]
 
 
+def _ratio(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float | None]:
+    """Sum(numerators) / sum(denominators), with the ratio estimator's standard error
+    (documents are the sampled units; their token counts differ)."""
+    n = len(numerators)
+    ratio = float(numerators.sum() / denominators.sum())
+    if n < 2:
+        return ratio, None
+    residuals = numerators - ratio * denominators
+    return ratio, float(np.sqrt((residuals ** 2).sum() / (n * (n - 1))) / denominators.mean())
+
+
+def _compare_loss(base_nll: np.ndarray, candidate_nll: np.ndarray, tokens: np.ndarray) -> dict:
+    """Token-weighted loss of both models and their paired difference, with standard errors."""
+    (b, b_se), (c, c_se), (d, d_se) = (_ratio(x, tokens) for x in (base_nll, candidate_nll, candidate_nll - base_nll))
+    return {"base": b, "base_stderr": b_se, "candidate": c, "candidate_stderr": c_se, "delta": d, "delta_stderr": d_se}
+
+
 def _compare(base: np.ndarray, candidate: np.ndarray) -> dict:
     """Both means with standard errors, and the paired difference with its standard error."""
     (b, b_se), (c, c_se), (d, d_se) = mean_stderr(base), mean_stderr(candidate), mean_stderr(candidate - base)
@@ -166,11 +184,11 @@ def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path) -> dict:
         if not texts:
             continue
         losses = {name: scorer.document_losses(texts, recipe.tokenize.seq_len) for name, scorer in scorers.items()}
-        per_token = {name: nll / np.maximum(tokens, 1) for name, (nll, tokens, _) in losses.items()}
-        entry = {"role": source.role, "docs": len(texts), "tokens": int(losses["base"][1].sum()),
-                 "loss": _compare(per_token["base"], per_token["candidate"])}
-        for name, (nll, tokens, nbytes) in losses.items():  # token-weighted totals, as usually reported
-            entry[f"{name}_loss_per_token"] = float(nll.sum() / tokens.sum())
+        (base_nll, tokens, nbytes), (candidate_nll, _, _) = losses["base"], losses["candidate"]
+        loss = _compare_loss(base_nll, candidate_nll, tokens)
+        entry = {"role": source.role, "docs": len(texts), "tokens": int(tokens.sum()), "loss": loss,
+                 "base_loss_per_token": loss["base"], "candidate_loss_per_token": loss["candidate"]}
+        for name, (nll, _, _) in losses.items():
             entry[f"{name}_bits_per_byte"] = float(nll.sum() / math.log(2) / nbytes.sum())
         validation[source.name] = entry
         log.info("evaluate: %s validation loss %.3f -> %.3f", source.name, entry["base_loss_per_token"],
@@ -181,7 +199,7 @@ def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path) -> dict:
 
 def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     workdir = Path(workdir)
-    final = workdir / "eval"
+    final = stage_dir(workdir, "evaluate")
     section = {"evaluate": recipe.evaluate.model_dump(mode="json"), "base": str(recipe.base_model.path)}
     input_fingerprint = fingerprint("evaluate", section, [upstream_fingerprint(workdir, "train", "evaluate"),
                                                           upstream_fingerprint(workdir, "curate", "evaluate")])

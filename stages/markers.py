@@ -52,9 +52,16 @@ def is_done(directory: Path, input_fingerprint: str) -> bool:
     return marker is not None and marker.get("fingerprint") == input_fingerprint
 
 
+STAGE_DIRS = {"evaluate": "eval"}  # output folders named otherwise than their stage (DESIGN.md §3)
+
+
+def stage_dir(workdir: Path, stage: str) -> Path:
+    return Path(workdir) / STAGE_DIRS.get(stage, stage)
+
+
 def upstream_fingerprint(workdir: Path, stage: str, needed_by: str) -> str:
     """The fingerprint of a finished upstream stage, or a clear error if it has not run."""
-    marker = read_marker(Path(workdir) / stage)
+    marker = read_marker(stage_dir(workdir, stage))
     if marker is None:
         raise StageNotReady(f"{needed_by} needs the {stage} stage's output in {workdir}: run `refit stage {stage}` first")
     return marker["fingerprint"]

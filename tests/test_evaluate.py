@@ -117,3 +117,15 @@ def test_cli_table_shows_points_with_standard_errors():
                                    "base_bits_per_byte": 1.0, "candidate_bits_per_byte": 1.05}}}
     text = format_evaluation(report)
     assert "50.0 +- 2.0" in text and "60.0 +- 3.0" in text and "10.0 +- 1.0" in text and "1.000 -> 1.050" in text
+
+
+def test_token_weighted_loss_comparison_with_ratio_standard_errors():
+    from stages.evaluate import _compare_loss
+
+    tokens = np.array([10.0, 30.0, 20.0])
+    base, candidate = np.array([20.0, 90.0, 50.0]), np.array([18.0, 84.0, 47.0])
+    loss = _compare_loss(base, candidate, tokens)
+    assert loss["base"] == pytest.approx(160 / 60) and loss["candidate"] == pytest.approx(149 / 60)
+    assert loss["delta"] == pytest.approx(-11 / 60)
+    residuals = (candidate - base) - loss["delta"] * tokens
+    assert loss["delta_stderr"] == pytest.approx(np.sqrt((residuals ** 2).sum() / 6) / tokens.mean())

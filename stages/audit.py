@@ -1,0 +1,204 @@
+"""audit: every gate, the cost report and the lineage, in `<workdir>/audit/`.
+
+Gates return {name, passed, value, threshold, reason}, all evaluated, all reported. Small
+models give noisy numbers, so every gate on a measured difference is noise-aware with
+`gates.noise_sigmas` standard errors (paired, from the evaluate stage):
+  * an improvement must be shown beyond noise: value - sigmas x stderr must clear the bar;
+  * a regression fails only when shown beyond noise: value + sigmas x stderr must cross it.
+A failed audit still writes its reports (and done marker), then raises AuditFailed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from stages.config import Recipe
+from stages.curate import curated_files
+from stages.markers import (code_version, file_sha256, fingerprint, is_done, read_marker, stage_dir, staging_dir, swap_into_place,
+                            upstream_fingerprint, write_json_atomic, write_marker)
+from stages.text import word_ngrams
+
+RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
+
+
+class AuditFailed(RuntimeError):
+    """The candidate must not ship; the message lists every failed gate."""
+
+
+def gate(name: str, passed: bool, value, threshold, reason: str) -> dict:
+    return {"name": name, "passed": bool(passed), "value": value, "threshold": threshold, "reason": reason}
+
+
+def _sigma(error: float | None, sigmas: float) -> float:
+    return 0.0 if error is None else sigmas * error
+
+
+def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> list[dict]:
+    g, gates = recipe.gates, []
+    average = evaluation["average_acc"]
+    if average is None:
+        return [gate("average_accuracy_gain", False, None, g.min_average_gain, "no benchmarks in the recipe: nothing shows the candidate is better")]
+    margin = _sigma(average["delta_stderr"], g.noise_sigmas)
+    gates.append(gate("average_accuracy_gain", average["delta"] - margin > g.min_average_gain, average["delta"],
+                      g.min_average_gain, f"average accuracy {average['base']:.4f} -> {average['candidate']:.4f} "
+                      f"(delta {average['delta']:+.4f} +- {average['delta_stderr'] or 0:.4f}); must exceed "
+                      f"{g.min_average_gain:+.4f} by {g.noise_sigmas:g} standard errors"))
+    if previous is not None and previous.get("average_acc"):
+        prior = previous["average_acc"]["candidate"]
+        error = previous["average_acc"].get("candidate_stderr")
+        bar = prior - _sigma(error, g.noise_sigmas)
+        gates.append(gate("above_previous_version", average["candidate"] >= bar, average["candidate"], prior,
+                          f"average accuracy {average['candidate']:.4f} against the previous published version's "
+                          f"{prior:.4f} (fails only if lower by more than {g.noise_sigmas:g} standard errors)"))
+    for name, bench in evaluation["benchmarks"].items():
+        acc = bench["acc"]
+        worst = acc["delta"] + _sigma(acc["delta_stderr"], g.noise_sigmas)
+        gates.append(gate(f"benchmark_regression:{name}", worst >= -g.max_benchmark_drop, acc["delta"], -g.max_benchmark_drop,
+                          f"{name} accuracy {acc['base']:.4f} -> {acc['candidate']:.4f} (delta {acc['delta']:+.4f} +- "
+                          f"{acc['delta_stderr'] or 0:.4f}); fails if below {-g.max_benchmark_drop:+.4f} beyond "
+                          f"{g.noise_sigmas:g} standard errors"))
+    return gates
+
+
+def loss_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
+    g, gates = recipe.gates, []
+    for name, v in evaluation["validation"].items():
+        loss = v["loss"]
+        if v["role"] == "legacy":
+            relative = loss["delta"] / loss["base"]
+            best_case = (loss["delta"] - _sigma(loss["delta_stderr"], g.noise_sigmas)) / loss["base"]
+            gates.append(gate(f"forgetting:{name}", best_case <= g.max_legacy_loss_increase, relative, g.max_legacy_loss_increase,
+                              f"legacy validation loss {loss['base']:.4f} -> {loss['candidate']:.4f} ({relative:+.2%}); "
+                              f"fails if up by more than {g.max_legacy_loss_increase:.0%} beyond {g.noise_sigmas:g} standard errors"))
+        elif v["role"] == "new" and g.require_new_loss_decrease:
+            upper = loss["delta"] + _sigma(loss["delta_stderr"], g.noise_sigmas)
+            gates.append(gate(f"new_domain_learned:{name}", upper < 0, loss["delta"], 0.0,
+                              f"new-domain validation loss {loss['base']:.4f} -> {loss['candidate']:.4f}; must fall by more "
+                              f"than {g.noise_sigmas:g} standard errors ({loss['delta_stderr'] or 0:.4f})"))
+    return gates
+
+
+def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
+    """Benchmark items sharing an n-gram with the documents actually trained on."""
+    n = recipe.curate.decontaminate_ngram
+    owners: dict[tuple[str, ...], str] = {}
+    for bench in recipe.evaluate.benchmarks:
+        for line in Path(bench.path).read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                for gram in word_ngrams(item["query"] + item["choices"][item["gold"]], n):
+                    owners.setdefault(gram, f"{bench.name}:{item['id']}")
+    import pyarrow.parquet as pq
+
+    found: set[str] = set()
+    trained = [name for name, s in manifest["sources"].items() if s["drawn_sequences"] > 0]
+    for source in trained:
+        for path in curated_files(workdir, source, "train"):
+            for text in pq.read_table(path, columns=["text"])["text"].to_pylist():
+                found.update(owners[g] for g in word_ngrams(text, n) if g in owners)
+    items = sorted(found)
+    limit = recipe.gates.max_contaminated_items
+    shown = ", ".join(items[:20]) + (f" and {len(items) - 20} more" if len(items) > 20 else "")
+    return gate("contamination", len(items) <= limit, len(items), limit,
+                f"{len(items)} benchmark item(s) share a {n}-gram with the training data" + (f": {shown}" if items else ""))
+
+
+def health_gate(recipe: Recipe, metrics: list[dict]) -> dict:
+    """No non-finite loss (training stops on one) and no loss spike left unrecovered."""
+    losses = np.array([m["loss"] for m in metrics])
+    unrecovered = []
+    window = 20
+    for i in range(window, len(losses)):
+        median = float(np.median(losses[i - window:i]))
+        if losses[i] > recipe.gates.loss_spike_factor * median:
+            after = losses[i + 1:i + 1 + RECOVERY_STEPS]
+            if not len(after) or after.min() > median:
+                unrecovered.append(metrics[i]["step"])
+    finite = bool(np.all(np.isfinite(losses)))
+    return gate("training_health", finite and not unrecovered, len(unrecovered), 0,
+                ("non-finite loss in the log; " if not finite else "") +
+                (f"unrecovered loss spikes at steps {unrecovered}" if unrecovered else
+                 f"{len(losses)} steps, all finite, no unrecovered spike (> {recipe.gates.loss_spike_factor:g} x running median)"))
+
+
+def lineage(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
+    base = Path(recipe.base_model.path)
+    weights = {p.name: file_sha256(p) for p in sorted(base.glob("*.safetensors"))}
+    shards_ok = all(file_sha256(workdir / s["path"]) == s["sha256"] for src in manifest["sources"].values() for s in src["shards"])
+    return {"base_model": str(base), "base_config_sha256": file_sha256(base / "config.json") if (base / "config.json").exists() else None,
+            "base_weights_sha256": weights, "recipe_sha256": fingerprint("recipe", recipe.model_dump(mode="json")),
+            "manifest_sha256": manifest.get("sha256"), "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+            "shards": sum(len(s["shards"]) for s in manifest["sources"].values()), "shards_verified": shards_ok,
+            "code_version": code_version(), "train_fingerprint": read_marker(workdir / "train")["fingerprint"]}
+
+
+def lineage_gate(record: dict) -> dict:
+    missing = [k for k, v in record.items() if v in (None, {}, "")]
+    ok = not missing and record["shards_verified"]
+    return gate("lineage", ok, len(missing), 0, "complete: base weights, recipe, manifest, shard and code hashes" if ok else
+                f"missing {', '.join(missing) or 'nothing'}; shards match the manifest: {record['shards_verified']}")
+
+
+def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) -> dict:
+    """Training FLOPs and device-hours of this refresh against retraining from scratch."""
+    hours = train["seconds"] * train["processes"] / 3600
+    tokens_per_s = train["tokens"] / max(train["seconds"], 1e-9)
+    price = recipe.cost.device_hour_price
+    report = {"parameters": parameters, "tokens": train["tokens"], "flops": 6 * parameters * train["tokens"],
+              "wall_seconds": train["seconds"], "devices": train["processes"], "device_hours": hours,
+              "price_per_device_hour": price, "cost": hours * price, "tokens_per_second": tokens_per_s}
+    pretraining = recipe.base_model.pretraining_tokens
+    if pretraining:
+        scratch_hours = pretraining / tokens_per_s * train["processes"] / 3600
+        report["retrain_from_scratch"] = {"tokens": pretraining, "flops": 6 * parameters * pretraining,
+                                          "device_hours": scratch_hours, "cost": scratch_hours * price,
+                                          "assumption": "same model at this run's measured tokens/s per device"}
+        report["refit_over_scratch_compute"] = train["tokens"] / pretraining
+    average = evaluation.get("average_acc")
+    if average and hours > 0:
+        report["accuracy_points_per_device_hour"] = 100 * average["delta"] / hours
+    return report
+
+
+def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> dict:
+    """Write audit/report.json and audit/report.md with plots; raise AuditFailed if a gate fails."""
+    from stages.audit_report import write_report
+
+    workdir = Path(workdir)
+    final = workdir / "audit"
+    section = {"gates": recipe.gates.model_dump(mode="json"), "cost": recipe.cost.model_dump(mode="json"),
+               "previous": previous_eval}
+    upstream = [upstream_fingerprint(workdir, stage, "audit") for stage in ("mix", "train", "evaluate")]
+    input_fingerprint = fingerprint("audit", section, upstream)
+    if force or not is_done(final, input_fingerprint):
+        started = time.time()
+        manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
+        train = json.loads((workdir / "train" / "report.json").read_text())
+        evaluation = json.loads((stage_dir(workdir, "evaluate") / "report.json").read_text())
+        metrics = [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+        record = lineage(recipe, workdir, manifest)
+        gates = [*accuracy_gates(recipe, evaluation, previous_eval), *loss_gates(recipe, evaluation),
+                 contamination_gate(recipe, workdir, manifest), health_gate(recipe, metrics), lineage_gate(record)]
+        from safetensors import safe_open
+
+        parameters = 0
+        for path in sorted((workdir / "train" / "final").glob("*.safetensors")):
+            with safe_open(path, "np") as weights:
+                parameters += sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())
+        report = {"stage": "audit", "recipe": recipe.name, "passed": all(g["passed"] for g in gates), "gates": gates,
+                  "failed": [g["reason"] for g in gates if not g["passed"]], "cost": cost_report(recipe, train, evaluation, parameters),
+                  "lineage": record, "candidate": str(workdir / "train" / "final"), "train": train}
+        out = staging_dir(final)
+        write_report(out, report, evaluation, metrics, manifest)
+        write_json_atomic(out / "report.json", report)
+        write_marker(out, "audit", input_fingerprint, started)
+        swap_into_place(out, final)
+    report = json.loads((final / "report.json").read_text())
+    if not report["passed"]:
+        raise AuditFailed(f"audit of {recipe.name} failed {len(report['failed'])} gate(s):\n  - " + "\n  - ".join(report["failed"])
+                          + f"\nfull report: {final / 'report.md'}")
+    return report

@@ -1,0 +1,111 @@
+"""audit: noise-aware gates, all failures reported together, contamination named,
+a candidate made worse on purpose refused with every reason, and the report itself."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from stages.audit import AuditFailed, accuracy_gates, loss_gates, run_audit
+from stages.config import load_recipe
+from stages.evaluate import run_evaluate
+from stages.train import run_train
+
+from test_config import BASE, write
+from test_train import prepare
+
+
+def side(base, candidate, delta_stderr, stderr=0.01):
+    return {"base": base, "base_stderr": stderr, "candidate": candidate, "candidate_stderr": stderr,
+            "delta": candidate - base, "delta_stderr": delta_stderr}
+
+
+def evaluation(avg, benches, validation):
+    return {"average_acc": avg, "benchmarks": {k: {"domain": "new", "items": 100, "acc": v} for k, v in benches.items()},
+            "validation": validation}
+
+
+@pytest.fixture
+def recipe(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text("{}")
+    for name in ("old", "new", "qa"):
+        (tmp_path / "data").mkdir(exist_ok=True)
+        (tmp_path / "data" / f"{name}.jsonl").write_text("{}\n")
+    return load_recipe(write(tmp_path, BASE))
+
+
+def test_improvements_must_clear_the_noise_and_regressions_must_exceed_it(recipe):
+    # +3 points with stderr 1: clears 0 by 2 sigma. +1.5 with stderr 1: within noise, not shown.
+    assert accuracy_gates(recipe, evaluation(side(0.3, 0.33, 0.01), {}, {}), None)[0]["passed"]
+    assert not accuracy_gates(recipe, evaluation(side(0.3, 0.315, 0.01), {}, {}), None)[0]["passed"]
+    # a benchmark down 3 points with stderr 1 (2 sigma reaches -1) does not prove a drop beyond 2 points...
+    gates = accuracy_gates(recipe, evaluation(side(0.3, 0.35, 0.01), {"b": side(0.5, 0.47, 0.01)}, {}), None)
+    assert gates[1]["name"] == "benchmark_regression:b" and gates[1]["passed"]
+    # ...down 6 points with stderr 1 does
+    gates = accuracy_gates(recipe, evaluation(side(0.3, 0.35, 0.01), {"b": side(0.5, 0.44, 0.01)}, {}), None)
+    assert not gates[1]["passed"] and "beyond 2 standard errors" in gates[1]["reason"]
+    legacy = {"role": "legacy", "loss": side(2.0, 2.2, 0.02)}  # +10%, stderr 1%: forgetting shown
+    new = {"role": "new", "loss": side(4.0, 3.99, 0.02)}  # down 0.01, stderr 0.02: learning not shown
+    gates = {g["name"]: g for g in loss_gates(recipe, evaluation(None, {}, {"old": legacy, "new": new}))}
+    assert not gates["forgetting:old"]["passed"] and gates["forgetting:old"]["value"] == pytest.approx(0.10)
+    assert not gates["new_domain_learned:new"]["passed"]
+    previous = {"average_acc": side(0.3, 0.40, 0.01)}
+    gates = accuracy_gates(recipe, evaluation(side(0.3, 0.35, 0.01), {}, {}), previous)
+    assert gates[1]["name"] == "above_previous_version" and not gates[1]["passed"]
+
+
+@pytest.fixture
+def trained(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
+    run_train(load_recipe(path), workdir)
+    return path, workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_worse_candidate_fails_with_every_reason_and_a_readable_report(trained):
+    path, workdir = trained
+    weights_file = workdir / "train" / "final" / "model.safetensors"
+    weights = load_file(weights_file)
+    generator = torch.Generator().manual_seed(0)
+    save_file({k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in weights.items()}, weights_file,
+              metadata={"format": "pt"})
+    recipe = load_recipe(path)
+    run_evaluate(recipe, workdir)
+    with pytest.raises(AuditFailed) as failed:
+        run_audit(recipe, workdir)
+    report = json.loads((workdir / "audit" / "report.json").read_text())
+    failed_names = {g["name"] for g in report["gates"] if not g["passed"]}
+    assert {"forgetting:old", "new_domain_learned:new", "average_accuracy_gain"} <= failed_names
+    assert all(reason in str(failed.value) for reason in report["failed"])  # every failure, not just the first
+    markdown = (workdir / "audit" / "report.md").read_text()
+    assert "FAILED" in markdown and "| forgetting:old | **no** |" in markdown
+    for png in ("training.png", "accuracy.png", "validation_loss.png"):
+        assert (workdir / "audit" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in markdown
+    assert report["cost"]["flops"] == 6 * report["cost"]["parameters"] * report["cost"]["tokens"]
+    assert report["lineage"]["shards_verified"] and report["lineage"]["manifest_sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_model_dir", ["gpt2"], indirect=True)
+def test_planted_contaminated_item_fails_the_gate_naming_it(trained):
+    path, workdir = trained
+    recipe = load_recipe(path)
+    curated = workdir / "curate" / "new"
+    import pyarrow.parquet as pq
+
+    text = pq.read_table(sorted(curated.glob("train-*.parquet"))[0])["text"][0].as_py()
+    words = text.split()
+    bench = path.parent / "bench.jsonl"
+    bench.write_text(bench.read_text() + json.dumps({"id": "planted", "query": " ".join(words[:14]),
+                                                     "choices": [" " + words[14], " nothing"], "gold": 0}) + "\n")
+    recipe = load_recipe(path)  # the benchmark file changed after curation: the audit checks what was trained on
+    run_evaluate(recipe, workdir, force=True)
+    with pytest.raises(AuditFailed, match=r"contaminat"):
+        run_audit(recipe, workdir)
+    (gate,) = [g for g in json.loads((workdir / "audit" / "report.json").read_text())["gates"] if g["name"] == "contamination"]
+    assert not gate["passed"] and gate["value"] == 1 and "b:planted" in gate["reason"]
