@@ -1,7 +1,7 @@
 """The `refit` command line.
 
     refit validate RECIPE                 check a recipe; every problem listed with its field and line
-    refit stage STAGE RECIPE [--force]    run one stage (curate ... audit) as a plain function
+    refit stage STAGE RECIPE [--force]    run one stage (curate ... publish) as a plain function
     refit plan RECIPE                     run the data stages as needed and print the mixture plan
     refit demo                            build the demo base model if missing, then run the demo recipe
 
@@ -21,6 +21,7 @@ from stages.audit import AuditFailed
 from stages.config import Recipe, RecipeError, load_recipe
 from stages.curate import CurationError
 from stages.markers import StageNotReady, stage_dir
+from stages.publish import PublishRefused
 from stages.train import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = ("curate", "tokenize", "mix", "train", "evaluate", "audit")
+STAGES = ("curate", "tokenize", "mix", "train", "evaluate", "audit", "publish")
 DATA_STAGES = STAGES[:3]
 
 
@@ -68,10 +69,11 @@ def stage_functions() -> dict:
     from stages.curate import run_curate
     from stages.evaluate import run_evaluate
     from stages.mix import run_mix
+    from stages.publish import run_publish
     from stages.tokenize import run_tokenize
     from stages.train import run_train
 
-    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train, run_evaluate, run_audit)))
+    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train, run_evaluate, run_audit, run_publish)))
 
 
 def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
@@ -81,7 +83,7 @@ def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
 def cmd_stage(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     report = stage_functions()[args.stage](recipe, _workdir(args, recipe), force=args.force)
-    print(json.dumps({k: v for k, v in report.items() if k != "sources"} | {"sources": sorted(report.get("sources", {}))}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
     print(f"{args.stage}: done, outputs in {stage_dir(_workdir(args, recipe), args.stage)}")
     return 0
 
@@ -122,7 +124,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(format_evaluation(stage_functions()["evaluate"](recipe, Path(recipe.workdir))))
     audit = stage_functions()["audit"](recipe, Path(recipe.workdir))  # raises AuditFailed with every reason
     print(f"\naudit PASSED ({len(audit['gates'])} gates); read {stage_dir(Path(recipe.workdir), 'audit') / 'report.md'}")
-    print("The publish stage is not built yet, so the demo stops here.")
+    published = stage_functions()["publish"](recipe, Path(recipe.workdir))
+    print(f"published {recipe.model_name} {published['version']} at {published['path']}"
+          + (" (already there)" if published["already_published"] else ""))
     return 0
 
 
@@ -181,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as error:
         print(error, file=sys.stderr)
         return 2
-    except (CurationError, StageNotReady, TrainingError, FloatingPointError, AuditFailed) as error:
+    except (CurationError, StageNotReady, TrainingError, FloatingPointError, AuditFailed, PublishRefused) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def prepare(tmp_path: Path, model_dir: Path, max_lr: float = 3e-3, validation_fraction: float = 0.0,
-            **train) -> tuple[Path, Path]:
+            gates: dict | None = None, **train) -> tuple[Path, Path]:
     write_jsonl(tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])])
     write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:20])])
     path = make_recipe(tmp_path, [{"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
@@ -39,7 +39,8 @@ def prepare(tmp_path: Path, model_dir: Path, max_lr: float = 3e-3, validation_fr
         "mixture": {"phases": [{"name": "general", "weights": {"old": 1, "new": 1}},
                                {"name": "late", "lr_below": 0.5, "weights": {"old": 1, "new": 3}}]},
         "schedule": {"total_tokens": 20 * 4 * 32},
-        "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train}},
+        "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
+        "gates": gates or {}, "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"}},
         validation_fraction=validation_fraction)
     recipe = load_recipe(path)
     workdir = tmp_path / "wd"

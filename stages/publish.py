@@ -1,0 +1,165 @@
+"""publish: an audited checkpoint into the registry as `<model>/vNNNN/`, all or nothing.
+
+The registry is a local folder or any fsspec URL. A version is assembled in
+`<model>/vNNNN.partial/` and renamed into place once complete, with `SHA256SUMS` written
+last; `<model>/latest` (a one-line file naming the version) is then replaced atomically.
+Readers see only complete versions. A killed publish leaves a `.partial` folder that the
+next run removes; publishing the same audited checkpoint again returns its version.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+
+import yaml
+
+from stages.config import Recipe
+from stages.markers import file_sha256, read_marker, stage_dir
+
+VERSION = re.compile(r"^v(\d{4,})$")
+RECORD = "refit_publish.json"
+
+
+class PublishRefused(RuntimeError):
+    """The checkpoint may not be published (failed or foreign audit); nothing was written."""
+
+
+def _filesystem(url: str):
+    import fsspec
+
+    fs, root = fsspec.core.url_to_fs(url)
+    return fs, root.rstrip("/")
+
+
+def _write(fs, path: str, data: bytes) -> None:
+    fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores
+    fs.pipe_file(path, data)
+
+
+def versions(fs, model_root: str) -> list[str]:
+    """Complete versions, oldest first."""
+    if not fs.exists(model_root):
+        return []
+    names = [Path(p.rstrip("/")).name for p in fs.ls(model_root, detail=False)]
+    return sorted((n for n in names if VERSION.match(n)), key=lambda n: int(n[1:]))
+
+
+def _check_audit(workdir: Path) -> tuple[dict, dict]:
+    """The audit report, if it passed and was made for exactly the checkpoint on disk."""
+    audit_dir, train_dir = stage_dir(workdir, "audit"), stage_dir(workdir, "train")
+    audit_marker, train_marker = read_marker(audit_dir), read_marker(train_dir)
+    if audit_marker is None or train_marker is None:
+        raise PublishRefused(f"no finished audit and training in {workdir}: run `refit stage audit` first")
+    report = json.loads((audit_dir / "report.json").read_text())
+    if not report["passed"]:
+        raise PublishRefused("the audit failed; refusing to publish:\n  - " + "\n  - ".join(report["failed"]))
+    if report["lineage"]["train_fingerprint"] != train_marker["fingerprint"]:
+        raise PublishRefused("the audit was made for another training run than the one on disk: rerun evaluate and audit")
+    for name, digest in train_marker["outputs"].items():
+        if name.startswith("final/") and file_sha256(train_dir / name) != digest:
+            raise PublishRefused(f"train/{name} changed after training and audit (sha256 differs): rerun the pipeline")
+    return report, train_marker
+
+
+def model_card(recipe: Recipe, report: dict, evaluation: dict, manifest: dict) -> str:
+    results = [{"task": {"type": "multiple-choice", "name": "multiple-choice"},
+                "dataset": {"name": name, "type": name},
+                "metrics": [{"type": "acc", "name": "accuracy", "value": round(100 * b["acc"]["candidate"], 2)},
+                            {"type": "acc_norm", "name": "normalised accuracy", "value": round(100 * b["acc_norm"]["candidate"], 2)}]}
+               for name, b in evaluation["benchmarks"].items()]
+    metadata = {"license": recipe.publish.license, "base_model": recipe.base_model.path, "library_name": "transformers",
+                "datasets": [s.name for s in recipe.sources], "tags": ["refit", "continued-pretraining"],
+                "model-index": [{"name": recipe.model_name, "results": results}]}
+    phases = "; ".join(f"{p['name']} from step {p['start_step']} ({', '.join(f'{k} {v:.0%}' for k, v in p['weights'].items())})"
+                       for p in manifest["phases"])
+    gates = "\n".join(f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {g['reason']} |" for g in report["gates"])
+    rows = "\n".join(f"| {name} | {b['domain']} | {100 * b['acc']['base']:.1f} | {100 * b['acc']['candidate']:.1f} | "
+                     f"{100 * b['acc']['delta']:+.1f} +- {100 * (b['acc']['delta_stderr'] or 0):.1f} |"
+                     for name, b in evaluation["benchmarks"].items())
+    cost = report["cost"]
+    prose = f"""# {recipe.model_name}
+
+{recipe.description or 'A language model refreshed by continued pretraining with Refit.'}
+
+## Intended use
+
+A refresh of `{recipe.base_model.path}` that adds the knowledge of its new sources while keeping
+what the base model knew. Use it where the base model was used; it passed every audit gate below.
+It was not tuned for instructions or safety beyond what the base model had.
+
+## Data
+
+Sources: {', '.join(f'{s.name} ({s.role})' for s in recipe.sources)}. Curated (validated, deduplicated
+within and across sources, decontaminated against the benchmarks), tokenized into {manifest['seq_len']}-token
+sequences. Tokens drawn: {', '.join(f"{k} {v['drawn_tokens']:,}" for k, v in manifest['sources'].items())}.
+
+## Recipe
+
+Continued pretraining ("Reuse, Don't Retrain", Parmar et al. 2024): {manifest['total_steps']} steps,
+{manifest['total_tokens']:,} tokens, {manifest['schedule']['decay']} schedule from {manifest['schedule']['max_lr']:.2e}
+to {manifest['schedule']['min_lr_ratio']:g} x max_lr, warmup {manifest['schedule']['warmup_steps']} steps.
+Data phases, each later one triggered by the learning rate: {phases}.
+
+## Results (base against this model)
+
+| benchmark | domain | base | this model | difference |
+|---|---|---|---|---|
+{rows}
+
+## Audit gates
+
+| gate | result | detail |
+|---|---|---|
+{gates}
+
+## Cost
+
+{cost['tokens']:,} training tokens, {cost['flops']:.3g} FLOPs, {cost['device_hours']:.4g} device-hours
+({cost['cost']:.4g} at {cost['price_per_device_hour']:g} per device-hour).
+"""
+    return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + prose
+
+
+def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+    """Publish the audited checkpoint; returns {version, path, ...} (`force` is accepted for
+    symmetry with the other stages: a checkpoint already published is never written twice)."""
+    workdir = Path(workdir)
+    report, train_marker = _check_audit(workdir)
+    fs, registry = _filesystem(recipe.publish.registry)
+    model_root = f"{registry}/{recipe.model_name}"
+    identity = hashlib.sha256(json.dumps({"train": train_marker["fingerprint"],
+                                          "audit": read_marker(stage_dir(workdir, "audit"))["fingerprint"]},
+                                         sort_keys=True).encode()).hexdigest()
+    for version in versions(fs, model_root):
+        record_path = f"{model_root}/{version}/{RECORD}"
+        if fs.exists(record_path) and json.loads(fs.cat_file(record_path))["identity"] == identity:
+            return {"stage": "publish", "version": version, "path": f"{model_root}/{version}", "already_published": True}
+    fs.makedirs(model_root, exist_ok=True)
+    for stale in fs.glob(f"{model_root}/*.partial"):  # a killed publish
+        fs.rm(stale, recursive=True)
+    existing = versions(fs, model_root)
+    version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
+    partial, final = f"{model_root}/{version}.partial", f"{model_root}/{version}"
+    evaluation = json.loads((stage_dir(workdir, "evaluate") / "report.json").read_text())
+    manifest = json.loads((stage_dir(workdir, "mix") / "manifest.json").read_text())
+    files: dict[str, bytes | Path] = {p.name: p for p in sorted((workdir / "train" / "final").iterdir()) if p.is_file()}
+    files.update({f"audit/{p.name}": p for p in sorted(stage_dir(workdir, "audit").iterdir()) if p.is_file()})
+    files["manifest.json"] = stage_dir(workdir, "mix") / "manifest.json"
+    files["eval_report.json"] = stage_dir(workdir, "evaluate") / "report.json"
+    files["README.md"] = model_card(recipe, report, evaluation, manifest).encode()
+    files[RECORD] = json.dumps({"identity": identity, "version": version, "published": time.time(),
+                                "train_fingerprint": train_marker["fingerprint"], "recipe": recipe.name}, indent=2).encode()
+    sums = []
+    for name, content in files.items():
+        data = content if isinstance(content, bytes) else content.read_bytes()
+        _write(fs, f"{partial}/{name}", data)
+        sums.append(f"{hashlib.sha256(data).hexdigest()}  {name}")
+    _write(fs, f"{partial}/SHA256SUMS", ("\n".join(sums) + "\n").encode())  # last: the version is complete
+    fs.mv(partial, final, recursive=True)
+    _write(fs, f"{model_root}/latest.tmp", (version + "\n").encode())
+    fs.mv(f"{model_root}/latest.tmp", f"{model_root}/latest")
+    return {"stage": "publish", "version": version, "path": final, "already_published": False, "files": len(files) + 1}
