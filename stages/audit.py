@@ -20,7 +20,8 @@ from stages.config import Recipe
 from stages.curate import curated_files
 from stages.markers import (code_version, file_sha256, fingerprint, is_done, read_marker, stage_dir, staging_dir, swap_into_place,
                             upstream_fingerprint, write_json_atomic, write_marker)
-from stages.text import word_ngrams
+from stages.text import benchmark_ngrams, word_ngrams
+from stages.train import read_metrics
 
 RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
 
@@ -84,15 +85,10 @@ def loss_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
 
 def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
     """Benchmark items sharing an n-gram with the documents actually trained on."""
-    n = recipe.curate.decontaminate_ngram
-    owners: dict[tuple[str, ...], str] = {}
-    for bench in recipe.evaluate.benchmarks:
-        for line in Path(bench.path).read_text().splitlines():
-            if line.strip():
-                item = json.loads(line)
-                for gram in word_ngrams(item["query"] + item["choices"][item["gold"]], n):
-                    owners.setdefault(gram, f"{bench.name}:{item['id']}")
     import pyarrow.parquet as pq
+
+    n = recipe.curate.decontaminate_ngram
+    owners = benchmark_ngrams(recipe.evaluate.benchmarks, n)
 
     found: set[str] = set()
     trained = [name for name, s in manifest["sources"].items() if s["drawn_sequences"] > 0]
@@ -179,7 +175,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
         manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
         train = json.loads((workdir / "train" / "report.json").read_text())
         evaluation = json.loads((stage_dir(workdir, "evaluate") / "report.json").read_text())
-        metrics = [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+        metrics = read_metrics(workdir / "train")
         record = lineage(recipe, workdir, manifest)
         gates = [*accuracy_gates(recipe, evaluation, previous_eval), *loss_gates(recipe, evaluation),
                  contamination_gate(recipe, workdir, manifest), health_gate(recipe, metrics), lineage_gate(record)]

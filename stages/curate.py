@@ -28,7 +28,7 @@ from pathlib import Path
 from stages.config import Recipe, SourceSpec
 from stages.markers import code_version, fingerprint, is_done, read_marker, staging_dir, swap_into_place, write_json_atomic, write_marker
 from stages.records import read_records
-from stages.text import word_ngrams
+from stages.text import benchmark_ngrams, word_ngrams
 
 log = logging.getLogger(__name__)
 ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicate ties
@@ -60,20 +60,6 @@ def _fingerprint(recipe: Recipe, settings: dict) -> str:
     """Settings plus the listing of every input file: a file added to a source means a rerun."""
     files = {s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s)] for s in recipe.sources}
     return fingerprint("curate", {"settings": settings, "files": files})
-
-
-def _benchmark_index(recipe: Recipe) -> dict[tuple[str, ...], str]:
-    """n-gram -> benchmark item id, over each item's query and gold answer."""
-    index: dict[tuple[str, ...], str] = {}
-    n = recipe.curate.decontaminate_ngram
-    for bench in recipe.evaluate.benchmarks:
-        with open(bench.path, encoding="utf-8") as lines:
-            for line in lines:
-                if line.strip():
-                    item = json.loads(line)
-                    for gram in word_ngrams(item["query"] + item["choices"][item["gold"]], n):
-                        index.setdefault(gram, f"{bench.name}:{item['id']}")
-    return index
 
 
 def _in_validation(doc_id: str, fraction: float) -> bool:
@@ -218,7 +204,7 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         db = sqlite3.connect(out / "state.sqlite")
         db.executescript(SCHEMA)
         batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
-        contamination = _benchmark_index(recipe)
+        contamination = benchmark_ngrams(recipe.evaluate.benchmarks, recipe.curate.decontaminate_ngram)
         sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
         screened = {}
         for source in sources:  # every source is screened before the (costlier) dedupe

@@ -23,6 +23,7 @@ import numpy as np
 
 from stages.config import Recipe
 from stages.curate import curated_files
+from stages.text import read_jsonl
 from stages.markers import (fingerprint, is_done, stage_dir, staging_dir, swap_into_place, upstream_fingerprint,
                             write_json_atomic, write_marker)
 
@@ -35,11 +36,6 @@ def mean_stderr(values: np.ndarray) -> tuple[float | None, float | None]:
     values = np.asarray(values, dtype=np.float64)
     mean = float(values.mean()) if len(values) else None
     return mean, (float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None)
-
-
-def read_benchmark(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
 
 
 class Scorer:
@@ -159,7 +155,7 @@ def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path) -> dict:
     benchmarks = {}
     per_item_acc = {"base": [], "candidate": []}
     for bench in recipe.evaluate.benchmarks:
-        items = read_benchmark(Path(bench.path))
+        items = read_jsonl(Path(bench.path))
         scores = {name: scorer.score_benchmark(items) for name, scorer in scorers.items()}
         log.info("evaluate: %s scored (%d items)", bench.name, len(items))
         benchmarks[bench.name] = {"domain": bench.domain, "items": len(items),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
 import unicodedata
+from pathlib import Path
 
 WORD = re.compile(r"\w+")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
@@ -25,3 +27,18 @@ def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     """n-grams of lower-cased words: the unit of benchmark contamination (13 by default)."""
     words = WORD.findall(text.lower())
     return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with open(path, encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines if line.strip()]
+
+
+def benchmark_ngrams(benchmarks: list, n: int) -> dict[tuple[str, ...], str]:
+    """n-gram -> "benchmark:item id", over each item's query and gold answer."""
+    owners: dict[tuple[str, ...], str] = {}
+    for bench in benchmarks:
+        for item in read_jsonl(Path(bench.path)):
+            for gram in word_ngrams(item["query"] + item["choices"][item["gold"]], n):
+                owners.setdefault(gram, f"{bench.name}:{item['id']}")
+    return owners

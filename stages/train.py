@@ -30,6 +30,11 @@ class TrainingError(RuntimeError):
     """The training processes failed; the latest complete checkpoint is kept."""
 
 
+def read_metrics(train_dir: Path) -> list[dict]:
+    """The per-step log, one dict per optimizer step."""
+    return [json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
 def base_model_listing(path: Path) -> list[tuple[str, int, int]]:
     """The base checkpoint's files with size and mtime: a changed base means a new run."""
     return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).iterdir()) if p.is_file()]
@@ -96,7 +101,7 @@ def run_train(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         raise TrainingError(f"training processes exited with code {code}; see the log above. Rerunning the stage "
                             f"resumes from the latest complete checkpoint in {train_dir / 'checkpoints'}")
     state = json.loads((train_dir / "final" / "trainer_state.json").read_text())
-    metrics = [json.loads(line) for line in (train_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = read_metrics(train_dir)
     report = {"stage": "train", "steps": state["step"], "tokens": state["tokens"], "switches": state["switches"],
               "spikes": state["spikes"], "final_loss": metrics[-1]["loss"], "first_loss": metrics[0]["loss"],
               "processes": recipe.train.num_processes, "seconds": round(time.time() - started, 2),
