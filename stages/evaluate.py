@@ -8,14 +8,20 @@ character of the choice. Validation loss (nats per token) and bits per byte per 
 show forgetting of the legacy data and learning of the new. Every figure has a standard
 error, and every base-candidate difference a paired one (same items, same documents).
 
+Two backends score the benchmarks: "refit" (the `Scorer` below) and "lm-eval" (the same
+checkpoints through lm-evaluation-harness, see stages/lm_eval_backend.py, whose task
+definitions are kept in `eval/lm_eval_tasks/`). Validation loss is always Refit's own.
+
 Writes `<workdir>/eval/report.json` (atomically, with a done marker).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import math
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +34,7 @@ from stages.markers import (fingerprint, is_done, stage_dir, staging_dir, swap_i
                             write_json_atomic, write_marker)
 
 log = logging.getLogger(__name__)
+BACKENDS = ("refit", "lm-eval")
 
 
 def mean_stderr(values: np.ndarray) -> tuple[float | None, float | None]:
@@ -36,6 +43,11 @@ def mean_stderr(values: np.ndarray) -> tuple[float | None, float | None]:
     values = np.asarray(values, dtype=np.float64)
     mean = float(values.mean()) if len(values) else None
     return mean, (float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None)
+
+
+def context_length(config) -> int:
+    """Longest input the model takes (longer requests lose tokens on the left)."""
+    return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 1024))
 
 
 class Scorer:
@@ -50,52 +62,84 @@ class Scorer:
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32,
                                                           trust_remote_code=trust_remote_code).eval()
         self.batch_size = batch_size
-        self.max_len = int(getattr(self.model.config, "max_position_embeddings", 0) or getattr(self.model.config, "n_positions", 1024))
+        self.max_len = context_length(self.model.config)
+        self.slices_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def continuation_logprobs(self, requests: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
-        """Per-token log-probabilities of each continuation given its context."""
+        """Per-token log-probabilities of each continuation given its context.
+
+        A causal LM's logits at a position depend only on the tokens up to it, so a request
+        whose model input (context + continuation less its last token, cut to the model's
+        length) is a prefix of another's is read from that one's row: the choices of a
+        multiple-choice item that share their first tokens cost one row. Rows are padded on
+        the right without an attention mask (causal attention never looks right), and the
+        vocabulary projection and softmax run only from the first position read."""
         torch = self.torch
+        inputs = [tuple((context + continuation)[-(self.max_len + 1):][:-1]) for context, continuation in requests]
+        rows: list[tuple[int, ...]] = []
+        row_of = [0] * len(requests)
+        by_tokens = sorted(range(len(requests)), key=inputs.__getitem__)
+        for k in reversed(range(len(by_tokens))):  # a prefix sorts just before the inputs that extend it
+            i, following = by_tokens[k], by_tokens[k + 1] if k + 1 < len(by_tokens) else None
+            if following is not None and inputs[following][:len(inputs[i])] == inputs[i]:
+                row_of[i] = row_of[following]
+            else:
+                row_of[i] = len(rows)
+                rows.append(inputs[i])
+        readers: list[list[int]] = [[] for _ in rows]
+        for i, row in enumerate(row_of):
+            readers[row].append(i)
         results: list[np.ndarray | None] = [None] * len(requests)
-        order = sorted(range(len(requests)), key=lambda i: -len(requests[i][0]) - len(requests[i][1]))
-        for first in range(0, len(order), self.batch_size):
-            chunk = order[first:first + self.batch_size]
-            inputs = [(requests[i][0] + requests[i][1])[-(self.max_len + 1):][:-1] for i in chunk]
-            width = max(len(x) for x in inputs)
-            ids = torch.zeros((len(chunk), width), dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, x in enumerate(inputs):
-                ids[row, :len(x)] = torch.tensor(x)
-                mask[row, :len(x)] = 1
+        longest_first = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
+        for first in range(0, len(rows), self.batch_size):
+            batch = longest_first[first:first + self.batch_size]
+            width = max(len(rows[r]) for r in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            batch_rows, positions, targets, spans = [], [], [], []
+            for b, r in enumerate(batch):
+                ids[b, :len(rows[r])] = torch.tensor(rows[r])
+                for i in readers[r]:
+                    continuation = requests[i][1]
+                    end = len(inputs[i])
+                    spans.append((i, len(positions), len(continuation)))
+                    batch_rows += [b] * len(continuation)
+                    positions += range(end - len(continuation), end)
+                    targets += continuation
+            keep_from = min(positions, default=width - 1)
+            kwargs = {"logits_to_keep": width - keep_from} if self.slices_logits else {}
             with torch.no_grad():
-                logprobs = torch.log_softmax(self.model(input_ids=ids, attention_mask=mask).logits.float(), dim=-1)
-            for row, i in enumerate(chunk):
-                continuation = requests[i][1]
-                end = len(inputs[row])
-                positions = torch.arange(end - len(continuation), end)
-                targets = torch.tensor(continuation)
-                results[i] = logprobs[row, positions, targets].numpy().astype(np.float64)
+                logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
+                logits = logits[:, logits.shape[1] - (width - keep_from):]  # positions keep_from.. (all kept if not sliced)
+                b_index, p_index = torch.tensor(batch_rows), torch.tensor(positions) - keep_from
+                logprobs = logits[b_index, p_index, torch.tensor(targets)] - torch.logsumexp(logits[b_index, p_index], dim=-1)
+            values = logprobs.numpy().astype(np.float64)
+            for i, start, length in spans:
+                results[i] = values[start:start + length]
         return results  # type: ignore[return-value]
+
+    def choice_loglikelihoods(self, items: list[dict]) -> list[np.ndarray]:
+        """Per item, the log-likelihood of each choice's tokens given the query."""
+        texts = [item["query"] for item in items] + [item["query"] + c for item in items for c in item["choices"]]
+        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        contexts = [next(encoded) for _ in items]
+        requests = []
+        for item, context in zip(items, contexts):
+            for _ in item["choices"]:
+                whole = next(encoded)
+                requests.append((context, whole[len(context):] or whole[-1:]))
+        sums = iter([values.sum() for values in self.continuation_logprobs(requests)])
+        return [np.array([next(sums) for _ in item["choices"]]) for item in items]
 
     def score_benchmark(self, items: list[dict]) -> dict[str, np.ndarray]:
         """Per-item correctness (acc, acc_norm) for one benchmark."""
-        requests, owners = [], []
-        for n, item in enumerate(items):
-            context = self.encode(item["query"])
-            for choice in item["choices"]:
-                whole = self.encode(item["query"] + choice)
-                requests.append((context, whole[len(context):] or whole[-1:]))
-                owners.append(n)
-        logprobs = self.continuation_logprobs(requests)
-        acc, acc_norm, k = np.zeros(len(items)), np.zeros(len(items)), 0
-        for n, item in enumerate(items):
-            lls = np.array([logprobs[k + j].sum() for j in range(len(item["choices"]))])
+        acc, acc_norm = np.zeros(len(items)), np.zeros(len(items))
+        for n, (item, lls) in enumerate(zip(items, self.choice_loglikelihoods(items))):
             lengths = np.array([len(c) for c in item["choices"]], dtype=np.float64)
             acc[n] = float(np.argmax(lls) == item["gold"])
             acc_norm[n] = float(np.argmax(lls / lengths) == item["gold"])
-            k += len(item["choices"])
         return {"acc": acc, "acc_norm": acc_norm}
 
     def document_losses(self, texts: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -147,18 +191,43 @@ def _compare(base: np.ndarray, candidate: np.ndarray) -> dict:
     return {"base": b, "base_stderr": b_se, "candidate": c, "candidate_stderr": c_se, "delta": d, "delta_stderr": d_se}
 
 
-def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path) -> dict:
-    """The report comparing the base model and the candidate (pure computation, no files written)."""
+def _harness_scores(recipe: Recipe, models: dict[str, Path], tokenizer: Path, task_dir: Path | None) -> dict:
+    """Per model name, per benchmark name: lm-evaluation-harness's per-item scores."""
+    from transformers import AutoConfig
+
+    from stages import lm_eval_backend
+
+    with tempfile.TemporaryDirectory() as scratch:
+        folder = Path(task_dir or scratch)
+        remote = recipe.base_model.trust_remote_code
+        return {name: lm_eval_backend.score_benchmarks(
+                    path, tokenizer, recipe.evaluate.benchmarks, recipe.evaluate.batch_size, folder,
+                    max_length=context_length(AutoConfig.from_pretrained(path, trust_remote_code=remote)),
+                    trust_remote_code=remote)
+                for name, path in models.items()}
+
+
+def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path, backend: str = "refit",
+                    task_dir: Path | None = None) -> dict:
+    """The report comparing the base model and the candidate (pure computation; only the lm-eval
+    backend writes files: its task definitions, into task_dir, else a temporary folder)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown evaluation backend {backend!r}: one of {', '.join(BACKENDS)}")
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
+    models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
+    harness = _harness_scores(recipe, models, tokenizer, task_dir) if backend == "lm-eval" else None
     scorers = {name: Scorer(path, tokenizer, recipe.evaluate.batch_size, recipe.base_model.trust_remote_code)
-               for name, path in (("base", Path(recipe.base_model.path)), ("candidate", candidate_dir))}
+               for name, path in models.items()}
     benchmarks = {}
     per_item_acc = {"base": [], "candidate": []}
     for bench in recipe.evaluate.benchmarks:
-        items = read_jsonl(Path(bench.path))
-        scores = {name: scorer.score_benchmark(items) for name, scorer in scorers.items()}
-        log.info("evaluate: %s scored (%d items)", bench.name, len(items))
-        benchmarks[bench.name] = {"domain": bench.domain, "items": len(items),
+        if harness is not None:
+            scores = {name: harness[name][bench.name] for name in models}
+        else:
+            items = read_jsonl(Path(bench.path))
+            scores = {name: scorer.score_benchmark(items) for name, scorer in scorers.items()}
+        log.info("evaluate: %s scored (%d items, %s)", bench.name, len(scores["base"]["acc"]), backend)
+        benchmarks[bench.name] = {"domain": bench.domain, "items": len(scores["base"]["acc"]),
                                   **{metric: _compare(scores["base"][metric], scores["candidate"][metric])
                                      for metric in ("acc", "acc_norm")}}
         for name in per_item_acc:
@@ -189,23 +258,32 @@ def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path) -> dict:
         validation[source.name] = entry
         log.info("evaluate: %s validation loss %.3f -> %.3f", source.name, entry["base_loss_per_token"],
                  entry["candidate_loss_per_token"])
-    return {"benchmarks": benchmarks, "average_acc": average, "validation": validation,
+    return {"backend": backend, "benchmarks": benchmarks, "average_acc": average, "validation": validation,
             "base_model": str(recipe.base_model.path), "candidate_model": str(candidate_dir)}
 
 
-def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> str:
+    section = {"evaluate": recipe.evaluate.model_dump(mode="json"), "base": str(recipe.base_model.path),
+               "backend": backend}
+    return fingerprint("evaluate", section, [upstream_fingerprint(workdir, "train", "evaluate"),
+                                             upstream_fingerprint(workdir, "curate", "evaluate")])
+
+
+def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: str = "refit") -> dict:
+    """backend: "refit" (Refit's scorer) or "lm-eval" (lm-evaluation-harness) for the benchmarks."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown evaluation backend {backend!r}: one of {', '.join(BACKENDS)}")
     workdir = Path(workdir)
     final = stage_dir(workdir, "evaluate")
-    section = {"evaluate": recipe.evaluate.model_dump(mode="json"), "base": str(recipe.base_model.path)}
-    input_fingerprint = fingerprint("evaluate", section, [upstream_fingerprint(workdir, "train", "evaluate"),
-                                                          upstream_fingerprint(workdir, "curate", "evaluate")])
-    if not force and is_done(final, input_fingerprint):
+    expected = input_fingerprint(recipe, workdir, backend)
+    if not force and is_done(final, expected):
         return json.loads((final / "report.json").read_text())
     started = time.time()
-    report = {"stage": "evaluate", **evaluate_models(recipe, workdir, workdir / "train" / "final")}
-    report["seconds"] = round(time.time() - started, 2)
     out = staging_dir(final)
+    report = {"stage": "evaluate", **evaluate_models(recipe, workdir, workdir / "train" / "final", backend,
+                                                     task_dir=out / "lm_eval_tasks")}
+    report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(out / "report.json", report)
-    write_marker(out, "evaluate", input_fingerprint, started)
+    write_marker(out, "evaluate", expected, started)
     swap_into_place(out, final)
     return report

@@ -1,0 +1,104 @@
+"""lm-evaluation-harness as a second scorer of the recipe's benchmarks (`--backend lm-eval`).
+
+For each benchmark file this writes a local harness task definition (YAML) that reads the
+JSONL as it is (`dataset_path: json`), asks for the log-likelihood of every choice after the
+query, and counts `acc` and `acc_norm` (by characters) as Refit's own scorer does. The
+harness then runs in-process and offline on the same checkpoint directory, in fp32 on the
+same device, with the same batch size. `target_delimiter` is empty because Refit's choices
+already start with a space, and no BOS token is added, so the harness scores exactly the
+tokens Refit scores.
+
+The harness is optional: `pip install 'refit[lm-eval]'`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from stages.config import BenchmarkSpec
+from stages.text import read_jsonl
+
+log = logging.getLogger(__name__)
+INSTALL_HINT = "the lm-eval backend needs lm-evaluation-harness: pip install 'refit[lm-eval]'"
+
+
+def task_name(bench: BenchmarkSpec) -> str:
+    return f"refit_{bench.name}"
+
+
+def task_definition(bench: BenchmarkSpec) -> dict:
+    """The harness task for one Refit benchmark file: zero-shot multiple choice on its items."""
+    return {
+        "task": task_name(bench),
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(Path(bench.path).resolve())}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": "query",      # field names: the harness reads them from each record
+        "doc_to_choice": "choices",
+        "doc_to_target": "gold",
+        "target_delimiter": "",      # choices already start with a space
+        "num_fewshot": 0,
+        "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
+    }
+
+
+def write_tasks(benchmarks: list[BenchmarkSpec], folder: Path) -> Path:
+    """One `<task>.yaml` per benchmark in folder (created); returns folder."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for bench in benchmarks:
+        (folder / f"{task_name(bench)}.yaml").write_text(yaml.safe_dump(task_definition(bench), sort_keys=False))
+    return folder
+
+
+def _import_harness():
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError as error:
+        raise ImportError(INSTALL_HINT) from error
+    return lm_eval, TaskManager
+
+
+def score_benchmarks(model_dir: Path, tokenizer_dir: Path, benchmarks: list[BenchmarkSpec], batch_size: int,
+                     task_dir: Path, max_length: int | None = None, trust_remote_code: bool = False,
+                     device: str = "cpu") -> dict[str, dict]:
+    """Score every benchmark with the harness, one model. Per benchmark, in the file's item order:
+    `acc` and `acc_norm` (0/1 per item, the harness's own per-item decisions, the shape of
+    `Scorer.score_benchmark`), `loglikelihoods` (one array of choice log-likelihoods per item),
+    and `reported`: the harness's own aggregate figures (acc, acc_stderr, acc_norm, acc_norm_stderr)."""
+    if not benchmarks:
+        return {}
+    lm_eval, TaskManager = _import_harness()
+    write_tasks(benchmarks, task_dir)
+    model_args = {"pretrained": str(model_dir), "tokenizer": str(tokenizer_dir), "dtype": "float32",
+                  "add_bos_token": False, "trust_remote_code": trust_remote_code}
+    if max_length:
+        model_args["max_length"] = max_length
+    output = lm_eval.simple_evaluate(
+        model="hf", model_args=model_args, tasks=[task_name(b) for b in benchmarks], device=device,
+        batch_size=batch_size, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True)
+    scores = {}
+    for bench in benchmarks:
+        name = task_name(bench)
+        items = read_jsonl(Path(bench.path))
+        samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
+        if [s["doc"]["id"] for s in samples] != [item["id"] for item in items]:
+            raise RuntimeError(f"lm-eval scored other items than {bench.path} holds")
+        figures = output["results"][name]
+        scores[bench.name] = {
+            "acc": np.array([s["acc"] for s in samples], dtype=np.float64),
+            "acc_norm": np.array([s["acc_norm"] for s in samples], dtype=np.float64),
+            "loglikelihoods": [np.array([ll for ll, _ in s["filtered_resps"]]) for s in samples],
+            "reported": {metric: figures[f"{metric},none"]
+                         for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
+        }
+        log.info("evaluate (lm-eval): %s acc %.4f on %d items of %s", bench.name, figures["acc,none"], len(samples),
+                 model_dir)
+    return scores

@@ -1,0 +1,107 @@
+"""The lm-eval backend: lm-evaluation-harness, run offline on the same checkpoint through
+the task definitions Refit writes, agrees with Refit's own scorer item by item."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+
+import numpy as np
+import pytest
+import yaml
+
+from conftest import TEXT
+from stages import lm_eval_backend
+from stages.config import BenchmarkSpec
+from stages.evaluate import Scorer, context_length, mean_stderr
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
+
+
+def make_items(n: int = 36, seed: int = 0) -> list[dict]:
+    """Multiple-choice items in the tiny tokenizer's words; choices of 1 to 6 words, so that
+    accuracy by total log-likelihood and by log-likelihood per character disagree."""
+    words = sorted(set(TEXT.split()))
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        query = " ".join(rng.choices(words, k=rng.randint(3, 12)))
+        choices = [" " + " ".join(rng.choices(words, k=k)) for k in rng.sample([1, 2, 4, 6], 4)]
+        items.append({"id": f"item-{i}", "query": query, "choices": choices, "gold": i % 4})
+    return items
+
+
+@pytest.fixture()
+def bench(tmp_path) -> BenchmarkSpec:
+    path = tmp_path / "tiny_mc.jsonl"
+    path.write_text("".join(json.dumps(item) + "\n" for item in make_items()))
+    return BenchmarkSpec(name="tiny_mc", path=str(path), domain="new")
+
+
+def test_task_definition_scores_the_same_tokens(tmp_path, bench):
+    folder = lm_eval_backend.write_tasks([bench], tmp_path / "tasks")
+    task = yaml.safe_load((folder / "refit_tiny_mc.yaml").read_text())
+    assert task["dataset_path"] == "json" and task["dataset_kwargs"] == {"data_files": {"test": bench.path}}
+    assert task["output_type"] == "multiple_choice" and task["target_delimiter"] == ""
+    assert (task["doc_to_text"], task["doc_to_choice"], task["doc_to_target"]) == ("query", "choices", "gold")
+
+
+def test_both_backends_give_the_same_scores_on_the_same_model(tmp_path, tiny_model_dir, bench):
+    from transformers import AutoConfig
+
+    items = [json.loads(line) for line in open(bench.path)]
+    scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=4)
+    refit_lls = scorer.choice_loglikelihoods(items)
+    refit = scorer.score_benchmark(items)
+    harness = lm_eval_backend.score_benchmarks(
+        tiny_model_dir, tiny_model_dir, [bench], batch_size=4, task_dir=tmp_path / "tasks",
+        max_length=context_length(AutoConfig.from_pretrained(tiny_model_dir)))["tiny_mc"]
+
+    for ours, theirs in zip(refit_lls, harness["loglikelihoods"]):  # every choice of every item
+        assert ours == pytest.approx(theirs, abs=1e-4)
+    assert np.array_equal(refit["acc"], harness["acc"])
+    assert np.array_equal(refit["acc_norm"], harness["acc_norm"])
+    assert not np.array_equal(refit["acc"], refit["acc_norm"])  # the two metrics are told apart
+    reported = harness["reported"]  # the harness's own aggregates: Refit's mean and standard error
+    for metric in ("acc", "acc_norm"):
+        mean, stderr = mean_stderr(refit[metric])
+        assert reported[metric] == pytest.approx(mean) and reported[f"{metric}_stderr"] == pytest.approx(stderr)
+    assert 0 < reported["acc_stderr"] < 1 / math.sqrt(len(items))
+
+
+def test_missing_harness_is_a_clear_error(monkeypatch, tmp_path, bench):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: import fails
+    with pytest.raises(ImportError, match=r"pip install 'refit\[lm-eval\]'"):
+        lm_eval_backend.score_benchmarks(tmp_path, tmp_path, [bench], 4, tmp_path / "tasks")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_stage_backend_is_recorded_and_part_of_the_fingerprint(tmp_path, tiny_model_dir):
+    from stages.config import load_recipe
+    from stages.evaluate import run_evaluate
+    from stages.markers import read_marker
+    from stages.train import run_train
+    from test_train import prepare
+
+    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
+    recipe = load_recipe(path)
+    run_train(recipe, workdir)
+    ours = run_evaluate(recipe, workdir)
+    ours_marker = read_marker(workdir / "eval")
+    theirs = run_evaluate(recipe, workdir, backend="lm-eval")
+    assert (ours["backend"], theirs["backend"]) == ("refit", "lm-eval")
+    assert read_marker(workdir / "eval")["fingerprint"] != ours_marker["fingerprint"]  # switching backends reruns
+    assert json.loads((workdir / "eval" / "report.json").read_text())["backend"] == "lm-eval"
+    assert (workdir / "eval" / "lm_eval_tasks" / "refit_b.yaml").is_file()  # what the harness ran, kept
+    for name, bench in ours["benchmarks"].items():
+        for metric in ("acc", "acc_norm"):
+            assert theirs["benchmarks"][name][metric] == pytest.approx(bench[metric])
+    assert theirs["validation"] and theirs["validation"] == ours["validation"]  # validation loss: Refit's own either way
+    assert run_evaluate(recipe, workdir, backend="lm-eval") == theirs  # done: reused
+    with pytest.raises(ValueError, match="unknown evaluation backend"):
+        run_evaluate(recipe, workdir, backend="lm_eval")
