@@ -1,9 +1,13 @@
 """The `refit` command line.
 
-    refit validate RECIPE                 check a recipe; every problem listed with its field and line
-    refit stage STAGE RECIPE [--force]    run one stage (curate ... publish) as a plain function
-    refit plan RECIPE                     run the data stages as needed and print the mixture plan
-    refit demo                            build the demo base model if missing, then run the demo recipe
+    refit validate RECIPE                   check a recipe; every problem listed with its field and line
+    refit run RECIPE [--force STAGE ...]    the refresh flow on Prefect: every stage, cached when unchanged
+    refit stage STAGE RECIPE [--force]      one stage (curate ... publish) as a plain function
+    refit plan RECIPE                       run the data stages as needed and print the mixture plan
+    refit report WORKDIR                    the audit verdict, gates, accuracy and cost of a workdir
+    refit sweep RECIPE --grid KEY=V1,V2     pilot-sweep recipe knobs at a fraction of the budget, with baselines
+    refit serve RECIPE [--cron EXPR]        serve the nightly refresh and per-stage rerun deployments
+    refit demo                              build the demo base model if missing, then refresh it
 
 Exit codes: 0 success, 1 a stage failed, 2 the recipe (or the command line) is invalid.
 """
@@ -20,8 +24,10 @@ from pathlib import Path
 from stages.audit import AuditFailed
 from stages.config import Recipe, RecipeError, load_recipe
 from stages.curate import CurationError
-from stages.markers import StageNotReady, stage_dir
+from stages.lock import WorkdirBusy, workdir_lock
+from stages.markers import STAGES, StageNotReady, stage_dir
 from stages.publish import PublishRefused
+from stages.sweep import SweepError
 from stages.train import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -59,21 +65,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-STAGES = ("curate", "tokenize", "mix", "train", "evaluate", "audit", "publish")
 DATA_STAGES = STAGES[:3]
 
 
 def stage_functions() -> dict:
-    """The stages that run so far, in pipeline order (imported lazily: heavy dependencies)."""
-    from stages.audit import run_audit
-    from stages.curate import run_curate
-    from stages.evaluate import run_evaluate
-    from stages.mix import run_mix
-    from stages.publish import run_publish
-    from stages.tokenize import run_tokenize
-    from stages.train import run_train
+    """Every stage's plain function, in pipeline order (imported lazily: heavy dependencies)."""
+    from importlib import import_module
 
-    return dict(zip(STAGES, (run_curate, run_tokenize, run_mix, run_train, run_evaluate, run_audit, run_publish)))
+    return {stage: getattr(import_module(f"stages.{stage}"), f"run_{stage}") for stage in STAGES}
 
 
 def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
@@ -81,10 +80,18 @@ def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    """One stage as a plain function (no Prefect server); the same base and lock as a flow run."""
+    from stages.continuation import continue_from
+
     recipe = load_recipe(args.recipe)
-    report = stage_functions()[args.stage](recipe, _workdir(args, recipe), force=args.force)
+    workdir = _workdir(args, recipe)
+    options = {"backend": args.backend} if args.stage == "evaluate" and args.backend != "refit" else {}
+    with workdir_lock(workdir, f"refit stage {args.stage} {args.recipe}", wait=args.wait):
+        recipe, why = continue_from(recipe, workdir)
+        print(why)
+        report = stage_functions()[args.stage](recipe, workdir, force=args.force, **options)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
-    print(f"{args.stage}: done, outputs in {stage_dir(_workdir(args, recipe), args.stage)}")
+    print(f"{args.stage}: done, outputs in {stage_dir(workdir, args.stage)}")
     return 0
 
 
@@ -100,7 +107,70 @@ def run_plan(recipe: Recipe, workdir: Path) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
-    print(run_plan(recipe, _workdir(args, recipe)))
+    with workdir_lock(_workdir(args, recipe), f"refit plan {args.recipe}", wait=args.wait):
+        print(run_plan(recipe, _workdir(args, recipe)))
+    return 0
+
+
+def run_refresh(recipe_path: Path, workdir: Path | None, force: list[str], wait: bool, backend: str) -> int:
+    """The refresh flow (embedded Prefect server unless PREFECT_API_URL names one), then its verdict."""
+    from flows.refresh import refresh
+    from flows.report import format_audit
+
+    recipe = load_recipe(recipe_path)  # invalid recipes exit 2 before any server starts
+    workdir = Path(workdir or recipe.workdir).resolve()
+    try:
+        result = refresh(recipe=str(Path(recipe_path).resolve()), workdir=str(workdir), force=force, wait=wait,
+                         eval_backend=backend)
+    except AuditFailed:
+        print(format_audit(workdir)[1])
+        raise
+    print("\nstages: " + ", ".join(f"{stage} {state.lower()}" for stage, state in result["stages"].items()))
+    print(format_audit(workdir)[1])
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    return run_refresh(args.recipe, args.workdir, args.force, args.wait, args.backend)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from flows.report import format_audit
+
+    if not (stage_dir(args.workdir, "audit") / "report.json").is_file():
+        print(f"error: no audit in {args.workdir}: run `refit run RECIPE` (or `refit stage audit`) first", file=sys.stderr)
+        return 1
+    passed, text = format_audit(args.workdir)
+    print(text)
+    return 0 if passed else 1
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import sweep
+    from stages.sweep import parse_grid
+
+    recipe = load_recipe(args.recipe)
+    parse_grid(args.grid)  # a bad --grid exits 2 before any server starts
+    summary = sweep(recipe=str(args.recipe.resolve()), grid=args.grid, budget_fraction=args.budget_fraction,
+                    workdir=str(args.workdir) if args.workdir else None)
+    sweep_dir = Path(args.workdir or recipe.workdir) / "sweep"
+    print((sweep_dir / "results.md").read_text())
+    print(f"best recipe: {summary['best_recipe']}" if summary["winner"] else "no winner")
+    print(f"results: {sweep_dir / 'results.md'}, {sweep_dir / 'results.json'}, {sweep_dir / 'accuracy_vs_compute.png'}")
+    return 0 if summary["winner"] else 1
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from flows.serve import serve_recipe
+
+    try:
+        CronSchedule(cron=args.cron, timezone=args.timezone)
+    except ValueError as error:
+        print(f"error: --cron {args.cron!r} --timezone {args.timezone!r}: {error}", file=sys.stderr)
+        return 2
+    serve_recipe(args.recipe, args.cron, args.timezone)
     return 0
 
 
@@ -112,80 +182,92 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if (base / "config.json").is_file() and not args.rebuild_base:
         print(f"demo base model: {base} (exists; --rebuild-base to retrain it)")
     else:
-        print(f"demo base model: pretraining it at {base} on {DEMO_LEGACY_CORPUS.name} (about 3 minutes on 2 cores)")
+        print(f"demo base model: pretraining it at {base} on {DEMO_LEGACY_CORPUS.name} (about 2 minutes on 2 cores)")
         build_demo_base(DEMO_LEGACY_CORPUS, base)
-    recipe = load_recipe(DEMO_RECIPE)  # now with the base model's pretraining record and every file checked
-    print(describe(recipe))
-    print(run_plan(recipe, Path(recipe.workdir)))
-    report = stage_functions()["train"](recipe, Path(recipe.workdir))
-    switches = ", ".join(f"{s['phase']} at step {s['step']}" for s in report["switches"]) or "none"
-    print(f"\ntrained {report['steps']} steps ({report['tokens']:,} tokens) in {report['seconds']:.0f} s: loss "
-          f"{report['first_loss']:.3f} -> {report['final_loss']:.3f}; switches: {switches}; model in {report['final_model']}")
-    print(format_evaluation(stage_functions()["evaluate"](recipe, Path(recipe.workdir))))
-    audit = stage_functions()["audit"](recipe, Path(recipe.workdir))  # raises AuditFailed with every reason
-    print(f"\naudit PASSED ({len(audit['gates'])} gates); read {stage_dir(Path(recipe.workdir), 'audit') / 'report.md'}")
-    published = stage_functions()["publish"](recipe, Path(recipe.workdir))
-    print(f"published {recipe.model_name} {published['version']} at {published['path']}"
-          + (" (already there)" if published["already_published"] else ""))
-    return 0
-
-
-def _pm(value: float, error: float | None) -> str:
-    """A fraction as 'points +- stderr points'."""
-    return f"{value * 100:.1f}" + (f" +- {error * 100:.1f}" if error is not None else "")
-
-
-def format_evaluation(report: dict) -> str:
-    """Base against candidate: accuracy per benchmark (points) and validation loss per source."""
-    lines = ["", f"{'benchmark':<16}{'domain':<8}{'items':>6}{'base acc':>16}{'candidate acc':>16}{'difference':>16}"]
-    rows = [(name, b["domain"], b["items"], b["acc"]) for name, b in report["benchmarks"].items()]
-    if report["average_acc"]:
-        rows.append(("average", "", sum(b["items"] for b in report["benchmarks"].values()), report["average_acc"]))
-    for name, domain, items, acc in rows:
-        lines.append(f"{name:<16}{domain:<8}{items:>6}{_pm(acc['base'], acc['base_stderr']):>16}"
-                     f"{_pm(acc['candidate'], acc['candidate_stderr']):>16}{_pm(acc['delta'], acc['delta_stderr']):>16}")
-    lines += ["", f"{'validation':<16}{'role':<8}{'docs':>6}{'base loss':>16}{'candidate loss':>16}{'bits/byte':>16}"]
-    for name, v in report["validation"].items():
-        lines.append(f"{name:<16}{v['role']:<8}{v['docs']:>6}{v['base_loss_per_token']:>16.3f}{v['candidate_loss_per_token']:>16.3f}"
-                     f"{v['base_bits_per_byte']:>8.3f} -> {v['candidate_bits_per_byte']:.3f}")
-    return "\n".join(lines)
+    print(describe(load_recipe(DEMO_RECIPE)))  # now with the base model's pretraining record
+    print("\nrunning the refresh flow on an embedded Prefect server (progress below)\n", flush=True)
+    return run_refresh(DEMO_RECIPE, None, [], wait=False, backend="refit")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refit", description="Refresh a pretrained LM by continued pretraining.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
-    validate = commands.add_parser("validate", help="check a recipe and list every problem")
-    validate.add_argument("recipe", type=Path)
-    validate.set_defaults(run=cmd_validate)
-    stage = commands.add_parser("stage", help="run one stage of a recipe")
+
+    def command(name: str, run, help: str, recipe: bool = True, workdir: bool = False, wait: bool = False):
+        sub = commands.add_parser(name, help=help, description=help)
+        if recipe:
+            sub.add_argument("recipe", type=Path)
+        if workdir:
+            sub.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
+        if wait:
+            sub.add_argument("--wait", action="store_true", help="if another run holds the workdir, wait for it")
+        sub.set_defaults(run=run)
+        return sub
+
+    backend = dict(choices=("refit", "lm-eval"), default="refit",
+                   help="benchmark scorer: Refit's own, or lm-evaluation-harness (pip install 'refit[lm-eval]')")
+    command("validate", cmd_validate, "check a recipe and list every problem")
+    run = command("run", cmd_run, "run the refresh flow: every stage, cached when unchanged", workdir=True, wait=True)
+    run.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE",
+                     help="rerun these stages even if cached, and every stage after them")
+    run.add_argument("--backend", **backend)
+    stage = commands.add_parser("stage", help="run one stage as a plain function (no Prefect server)")
     stage.add_argument("stage", choices=STAGES)
     stage.add_argument("recipe", type=Path)
     stage.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
+    stage.add_argument("--wait", action="store_true", help="if another run holds the workdir, wait for it")
     stage.add_argument("--force", action="store_true", help="rerun even if the output is up to date (curate: start over)")
+    stage.add_argument("--backend", **backend)
     stage.set_defaults(run=cmd_stage)
-    plan = commands.add_parser("plan", help="print phases, steps, tokens and epochs per source, without training")
-    plan.add_argument("recipe", type=Path)
-    plan.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
-    plan.set_defaults(run=cmd_plan)
-    demo = commands.add_parser("demo", help="build the demo base model if missing and run the demo recipe")
+    command("plan", cmd_plan, "print phases, steps, tokens and epochs per source, without training", workdir=True, wait=True)
+    report = command("report", cmd_report, "print a workdir's audit summary and where the full report is", recipe=False)
+    report.add_argument("workdir", type=Path)
+    sweep = command("sweep", cmd_sweep, "pilot-sweep the recipe's knobs at a fraction of its budget, with baselines",
+                    workdir=True)
+    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
+                       help="a recipe field and its values, e.g. schedule.max_lr=3e-3,1e-3 or mixture.phases.1.lr_below=0.5,0.2")
+    sweep.add_argument("--budget-fraction", type=float, help="share of schedule.total_tokens per variant "
+                       "(default: the recipe's sweep.budget_fraction)")
+    serve = command("serve", cmd_serve, "serve the nightly refresh and per-stage rerun deployments from this process")
+    serve.add_argument("--cron", default="0 2 * * *", help="nightly schedule (default: 02:00)")
+    serve.add_argument("--timezone", default="UTC", help="IANA timezone of the schedule, e.g. Europe/Berlin")
+    demo = command("demo", cmd_demo, "build the demo base model if missing and run the refresh flow on the demo recipe",
+                   recipe=False)
     demo.add_argument("--rebuild-base", action="store_true", help="retrain the demo base model even if it exists")
-    demo.set_defaults(run=cmd_demo)
     return parser
+
+
+class _RunFormatter(logging.Formatter):
+    """Names the Prefect task or flow run a record comes from (else the logger)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        record.source = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None) or record.name
+        return super().format(record)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    if not args.verbose:  # datatrove logs per-step statistics, in worker processes too: keep warnings only
-        os.environ.setdefault("LOGURU_LEVEL", "WARNING")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_RunFormatter("%(asctime)s %(source)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, handlers=[handler])
+    # the embedded server's usage telemetry: off unless the user turns it on (it logs an error
+    # on every start where the network is closed)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    if not args.verbose:
+        from loguru import logger
+
+        # datatrove logs every step's statistics at INFO from each worker (inherited by the
+        # forked workers); its failures still raise. Refit logs its own progress.
+        logger.disable("datatrove")
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
     try:
         return args.run(args)
-    except RecipeError as error:
+    except (RecipeError, SweepError) as error:
         print(error, file=sys.stderr)
         return 2
-    except (CurationError, StageNotReady, TrainingError, FloatingPointError, AuditFailed, PublishRefused) as error:
+    except (CurationError, StageNotReady, TrainingError, FloatingPointError, AuditFailed, PublishRefused,
+            WorkdirBusy) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

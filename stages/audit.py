@@ -160,17 +160,21 @@ def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) 
     return report
 
 
+def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None = None) -> str:
+    section = {"gates": recipe.gates.model_dump(mode="json"), "cost": recipe.cost.model_dump(mode="json"),
+               "previous": previous_eval}
+    upstream = [upstream_fingerprint(workdir, stage, "audit") for stage in ("mix", "train", "evaluate")]
+    return fingerprint("audit", section, upstream)
+
+
 def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> dict:
     """Write audit/report.json and audit/report.md with plots; raise AuditFailed if a gate fails."""
     from stages.audit_report import write_report
 
     workdir = Path(workdir)
     final = workdir / "audit"
-    section = {"gates": recipe.gates.model_dump(mode="json"), "cost": recipe.cost.model_dump(mode="json"),
-               "previous": previous_eval}
-    upstream = [upstream_fingerprint(workdir, stage, "audit") for stage in ("mix", "train", "evaluate")]
-    input_fingerprint = fingerprint("audit", section, upstream)
-    if force or not is_done(final, input_fingerprint):
+    expected = input_fingerprint(recipe, workdir, previous_eval)
+    if force or not is_done(final, expected):
         started = time.time()
         manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
         train = json.loads((workdir / "train" / "report.json").read_text())
@@ -191,7 +195,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
         out = staging_dir(final)
         write_report(out, report, evaluation, metrics, manifest)
         write_json_atomic(out / "report.json", report)
-        write_marker(out, "audit", input_fingerprint, started)
+        write_marker(out, "audit", expected, started)
         swap_into_place(out, final)
     report = json.loads((final / "report.json").read_text())
     if not report["passed"]:

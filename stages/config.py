@@ -92,6 +92,10 @@ class BaseModelSpec(Section):
     """Tokens the base model was pretrained on; used by the cost report (retrain vs refit)."""
     trust_remote_code: bool = False
     """Allow the checkpoint's own modelling code to run. Off: only built-in architectures load."""
+    pin: bool = False
+    """Always continue from `path`. Off: a refresh flow continues from the latest version
+    published under `publish.model_name` once there is one (new data since then), and
+    `path` is only the first night's base."""
 
     @model_validator(mode="after")
     def _lrs_ordered(self) -> BaseModelSpec:
@@ -292,6 +296,16 @@ class CostSpec(Section):
     """Peak FLOP/s of one device, for model FLOPs utilisation. Default: detected when known."""
 
 
+class SweepSpec(Section):
+    budget_fraction: float = Field(default=0.25, gt=0, le=1)
+    """Share of schedule.total_tokens each pilot variant trains on (`refit sweep`)."""
+    select: Literal["average_accuracy", "accuracy_per_device_hour"] = "average_accuracy"
+    """What the winning variant maximises: average benchmark accuracy, or its gain over the
+    base per device-hour of training."""
+    must_pass: list[Literal["forgetting", "benchmark_regression", "new_domain_learned"]] = ["forgetting"]
+    """Audit gates (noise-aware, thresholds from `gates`) a variant must pass to win."""
+
+
 class Recipe(Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     """Run name: names the workdir, the Prefect flow runs and the published model."""
@@ -324,6 +338,8 @@ class Recipe(Section):
     """Registry and model card."""
     cost: CostSpec = CostSpec()
     """Prices for the cost report."""
+    sweep: SweepSpec = SweepSpec()
+    """The pilot sweep of the recipe's knobs before a full run."""
 
     @model_validator(mode="wrap")
     @classmethod

@@ -56,10 +56,18 @@ def _settings(recipe: Recipe) -> dict:
             "code": code_version()}  # batches curated by other code are not extended, but redone
 
 
-def _fingerprint(recipe: Recipe, settings: dict) -> str:
+def _listing(recipe: Recipe) -> dict:
+    return {s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s)] for s in recipe.sources}
+
+
+def data_version(recipe: Recipe) -> str:
+    """Hash of the listing of every input file (path, size, mtime): changes when data arrives."""
+    return hashlib.sha256(json.dumps(_listing(recipe), sort_keys=True).encode()).hexdigest()
+
+
+def input_fingerprint(recipe: Recipe, workdir: Path | None = None, settings: dict | None = None) -> str:
     """Settings plus the listing of every input file: a file added to a source means a rerun."""
-    files = {s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s)] for s in recipe.sources}
-    return fingerprint("curate", {"settings": settings, "files": files})
+    return fingerprint("curate", {"settings": settings or _settings(recipe), "files": _listing(recipe)})
 
 
 def _in_validation(doc_id: str, fraction: float) -> bool:
@@ -189,9 +197,9 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / "curate"
     settings = _settings(recipe)
-    input_fingerprint = _fingerprint(recipe, settings)
-    if not force and is_done(final, input_fingerprint):
-        log.info("curate: up to date (%s)", input_fingerprint[:12])
+    expected = input_fingerprint(recipe, settings=settings)
+    if not force and is_done(final, expected):
+        log.info("curate: up to date (%s)", expected[:12])
         return json.loads((final / "report.json").read_text())
     started = time.time()
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -219,7 +227,7 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         report = {"stage": "curate", "batch": batch, "incremental": incremental, "sources": report_sources,
                   "seconds": round(time.time() - started, 2)}
         write_json_atomic(out / "report.json", report)
-        write_marker(out, "curate", input_fingerprint, started, {"settings": settings_hash})
+        write_marker(out, "curate", expected, started, {"settings": settings_hash, "data_version": data_version(recipe)})
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

@@ -52,6 +52,7 @@ def is_done(directory: Path, input_fingerprint: str) -> bool:
     return marker is not None and marker.get("fingerprint") == input_fingerprint
 
 
+STAGES = ("curate", "tokenize", "mix", "train", "evaluate", "audit", "publish")  # pipeline order
 STAGE_DIRS = {"evaluate": "eval"}  # output folders named otherwise than their stage (DESIGN.md §3)
 
 

@@ -97,20 +97,24 @@ def build_manifest(recipe: Recipe, workdir: Path) -> dict:
     return manifest
 
 
+def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
+    sections = {k: getattr(recipe, k).model_dump(mode="json") for k in ("mixture", "schedule", "train", "tokenize")}
+    return fingerprint("mix", sections, [upstream_fingerprint(workdir, "tokenize", "mix")])
+
+
 def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Write `<workdir>/mix/manifest.json` (done marker beside it); returns the manifest."""
     workdir = Path(workdir)
     out = workdir / "mix"
-    sections = {k: getattr(recipe, k).model_dump(mode="json") for k in ("mixture", "schedule", "train", "tokenize")}
-    input_fingerprint = fingerprint("mix", sections, [upstream_fingerprint(workdir, "tokenize", "mix")])
-    if not force and is_done(out, input_fingerprint):
+    expected = input_fingerprint(recipe, workdir)
+    if not force and is_done(out, expected):
         return json.loads((out / MANIFEST).read_text())
     started = time.time()
     manifest = build_manifest(recipe, workdir)
     out.mkdir(parents=True, exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)  # not done while the manifest changes
     write_json_atomic(out / MANIFEST, manifest)
-    write_marker(out, "mix", input_fingerprint, started, {"manifest_sha256": manifest["sha256"]})
+    write_marker(out, "mix", expected, started, {"manifest_sha256": manifest["sha256"]})
     return manifest
 
 

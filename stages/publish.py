@@ -18,7 +18,8 @@ from pathlib import Path
 import yaml
 
 from stages.config import Recipe
-from stages.markers import file_sha256, read_marker, stage_dir
+from stages.markers import (MARKER, file_sha256, fingerprint, read_marker, stage_dir, upstream_fingerprint,
+                            write_json_atomic, write_marker)
 
 VERSION = re.compile(r"^v(\d{4,})$")
 RECORD = "refit_publish.json"
@@ -124,20 +125,59 @@ Data phases, each later one triggered by the learning rate: {phases}.
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + prose
 
 
-def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
-    """Publish the audited checkpoint; returns {version, path, ...} (`force` is accepted for
-    symmetry with the other stages: a checkpoint already published is never written twice)."""
-    workdir = Path(workdir)
-    report, train_marker = _check_audit(workdir)
+def published_records(recipe: Recipe) -> list[dict]:
+    """The publish records of every complete version of the recipe's model, newest first,
+    each with its `version` and `path` in the registry."""
     fs, registry = _filesystem(recipe.publish.registry)
     model_root = f"{registry}/{recipe.model_name}"
-    identity = hashlib.sha256(json.dumps({"train": train_marker["fingerprint"],
-                                          "audit": read_marker(stage_dir(workdir, "audit"))["fingerprint"]},
-                                         sort_keys=True).encode()).hexdigest()
-    for version in versions(fs, model_root):
-        record_path = f"{model_root}/{version}/{RECORD}"
-        if fs.exists(record_path) and json.loads(fs.cat_file(record_path))["identity"] == identity:
-            return {"stage": "publish", "version": version, "path": f"{model_root}/{version}", "already_published": True}
+    records = []
+    for version in reversed(versions(fs, model_root)):
+        path = f"{model_root}/{version}"
+        if fs.exists(f"{path}/{RECORD}"):
+            records.append({**json.loads(fs.cat_file(f"{path}/{RECORD}")), "version": version, "path": path})
+    return records
+
+
+def read_published(recipe: Recipe, version_path: str, name: str) -> bytes:
+    fs, _ = _filesystem(recipe.publish.registry)
+    return fs.cat_file(f"{version_path}/{name}")
+
+
+def local_checkpoint(recipe: Recipe, record: dict, cache: Path) -> Path:
+    """A published version as a local folder: itself in a local registry, else a copy under cache."""
+    fs, _ = _filesystem(recipe.publish.registry)
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        return Path(record["path"])
+    target = Path(cache) / record["version"]
+    if not (target / "SHA256SUMS").is_file():  # SHA256SUMS is fetched last: its presence means complete
+        partial = target.with_name(target.name + ".partial")
+        fs.get(record["path"] + "/", str(partial), recursive=True)
+        partial.rename(target)
+    return target
+
+
+def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
+    """The audited checkpoint and the registry it goes to."""
+    upstream = [upstream_fingerprint(workdir, stage, "publish") for stage in ("train", "audit")]
+    return fingerprint("publish", {"registry": recipe.publish.registry, "model": recipe.model_name}, upstream)
+
+
+def _report(fingerprint_: str, version: str, path: str, already: bool) -> dict:
+    return {"stage": "publish", "version": version, "path": path, "already_published": already, "identity": fingerprint_}
+
+
+def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+    """Publish the audited checkpoint; returns {version, path, ...} and records it in
+    `<workdir>/publish/`. A checkpoint already in the registry is never written twice, with
+    or without `force`."""
+    workdir = Path(workdir)
+    report, train_marker = _check_audit(workdir)
+    identity = input_fingerprint(recipe, workdir)
+    for record in published_records(recipe):
+        if record["identity"] == identity:
+            return _record_in_workdir(workdir, _report(identity, record["version"], record["path"], True))
+    fs, registry = _filesystem(recipe.publish.registry)
+    model_root = f"{registry}/{recipe.model_name}"
     fs.makedirs(model_root, exist_ok=True)
     for stale in fs.glob(f"{model_root}/*.partial"):  # a killed publish
         fs.rm(stale, recursive=True)
@@ -152,7 +192,10 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     files["eval_report.json"] = stage_dir(workdir, "evaluate") / "report.json"
     files["README.md"] = model_card(recipe, report, evaluation, manifest).encode()
     files[RECORD] = json.dumps({"identity": identity, "version": version, "published": time.time(),
-                                "train_fingerprint": train_marker["fingerprint"], "recipe": recipe.name}, indent=2).encode()
+                                "train_fingerprint": train_marker["fingerprint"], "recipe": recipe.name,
+                                "base_model": str(recipe.base_model.path),
+                                "data_version": read_marker(stage_dir(workdir, "curate"))["data_version"]},
+                               indent=2).encode()
     sums = []
     for name, content in files.items():
         data = content if isinstance(content, bytes) else content.read_bytes()
@@ -162,4 +205,15 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     fs.mv(partial, final, recursive=True)
     _write(fs, f"{model_root}/latest.tmp", (version + "\n").encode())
     fs.mv(f"{model_root}/latest.tmp", f"{model_root}/latest")
-    return {"stage": "publish", "version": version, "path": final, "already_published": False, "files": len(files) + 1}
+    return _record_in_workdir(workdir, {**_report(identity, version, final, False), "files": len(files) + 1})
+
+
+def _record_in_workdir(workdir: Path, report: dict) -> dict:
+    """`<workdir>/publish/report.json` and its done marker: what this workdir published where."""
+    started = time.time()
+    out = Path(workdir) / "publish"
+    out.mkdir(exist_ok=True)
+    (out / MARKER).unlink(missing_ok=True)
+    write_json_atomic(out / "report.json", report)
+    write_marker(out, "publish", report["identity"], started)
+    return report

@@ -141,16 +141,23 @@ def _complete(job: ShardJob) -> dict | None:
     return entry if entry["job"] == asdict(job) else None
 
 
+def _settings(recipe: Recipe) -> str:
+    return fingerprint("tokenize-settings", {"tokenize": recipe.tokenize.model_dump(mode="json"),
+                                             "tokenizer": tokenizer_sha256(tokenizer_dir(recipe))})
+
+
+def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
+    return fingerprint("tokenize", {"settings": _settings(recipe)}, [upstream_fingerprint(workdir, "curate", "tokenize")])
+
+
 def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Tokenize every source's curated train documents; returns the report."""
     workdir = Path(workdir)
-    upstream = upstream_fingerprint(workdir, "curate", "tokenize")
     final, tmp = workdir / "tokenize", workdir / "tokenize.tmp"
     tok_dir = tokenizer_dir(recipe)
-    settings = fingerprint("tokenize-settings", {"tokenize": recipe.tokenize.model_dump(mode="json"),
-                                                 "tokenizer": tokenizer_sha256(tok_dir)})
-    input_fingerprint = fingerprint("tokenize", {"settings": settings}, [upstream])
-    if not force and is_done(final, input_fingerprint):
+    settings = _settings(recipe)
+    expected = input_fingerprint(recipe, workdir)
+    if not force and is_done(final, expected):
         return json.loads((final / "report.json").read_text())
     started = time.time()
     if force:
@@ -189,7 +196,7 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(tmp / "report.json", report)
     shard_sha256 = {str(Path(j.out).relative_to(tmp)): done[j]["sha256"] for j in jobs}
-    write_marker(tmp, "tokenize", input_fingerprint, started, known_sha256=shard_sha256)
+    write_marker(tmp, "tokenize", expected, started, known_sha256=shard_sha256)
     swap_into_place(tmp, final)
     return report
 

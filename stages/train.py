@@ -19,11 +19,15 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 from stages.config import Recipe
 from stages.markers import fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
 
 log = logging.getLogger(__name__)
+
+
+FAILURE = "failure.txt"  # why the training processes stopped, written by a failing rank
 
 
 class TrainingError(RuntimeError):
@@ -70,22 +74,47 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
-def run_train(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
-    """Train from the manifest; returns the report (also `train/report.json`)."""
-    workdir = Path(workdir)
-    train_dir = workdir / "train"
+def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
     sections = {"train": recipe.train.model_dump(mode="json"), "base_model": recipe.base_model.model_dump(mode="json"),
                 "base_files": base_model_listing(Path(recipe.base_model.path))}
-    input_fingerprint = fingerprint("train", sections, [upstream_fingerprint(workdir, "mix", "train")])
-    if not force and is_done(train_dir, input_fingerprint):
+    return fingerprint("train", sections, [upstream_fingerprint(workdir, "mix", "train")])
+
+
+def _wait(process: subprocess.Popen, metrics: Path, on_progress: Callable[[dict], None] | None, every: float = 2.0) -> int:
+    """Wait for the training processes, passing each new metrics line to on_progress."""
+    offset = 0
+    while True:
+        code = process.poll()
+        if on_progress is not None and metrics.is_file():
+            with open(metrics, "rb") as handle:
+                handle.seek(offset)
+                lines = handle.read().splitlines(keepends=True)
+            complete = [line for line in lines if line.endswith(b"\n")]  # the writer may be mid-line
+            offset += sum(len(line) for line in complete)
+            if complete:
+                on_progress(json.loads(complete[-1]))
+        if code is not None:
+            return code
+        time.sleep(every)
+
+
+def run_train(recipe: Recipe, workdir: Path, force: bool = False,
+              on_progress: Callable[[dict], None] | None = None) -> dict:
+    """Train from the manifest; returns the report (also `train/report.json`). on_progress
+    receives the latest metrics line (step, loss, lr, phase, ...) every few seconds."""
+    workdir = Path(workdir)
+    train_dir = workdir / "train"
+    expected = input_fingerprint(recipe, workdir)
+    if not force and is_done(train_dir, expected):
         return json.loads((train_dir / "report.json").read_text())
     job_file = train_dir / "job.json"
     previous = json.loads(job_file.read_text())["fingerprint"] if job_file.is_file() else None
-    if force or previous != input_fingerprint:  # another run's checkpoints are never resumed
+    if force or previous != expected:  # another run's checkpoints are never resumed
         shutil.rmtree(train_dir, ignore_errors=True)
     train_dir.mkdir(parents=True, exist_ok=True)
     (train_dir / "_SUCCESS.json").unlink(missing_ok=True)
-    write_json_atomic(job_file, {"fingerprint": input_fingerprint, "recipe": recipe.model_dump(mode="json")})
+    (train_dir / FAILURE).unlink(missing_ok=True)
+    write_json_atomic(job_file, {"fingerprint": expected, "recipe": recipe.model_dump(mode="json")})
     started = time.time()
     command = launch_command(recipe.train.num_processes, workdir)
     log.info("train: %s", " ".join(command))
@@ -93,13 +122,15 @@ def run_train(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
                                                         os.environ.get("PYTHONPATH", "")]))
     process = subprocess.Popen(command, start_new_session=True, env=env)
     try:
-        code = process.wait()
+        code = _wait(process, train_dir / "metrics.jsonl", on_progress)
     except BaseException:
         _stop(process)
         raise
     if code != 0:
-        raise TrainingError(f"training processes exited with code {code}; see the log above. Rerunning the stage "
-                            f"resumes from the latest complete checkpoint in {train_dir / 'checkpoints'}")
+        failure = train_dir / FAILURE
+        reason = failure.read_text().strip() if failure.is_file() else f"exit code {code}; see the log above"
+        raise TrainingError(f"training failed: {reason}. Rerunning the stage resumes from the latest complete "
+                            f"checkpoint in {train_dir / 'checkpoints'}")
     state = json.loads((train_dir / "final" / "trainer_state.json").read_text())
     metrics = read_metrics(train_dir)
     report = {"stage": "train", "steps": state["step"], "tokens": state["tokens"], "switches": state["switches"],
@@ -107,5 +138,5 @@ def run_train(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
               "processes": recipe.train.num_processes, "seconds": round(time.time() - started, 2),
               "final_model": str(train_dir / "final")}
     write_json_atomic(train_dir / "report.json", report)
-    write_marker(train_dir, "train", input_fingerprint, started)
+    write_marker(train_dir, "train", expected, started)
     return report

@@ -24,6 +24,7 @@ from stages.markers import MARKER, read_marker, write_json_atomic
 from stages.mix import MANIFEST
 from stages.sampler import Sampler
 from stages.schedule import Schedule
+from stages.train import FAILURE
 
 SPIKE_WINDOW = 20
 
@@ -192,4 +193,8 @@ def train(workdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    train(Path(sys.argv[1]))
+    try:
+        train(Path(sys.argv[1]))
+    except Exception as error:  # the launcher's exit code cannot say why: leave the reason for run_train
+        (Path(sys.argv[1]) / "train" / FAILURE).write_text(f"{type(error).__name__}: {error}\n")
+        raise

@@ -109,7 +109,7 @@ def test_stage_reports_base_and_candidate_side_by_side(tmp_path, tiny_model_dir)
 
 
 def test_cli_table_shows_points_with_standard_errors():
-    from flows.cli import format_evaluation
+    from flows.report import format_evaluation
 
     side = {"base": 0.5, "base_stderr": 0.02, "candidate": 0.6, "candidate_stderr": 0.03, "delta": 0.1, "delta_stderr": 0.01}
     report = {"benchmarks": {"b": {"domain": "new", "items": 10, "acc": side}}, "average_acc": side,

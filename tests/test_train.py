@@ -20,7 +20,7 @@ from stages.config import load_recipe
 from stages.curate import run_curate
 from stages.mix import run_mix
 from stages.tokenize import run_tokenize
-from stages.train import run_train
+from stages.train import TrainingError, run_train
 
 from test_curate import LEGACY, NEW, make_recipe, write_jsonl
 
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def prepare(tmp_path: Path, model_dir: Path, max_lr: float = 3e-3, validation_fraction: float = 0.0,
-            gates: dict | None = None, **train) -> tuple[Path, Path]:
+            gates: dict | None = None, steps: int = 20, run_data_stages: bool = True, **train) -> tuple[Path, Path]:
     write_jsonl(tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])])
     write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:20])])
     path = make_recipe(tmp_path, [{"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
@@ -38,13 +38,13 @@ def prepare(tmp_path: Path, model_dir: Path, max_lr: float = 3e-3, validation_fr
         "tokenize": {"seq_len": 32, "workers": 1},
         "mixture": {"phases": [{"name": "general", "weights": {"old": 1, "new": 1}},
                                {"name": "late", "lr_below": 0.5, "weights": {"old": 1, "new": 3}}]},
-        "schedule": {"total_tokens": 20 * 4 * 32},
+        "schedule": {"total_tokens": steps * 4 * 32},
         "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
         "gates": gates or {}, "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"}},
         validation_fraction=validation_fraction)
     recipe = load_recipe(path)
     workdir = tmp_path / "wd"
-    for stage in (run_curate, run_tokenize, run_mix):
+    for stage in (run_curate, run_tokenize, run_mix) if run_data_stages else ():
         stage(recipe, workdir)
     return path, workdir
 
@@ -114,9 +114,9 @@ def test_two_gloo_processes_match_one(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, capfd):
     path, workdir = prepare(tmp_path, tiny_model_dir, max_lr=1e30, grad_clip=1e30)
-    with pytest.raises(Exception, match="exited with code"):
-        run_train(load_recipe(path), workdir)
-    assert "non-finite loss" in capfd.readouterr().err  # the training process says why it stopped
+    with pytest.raises(TrainingError, match=r"training failed: FloatingPointError: non-finite loss .* at step \d+ \(LR"):
+        run_train(load_recipe(path), workdir)  # the reason reaches the caller (a flow, the sweep table), not just the log
+    assert "non-finite loss" in capfd.readouterr().err
     checkpoints = sorted(p.name for p in (workdir / "train" / "checkpoints").glob("step-*") if (p / "_SUCCESS.json").exists())
     assert not (workdir / "train" / "_SUCCESS.json").exists() and not (workdir / "train" / "final").exists()
     assert all(m["loss"] == m["loss"] for m in metrics(workdir))  # no NaN was ever logged as a step

@@ -1,0 +1,167 @@
+"""Prefect flows: `refresh` runs every stage in order; each stage is also a flow of its own.
+
+Each stage runs as a task whose cache key is the stage's input fingerprint (its recipe
+sections, the fingerprints of the stages it reads and the code version), with results
+persisted in `<workdir>/.prefect-results/`, so an unchanged rerun is all cache hits. A
+stage whose output on disk does not match its fingerprint (deleted, or never made by
+this flow) runs whatever the cache says; the stage itself then decides, from its done
+marker, whether there is work to do. `force` reruns the named stages and every stage
+after the first of them. One run at a time per workdir (stages/lock.py).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect import flow, task
+from prefect.cache_policies import CachePolicy
+from prefect.logging import get_run_logger
+from prefect.runtime import flow_run
+
+from flows.artifacts import TrainingProgress, audit_artifacts, published_artifact
+from stages.audit import AuditFailed
+from stages.config import Recipe, load_recipe
+from stages.continuation import continue_from, previous_evaluation
+from stages.lock import workdir_lock
+from stages.markers import STAGES, is_done, read_marker, stage_dir
+
+RESULTS_DIR = ".prefect-results"
+
+
+class StageFingerprint(CachePolicy):
+    """Cache key: the stage name and its input fingerprint, computed by the flow."""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        return f"{inputs['stage']}-{inputs['fingerprint']}"
+
+
+def _transient(task_, task_run, state) -> bool:
+    """Retry I/O errors (a flaky network filesystem or object store), never a stage's verdict."""
+    return isinstance(state.data, OSError)
+
+
+def _summary(stage: str, report: dict) -> dict:
+    """What a task returns and persists: paths and small figures, never data."""
+    if stage == "mix":
+        return {"manifest_sha256": report["sha256"], "total_steps": report["total_steps"],
+                "total_tokens": report["total_tokens"],
+                "phases": [{"name": p["name"], "start_step": p["start_step"]} for p in report["phases"]]}
+    if stage == "audit":
+        return {"passed": report["passed"], "failed": report["failed"],
+                "gates": {g["name"]: g["passed"] for g in report["gates"]}, "cost": report["cost"]}
+    return report
+
+
+@task(task_run_name="{stage}", cache_policy=StageFingerprint(), persist_result=True, result_serializer="json",
+      retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
+def stage_task(stage: str, recipe: Recipe, workdir: str, fingerprint: str, force: bool = False,
+               options: dict | None = None) -> dict:
+    options = dict(options or {})
+    if stage == "train":
+        options["on_progress"] = TrainingProgress(recipe.name, Path(workdir))
+    run = getattr(import_module(f"stages.{stage}"), f"run_{stage}")
+    return _summary(stage, run(recipe, Path(workdir), force=force, **options))
+
+
+def run_stage(stage: str, recipe: Recipe, workdir: Path, force: bool = False, **options: Any) -> tuple[dict, str]:
+    """Run one stage as a cached task (see the module docstring); its report and final state
+    name ("Completed", or "Cached" when the cache answered)."""
+    expected = import_module(f"stages.{stage}").input_fingerprint(recipe, workdir, **options)
+    fresh = is_done(stage_dir(workdir, stage), expected)
+    configured = stage_task.with_options(refresh_cache=force or not fresh, result_storage=workdir / RESULTS_DIR)
+    state = configured(stage, recipe, str(workdir), expected, force=force, options=options, return_state=True)
+    return state.result(), state.name
+
+
+def _recipe_name(recipe: str) -> str:
+    try:
+        return str(yaml.safe_load(Path(recipe).read_text()).get("name") or Path(recipe).stem)
+    except (OSError, yaml.YAMLError, AttributeError):
+        return Path(recipe).stem
+
+
+def run_name(kind: str):
+    def name() -> str:
+        return f"{_recipe_name(flow_run.parameters['recipe'])}-{kind}-{dt.datetime.now():%Y-%m-%d-%H%M%S}"
+    return name
+
+
+def prepare_run(recipe_path: str, workdir: str | None) -> tuple[Recipe, Path]:
+    recipe = load_recipe(recipe_path)
+    return recipe, Path(workdir or recipe.workdir).resolve()
+
+
+def _options(stage: str, recipe: Recipe, workdir: Path, eval_backend: str) -> dict:
+    """Per-stage inputs that are not in the recipe: the evaluation backend, the version to beat."""
+    if stage == "evaluate" and eval_backend != "refit":
+        return {"backend": eval_backend}
+    if stage == "audit" and (train := read_marker(workdir / "train")) is not None:  # else the stage says what is missing
+        version, evaluation = previous_evaluation(recipe, train["fingerprint"])
+        if version:
+            get_run_logger().info("audit: comparing against the previous published version %s too", version)
+        return {"previous_eval": evaluation}
+    return {}
+
+
+def _stage_with_artifacts(stage: str, recipe: Recipe, workdir: Path, force: bool, eval_backend: str) -> tuple[dict, str]:
+    try:
+        report, state = run_stage(stage, recipe, workdir, force=force, **_options(stage, recipe, workdir, eval_backend))
+    except AuditFailed:
+        audit_artifacts(recipe.name, workdir)  # the reviewer reads why in the UI
+        raise
+    if stage == "audit":
+        audit_artifacts(recipe.name, workdir)
+    if stage == "publish":
+        published_artifact(recipe.model_name, report)
+    return report, state
+
+
+@flow(name="refit-refresh", flow_run_name=run_name("refresh"), log_prints=True)
+def refresh(recipe: str, workdir: str | None = None, force: list[str] | None = None, wait: bool = False,
+            eval_backend: str = "refit") -> dict:
+    """Curate, tokenize, mix, train, evaluate, audit and publish: the nightly refresh.
+
+    recipe: path of the recipe YAML. workdir: default the recipe's. force: stages to rerun
+    even if cached (every later stage reruns too). wait: queue behind a run holding the
+    workdir instead of stopping. eval_backend: "refit" or "lm-eval"."""
+    unknown = sorted(set(force or ()) - set(STAGES))
+    if unknown:
+        raise ValueError(f"force: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+    loaded, workdir_path = prepare_run(recipe, workdir)
+    first_forced = min((STAGES.index(s) for s in force or ()), default=len(STAGES))
+    logger = get_run_logger()
+    with workdir_lock(workdir_path, f"refresh of {loaded.name} (flow run {flow_run.name})", wait=wait):
+        loaded, why = continue_from(loaded, workdir_path)
+        logger.info("%s", why)
+        reports, states = {}, {}
+        for index, stage in enumerate(STAGES):
+            reports[stage], states[stage] = _stage_with_artifacts(stage, loaded, workdir_path, index >= first_forced,
+                                                                  eval_backend)
+    published = reports["publish"]
+    logger.info("published %s %s at %s%s", loaded.model_name, published["version"], published["path"],
+                " (already there)" if published["already_published"] else "")
+    return {"recipe": loaded.name, "workdir": str(workdir_path), "base_model": str(loaded.base_model.path),
+            "continuation": why, "stages": states, "published": published, "audit": reports["audit"],
+            "train": reports["train"]}
+
+
+def _single_stage_flow(stage: str):
+    @flow(name=f"refit-{stage}", flow_run_name=run_name(stage), log_prints=True)
+    def single_stage(recipe: str, workdir: str | None = None, force: bool = False, wait: bool = False,
+                     eval_backend: str = "refit") -> dict:
+        loaded, workdir_path = prepare_run(recipe, workdir)
+        with workdir_lock(workdir_path, f"{stage} of {loaded.name} (flow run {flow_run.name})", wait=wait):
+            loaded, why = continue_from(loaded, workdir_path)
+            get_run_logger().info("%s", why)
+            report, state = _stage_with_artifacts(stage, loaded, workdir_path, force, eval_backend)
+            return {"stage": stage, "state": state, "report": report}
+    single_stage.__doc__ = f"Run the {stage} stage alone (it needs the stages before it done)."
+    return single_stage
+
+
+curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow = map(_single_stage_flow, STAGES)
+STAGE_FLOWS = dict(zip(STAGES, (curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow)))

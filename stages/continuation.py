@@ -1,0 +1,48 @@
+"""Which model a refresh continues from, and which published version it must beat.
+
+A nightly refresh continues from the latest version published under the recipe's model
+name, unless `base_model.pin` is set or nothing is published yet. When no source file has
+changed since that version was published (same data version: the listing of every input
+file), there is nothing new to learn: the run keeps that version's own base, so an
+unchanged rerun reproduces the same fingerprints and every stage is cached instead of
+training the same data twice (a changed recipe or Refit version retrains from that base).
+
+The version to beat is the newest published one not made by this very training run.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from stages import curate
+from stages.config import Recipe
+from stages.publish import local_checkpoint, published_records, read_published
+
+
+def with_base(recipe: Recipe, path: str | Path) -> Recipe:
+    """The recipe continuing from another checkpoint; every resolved schedule value is kept."""
+    return recipe.model_copy(update={"base_model": recipe.base_model.model_copy(update={"path": str(path)})})
+
+
+def continue_from(recipe: Recipe, workdir: Path) -> tuple[Recipe, str]:
+    """The recipe to run tonight and a sentence saying why its base was chosen."""
+    if recipe.base_model.pin:
+        return recipe, f"base pinned by the recipe: {recipe.base_model.path}"
+    records = published_records(recipe)
+    if not records:
+        return recipe, f"nothing published as {recipe.model_name} yet: continuing from {recipe.base_model.path}"
+    latest = records[0]
+    if latest.get("data_version") == curate.data_version(recipe):
+        return (with_base(recipe, latest["base_model"]),
+                f"no new data since {latest['version']} was published: rerunning its refresh from {latest['base_model']}")
+    base = local_checkpoint(recipe, latest, Path(workdir) / "bases")
+    return with_base(recipe, base), f"continuing from the latest published version {latest['version']} ({base})"
+
+
+def previous_evaluation(recipe: Recipe, train_fingerprint: str) -> tuple[str | None, dict | None]:
+    """The newest published version not produced by this training run, and its eval report."""
+    for record in published_records(recipe):
+        if record.get("train_fingerprint") != train_fingerprint:
+            return record["version"], json.loads(read_published(recipe, record["path"], "eval_report.json"))
+    return None, None

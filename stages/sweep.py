@@ -1,0 +1,250 @@
+"""Pilot sweep: variants of a recipe at a fraction of its token budget, side by side.
+
+Every variant is the resolved recipe with some fields overridden (`schedule.max_lr`,
+`mixture.phases.1.lr_below`, ...), written as a complete recipe in its own workdir under
+`<workdir>/sweep/` and validated like any recipe. Variants share the curated and tokenized
+data (symlinked), so only mix, train and evaluate run per variant; that is why only the
+schedule, mixture and train sections may be swept. Two baselines run beside the grid at the
+same budget: continuing on the legacy data alone (the paper's baseline) and the general
+blend without a switch. The winner is chosen by the rule in the recipe's `sweep` section.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from stages.audit import accuracy_gates, loss_gates
+from stages.config import Recipe, load_recipe
+
+SWEEPABLE = ("schedule.", "mixture.", "train.")
+SHARED_STAGES = ("curate", "tokenize")
+
+
+class SweepError(ValueError):
+    """The sweep's command line or grid is invalid; nothing ran."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    kind: str  # "grid" or "baseline"
+    overrides: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+
+
+def _value(text: str) -> Any:
+    """A grid value as a number when it reads as one (YAML 1.1 reads 3e-3 as a string)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_grid(specs: list[str]) -> dict[str, list]:
+    """["schedule.max_lr=3e-3,1e-3", ...] -> {"schedule.max_lr": [0.003, 0.001], ...}."""
+    grid: dict[str, list] = {}
+    for spec in specs:
+        key, sep, values = spec.partition("=")
+        key = key.strip()
+        if not sep or not key or not values.strip():
+            raise SweepError(f"--grid {spec!r}: expected KEY=V1,V2,... (for example schedule.max_lr=3e-3,1e-3)")
+        if not key.startswith(SWEEPABLE):
+            raise SweepError(f"--grid {key}: only {', '.join(p + '*' for p in SWEEPABLE)} can be swept; the variants "
+                             f"share the curated and tokenized data")
+        if key in grid:
+            raise SweepError(f"--grid {key} is given twice")
+        grid[key] = [_value(v.strip()) for v in values.split(",")]
+    return grid
+
+
+def _slug(value: Any) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "", f"{value:g}" if isinstance(value, float) else str(value))
+
+
+def plan_variants(recipe: Recipe, grid: dict[str, list]) -> list[Variant]:
+    """The grid's combinations, then the two baselines."""
+    variants = []
+    for values in itertools.product(*grid.values()):
+        overrides = dict(zip(grid, values))
+        name = "-".join(f"{key.rsplit('.', 1)[-1]}{_slug(v)}" for key, v in overrides.items()) or "recipe"
+        variants.append(Variant(name, "grid", overrides, ", ".join(f"{k}={v}" for k, v in overrides.items())))
+    legacy = [s.name for s in recipe.sources if s.role == "legacy"]
+    if not legacy:
+        raise SweepError("the legacy-only baseline needs a source with role: legacy")
+    first = recipe.mixture.phases[0].model_dump(mode="json")
+    variants.append(Variant("baseline-legacy-only", "baseline",
+                            {"mixture.phases": [{"name": "legacy-only", "weights": dict.fromkeys(legacy, 1.0)}]},
+                            "continue on the legacy data alone (the paper's baseline)"))
+    variants.append(Variant("baseline-no-switch", "baseline", {"mixture.phases": [first]},
+                            f"the general blend ({first['name']}) for the whole run, no switch"))
+    return variants
+
+
+def set_field(data: dict, dotted: str, value: Any) -> None:
+    """Set a dotted recipe path (list items by index) in a recipe dict; the field must exist."""
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in [*parents, last]:
+        key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
+        exists = (0 <= key < len(node)) if isinstance(node, list) and isinstance(key, int) else (isinstance(node, dict) and key in node)
+        if not exists:
+            raise SweepError(f"{dotted}: the recipe has no field {part!r} there")
+        if part is last:
+            node[key] = value
+        else:
+            node = node[key]
+
+
+def variant_recipe(recipe: Recipe, overrides: dict[str, Any], workdir: Path | None, budget_fraction: float) -> dict:
+    """The resolved recipe with the overrides, at budget_fraction of its tokens (1 = full run)."""
+    data = recipe.model_dump(mode="json")
+    for key, value in overrides.items():
+        set_field(data, key, value)
+    data["schedule"]["total_tokens"] = max(1, int(data["schedule"]["total_tokens"] * budget_fraction))
+    if workdir is not None:
+        data["workdir"] = str(workdir)
+    return data
+
+
+def prepare_variant(recipe: Recipe, variant: Variant, workdir: Path, budget_fraction: float) -> Recipe:
+    """Write the variant's recipe in `<workdir>/sweep/<variant>/`, link the shared data, and
+    validate it (RecipeError names a contradicting field, e.g. a switch threshold out of order)."""
+    shared = Path(workdir).resolve()
+    variant_dir = shared / "sweep" / variant.name
+    variant_dir.mkdir(parents=True, exist_ok=True)
+    for stage in SHARED_STAGES:
+        if not (variant_dir / stage).is_symlink():
+            os.symlink(shared / stage, variant_dir / stage)
+    path = variant_dir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(variant_recipe(recipe, variant.overrides, variant_dir, budget_fraction), sort_keys=False))
+    return load_recipe(path)
+
+
+def result_row(recipe: Recipe, variant: Variant, train: dict, evaluation: dict) -> dict:
+    """One line of the results table, with the gates the winner rule can require."""
+    gates = [*accuracy_gates(recipe, evaluation, None), *loss_gates(recipe, evaluation)]
+    validation = evaluation["validation"]
+    hours = train["seconds"] * train["processes"] / 3600
+    average = evaluation["average_acc"]
+    return {"variant": variant.name, "kind": variant.kind, "description": variant.description, "status": "ok",
+            "overrides": variant.overrides, "average_acc": average["candidate"] if average else None,
+            "average_acc_stderr": average["candidate_stderr"] if average else None,
+            "average_gain": average["delta"] if average else None,
+            "benchmarks": {name: b["acc"]["candidate"] for name, b in evaluation["benchmarks"].items()},
+            "legacy_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "legacy"},
+            "new_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "new"},
+            "tokens": train["tokens"], "train_seconds": train["seconds"], "eval_seconds": evaluation.get("seconds"),
+            "device_hours": hours, "switches": train["switches"],
+            "gates": {g["name"]: g["passed"] for g in gates}}
+
+
+def failed_row(variant: Variant, error: str) -> dict:
+    return {"variant": variant.name, "kind": variant.kind, "description": variant.description, "status": "failed",
+            "overrides": variant.overrides, "error": error}
+
+
+def _passes(row: dict, must_pass: list[str]) -> list[str]:
+    """The required gates this variant failed (a gate family fails if any of its gates does)."""
+    return [name for name, passed in row["gates"].items() if not passed and name.split(":")[0] in must_pass]
+
+
+def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
+    """The grid variant the recipe's rule prefers, and why (baselines are references, not candidates)."""
+    rule = recipe.sweep
+    measured = [r for r in rows if r["kind"] == "grid" and r["status"] == "ok" and r["average_acc"] is not None]
+    eligible = [r for r in measured if not _passes(r, rule.must_pass)]
+    if not eligible:
+        return None, (f"no grid variant passed {', '.join(rule.must_pass)}" if measured else "no grid variant finished")
+    score = ((lambda r: r["average_acc"]) if rule.select == "average_accuracy" else
+             (lambda r: r["average_gain"] / max(r["device_hours"], 1e-12)))
+    winner = max(eligible, key=score)
+    reason = (f"{winner['variant']} ({winner['description']}) has the best "
+              f"{'average accuracy' if rule.select == 'average_accuracy' else 'accuracy gain per device-hour'} "
+              f"({100 * winner['average_acc']:.1f} +- {100 * (winner['average_acc_stderr'] or 0):.1f} points) among the "
+              f"{len(eligible)} of {len(measured)} grid variants that pass {', '.join(rule.must_pass)}")
+    beaten_by = [r["variant"] for r in rows if r["kind"] == "baseline" and r["status"] == "ok"
+                 and r["average_acc"] is not None and r["average_acc"] > winner["average_acc"]]
+    if beaten_by:
+        reason += f"; note: baseline(s) {', '.join(beaten_by)} scored higher"
+    return winner, reason
+
+
+def best_recipe_text(recipe: Recipe, winner: dict, reason: str) -> str:
+    """The winning settings as a complete recipe for the full run (full budget, own workdir)."""
+    data = variant_recipe(recipe, winner["overrides"], None, 1.0)
+    header = f"# Chosen by `refit sweep` of {recipe.name}: {reason}.\n"
+    return header + yaml.safe_dump(data, sort_keys=False)
+
+
+def _percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}"
+
+
+def results_markdown(rows: list[dict], winner: dict | None, reason: str, budget_fraction: float) -> str:
+    benchmarks = sorted({b for r in rows if r["status"] == "ok" for b in r["benchmarks"]})
+    head = ["variant", "settings", "status", "avg acc", *benchmarks, "legacy loss", "new loss", "tokens", "wall s", "device-hours"]
+    lines = [f"# Pilot sweep at {budget_fraction:g} of the token budget", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        mark = " **(winner)**" if winner is not None and r["variant"] == winner["variant"] else ""
+        if r["status"] != "ok":
+            lines.append(f"| {r['variant']} | {r['description']} | FAILED: {r['error'][:200]} |" + " |" * (len(head) - 3))
+            continue
+        cells = [r["variant"] + mark, r["description"], "ok",
+                 f"{_percent(r['average_acc'])} +- {_percent(r['average_acc_stderr'] or 0)}",
+                 *[_percent(r["benchmarks"].get(b)) for b in benchmarks],
+                 ", ".join(f"{v:.3f}" for v in r["legacy_loss"].values()), ", ".join(f"{v:.3f}" for v in r["new_loss"].values()),
+                 f"{r['tokens']:,}", f"{r['train_seconds'] + (r['eval_seconds'] or 0):.0f}", f"{r['device_hours']:.4f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"**Winner:** {reason}." if winner else f"**No winner:** {reason}.", "",
+              "Accuracies in points with standard errors; losses in nats per token on held-out documents; wall "
+              "time is training plus evaluation; device-hours count training only.", "", "![accuracy against compute](accuracy_vs_compute.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def plot_accuracy_vs_compute(rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in (r for r in rows if r["status"] == "ok" and r["average_acc"] is not None):
+        marker, color = ("s", "tab:gray") if r["kind"] == "baseline" else ("o", "tab:blue")
+        ax.errorbar(r["device_hours"], 100 * r["average_acc"], yerr=100 * (r["average_acc_stderr"] or 0), fmt=marker,
+                    color=color, capsize=3)
+        ax.annotate(r["variant"], (r["device_hours"], 100 * r["average_acc"]), fontsize=7, xytext=(4, 3),
+                    textcoords="offset points")
+    ax.set_xlabel("training device-hours")
+    ax.set_ylabel("average accuracy (points)")
+    ax.set_title("Pilot sweep: accuracy against compute (squares: baselines)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def write_results(sweep_dir: Path, recipe: Recipe, rows: list[dict], winner: dict | None, reason: str,
+                  budget_fraction: float) -> dict:
+    """results.json, results.md, accuracy_vs_compute.png and, with a winner, <name>.best.yaml."""
+    sweep_dir = Path(sweep_dir)
+    plot_accuracy_vs_compute(rows, sweep_dir / "accuracy_vs_compute.png")
+    (sweep_dir / "results.md").write_text(results_markdown(rows, winner, reason, budget_fraction))
+    best = None
+    if winner is not None:
+        best = sweep_dir / f"{recipe.name}.best.yaml"
+        best.write_text(best_recipe_text(recipe, winner, reason))
+    summary = {"recipe": recipe.name, "budget_fraction": budget_fraction, "rows": rows,
+               "winner": winner["variant"] if winner else None, "reason": reason, "best_recipe": str(best) if best else None}
+    (sweep_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary

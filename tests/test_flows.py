@@ -1,0 +1,223 @@
+"""The refresh flow on Prefect's test server: a full run on tiny data, an unchanged rerun all
+cached, forced stages rerun with their successors only, a failing gate fails the flow with
+its reasons in the UI, one run at a time per workdir, nightly continuation from the
+latest published version, cancellation stops training, `refit serve` registers the
+schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.audit import AuditFailed
+from stages.lock import LOCK_FILE, WorkdirBusy
+
+from test_curate import NEW, write_jsonl
+from test_train import prepare
+
+pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True),
+              pytest.mark.usefixtures("prefect_harness")]
+REPO = Path(__file__).resolve().parent.parent
+LENIENT = {"min_average_gain": -1.0}  # one benchmark item cannot show a gain beyond noise
+
+
+def refresh(path: Path, workdir: Path, **kwargs) -> dict:
+    from flows.refresh import refresh as refresh_flow
+
+    return refresh_flow(recipe=str(path), workdir=str(workdir), **kwargs)
+
+
+def artifact(key: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
+    return sorted(found, key=lambda a: a.created, reverse=True)  # newest version first
+
+
+def flow_runs(flow_name: str):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])))
+    return sorted(runs, key=lambda r: r.created, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def refreshed(tmp_path_factory, tiny_model_dir):
+    """One full refresh from raw data, shared by the tests that build on it (in file order)."""
+    tmp = tmp_path_factory.mktemp("flow")
+    path, workdir = prepare(tmp, tiny_model_dir, validation_fraction=0.3, gates=LENIENT, run_data_stages=False)
+    spec = yaml.safe_load(path.read_text())
+    spec["sources"][1]["paths"] = ["data/new*.jsonl"]  # files added later join the source
+    path.write_text(yaml.safe_dump(spec))
+    started = time.time()
+    result = refresh(path, workdir)
+    return path, workdir, result, time.time() - started
+
+
+def test_full_refresh_runs_every_stage_and_shows_the_audit_in_the_ui(refreshed):
+    path, workdir, result, _ = refreshed
+    assert result["stages"] == dict.fromkeys(["curate", "tokenize", "mix", "train", "evaluate", "audit", "publish"], "Completed")
+    assert result["published"]["version"] == "v0001" and (path.parent / "registry" / "tiny" / "v0001" / "SHA256SUMS").is_file()
+    assert result["audit"]["passed"]
+    markdown = artifact("audit-t")
+    assert markdown and markdown[0].type == "markdown" and "# Audit" in markdown[0].data
+    assert "data:image/png;base64," in markdown[0].data  # the plots travel with the report
+    gates = artifact("gates-t")[0]
+    assert gates.type == "table" and "forgetting:old" in json.dumps(gates.data)
+    assert artifact("training-t")[0].type == "progress" and float(artifact("training-t")[0].data) == 100.0
+    assert artifact("published-tiny")[0].type == "markdown" and "v0001" in artifact("published-tiny")[0].data
+    names = [run.name for run in flow_runs("refit-refresh")]
+    assert any(name.startswith(f"t-refresh-{time.strftime('%Y-%m-%d')}") for name in names)
+
+
+def test_report_prints_the_verdict_and_where_to_read_more(refreshed, capsys):
+    from flows.cli import main as refit
+
+    _, workdir, _, _ = refreshed
+    assert refit(["report", str(workdir)]) == 0
+    out = capsys.readouterr().out
+    assert "audit of t: PASSED" in out and "pass  forgetting:old" in out and "published: v0001" in out
+    assert f"full report: {workdir / 'audit' / 'report.md'}" in out
+
+
+def test_unchanged_rerun_is_all_cached_and_much_faster(refreshed):
+    path, workdir, first, first_seconds = refreshed
+    started = time.time()
+    again = refresh(path, workdir)
+    assert set(again["stages"].values()) == {"Cached"}
+    assert again["published"]["version"] == "v0001"
+    assert time.time() - started < first_seconds / 3
+    assert sorted(p.name for p in (path.parent / "registry" / "tiny").iterdir()) == ["latest", "v0001"]
+
+
+def test_forced_stage_reruns_with_its_successors_only(refreshed):
+    path, workdir, _, _ = refreshed
+    audit_before = (workdir / "audit" / "_SUCCESS.json").stat().st_mtime_ns
+    result = refresh(path, workdir, force=["evaluate"])
+    assert result["stages"] == {"curate": "Cached", "tokenize": "Cached", "mix": "Cached", "train": "Cached",
+                                "evaluate": "Completed", "audit": "Completed", "publish": "Completed"}
+    assert (workdir / "audit" / "_SUCCESS.json").stat().st_mtime_ns > audit_before
+    assert result["published"] == {**result["published"], "version": "v0001", "already_published": True}
+
+
+def test_second_run_on_a_busy_workdir_stops_or_waits_and_nothing_is_corrupted(refreshed):
+    path, workdir, _, _ = refreshed
+    outcome = {}
+    first = threading.Thread(target=lambda: outcome.setdefault("first", refresh(path, workdir, force=["train"])))
+    first.start()
+    deadline = time.time() + 60
+    while not (workdir / LOCK_FILE).read_text() and time.time() < deadline:
+        time.sleep(0.2)
+    with pytest.raises(WorkdirBusy, match="in use by refresh of t"):
+        refresh(path, workdir)
+    waiting = threading.Thread(target=lambda: outcome.setdefault("waited", refresh(path, workdir, wait=True)))
+    waiting.start()
+    first.join(timeout=300)
+    waiting.join(timeout=300)
+    assert outcome["first"]["stages"]["train"] == "Completed" and outcome["first"]["published"]["version"] == "v0001"
+    assert set(outcome["waited"]["stages"].values()) == {"Cached"}  # ran after the first, not beside it
+
+
+def test_nightly_continues_from_the_latest_version_with_new_files_only_curated(refreshed):
+    path, workdir, _, _ = refreshed
+    registry = path.parent / "registry" / "tiny"
+    write_jsonl(path.parent / "data" / "new2.jsonl", [{"id": f"m{i}", "text": d["text"]} for i, d in enumerate(NEW[20:30])])
+    result = refresh(path, workdir)
+    assert result["base_model"] == str(registry / "v0001")
+    assert "latest published version v0001" in result["continuation"]
+    curate = json.loads((workdir / "curate" / "report.json").read_text())
+    assert curate["incremental"] and curate["batch"] == 2 and curate["sources"]["new"]["files"] == [str(path.parent / "data" / "new2.jsonl")]
+    audit = json.loads((workdir / "audit" / "report.json").read_text())
+    assert "above_previous_version" in {g["name"] for g in audit["gates"]}
+    assert result["published"]["version"] == "v0002" and (registry / "latest").read_text().strip() == "v0002"
+    assert set(refresh(path, workdir)["stages"].values()) == {"Cached"}  # the next night, nothing new
+
+
+def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, monkeypatch):
+    from prefect import flow
+
+    import stages.mix
+    from flows.refresh import run_stage
+    from stages.config import load_recipe
+
+    path, workdir, _, _ = refreshed
+    real, calls = stages.mix.build_manifest, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OSError("network filesystem hiccup")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stages.mix, "build_manifest", flaky)
+    @flow(name="rerun-mix")
+    def rerun():
+        return run_stage("mix", load_recipe(path), workdir, force=True)
+
+    report, state = rerun()
+    assert len(calls) == 2 and state == "Completed" and report["total_steps"] == 20
+
+    def wrong(*args, **kwargs):
+        calls.append(1)
+        raise ValueError("a weight on an empty source")
+
+    calls.clear()
+    monkeypatch.setattr(stages.mix, "build_manifest", wrong)
+    with pytest.raises(ValueError, match="empty source"):
+        rerun()
+    assert len(calls) == 1
+
+
+def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, gates={"min_average_gain": 0.5})
+    with pytest.raises(AuditFailed, match="average_accuracy_gain|average accuracy"):
+        refresh(path, workdir)
+    markdown = artifact("audit-t")[0].data
+    assert "FAILED" in markdown and "| average_accuracy_gain | **no** |" in markdown
+    assert not (tmp_path / "registry").exists()
+    assert flow_runs("refit-refresh")[0].state.is_failed()
+
+
+def _training_processes(workdir: Path) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            command = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if proc.name.isdigit() and b"stages.train_loop" in command and str(workdir).encode() in command:
+            found.append(int(proc.name))
+    return found
+
+
+def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_dir):
+    from prefect.settings import PREFECT_API_URL
+
+    path, workdir = prepare(tmp_path, tiny_model_dir, steps=5000)
+    env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--workdir", str(workdir)],
+                               cwd=REPO, env=env)
+    deadline = time.time() + 120
+    while not (workdir / "train" / "metrics.jsonl").is_file() and time.time() < deadline:
+        time.sleep(0.5)
+    assert _training_processes(workdir), "training did not start"
+    process.send_signal(signal.SIGTERM)  # what a Prefect runner sends a cancelled flow run
+    assert process.wait(timeout=60) != 0
+    deadline = time.time() + 30
+    while _training_processes(workdir) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _training_processes(workdir)
+    assert not (workdir / "train" / "_SUCCESS.json").exists()

@@ -1,0 +1,62 @@
+"""One run per workdir: a second one stops with the holder named, or waits; a killed holder
+never leaves the lock behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from stages.lock import LOCK_FILE, WorkdirBusy, workdir_lock
+
+REPO = Path(__file__).resolve().parent.parent
+HOLD = "import sys, time; from stages.lock import workdir_lock\nwith workdir_lock(sys.argv[1], 'refit run demo'):\n    print('held', flush=True); time.sleep(600)"
+
+
+def hold(workdir: Path) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+def test_a_second_run_stops_naming_the_holder_and_a_killed_holder_frees_the_workdir(tmp_path):
+    holder = hold(tmp_path)
+    with pytest.raises(WorkdirBusy, match=rf"in use by refit run demo \(pid {holder.pid} .*--wait"):
+        with workdir_lock(tmp_path, "refit stage train"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    with workdir_lock(tmp_path, "refit stage train"):  # the kernel released it
+        assert "refit stage train" in (tmp_path / LOCK_FILE).read_text()
+    assert (tmp_path / LOCK_FILE).read_text() == ""
+
+
+def test_forked_workers_of_a_killed_run_do_not_keep_the_lock(tmp_path):
+    code = ("import os, sys, time; from stages.lock import workdir_lock\n"
+            "with workdir_lock(sys.argv[1], 'refit stage curate'):\n"
+            "    worker = os.fork()\n"  # a pool worker that outlives its killed parent
+            "    if worker == 0:\n        time.sleep(600)\n        os._exit(0)\n"
+            "    print('held', worker, flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    word, worker = holder.stdout.readline().split()
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with workdir_lock(tmp_path, "the rerun"):
+            pass
+    finally:
+        os.kill(int(worker), signal.SIGKILL)
+
+
+def test_wait_queues_behind_the_holder(tmp_path):
+    holder = hold(tmp_path)
+    threading.Timer(1.0, holder.terminate).start()
+    started = time.time()
+    with workdir_lock(tmp_path, "second", wait=True, poll=0.1):
+        assert holder.poll() is not None and time.time() - started >= 0.9

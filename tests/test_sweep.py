@@ -1,0 +1,66 @@
+"""Pilot sweep: grid parsing and variant recipes are checked before anything runs; a small
+grid on tiny data runs end to end beside both baselines, a failing variant is reported
+without stopping the others, and the winner's recipe validates."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from stages.config import RecipeError, load_recipe
+from stages.sweep import SweepError, parse_grid, plan_variants, prepare_variant, set_field
+
+from test_train import prepare
+
+pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+
+
+def test_grid_values_are_typed_and_bad_keys_are_refused(tiny_model_dir):
+    assert parse_grid(["schedule.max_lr=3e-3,1e-3", "mixture.phases.1.lr_below=0.5,0.2", "schedule.decay=cosine,wsd"]) == {
+        "schedule.max_lr": [3e-3, 1e-3], "mixture.phases.1.lr_below": [0.5, 0.2], "schedule.decay": ["cosine", "wsd"]}
+    with pytest.raises(SweepError, match="share the curated and tokenized data"):
+        parse_grid(["tokenize.seq_len=64,128"])
+    with pytest.raises(SweepError, match="KEY=V1,V2"):
+        parse_grid(["schedule.max_lr"])
+    with pytest.raises(SweepError, match="no field 'lr_belw'"):
+        set_field({"mixture": {"phases": [{}, {"lr_below": 0.2}]}}, "mixture.phases.1.lr_belw", 0.5)
+
+
+def test_variants_are_complete_recipes_validated_with_the_field_named(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    recipe = load_recipe(path)
+    variants = plan_variants(recipe, parse_grid(["mixture.phases.1.lr_below=0.2,1.5"]))
+    assert [v.name for v in variants] == ["lr_below0.2", "lr_below1.5", "baseline-legacy-only", "baseline-no-switch"]
+    ok = prepare_variant(recipe, variants[0], workdir, 0.5)
+    assert ok.schedule.total_tokens == recipe.schedule.total_tokens // 2 and ok.mixture.phases[1].lr_below == 0.2
+    assert (workdir / "sweep" / "lr_below0.2" / "curate").resolve() == (workdir / "curate").resolve()
+    with pytest.raises(RecipeError, match=r"mixture\.phases\[1\]\.lr_below"):
+        prepare_variant(recipe, variants[1], workdir, 0.5)
+    legacy = prepare_variant(recipe, variants[2], workdir, 0.5)
+    assert [(p.name, p.weights) for p in legacy.mixture.phases] == [("legacy-only", {"old": 1.0})]
+    assert [p.name for p in prepare_variant(recipe, variants[3], workdir, 0.5).mixture.phases] == ["general"]
+
+
+@pytest.mark.slow
+def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner(prefect_harness, tmp_path, tiny_model_dir):
+    from flows.sweep import sweep
+
+    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, run_data_stages=False,
+                            gates={"min_average_gain": -1.0})
+    summary = sweep(recipe=str(path), grid=["schedule.max_lr=3e-3,1e30"], budget_fraction=0.5, workdir=str(workdir))
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert set(rows) == {"max_lr0.003", "max_lr1e30", "baseline-legacy-only", "baseline-no-switch"}
+    assert rows["max_lr1e30"]["status"] == "failed" and "non-finite loss" in rows["max_lr1e30"]["error"]
+    for name in ("max_lr0.003", "baseline-legacy-only", "baseline-no-switch"):
+        assert rows[name]["status"] == "ok" and rows[name]["tokens"] == 10 * 4 * 32  # half of 20 steps
+    assert rows["baseline-no-switch"]["switches"] == [] and rows["max_lr0.003"]["switches"]
+    assert summary["winner"] == "max_lr0.003" and "pass forgetting" in summary["reason"]
+    best = load_recipe(summary["best_recipe"])  # a complete recipe for the full run
+    assert best.schedule.max_lr == 3e-3 and best.schedule.total_tokens == load_recipe(path).schedule.total_tokens
+    assert yaml.safe_load(open(summary["best_recipe"]))["workdir"] == str(load_recipe(path).workdir)
+    markdown = (workdir / "sweep" / "results.md").read_text()
+    assert "FAILED" in markdown and "**(winner)**" in markdown and "baseline-legacy-only" in markdown
+    assert (workdir / "sweep" / "accuracy_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((workdir / "sweep" / "results.json").read_text())["winner"] == "max_lr0.003"
