@@ -81,14 +81,14 @@ def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage as a plain function (no Prefect server); the same base and lock as a flow run."""
-    from stages.continuation import continue_from
+    from stages.continuation import continue_from, stage_options
 
     recipe = load_recipe(args.recipe)
     workdir = _workdir(args, recipe)
-    options = {"backend": args.backend} if args.stage == "evaluate" and args.backend != "refit" else {}
     with workdir_lock(workdir, f"refit stage {args.stage} {args.recipe}", wait=args.wait):
         recipe, why = continue_from(recipe, workdir)
         print(why)
+        options = stage_options(args.stage, recipe, workdir, args.backend)
         report = stage_functions()[args.stage](recipe, workdir, force=args.force, **options)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
     print(f"{args.stage}: done, outputs in {stage_dir(workdir, args.stage)}")

@@ -2,10 +2,10 @@
 
 Each stage runs as a task whose cache key is the stage's input fingerprint (its recipe
 sections, the fingerprints of the stages it reads and the code version), with results
-persisted in `<workdir>/.prefect-results/`, so an unchanged rerun is all cache hits. A
-stage whose output on disk does not match its fingerprint (deleted, or never made by
-this flow) runs whatever the cache says; the stage itself then decides, from its done
-marker, whether there is work to do. `force` reruns the named stages and every stage
+persisted in `<workdir>/.prefect-results/`, so an unchanged rerun is all cache hits. The
+cache is never trusted over the disk: a stage whose output does not match its fingerprint
+(deleted, or made by hand) runs, and the stage itself then decides from its done marker
+whether there is work to do. `force` reruns the named stages and every stage
 after the first of them. One run at a time per workdir (stages/lock.py).
 """
 
@@ -25,9 +25,10 @@ from prefect.runtime import flow_run
 from flows.artifacts import TrainingProgress, audit_artifacts, published_artifact
 from stages.audit import AuditFailed
 from stages.config import Recipe, load_recipe
-from stages.continuation import continue_from, previous_evaluation
+from stages.continuation import continue_from, stage_options
 from stages.lock import workdir_lock
-from stages.markers import STAGES, is_done, read_marker, stage_dir
+from stages.markers import STAGES, is_done, stage_dir
+from stages.publish import still_published
 
 RESULTS_DIR = ".prefect-results"
 
@@ -40,8 +41,10 @@ class StageFingerprint(CachePolicy):
 
 
 def _transient(task_, task_run, state) -> bool:
-    """Retry I/O errors (a flaky network filesystem or object store), never a stage's verdict."""
-    return isinstance(state.data, OSError)
+    """Retry I/O errors (a flaky network filesystem or object store); never a stage's verdict,
+    nor a path that is missing or forbidden (a configuration error: retrying only delays it)."""
+    permanent = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+    return isinstance(state.data, OSError) and not isinstance(state.data, permanent)
 
 
 def _summary(stage: str, report: dict) -> dict:
@@ -71,7 +74,7 @@ def run_stage(stage: str, recipe: Recipe, workdir: Path, force: bool = False, **
     """Run one stage as a cached task (see the module docstring); its report and final state
     name ("Completed", or "Cached" when the cache answered)."""
     expected = import_module(f"stages.{stage}").input_fingerprint(recipe, workdir, **options)
-    fresh = is_done(stage_dir(workdir, stage), expected)
+    fresh = is_done(stage_dir(workdir, stage), expected) and (stage != "publish" or still_published(recipe, workdir))
     configured = stage_task.with_options(refresh_cache=force or not fresh, result_storage=workdir / RESULTS_DIR)
     state = configured(stage, recipe, str(workdir), expected, force=force, options=options, return_state=True)
     return state.result(), state.name
@@ -95,21 +98,9 @@ def prepare_run(recipe_path: str, workdir: str | None) -> tuple[Recipe, Path]:
     return recipe, Path(workdir or recipe.workdir).resolve()
 
 
-def _options(stage: str, recipe: Recipe, workdir: Path, eval_backend: str) -> dict:
-    """Per-stage inputs that are not in the recipe: the evaluation backend, the version to beat."""
-    if stage == "evaluate" and eval_backend != "refit":
-        return {"backend": eval_backend}
-    if stage == "audit" and (train := read_marker(workdir / "train")) is not None:  # else the stage says what is missing
-        version, evaluation = previous_evaluation(recipe, train["fingerprint"])
-        if version:
-            get_run_logger().info("audit: comparing against the previous published version %s too", version)
-        return {"previous_eval": evaluation}
-    return {}
-
-
 def _stage_with_artifacts(stage: str, recipe: Recipe, workdir: Path, force: bool, eval_backend: str) -> tuple[dict, str]:
     try:
-        report, state = run_stage(stage, recipe, workdir, force=force, **_options(stage, recipe, workdir, eval_backend))
+        report, state = run_stage(stage, recipe, workdir, force=force, **stage_options(stage, recipe, workdir, eval_backend))
     except AuditFailed:
         audit_artifacts(recipe.name, workdir)  # the reviewer reads why in the UI
         raise
@@ -150,7 +141,6 @@ def refresh(recipe: str, workdir: str | None = None, force: list[str] | None = N
 
 
 def _single_stage_flow(stage: str):
-    @flow(name=f"refit-{stage}", flow_run_name=run_name(stage), log_prints=True)
     def single_stage(recipe: str, workdir: str | None = None, force: bool = False, wait: bool = False,
                      eval_backend: str = "refit") -> dict:
         loaded, workdir_path = prepare_run(recipe, workdir)
@@ -159,8 +149,11 @@ def _single_stage_flow(stage: str):
             get_run_logger().info("%s", why)
             report, state = _stage_with_artifacts(stage, loaded, workdir_path, force, eval_backend)
             return {"stage": stage, "state": state, "report": report}
+
+    # named as the module attribute it is bound to, so a deployment's entrypoint resolves
+    single_stage.__name__ = single_stage.__qualname__ = f"{stage}_flow"
     single_stage.__doc__ = f"Run the {stage} stage alone (it needs the stages before it done)."
-    return single_stage
+    return flow(name=f"refit-{stage}", flow_run_name=run_name(stage), log_prints=True)(single_stage)
 
 
 curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow = map(_single_stage_flow, STAGES)

@@ -19,7 +19,7 @@ def deployments(recipe_path: Path, cron: str = NIGHTLY, timezone: str = "UTC") -
     recipe = load_recipe(recipe_path)  # a broken recipe fails here, not at 2 a.m.
     parameters = {"recipe": str(Path(recipe_path).resolve())}
     nightly = refresh.to_deployment(name=f"{recipe.name}-nightly", schedules=[Cron(cron, timezone=timezone)],
-                                    parameters=parameters, tags=["refit", recipe.name],
+                                    parameters={**parameters, "wait": True}, tags=["refit", recipe.name],
                                     description=f"Nightly continued-pretraining refresh of {recipe.model_name}")
     reruns = [stage_flow.to_deployment(name=f"{recipe.name}-{stage}", parameters={**parameters, "force": True},
                                        tags=["refit", recipe.name], description=f"Rerun the {stage} stage by hand")

@@ -55,7 +55,7 @@ def sweep(recipe: str, grid: list[str], budget_fraction: float | None = None, wo
                 rows.append(failed_row(variant, str(error)))
                 continue
             state = sweep_variant(str(Path(variant_recipe.workdir) / "recipe.yaml"), return_state=True)
-            if state.is_failed():
+            if not state.is_completed():  # failed, crashed or cancelled
                 rows.append(failed_row(variant, state.message or "failed"))
                 logger.warning("variant %s failed: %s", variant.name, state.message)
                 continue

@@ -13,11 +13,15 @@ The version to beat is the newest published one not made by this very training r
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 from stages import curate
 from stages.config import Recipe
+from stages.markers import read_marker
 from stages.publish import local_checkpoint, published_records, read_published
+
+log = logging.getLogger(__name__)
 
 
 def with_base(recipe: Recipe, path: str | Path) -> Recipe:
@@ -35,7 +39,7 @@ def continue_from(recipe: Recipe, workdir: Path) -> tuple[Recipe, str]:
     latest = records[0]
     if latest.get("data_version") == curate.data_version(recipe):
         return (with_base(recipe, latest["base_model"]),
-                f"no new data since {latest['version']} was published: rerunning its refresh from {latest['base_model']}")
+                f"no new data since {latest['version']} was published: continuing from its base {latest['base_model']} again, so unchanged stages are cached")
     base = local_checkpoint(recipe, latest, Path(workdir) / "bases")
     return with_base(recipe, base), f"continuing from the latest published version {latest['version']} ({base})"
 
@@ -46,3 +50,16 @@ def previous_evaluation(recipe: Recipe, train_fingerprint: str) -> tuple[str | N
         if record.get("train_fingerprint") != train_fingerprint:
             return record["version"], json.loads(read_published(recipe, record["path"], "eval_report.json"))
     return None, None
+
+
+def stage_options(stage: str, recipe: Recipe, workdir: Path, eval_backend: str = "refit") -> dict:
+    """A stage's inputs that are not in the recipe, the same for a flow run and `refit stage`:
+    the evaluation backend, and for audit the eval report of the version to beat."""
+    if stage == "evaluate" and eval_backend != "refit":
+        return {"backend": eval_backend}
+    if stage == "audit" and (train := read_marker(Path(workdir) / "train")) is not None:  # else audit says what is missing
+        version, evaluation = previous_evaluation(recipe, train["fingerprint"])
+        if version:
+            log.info("audit: comparing against the previous published version %s too", version)
+        return {"previous_eval": evaluation}
+    return {}

@@ -49,6 +49,11 @@ def _drop_inherited() -> None:
 os.register_at_fork(after_in_child=_drop_inherited)
 
 
+def held_locks() -> tuple[int, ...]:
+    """Descriptors of the workdir locks this process holds, for a child that must hold them too."""
+    return tuple(sorted(_held))
+
+
 def _write(fd: int, text: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, text.encode(), 0)

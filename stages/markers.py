@@ -61,11 +61,13 @@ def stage_dir(workdir: Path, stage: str) -> Path:
 
 
 def upstream_fingerprint(workdir: Path, stage: str, needed_by: str) -> str:
-    """The fingerprint of a finished upstream stage, or a clear error if it has not run."""
+    """What a finished upstream stage was made from and what it produced (sha256 of each output),
+    or a clear error if it has not run. A rerun that produced other bytes (a forced,
+    nondeterministic retraining) thus makes every later stage run again."""
     marker = read_marker(stage_dir(workdir, stage))
     if marker is None:
         raise StageNotReady(f"{needed_by} needs the {stage} stage's output in {workdir}: run `refit stage {stage}` first")
-    return marker["fingerprint"]
+    return hashlib.sha256(json.dumps([marker["fingerprint"], marker["outputs"]], sort_keys=True).encode()).hexdigest()
 
 
 class StageNotReady(RuntimeError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -149,21 +150,32 @@ def local_checkpoint(recipe: Recipe, record: dict, cache: Path) -> Path:
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return Path(record["path"])
     target = Path(cache) / record["version"]
-    if not (target / "SHA256SUMS").is_file():  # SHA256SUMS is fetched last: its presence means complete
+    if not target.is_dir():  # fetched into .partial, renamed once complete
         partial = target.with_name(target.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)  # an interrupted fetch
         fs.get(record["path"] + "/", str(partial), recursive=True)
         partial.rename(target)
     return target
 
 
+def identity(recipe: Recipe, workdir: Path) -> str:
+    """The weights (sha256 of every file the training exported) and where they go: the same
+    weights are never published twice, however often evaluate and audit rerun."""
+    train = read_marker(stage_dir(workdir, "train"))
+    if train is None:
+        raise PublishRefused(f"no finished training in {workdir}: run `refit stage train` first")
+    weights = {name: digest for name, digest in train["outputs"].items() if name.startswith("final/")}
+    where = {"registry": recipe.publish.registry, "model": recipe.model_name, "weights": weights}
+    return hashlib.sha256(json.dumps(where, sort_keys=True).encode()).hexdigest()
+
+
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    """The audited checkpoint and the registry it goes to."""
-    upstream = [upstream_fingerprint(workdir, stage, "publish") for stage in ("train", "audit")]
-    return fingerprint("publish", {"registry": recipe.publish.registry, "model": recipe.model_name}, upstream)
+    """The weights and the audit that passed them."""
+    return fingerprint("publish", {"identity": identity(recipe, workdir)}, [upstream_fingerprint(workdir, "audit", "publish")])
 
 
-def _report(fingerprint_: str, version: str, path: str, already: bool) -> dict:
-    return {"stage": "publish", "version": version, "path": path, "already_published": already, "identity": fingerprint_}
+def _report(identity_: str, version: str, path: str, already: bool) -> dict:
+    return {"stage": "publish", "version": version, "path": path, "already_published": already, "identity": identity_}
 
 
 def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
@@ -172,10 +184,10 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     or without `force`."""
     workdir = Path(workdir)
     report, train_marker = _check_audit(workdir)
-    identity = input_fingerprint(recipe, workdir)
+    weights_identity, expected = identity(recipe, workdir), input_fingerprint(recipe, workdir)
     for record in published_records(recipe):
-        if record["identity"] == identity:
-            return _record_in_workdir(workdir, _report(identity, record["version"], record["path"], True))
+        if record["identity"] == weights_identity:
+            return _record_in_workdir(workdir, expected, _report(weights_identity, record["version"], record["path"], True))
     fs, registry = _filesystem(recipe.publish.registry)
     model_root = f"{registry}/{recipe.model_name}"
     fs.makedirs(model_root, exist_ok=True)
@@ -191,7 +203,7 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     files["manifest.json"] = stage_dir(workdir, "mix") / "manifest.json"
     files["eval_report.json"] = stage_dir(workdir, "evaluate") / "report.json"
     files["README.md"] = model_card(recipe, report, evaluation, manifest).encode()
-    files[RECORD] = json.dumps({"identity": identity, "version": version, "published": time.time(),
+    files[RECORD] = json.dumps({"identity": weights_identity, "version": version, "published": time.time(),
                                 "train_fingerprint": train_marker["fingerprint"], "recipe": recipe.name,
                                 "base_model": str(recipe.base_model.path),
                                 "data_version": read_marker(stage_dir(workdir, "curate"))["data_version"]},
@@ -205,15 +217,24 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     fs.mv(partial, final, recursive=True)
     _write(fs, f"{model_root}/latest.tmp", (version + "\n").encode())
     fs.mv(f"{model_root}/latest.tmp", f"{model_root}/latest")
-    return _record_in_workdir(workdir, {**_report(identity, version, final, False), "files": len(files) + 1})
+    return _record_in_workdir(workdir, expected, {**_report(weights_identity, version, final, False), "files": len(files) + 1})
 
 
-def _record_in_workdir(workdir: Path, report: dict) -> dict:
+def still_published(recipe: Recipe, workdir: Path) -> bool:
+    """Whether the version this workdir recorded as published is still complete in the registry."""
+    record = Path(workdir) / "publish" / "report.json"
+    if not record.is_file():
+        return False
+    fs, _ = _filesystem(recipe.publish.registry)
+    return fs.exists(f"{json.loads(record.read_text())['path']}/SHA256SUMS")
+
+
+def _record_in_workdir(workdir: Path, expected: str, report: dict) -> dict:
     """`<workdir>/publish/report.json` and its done marker: what this workdir published where."""
     started = time.time()
     out = Path(workdir) / "publish"
     out.mkdir(exist_ok=True)
     (out / MARKER).unlink(missing_ok=True)
     write_json_atomic(out / "report.json", report)
-    write_marker(out, "publish", report["identity"], started)
+    write_marker(out, "publish", expected, started)
     return report

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -78,6 +79,11 @@ def plan_variants(recipe: Recipe, grid: dict[str, list]) -> list[Variant]:
         overrides = dict(zip(grid, values))
         name = "-".join(f"{key.rsplit('.', 1)[-1]}{_slug(v)}" for key, v in overrides.items()) or "recipe"
         variants.append(Variant(name, "grid", overrides, ", ".join(f"{k}={v}" for k, v in overrides.items())))
+    names = [v.name for v in variants]
+    for n, variant in enumerate(variants):  # values that print alike (1 and 1.0) still get their own workdir
+        if names.count(variant.name) > 1:
+            variants[n] = Variant(f"{variant.name}-{names[:n + 1].count(variant.name)}", variant.kind,
+                                  variant.overrides, variant.description)
     legacy = [s.name for s in recipe.sources if s.role == "legacy"]
     if not legacy:
         raise SweepError("the legacy-only baseline needs a source with role: legacy")
@@ -125,8 +131,10 @@ def prepare_variant(recipe: Recipe, variant: Variant, workdir: Path, budget_frac
     for stage in SHARED_STAGES:
         if not (variant_dir / stage).is_symlink():
             os.symlink(shared / stage, variant_dir / stage)
+    data = variant_recipe(recipe, variant.overrides, variant_dir, budget_fraction)
+    data["name"] = f"{recipe.name}-{variant.name}"  # its own artifacts and flow run names
     path = variant_dir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(variant_recipe(recipe, variant.overrides, variant_dir, budget_fraction), sort_keys=False))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_recipe(path)
 
 
@@ -164,7 +172,10 @@ def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
     measured = [r for r in rows if r["kind"] == "grid" and r["status"] == "ok" and r["average_acc"] is not None]
     eligible = [r for r in measured if not _passes(r, rule.must_pass)]
     if not eligible:
-        return None, (f"no grid variant passed {', '.join(rule.must_pass)}" if measured else "no grid variant finished")
+        if measured:
+            return None, f"no grid variant passed {', '.join(rule.must_pass)}"
+        finished = any(r["kind"] == "grid" and r["status"] == "ok" for r in rows)
+        return None, "the recipe has no benchmarks to compare variants on" if finished else "no grid variant finished"
     score = ((lambda r: r["average_acc"]) if rule.select == "average_accuracy" else
              (lambda r: r["average_gain"] / max(r["device_hours"], 1e-12)))
     winner = max(eligible, key=score)
@@ -172,6 +183,15 @@ def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
               f"{'average accuracy' if rule.select == 'average_accuracy' else 'accuracy gain per device-hour'} "
               f"({100 * winner['average_acc']:.1f} +- {100 * (winner['average_acc_stderr'] or 0):.1f} points) among the "
               f"{len(eligible)} of {len(measured)} grid variants that pass {', '.join(rule.must_pass)}")
+    runners_up = sorted((r for r in eligible if r is not winner), key=score, reverse=True)
+    if runners_up and rule.select == "average_accuracy":
+        second = runners_up[0]
+        lead = winner["average_acc"] - second["average_acc"]
+        error = math.hypot(winner["average_acc_stderr"] or 0, second["average_acc_stderr"] or 0)
+        if lead <= recipe.gates.noise_sigmas * error:
+            reason += (f"; its lead over {second['variant']} ({100 * lead:.1f} points) is within noise "
+                       f"({recipe.gates.noise_sigmas:g} x {100 * error:.1f}, unpaired standard error): at this budget "
+                       f"the grid does not separate them")
     beaten_by = [r["variant"] for r in rows if r["kind"] == "baseline" and r["status"] == "ok"
                  and r["average_acc"] is not None and r["average_acc"] > winner["average_acc"]]
     if beaten_by:
@@ -180,7 +200,8 @@ def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
 
 
 def best_recipe_text(recipe: Recipe, winner: dict, reason: str) -> str:
-    """The winning settings as a complete recipe for the full run (full budget, own workdir)."""
+    """The winning settings as a complete recipe for the full run (full budget, the recipe's
+    workdir, so it reuses the curated and tokenized data)."""
     data = variant_recipe(recipe, winner["overrides"], None, 1.0)
     header = f"# Chosen by `refit sweep` of {recipe.name}: {reason}.\n"
     return header + yaml.safe_dump(data, sort_keys=False)

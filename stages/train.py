@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from stages.config import Recipe
+from stages.lock import held_locks
 from stages.markers import fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
 
 log = logging.getLogger(__name__)
@@ -81,18 +82,24 @@ def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
 
 
 def _wait(process: subprocess.Popen, metrics: Path, on_progress: Callable[[dict], None] | None, every: float = 2.0) -> int:
-    """Wait for the training processes, passing each new metrics line to on_progress."""
+    """Wait for the training processes, passing the newest metrics line to on_progress. A
+    progress report that fails (a half-written line, an unreachable UI) never stops training."""
     offset = 0
     while True:
         code = process.poll()
         if on_progress is not None and metrics.is_file():
+            if metrics.stat().st_size < offset:  # a resumed run rewrote the log up to its checkpoint
+                offset = 0
             with open(metrics, "rb") as handle:
                 handle.seek(offset)
                 lines = handle.read().splitlines(keepends=True)
             complete = [line for line in lines if line.endswith(b"\n")]  # the writer may be mid-line
             offset += sum(len(line) for line in complete)
-            if complete:
-                on_progress(json.loads(complete[-1]))
+            try:
+                if complete:
+                    on_progress(json.loads(complete[-1]))
+            except Exception as error:  # progress is best effort; training is not
+                log.warning("train: progress report failed: %s", error)
         if code is not None:
             return code
         time.sleep(every)
@@ -120,7 +127,9 @@ def run_train(recipe: Recipe, workdir: Path, force: bool = False,
     log.info("train: %s", " ".join(command))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                         os.environ.get("PYTHONPATH", "")]))
-    process = subprocess.Popen(command, start_new_session=True, env=env)
+    # the launcher holds the workdir lock too: if this process is killed, no other run can
+    # start on the workdir while the orphaned training processes still write to it
+    process = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=held_locks())
     try:
         code = _wait(process, train_dir / "metrics.jsonl", on_progress)
     except BaseException:

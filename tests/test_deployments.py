@@ -62,7 +62,7 @@ def test_serve_registers_the_nightly_schedule_and_the_stage_reruns(prefect_harne
             nightly = registered("refit-refresh/t-nightly")
             (schedule,) = nightly.schedules
             assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 3 * * *", "Europe/Berlin", True)
-            assert nightly.parameters == {"recipe": str(path.resolve())}
+            assert nightly.parameters == {"recipe": str(path.resolve()), "wait": True}
             for stage in STAGES:
                 rerun = registered(f"refit-{stage}/t-{stage}")
                 assert rerun.parameters["force"] is True and not rerun.schedules

@@ -64,3 +64,23 @@ def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner
     assert "FAILED" in markdown and "**(winner)**" in markdown and "baseline-legacy-only" in markdown
     assert (workdir / "sweep" / "accuracy_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((workdir / "sweep" / "results.json").read_text())["winner"] == "max_lr0.003"
+
+
+def test_the_winner_passes_the_required_gates_and_a_lead_within_noise_is_said(tmp_path, tiny_model_dir):
+    from stages.sweep import choose_winner
+
+    path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    recipe = load_recipe(path)
+
+    def row(name, acc, forgetting_ok=True, kind="grid"):
+        return {"variant": name, "kind": kind, "status": "ok", "description": name, "average_acc": acc,
+                "average_acc_stderr": 0.013, "average_gain": acc - 0.3, "device_hours": 0.01,
+                "gates": {"forgetting:old": forgetting_ok, "benchmark_regression:b": True}}
+
+    winner, reason = choose_winner(recipe, [row("a", 0.328), row("b", 0.327), row("c", 0.40, forgetting_ok=False),
+                                            row("legacy", 0.305, kind="baseline")])
+    assert winner["variant"] == "a" and "2 of 3 grid variants that pass forgetting" in reason
+    assert "lead over b (0.1 points) is within noise" in reason
+    winner, reason = choose_winner(recipe, [row("a", 0.40), row("b", 0.30)])
+    assert winner["variant"] == "a" and "within noise" not in reason
+    assert choose_winner(recipe, [row("c", 0.40, forgetting_ok=False)]) == (None, "no grid variant passed forgetting")
