@@ -2,11 +2,14 @@
 
 The shared data stages run once; each variant's mix, train and evaluate run as cached
 tasks in its own workdir, so rerunning a sweep only runs what changed. Variants run one
-after another; a failed one is recorded with its error and the others go on.
+after another, or several at once when `sweep.devices` holds more than one group of
+`train.num_processes` devices; a failed one is recorded with its error and the others go on.
 """
 
 from __future__ import annotations
 
+import contextvars
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from prefect import flow
@@ -16,11 +19,11 @@ from prefect.runtime import flow_run
 
 from flows.artifacts import artifact_key, inline_images
 from flows.refresh import prepare_run, run_name, run_stage
-from stages.config import RecipeError, load_recipe
+from stages.config import Recipe, RecipeError, load_recipe
 from stages.continuation import continue_from
 from stages.lock import workdir_lock
-from stages.sweep import (SHARED_STAGES, choose_winner, failed_row, parse_grid, plan_variants, prepare_variant, result_row,
-                          write_results)
+from stages.sweep import (SHARED_STAGES, Variant, choose_winner, device_slots, failed_row, parse_grid, plan_variants,
+                          prepare_variant, result_row, write_results)
 
 VARIANT_STAGES = ("mix", "train", "evaluate")
 
@@ -46,26 +49,38 @@ def sweep(recipe: str, grid: list[str], budget_fraction: float | None = None, wo
         variants = plan_variants(loaded, parse_grid(grid))
         for stage in SHARED_STAGES:
             run_stage(stage, loaded, workdir_path)
-        rows = []
-        for number, variant in enumerate(variants, start=1):
-            logger.info("variant %d/%d: %s (%s)", number, len(variants), variant.name, variant.description)
-            try:
-                variant_recipe = prepare_variant(loaded, variant, workdir_path, fraction)
-            except RecipeError as error:
-                rows.append(failed_row(variant, str(error)))
-                continue
-            state = sweep_variant(str(Path(variant_recipe.workdir) / "recipe.yaml"), return_state=True)
-            if not state.is_completed():  # failed, crashed or cancelled
-                rows.append(failed_row(variant, state.message or "failed"))
-                logger.warning("variant %s failed: %s", variant.name, state.message)
-                continue
-            reports = state.result()
-            rows.append(result_row(variant_recipe, variant, reports["train"], reports["evaluate"]))
+        slots = device_slots(loaded)
+        done: dict[str, dict] = {}
+
+        def run_slot(slot: int) -> None:  # variant n trains on slot n % slots: the same devices on a rerun
+            for number in range(slot, len(variants), len(slots)):
+                variant = variants[number]
+                logger.info("variant %d/%d: %s (%s)", number + 1, len(variants), variant.name, variant.description)
+                done[variant.name] = _run_variant(loaded, variant, workdir_path, fraction, slots[slot])
+
+        with ThreadPoolExecutor(len(slots)) as pool:  # each thread keeps the flow's context: variants stay subflows
+            for future in [pool.submit(contextvars.copy_context().run, run_slot, slot) for slot in range(len(slots))]:
+                future.result()
+        rows = [done[variant.name] for variant in variants]
         winner, reason = choose_winner(loaded, rows)
         summary = write_results(workdir_path / "sweep", loaded, rows, winner, reason, fraction)
     logger.info("%s", f"winner: {reason}" if winner else f"no winner: {reason}")
     sweep_artifacts(loaded.name, workdir_path / "sweep", rows)
     return summary
+
+
+def _run_variant(recipe: Recipe, variant: Variant, workdir: Path, fraction: float, devices: list[int] | None) -> dict:
+    """The variant's results row; a failed row, with the reason, if it is invalid or fails."""
+    try:
+        variant_recipe = prepare_variant(recipe, variant, workdir, fraction, devices)
+    except RecipeError as error:
+        return failed_row(variant, str(error))
+    state = sweep_variant(str(Path(variant_recipe.workdir) / "recipe.yaml"), return_state=True)
+    if not state.is_completed():  # failed, crashed or cancelled
+        get_run_logger().warning("variant %s failed: %s", variant.name, state.message)
+        return failed_row(variant, state.message or "failed")
+    reports = state.result()
+    return result_row(variant_recipe, variant, reports["train"], reports["evaluate"])
 
 
 def sweep_artifacts(name: str, sweep_dir: Path, rows: list[dict]) -> None:

@@ -226,6 +226,9 @@ class TrainSpec(Section):
     """Optimizer steps between checkpoints (one is always written at the end)."""
     num_processes: int = Field(default=1, ge=1)
     """Processes started by `accelerate launch` (GPUs, or CPU processes over gloo)."""
+    devices: list[int] | None = None
+    """GPU ids the training may use (CUDA_VISIBLE_DEVICES); default: every visible one. The
+    pilot sweep sets it to give concurrent variants devices of their own."""
     grad_clip: float = Field(default=1.0, gt=0)
     """Gradient-norm clipping threshold."""
     weight_decay: float = Field(default=0.1, ge=0)
@@ -304,6 +307,9 @@ class SweepSpec(Section):
     base per device-hour of training."""
     must_pass: list[Literal["forgetting", "benchmark_regression", "new_domain_learned"]] = ["forgetting"]
     """Audit gates (noise-aware, thresholds from `gates`) a variant must pass to win."""
+    devices: int = Field(default=1, ge=1)
+    """Devices the sweep may use at once: variants train concurrently, each on
+    train.num_processes devices of its own (1: one variant after another)."""
 
 
 class Recipe(Section):

@@ -122,7 +122,16 @@ def variant_recipe(recipe: Recipe, overrides: dict[str, Any], workdir: Path | No
     return data
 
 
-def prepare_variant(recipe: Recipe, variant: Variant, workdir: Path, budget_fraction: float) -> Recipe:
+def device_slots(recipe: Recipe) -> list[list[int] | None]:
+    """The device ids of each concurrent variant: sweep.devices split into groups of
+    train.num_processes; [None] (every visible device, one variant at a time) when one group."""
+    size = recipe.train.num_processes
+    slots = recipe.sweep.devices // size
+    return [list(range(n * size, (n + 1) * size)) for n in range(slots)] if slots > 1 else [None]
+
+
+def prepare_variant(recipe: Recipe, variant: Variant, workdir: Path, budget_fraction: float,
+                    devices: list[int] | None = None) -> Recipe:
     """Write the variant's recipe in `<workdir>/sweep/<variant>/`, link the shared data, and
     validate it (RecipeError names a contradicting field, e.g. a switch threshold out of order)."""
     shared = Path(workdir).resolve()
@@ -133,6 +142,7 @@ def prepare_variant(recipe: Recipe, variant: Variant, workdir: Path, budget_frac
             os.symlink(shared / stage, variant_dir / stage)
     data = variant_recipe(recipe, variant.overrides, variant_dir, budget_fraction)
     data["name"] = f"{recipe.name}-{variant.name}"  # its own artifacts and flow run names
+    data["train"]["devices"] = devices
     path = variant_dir / "recipe.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return load_recipe(path)

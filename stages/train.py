@@ -76,7 +76,8 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    sections = {"train": recipe.train.model_dump(mode="json"), "base_model": recipe.base_model.model_dump(mode="json"),
+    sections = {"train": recipe.train.model_dump(mode="json", exclude={"devices"}),  # where it runs is not what it makes
+                "base_model": recipe.base_model.model_dump(mode="json"),
                 "base_files": base_model_listing(Path(recipe.base_model.path))}
     return fingerprint("train", sections, [upstream_fingerprint(workdir, "mix", "train")])
 
@@ -127,6 +128,8 @@ def run_train(recipe: Recipe, workdir: Path, force: bool = False,
     log.info("train: %s", " ".join(command))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
                                                         os.environ.get("PYTHONPATH", "")]))
+    if recipe.train.devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, recipe.train.devices))
     # the launcher holds the workdir lock too: if this process is killed, no other run can
     # start on the workdir while the orphaned training processes still write to it
     process = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=held_locks())

@@ -4,12 +4,14 @@ without stopping the others, and the winner's recipe validates."""
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
 import yaml
 
 from stages.config import RecipeError, load_recipe
+from stages.markers import read_marker
 from stages.sweep import SweepError, parse_grid, plan_variants, prepare_variant, set_field
 
 from test_train import prepare
@@ -49,6 +51,9 @@ def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner
 
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, run_data_stages=False,
                             gates={"min_average_gain": -1.0})
+    spec = yaml.safe_load(path.read_text())
+    spec["sweep"] = {"devices": 2}  # two variants at a time, one device (here: CPU process) each
+    path.write_text(yaml.safe_dump(spec))
     summary = sweep(recipe=str(path), grid=["schedule.max_lr=3e-3,1e30"], budget_fraction=0.5, workdir=str(workdir))
     rows = {r["variant"]: r for r in summary["rows"]}
     assert set(rows) == {"max_lr0.003", "max_lr1e30", "baseline-legacy-only", "baseline-no-switch"}
@@ -64,6 +69,11 @@ def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner
     assert "FAILED" in markdown and "**(winner)**" in markdown and "baseline-legacy-only" in markdown
     assert (workdir / "sweep" / "accuracy_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((workdir / "sweep" / "results.json").read_text())["winner"] == "max_lr0.003"
+    devices = {name: load_recipe(workdir / "sweep" / name / "recipe.yaml").train.devices for name in rows}
+    assert devices == {"max_lr0.003": [0], "max_lr1e30": [1], "baseline-legacy-only": [0], "baseline-no-switch": [1]}
+    windows = {name: (m["started"], m["finished"]) for name in rows
+               if (m := read_marker(workdir / "sweep" / name / "train")) is not None}
+    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(windows.values(), 2))  # concurrent
 
 
 def test_the_winner_passes_the_required_gates_and_a_lead_within_noise_is_said(tmp_path, tiny_model_dir):
