@@ -22,7 +22,7 @@ from stages.audit import AuditFailed
 from stages.lock import LOCK_FILE, WorkdirBusy
 
 from test_curate import NEW, write_jsonl
-from test_train import prepare
+from test_train import prepare, training_processes
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True),
               pytest.mark.usefixtures("prefect_harness")]
@@ -191,18 +191,6 @@ def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_m
     assert flow_runs("refit-refresh")[0].state.is_failed()
 
 
-def _training_processes(workdir: Path) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        try:
-            command = (proc / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if proc.name.isdigit() and b"stages.train_loop" in command and str(workdir).encode() in command:
-            found.append(int(proc.name))
-    return found
-
-
 def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_dir):
     from prefect.settings import PREFECT_API_URL
 
@@ -213,11 +201,11 @@ def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_d
     deadline = time.time() + 120
     while not (workdir / "train" / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.5)
-    assert _training_processes(workdir), "training did not start"
+    assert training_processes(workdir), "training did not start"
     process.send_signal(signal.SIGTERM)  # what a Prefect runner sends a cancelled flow run
     assert process.wait(timeout=60) != 0
     deadline = time.time() + 30
-    while _training_processes(workdir) and time.time() < deadline:
+    while training_processes(workdir) and time.time() < deadline:
         time.sleep(0.5)
-    assert not _training_processes(workdir)
+    assert not training_processes(workdir)
     assert not (workdir / "train" / "_SUCCESS.json").exists()

@@ -3,6 +3,7 @@ SIGKILL and rerun gives bitwise the same run; 2 gloo processes match 1; NaN stop
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -74,7 +75,8 @@ def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
 
 
 def kill_at_step(path: Path, workdir: Path, step: int) -> None:
-    """Run the stage in a subprocess and SIGKILL its whole process group once `step` is logged."""
+    """Run the stage in a subprocess and SIGKILL it and its training processes (their own
+    session) once `step` is logged: a machine crash, as far as the workdir can tell."""
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
                                cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     log = workdir / "train" / "metrics.jsonl"
@@ -83,6 +85,9 @@ def kill_at_step(path: Path, workdir: Path, step: int) -> None:
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.002)
     os.killpg(process.pid, signal.SIGKILL)
+    for pid in training_processes(workdir):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     process.wait()
 
 
