@@ -60,14 +60,22 @@ def _listing(recipe: Recipe) -> dict:
     return {s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s)] for s in recipe.sources}
 
 
+def _version(listing: dict) -> str:
+    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+
+
 def data_version(recipe: Recipe) -> str:
     """Hash of the listing of every input file (path, size, mtime): changes when data arrives."""
-    return hashlib.sha256(json.dumps(_listing(recipe), sort_keys=True).encode()).hexdigest()
+    return _version(_listing(recipe))
 
 
-def input_fingerprint(recipe: Recipe, workdir: Path | None = None, settings: dict | None = None) -> str:
+def _fingerprint(settings: dict, listing: dict) -> str:
+    return fingerprint("curate", {"settings": settings, "files": listing})
+
+
+def input_fingerprint(recipe: Recipe, workdir: Path | None = None) -> str:
     """Settings plus the listing of every input file: a file added to a source means a rerun."""
-    return fingerprint("curate", {"settings": settings or _settings(recipe), "files": _listing(recipe)})
+    return _fingerprint(_settings(recipe), _listing(recipe))
 
 
 def _in_validation(doc_id: str, fraction: float) -> bool:
@@ -196,8 +204,8 @@ def _near_dedup_all(screened: dict[str, dict], sources: list[SourceSpec], out: P
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / "curate"
-    settings = _settings(recipe)
-    expected = input_fingerprint(recipe, settings=settings)
+    settings, listing = _settings(recipe), _listing(recipe)  # one listing: a file arriving mid-run is next run's
+    expected = _fingerprint(settings, listing)
     if not force and is_done(final, expected):
         log.info("curate: up to date (%s)", expected[:12])
         return json.loads((final / "report.json").read_text())
@@ -227,7 +235,7 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         report = {"stage": "curate", "batch": batch, "incremental": incremental, "sources": report_sources,
                   "seconds": round(time.time() - started, 2)}
         write_json_atomic(out / "report.json", report)
-        write_marker(out, "curate", expected, started, {"settings": settings_hash, "data_version": data_version(recipe)})
+        write_marker(out, "curate", expected, started, {"settings": settings_hash, "data_version": _version(listing)})
     except BaseException:
         shutil.rmtree(out, ignore_errors=True)
         raise

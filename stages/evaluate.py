@@ -211,8 +211,6 @@ def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path, backend:
                     task_dir: Path | None = None) -> dict:
     """The report comparing the base model and the candidate (pure computation; only the lm-eval
     backend writes files: its task definitions, into task_dir, else a temporary folder)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown evaluation backend {backend!r}: one of {', '.join(BACKENDS)}")
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
     harness = _harness_scores(recipe, models, tokenizer, task_dir) if backend == "lm-eval" else None

@@ -146,8 +146,12 @@ def _settings(recipe: Recipe) -> str:
                                              "tokenizer": tokenizer_sha256(tokenizer_dir(recipe))})
 
 
+def _fingerprint(settings: str, workdir: Path) -> str:
+    return fingerprint("tokenize", {"settings": settings}, [upstream_fingerprint(workdir, "curate", "tokenize")])
+
+
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    return fingerprint("tokenize", {"settings": _settings(recipe)}, [upstream_fingerprint(workdir, "curate", "tokenize")])
+    return _fingerprint(_settings(recipe), workdir)
 
 
 def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
@@ -156,7 +160,7 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     final, tmp = workdir / "tokenize", workdir / "tokenize.tmp"
     tok_dir = tokenizer_dir(recipe)
     settings = _settings(recipe)
-    expected = input_fingerprint(recipe, workdir)
+    expected = _fingerprint(settings, workdir)
     if not force and is_done(final, expected):
         return json.loads((final / "report.json").read_text())
     started = time.time()

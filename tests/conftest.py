@@ -70,6 +70,19 @@ def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture
+def trained(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
+    """(recipe path, workdir) of a tiny run trained through the train stage, with 30% of the
+    documents held out, ready for evaluate and audit."""
+    from stages.config import load_recipe
+    from stages.train import run_train
+    from test_train import prepare
+
+    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
+    run_train(load_recipe(path), workdir)
+    return path, workdir
+
+
 @pytest.fixture(scope="session")
 def prefect_harness():
     """One embedded Prefect server (SQLite) for the whole session: the first start is slow."""

@@ -12,10 +12,8 @@ from safetensors.torch import load_file, save_file
 from stages.audit import AuditFailed, accuracy_gates, loss_gates, run_audit
 from stages.config import load_recipe
 from stages.evaluate import run_evaluate
-from stages.train import run_train
 
 from test_config import BASE, write
-from test_train import prepare
 
 
 def side(base, candidate, delta_stderr, stderr=0.01):
@@ -56,13 +54,6 @@ def test_improvements_must_clear_the_noise_and_regressions_must_exceed_it(recipe
     previous = {"average_acc": side(0.3, 0.40, 0.01)}
     gates = accuracy_gates(recipe, evaluation(side(0.3, 0.35, 0.01), {}, {}), previous)
     assert gates[1]["name"] == "above_previous_version" and not gates[1]["passed"]
-
-
-@pytest.fixture
-def trained(tmp_path, tiny_model_dir):
-    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
-    run_train(load_recipe(path), workdir)
-    return path, workdir
 
 
 @pytest.mark.slow

@@ -85,15 +85,12 @@ def test_standard_errors_and_paired_difference():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
-def test_stage_reports_base_and_candidate_side_by_side(tmp_path, tiny_model_dir):
+def test_stage_reports_base_and_candidate_side_by_side(trained):
     from stages.config import load_recipe
     from stages.evaluate import run_evaluate
-    from stages.train import run_train
-    from test_train import prepare
 
-    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
+    path, workdir = trained
     recipe = load_recipe(path)
-    run_train(recipe, workdir)
     report = run_evaluate(recipe, workdir)
     (bench,) = report["benchmarks"].values()
     assert bench["items"] == 1 and set(bench["acc"]) == {"base", "base_stderr", "candidate", "candidate_stderr",

@@ -81,16 +81,13 @@ def test_missing_harness_is_a_clear_error(monkeypatch, tmp_path, bench):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
-def test_stage_backend_is_recorded_and_part_of_the_fingerprint(tmp_path, tiny_model_dir):
+def test_stage_backend_is_recorded_and_part_of_the_fingerprint(trained):
     from stages.config import load_recipe
     from stages.evaluate import run_evaluate
     from stages.markers import read_marker
-    from stages.train import run_train
-    from test_train import prepare
 
-    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
+    path, workdir = trained
     recipe = load_recipe(path)
-    run_train(recipe, workdir)
     ours = run_evaluate(recipe, workdir)
     ours_marker = read_marker(workdir / "eval")
     theirs = run_evaluate(recipe, workdir, backend="lm-eval")
