@@ -3,8 +3,9 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
+LINTED  := stages flows tests benchmarks datasets
 
-.PHONY: demo test install clean-runs
+.PHONY: demo test lint install clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +17,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/refit demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check --quiet $(LINTED)
+
+test: lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 clean-runs:

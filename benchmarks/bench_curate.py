@@ -25,12 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from datatrove.executor import LocalPipelineExecutor  # noqa: E402
 from datatrove.pipeline.dedup.minhash import (  # noqa: E402
-    MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter, MinhashDedupSignature)
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
 from datatrove.pipeline.readers import JsonlReader  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 
-from stages.config import load_recipe  # noqa: E402
-from stages.curate import run_curate, source_files  # noqa: E402
+from refit.stages.curate import run_curate, source_files  # noqa: E402
+from refit.stages.lib.config import load_recipe  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 
@@ -45,14 +50,30 @@ def bare_datatrove(files: list[Path], work: Path, workers: int, spec) -> None:
     tasks = len(files)
 
     def run(pipeline, n_tasks, logs):
-        LocalPipelineExecutor(pipeline=pipeline, tasks=n_tasks, workers=min(workers, n_tasks), logging_dir=str(work / logs)).run()
+        LocalPipelineExecutor(
+            pipeline=pipeline, tasks=n_tasks, workers=min(workers, n_tasks), logging_dir=str(work / logs)
+        ).run()
 
     run([JsonlReader(str(inputs)), MinhashDedupSignature(output_folder=str(work / "sigs"), config=config)], tasks, "l1")
-    run([MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"), config=config)],
-        config.num_buckets, "l2")
-    run([MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "remove"), config=config)], 1, "l3")
-    run([JsonlReader(str(inputs)), MinhashDedupFilter(input_folder=str(work / "remove")), JsonlWriter(str(work / "out"))],
-        tasks, "l4")
+    run(
+        [MinhashDedupBuckets(input_folder=str(work / "sigs"), output_folder=str(work / "buckets"), config=config)],
+        config.num_buckets,
+        "l2",
+    )
+    run(
+        [MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "remove"), config=config)],
+        1,
+        "l3",
+    )
+    run(
+        [
+            JsonlReader(str(inputs)),
+            MinhashDedupFilter(input_folder=str(work / "remove")),
+            JsonlWriter(str(work / "out")),
+        ],
+        tasks,
+        "l4",
+    )
 
 
 def main() -> None:

@@ -7,7 +7,7 @@ choice, acc and acc_norm) with the same model, on the same items, in fp32 on the
 the same batch size:
   lm-eval  `lm_eval.simple_evaluate` with model "hf" on the checkpoint directory and the
            task definitions Refit's lm-eval backend writes (stages/lm_eval_backend.py)
-  refit    `stages.evaluate.Scorer` on the same directory, `score_benchmark` per file
+  refit    `refit.stages.evaluate.Scorer` on the same directory, `score_benchmark` per file
 Each timed run starts from the checkpoint on disk (model loading, tokenization and
 bookkeeping included on both sides). The model is a randomly initialised Llama the size of
 the demo base model (stages/demo_base.py) with a tokenizer trained here on the demo corpora:
@@ -40,11 +40,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stages.config import BenchmarkSpec  # noqa: E402
-from stages.demo_base import DemoBaseSpec, read_texts, train_tokenizer  # noqa: E402
-from stages.evaluate import Scorer, context_length  # noqa: E402
-from stages.lm_eval_backend import task_name, write_tasks  # noqa: E402
-from stages.text import read_jsonl  # noqa: E402
+from refit.stages.evaluate import Scorer, context_length  # noqa: E402
+from refit.stages.lib.config import BenchmarkSpec  # noqa: E402
+from refit.stages.lib.demo_base import DemoBaseSpec, read_texts, train_tokenizer  # noqa: E402
+from refit.stages.lib.lm_eval_backend import task_name, write_tasks  # noqa: E402
+from refit.stages.lib.text import read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted((REPO / "datasets" / "benchmarks").glob("*.jsonl"))
@@ -54,12 +54,24 @@ def build_model(out: Path, spec: DemoBaseSpec = DemoBaseSpec()) -> int:
     """A random Llama with the demo base model's shape, and a BPE tokenizer of its vocabulary size."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    texts = [t for name in ("legacy_python_docs", "new_postgres_docs") for t in read_texts(REPO / "datasets" / f"{name}.jsonl.gz")]
+    texts = [
+        t
+        for name in ("legacy_python_docs", "new_postgres_docs")
+        for t in read_texts(REPO / "datasets" / f"{name}.jsonl.gz")
+    ]
     tokenizer = train_tokenizer(texts, vocab_size=spec.vocab_size, out_dir=out)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-                         max_position_embeddings=1024, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(spec.seed)
     model = LlamaForCausalLM(config)
     model.save_pretrained(out)
@@ -81,6 +93,7 @@ class Stopwatch:
                 return original(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
+
         setattr(self.cls, self.name, timed)
         return self
 
@@ -97,18 +110,32 @@ def run_refit(model: Path, files: list[Path], batch_size: int) -> dict[str, dict
     return results
 
 
-def run_lm_eval(model: Path, benches: list[BenchmarkSpec], task_dir: Path, batch_size: int) -> dict[str, dict[str, float]]:
+def run_lm_eval(
+    model: Path, benches: list[BenchmarkSpec], task_dir: Path, batch_size: int
+) -> dict[str, dict[str, float]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
     from transformers import AutoConfig
 
-    model_args = {"pretrained": str(model), "dtype": "float32", "add_bos_token": False,
-                  "max_length": context_length(AutoConfig.from_pretrained(model))}
-    output = lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=[task_name(b) for b in benches],
-                                     device="cpu", batch_size=batch_size, log_samples=False,
-                                     task_manager=TaskManager(include_path=str(task_dir), include_defaults=False))
-    return {b.name: {metric: output["results"][task_name(b)][f"{metric},none"] for metric in ("acc", "acc_norm")}
-            for b in benches}
+    model_args = {
+        "pretrained": str(model),
+        "dtype": "float32",
+        "add_bos_token": False,
+        "max_length": context_length(AutoConfig.from_pretrained(model)),
+    }
+    output = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=[task_name(b) for b in benches],
+        device="cpu",
+        batch_size=batch_size,
+        log_samples=False,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+    )
+    return {
+        b.name: {metric: output["results"][task_name(b)][f"{metric},none"] for metric in ("acc", "acc_norm")}
+        for b in benches
+    }
 
 
 def main() -> None:
@@ -126,15 +153,17 @@ def main() -> None:
         for path in BENCHMARKS:  # the same items on both sides
             files.append(tmp / "bench" / path.name)
             files[-1].parent.mkdir(exist_ok=True)
-            files[-1].write_text("".join(json.dumps(i) + "\n" for i in read_jsonl(path)[:args.limit]))
+            files[-1].write_text("".join(json.dumps(i) + "\n" for i in read_jsonl(path)[: args.limit]))
         benches = [BenchmarkSpec(name=f.stem, path=str(f), domain="new") for f in files]
         task_dir = write_tasks(benches, tmp / "tasks")
         items = sum(len(read_jsonl(f)) for f in files)
         requests = sum(len(i["choices"]) for f in files for i in read_jsonl(f))
         from lm_eval.models.huggingface import HFLM
 
-        runs = {"lm-eval": lambda: run_lm_eval(model, benches, task_dir, args.batch_size),
-                "refit": lambda: run_refit(model, files, args.batch_size)}
+        runs = {
+            "lm-eval": lambda: run_lm_eval(model, benches, task_dir, args.batch_size),
+            "refit": lambda: run_refit(model, files, args.batch_size),
+        }
         loops = {"lm-eval": (HFLM, "_loglikelihood_tokens"), "refit": (Scorer, "continuation_logprobs")}
         seconds: dict[str, list[float]] = {name: [] for name in runs}
         in_loop: dict[str, list[float]] = {name: [] for name in runs}
@@ -146,19 +175,28 @@ def main() -> None:
                     results[name] = run()
                     seconds[name].append(time.perf_counter() - start)
                 in_loop[name].append(loop.seconds)
-    print(f"model {parameters / 1e6:.2f}M parameters (Llama, demo base shape); {items} items ({requests} choices) in {len(files)} benchmarks, batch {args.batch_size}, "
-          f"{torch.get_num_threads()} threads, {args.rounds} round(s) alternating")
+    print(
+        f"model {parameters / 1e6:.2f}M parameters (Llama, demo base shape); {items} items "
+        f"({requests} choices) in {len(files)} benchmarks, batch {args.batch_size}, "
+        f"{torch.get_num_threads()} threads, {args.rounds} round(s) alternating"
+    )
     rates = {}
     for name, times in seconds.items():
         rates[name] = items / float(np.mean(times))
-        print(f"{name:8s} {rates[name]:8.1f} items/s   (runs: {', '.join(f'{t:.2f}s' for t in times)}; "
-              f"log-likelihood loop {', '.join(f'{t:.2f}s' for t in in_loop[name])})")
+        print(
+            f"{name:8s} {rates[name]:8.1f} items/s   (runs: {', '.join(f'{t:.2f}s' for t in times)}; "
+            f"log-likelihood loop {', '.join(f'{t:.2f}s' for t in in_loop[name])})"
+        )
     print(f"ratio refit/lm-eval: {rates['refit'] / rates['lm-eval']:.2f}x (target >= 1.0x)")
     for bench in results["refit"]:
         same = all(results["refit"][bench][m] == results["lm-eval"][bench][m] for m in ("acc", "acc_norm"))
-        print(f"  {bench}: refit acc {results['refit'][bench]['acc']:.4f} acc_norm {results['refit'][bench]['acc_norm']:.4f}"
-              f" | lm-eval acc {results['lm-eval'][bench]['acc']:.4f} acc_norm {results['lm-eval'][bench]['acc_norm']:.4f}"
-              f" {'same' if same else 'DIFFERENT'}")
+        print(
+            f"  {bench}: refit acc {results['refit'][bench]['acc']:.4f} acc_norm "
+            f"{results['refit'][bench]['acc_norm']:.4f}"
+            f" | lm-eval acc {results['lm-eval'][bench]['acc']:.4f} acc_norm "
+            f"{results['lm-eval'][bench]['acc_norm']:.4f}"
+            f" {'same' if same else 'DIFFERENT'}"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Writes one shard with the tokenize stage's writer, warms the page cache, then reads every
 row in batches (summing each batch, so every byte is touched) two ways in the same run:
   baseline  numpy.memmap over the raw bytes of the same data (no Arrow at all)
-  refit     stages.tokenize.read_shard (pyarrow.memory_map, zero-copy view)
+  refit     refit.stages.tokenize.read_shard (pyarrow.memory_map, zero-copy view)
 Prints tokens/s of each, their ratio, and resident-memory growth against bytes touched.
 Target (issue 3): >= 50M tokens/s, zero-copy, memory growth not above the bytes touched.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from stages.tokenize import read_shard, write_rows  # noqa: E402
+from refit.stages.tokenize import read_shard, write_rows  # noqa: E402
 
 
 def rss_bytes() -> int:
@@ -34,7 +34,7 @@ def rss_bytes() -> int:
 def scan(rows: np.ndarray, batch: int) -> tuple[float, int]:
     start, checksum = time.perf_counter(), 0
     for first in range(0, len(rows), batch):
-        checksum += int(rows[first:first + batch].sum(dtype=np.uint64))
+        checksum += int(rows[first : first + batch].sum(dtype=np.uint64))
     return time.perf_counter() - start, checksum
 
 
@@ -67,9 +67,15 @@ def main() -> None:
 
         print(f"tokens {tokens:,} ({tokens * 2 / 2**20:.0f} MiB), seq_len {args.seq_len}, batch {args.batch}")
         print(f"baseline numpy.memmap     {tokens / base_s / 1e6:8.1f} M tokens/s")
-        print(f"refit read_shard          {tokens / ours_s / 1e6:8.1f} M tokens/s   ratio {base_s / ours_s:.2f}x  (target >= 50 M tokens/s)")
-        print(f"zero-copy view: {zero_copy}; RSS growth {growth / 2**20:.0f} MiB for {tokens * 2 / 2**20:.0f} MiB touched "
-              f"(ratio {growth / (tokens * 2):.2f}, target <= 1)")
+        print(
+            f"refit read_shard          {tokens / ours_s / 1e6:8.1f} M tokens/s   "
+            f"ratio {base_s / ours_s:.2f}x  (target >= 50 M tokens/s)"
+        )
+        print(
+            f"zero-copy view: {zero_copy}; RSS growth {growth / 2**20:.0f} MiB "
+            f"for {tokens * 2 / 2**20:.0f} MiB touched "
+            f"(ratio {growth / (tokens * 2):.2f}, target <= 1)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@
 Input: the demo's curated documents (curated here first), repeated --copies times so the
 run is long enough to time. Baseline: the same fast tokenizer's batch encoding of the same
 texts in one process, with its own Rust thread pool (TOKENIZERS_PARALLELISM on), output
-discarded. Refit: stages.tokenize.run_tokenize with --workers processes, including packing
+discarded. Refit: refit.stages.tokenize.run_tokenize with --workers processes, including packing
 and writing the Arrow shards. Prints tokens/s and the ratio (target: Refit >= 0.8x).
 """
 
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from stages.config import load_recipe  # noqa: E402
-from stages.curate import curated_files, run_curate  # noqa: E402
-from stages.tokenize import load_tokenizer, run_tokenize, tokenizer_dir  # noqa: E402
+from refit.stages.curate import curated_files, run_curate  # noqa: E402
+from refit.stages.lib.config import load_recipe  # noqa: E402
+from refit.stages.tokenize import load_tokenizer, run_tokenize, tokenizer_dir  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 
@@ -45,15 +45,19 @@ def main() -> None:
             table = pq.read_table(train)
             for copy in range(1, args.copies):
                 pq.write_table(table, train.with_name(f"train-{copy + 1:04d}.parquet"))
-        texts = [t for s in recipe.sources for f in curated_files(workdir, s.name, "train")
-                 for t in pq.read_table(f)["text"].to_pylist()]
+        texts = [
+            t
+            for s in recipe.sources
+            for f in curated_files(workdir, s.name, "train")
+            for t in pq.read_table(f)["text"].to_pylist()
+        ]
 
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
         tokenizer = load_tokenizer(tokenizer_dir(recipe))
         start = time.perf_counter()
         tokens = 0
         for first in range(0, len(texts), recipe.tokenize.batch_size):
-            tokens += sum(len(ids) for ids in tokenizer(texts[first:first + recipe.tokenize.batch_size])["input_ids"])
+            tokens += sum(len(ids) for ids in tokenizer(texts[first : first + recipe.tokenize.batch_size])["input_ids"])
         baseline = time.perf_counter() - start
 
         start = time.perf_counter()

@@ -30,10 +30,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from stages.config import load_recipe  # noqa: E402
-from stages.mix import run_mix  # noqa: E402
-from stages.sampler import Sampler  # noqa: E402
-from stages.train import run_train  # noqa: E402
+from refit.stages.lib.config import load_recipe  # noqa: E402
+from refit.stages.lib.sampler import Sampler  # noqa: E402
+from refit.stages.mix import run_mix  # noqa: E402
+from refit.stages.train import run_train  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 WARMUP = 3
@@ -54,8 +54,9 @@ def bare_loop(recipe, manifest: dict, workdir: Path, steps: int) -> tuple[float,
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.train.num_processes))
     model = AutoModelForCausalLM.from_pretrained(recipe.base_model.path, use_safetensors=True, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.peak_lr, betas=recipe.train.adam_betas,
-                                  weight_decay=recipe.train.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=recipe.peak_lr, betas=recipe.train.adam_betas, weight_decay=recipe.train.weight_decay
+    )
     sampler = Sampler(manifest, workdir)
     per_step, micro = manifest["sequences_per_step"], recipe.train.micro_batch_size
     chunks = [range(i, min(i + micro, per_step)) for i in range(0, per_step, micro)]
@@ -97,10 +98,14 @@ def main() -> None:
     ours = (len(log) - WARMUP) * manifest["tokens_per_step"] / (log[-1]["elapsed"] - log[WARMUP - 1]["elapsed"])
     peak = args.peak_flops or matmul_peak()
     source = "given" if args.peak_flops else "measured fp32 matmul"
-    print(f"model {parameters / 1e6:.2f}M parameters, {args.steps} steps x {manifest['tokens_per_step']} tokens, "
-          f"{recipe.train.num_processes} process(es), {torch.get_num_threads()} threads")
-    print(f"baseline bare torch loop  {baseline:9.0f} tokens/s   MFU {6 * parameters * baseline / peak:6.1%}"
-          f"   (before {before:.0f}, after {after:.0f})")
+    print(
+        f"model {parameters / 1e6:.2f}M parameters, {args.steps} steps x {manifest['tokens_per_step']} tokens, "
+        f"{recipe.train.num_processes} process(es), {torch.get_num_threads()} threads"
+    )
+    print(
+        f"baseline bare torch loop  {baseline:9.0f} tokens/s   MFU {6 * parameters * baseline / peak:6.1%}"
+        f"   (before {before:.0f}, after {after:.0f})"
+    )
     print(f"refit train stage         {ours:9.0f} tokens/s   MFU {6 * parameters * ours / peak:6.1%}")
     print(f"ratio refit/baseline: {ours / baseline:.2f}x (target >= 0.95x); peak {peak / 1e9:.1f} GFLOP/s ({source})")
 

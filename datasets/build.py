@@ -27,16 +27,30 @@ import sys
 import warnings
 from pathlib import Path
 
+from refit.stages.lib.text import WORD, word_ngrams  # the definitions decontamination uses
+
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE.parent))
-from stages.text import WORD, word_ngrams  # noqa: E402  (the definitions decontamination uses)
 
 SEED = 20240710
 HELD_OUT_PERCENT = 20  # pages/modules reserved for the cloze benchmarks, never in a corpus
 MAN_DIRS = [Path("/usr/share/man/man7"), Path("/usr/share/man/man1")]
 # Standard-library packages documented in the legacy corpus (pure-Python, importable, stable).
-STDLIB_SKIP = {"antigravity", "this", "idlelib", "lib2to3", "tkinter", "turtle", "turtledemo",
-               "test", "ensurepip", "venv", "pydoc_data", "msilib", "nturl2path", "_pydecimal"}
+STDLIB_SKIP = {
+    "antigravity",
+    "this",
+    "idlelib",
+    "lib2to3",
+    "tkinter",
+    "turtle",
+    "turtledemo",
+    "test",
+    "ensurepip",
+    "venv",
+    "pydoc_data",
+    "msilib",
+    "nturl2path",
+    "_pydecimal",
+}
 LEGACY_MAX_BYTES = 3_200_000
 NGRAM = 13
 
@@ -53,6 +67,7 @@ def clean(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------- legacy
+
 
 def stdlib_modules() -> list[str]:
     stdlib = Path(os.__file__).parent
@@ -103,6 +118,7 @@ def add_object_doc(docs: list[dict], qualname: str, obj: object) -> None:
 
 # ----------------------------------------------------------------------------- new
 
+
 def render_man(path: Path) -> str:
     env = dict(os.environ, MANWIDTH="100", LC_ALL="C.UTF-8")
     out = subprocess.run(["man", "-l", str(path)], env=env, capture_output=True, check=True).stdout
@@ -140,12 +156,16 @@ def page_documents(path: Path) -> tuple[str, str, list[dict]]:
     if command.isupper():  # man page names of SQL commands use underscores for spaces
         command = command.replace("_", " ")
     stem = path.name.split(".")[0]
-    docs = [{"id": f"pg:{stem}:{i}", "title": command, "text": f"{command}: {name.title()}\n\n{body}"}
-            for i, (name, body) in enumerate(sections) if name not in ("NAME", "SEE ALSO", "AUTHOR")]
+    docs = [
+        {"id": f"pg:{stem}:{i}", "title": command, "text": f"{command}: {name.title()}\n\n{body}"}
+        for i, (name, body) in enumerate(sections)
+        if name not in ("NAME", "SEE ALSO", "AUTHOR")
+    ]
     return command.strip(), purpose.strip(), docs
 
 
 # ----------------------------------------------------------------------------- benchmarks
+
 
 def sentences(text: str) -> list[str]:
     flat = re.sub(r"\s+", " ", text)
@@ -167,8 +187,14 @@ def cloze_items(prefix: str, docs: list[dict], rng: random.Random, limit: int) -
                 continue
             choices = rng.sample(pool, 3) + [answer]
             rng.shuffle(choices)
-            items.append({"query": context, "choices": [" " + c for c in choices],
-                          "gold": choices.index(answer), "source": doc["id"]})
+            items.append(
+                {
+                    "query": context,
+                    "choices": [" " + c for c in choices],
+                    "gold": choices.index(answer),
+                    "source": doc["id"],
+                }
+            )
     rng.shuffle(items)
     items = sorted(items[:limit], key=lambda item: item["source"])
     return [{"id": f"{prefix}-{i:04d}", **item} for i, item in enumerate(items)]
@@ -182,8 +208,14 @@ def command_items(commands: list[tuple[str, str]], rng: random.Random) -> list[d
     for i, (command, purpose) in enumerate(pairs):
         choices = rng.sample([n for n in names if n != command], 3) + [command]
         rng.shuffle(choices)
-        items.append({"id": f"sqlcmd-{i:04d}", "query": f"In PostgreSQL, to {purpose}, use the command",
-                      "choices": [" " + c for c in choices], "gold": choices.index(command)})
+        items.append(
+            {
+                "id": f"sqlcmd-{i:04d}",
+                "query": f"In PostgreSQL, to {purpose}, use the command",
+                "choices": [" " + c for c in choices],
+                "gold": choices.index(command),
+            }
+        )
     return items
 
 
@@ -197,20 +229,37 @@ def decontaminate(items: list[dict], corpora: list[list[dict]]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- QA
 
+
 def qa_documents(commands: list[tuple[str, str, list[dict]]], python_docs: list[dict]) -> list[dict]:
     docs = []
     for command, purpose, sections in commands:
         if command and purpose:
-            docs.append({"id": f"qa:pg:{command}", "text": f"Question: What does the PostgreSQL command {command} do?\nAnswer: It is used to {purpose}."})
+            docs.append(
+                {
+                    "id": f"qa:pg:{command}",
+                    "text": f"Question: What does the PostgreSQL command {command} do?\n"
+                    f"Answer: It is used to {purpose}.",
+                }
+            )
         for section in sections:
             if section["text"].split("\n", 1)[0].endswith("Synopsis"):
                 body = section["text"].split("\n\n", 1)[1]
-                docs.append({"id": f"qa:pg:{command}:synopsis", "text": f"Question: What is the syntax of {command} in PostgreSQL?\nAnswer:\n{body}"})
+                docs.append(
+                    {
+                        "id": f"qa:pg:{command}:synopsis",
+                        "text": f"Question: What is the syntax of {command} in PostgreSQL?\nAnswer:\n{body}",
+                    }
+                )
     for doc in python_docs:
         header, _, body = doc["text"].partition("\n\n")
         summary = body.split("\n\n", 1)[0].replace("\n", " ")
         if header.startswith("def ") and 30 <= len(summary) <= 300:
-            docs.append({"id": f"qa:{doc['id']}", "text": f"Question: What does the Python function {doc['title']} do?\nAnswer: {summary}"})
+            docs.append(
+                {
+                    "id": f"qa:{doc['id']}",
+                    "text": f"Question: What does the Python function {doc['title']} do?\nAnswer: {summary}",
+                }
+            )
     return sorted(docs, key=lambda d: d["id"])
 
 
@@ -259,7 +308,9 @@ def main() -> None:
     for name, items in benchmarks.items():
         clean_items = decontaminate(items, corpora)
         print(f"{name}: dropped {len(items) - len(clean_items)} items sharing a {NGRAM}-gram with a corpus")
-        write_jsonl(HERE / "benchmarks" / f"{name}.jsonl", [{k: v for k, v in i.items() if k != "source"} for i in clean_items])
+        write_jsonl(
+            HERE / "benchmarks" / f"{name}.jsonl", [{k: v for k, v in i.items() if k != "source"} for i in clean_items]
+        )
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@ import re
 import time
 from pathlib import Path
 
-from prefect.artifacts import (create_link_artifact, create_markdown_artifact, create_progress_artifact,
-                               create_table_artifact, update_progress_artifact)
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.logging import get_run_logger
 
-from stages.markers import stage_dir
+from refit.stages.lib.markers import stage_dir
 
 
 def artifact_key(kind: str, name: str) -> str:
@@ -23,11 +28,13 @@ def artifact_key(kind: str, name: str) -> str:
 
 def inline_images(markdown: str, folder: Path) -> str:
     """The report's PNGs as data URIs: the UI cannot reach files in the workdir."""
+
     def inline(match: re.Match) -> str:
         path = folder / match.group(2)
         if not path.is_file():
             return match.group(0)
         return f"![{match.group(1)}](data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()})"
+
     return re.sub(r"!\[([^\]]*)\]\(([^)\s]+\.png)\)", inline, markdown)
 
 
@@ -38,18 +45,33 @@ def audit_artifacts(name: str, workdir: Path) -> None:
         return
     report = json.loads((audit / "report.json").read_text())
     verdict = "PASSED" if report["passed"] else f"FAILED ({len(report['failed'])} gates)"
-    create_markdown_artifact(key=artifact_key("audit", name), markdown=inline_images((audit / "report.md").read_text(), audit),
-                             description=f"audit of {name}: {verdict}")
-    rows = [{"gate": g["name"], "result": "pass" if g["passed"] else "FAIL", "value": g["value"],
-             "threshold": g["threshold"], "reason": g["reason"]} for g in report["gates"]]
+    create_markdown_artifact(
+        key=artifact_key("audit", name),
+        markdown=inline_images((audit / "report.md").read_text(), audit),
+        description=f"audit of {name}: {verdict}",
+    )
+    rows = [
+        {
+            "gate": g["name"],
+            "result": "pass" if g["passed"] else "FAIL",
+            "value": g["value"],
+            "threshold": g["threshold"],
+            "reason": g["reason"],
+        }
+        for g in report["gates"]
+    ]
     create_table_artifact(key=artifact_key("gates", name), table=rows, description=f"audit gates of {name}: {verdict}")
 
 
 def published_artifact(name: str, report: dict) -> None:
     path = report["path"]
     link = path if "://" in path else Path(path).resolve().as_uri()
-    create_link_artifact(key=artifact_key("published", name), link=link, link_text=f"{name} {report['version']}",
-                         description="already published, unchanged" if report["already_published"] else "newly published")
+    create_link_artifact(
+        key=artifact_key("published", name),
+        link=link,
+        link_text=f"{name} {report['version']}",
+        description="already published, unchanged" if report["already_published"] else "newly published",
+    )
 
 
 class TrainingProgress:
@@ -65,14 +87,27 @@ class TrainingProgress:
     def __call__(self, line: dict) -> None:
         if self.artifact is None:
             self.total_steps = json.loads((stage_dir(self.workdir, "mix") / "manifest.json").read_text())["total_steps"]
-            self.artifact = create_progress_artifact(progress=0.0, key=artifact_key("training", self.name),
-                                                     description=f"training {self.name}: {self.total_steps} steps")
+            self.artifact = create_progress_artifact(
+                progress=0.0,
+                key=artifact_key("training", self.name),
+                description=f"training {self.name}: {self.total_steps} steps",
+            )
         done = line["step"] + 1
-        update_progress_artifact(self.artifact, progress=100.0 * done / self.total_steps,
-                                 description=f"step {done}/{self.total_steps}, loss {line['loss']:.3f}, "
-                                             f"LR {line['lr']:.2e}, phase {line['phase']}")
+        update_progress_artifact(
+            self.artifact,
+            progress=100.0 * done / self.total_steps,
+            description=f"step {done}/{self.total_steps}, loss {line['loss']:.3f}, "
+            f"LR {line['lr']:.2e}, phase {line['phase']}",
+        )
         if time.time() - self.logged >= self.log_every or done == self.total_steps:
             self.logged = time.time()
-            self.logger.info("train: step %d/%d (%.0f%%) loss %.3f lr %.2e phase %s, %.0f tokens/s", done,
-                             self.total_steps, 100 * done / self.total_steps, line["loss"], line["lr"], line["phase"],
-                             line["tokens_per_s"])
+            self.logger.info(
+                "train: step %d/%d (%.0f%%) loss %.3f lr %.2e phase %s, %.0f tokens/s",
+                done,
+                self.total_steps,
+                100 * done / self.total_steps,
+                line["loss"],
+                line["lr"],
+                line["phase"],
+                line["tokens_per_s"],
+            )

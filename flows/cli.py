@@ -21,14 +21,14 @@ import os
 import sys
 from pathlib import Path
 
-from stages.audit import AuditFailed
-from stages.config import Recipe, RecipeError, load_recipe
-from stages.curate import CurationError
-from stages.lock import WorkdirBusy, workdir_lock
-from stages.markers import STAGES, StageNotReady, stage_dir
-from stages.publish import PublishRefused
-from stages.sweep import SweepError
-from stages.train import TrainingError
+from refit.stages.audit import AuditFailed
+from refit.stages.curate import CurationError
+from refit.stages.lib.config import Recipe, RecipeError, load_recipe
+from refit.stages.lib.lock import WorkdirBusy, workdir_lock
+from refit.stages.lib.markers import STAGES, StageNotReady, stage_dir
+from refit.stages.lib.sweep import SweepError
+from refit.stages.publish import PublishRefused
+from refit.stages.train import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "deployments" / "demo.yaml"
@@ -37,23 +37,27 @@ DEMO_LEGACY_CORPUS = REPO / "datasets" / "legacy_python_docs.jsonl.gz"
 
 def describe(recipe: Recipe) -> str:
     """A short human summary of what a valid recipe will run."""
-    from stages.mix import phase_plan
-    from stages.schedule import schedule_for, tokens_per_step
+    from refit.stages.lib.schedule import schedule_for, tokens_per_step
+    from refit.stages.mix import phase_plan
 
     schedule = schedule_for(recipe)
     lines = [
         f"recipe {recipe.name}: continue {recipe.base_model.path}",
         f"  workdir   {recipe.workdir}",
-        f"  sources   " + ", ".join(f"{s.name} ({s.role}, {len(s.paths)} path{'s' * (len(s.paths) > 1)})" for s in recipe.sources),
+        "  sources   "
+        + ", ".join(f"{s.name} ({s.role}, {len(s.paths)} path{'s' * (len(s.paths) > 1)})" for s in recipe.sources),
         f"  schedule  {recipe.schedule.decay} from max_lr {recipe.peak_lr:.2e} to {schedule.min_lr:.2e}, "
         f"warmup {schedule.warmup_steps} steps, {schedule.total_steps} steps of {tokens_per_step(recipe)} tokens",
     ]
     for phase in phase_plan(recipe, schedule):
         weights = ", ".join(f"{name} {share:.0%}" for name, share in phase["weights"].items())
-        trigger = ("from step 0" if phase["lr_below"] is None else
-                   f"at LR <= {phase['lr_below']} x max_lr, step {phase['start_step']} ({phase['start_fraction']:.1%})")
+        trigger = (
+            "from step 0"
+            if phase["lr_below"] is None
+            else f"at LR <= {phase['lr_below']} x max_lr, step {phase['start_step']} ({phase['start_fraction']:.1%})"
+        )
         lines.append(f"  phase     {phase['name']}: {weights}; {trigger}")
-    lines.append(f"  evaluate  " + (", ".join(b.name for b in recipe.evaluate.benchmarks) or "validation loss only"))
+    lines.append("  evaluate  " + (", ".join(b.name for b in recipe.evaluate.benchmarks) or "validation loss only"))
     lines.append(f"  publish   {recipe.publish.registry}/{recipe.model_name}")
     return "\n".join(lines)
 
@@ -81,7 +85,7 @@ def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage as a plain function (no Prefect server); the same base and lock as a flow run."""
-    from stages.continuation import continue_from, stage_options
+    from refit.stages.lib.continuation import continue_from, stage_options
 
     recipe = load_recipe(args.recipe)
     workdir = _workdir(args, recipe)
@@ -96,7 +100,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def run_plan(recipe: Recipe, workdir: Path) -> str:
-    from stages.mix import format_plan
+    from refit.stages.mix import format_plan
 
     manifest = None
     functions = stage_functions()
@@ -114,14 +118,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 def run_refresh(recipe_path: Path, workdir: Path | None, force: list[str], wait: bool, backend: str) -> int:
     """The refresh flow (embedded Prefect server unless PREFECT_API_URL names one), then its verdict."""
-    from flows.refresh import refresh
-    from flows.report import format_audit
+    from refit.flows.refresh import refresh
+    from refit.flows.report import format_audit
 
     recipe = load_recipe(recipe_path)  # invalid recipes exit 2 before any server starts
     workdir = Path(workdir or recipe.workdir).resolve()
     try:
-        result = refresh(recipe=str(Path(recipe_path).resolve()), workdir=str(workdir), force=force, wait=wait,
-                         eval_backend=backend)
+        result = refresh(
+            recipe=str(Path(recipe_path).resolve()), workdir=str(workdir), force=force, wait=wait, eval_backend=backend
+        )
     except AuditFailed:
         print(format_audit(workdir)[1])
         raise
@@ -135,10 +140,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from flows.report import format_audit
+    from refit.flows.report import format_audit
 
     if not (stage_dir(args.workdir, "audit") / "report.json").is_file():
-        print(f"error: no audit in {args.workdir}: run `refit run RECIPE` (or `refit stage audit`) first", file=sys.stderr)
+        print(
+            f"error: no audit in {args.workdir}: run `refit run RECIPE` (or `refit stage audit`) first", file=sys.stderr
+        )
         return 1
     passed, text = format_audit(args.workdir)
     print(text)
@@ -146,13 +153,17 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from flows.sweep import sweep
-    from stages.sweep import parse_grid
+    from refit.flows.sweep import sweep
+    from refit.stages.lib.sweep import parse_grid
 
     recipe = load_recipe(args.recipe)
     parse_grid(args.grid)  # a bad --grid exits 2 before any server starts
-    summary = sweep(recipe=str(args.recipe.resolve()), grid=args.grid, budget_fraction=args.budget_fraction,
-                    workdir=str(args.workdir) if args.workdir else None)
+    summary = sweep(
+        recipe=str(args.recipe.resolve()),
+        grid=args.grid,
+        budget_fraction=args.budget_fraction,
+        workdir=str(args.workdir) if args.workdir else None,
+    )
     sweep_dir = Path(args.workdir or recipe.workdir) / "sweep"
     print((sweep_dir / "results.md").read_text())
     print(f"best recipe: {summary['best_recipe']}" if summary["winner"] else "no winner")
@@ -163,7 +174,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from prefect.client.schemas.schedules import CronSchedule
 
-    from flows.serve import serve_recipe
+    from refit.flows.serve import serve_recipe
 
     try:
         CronSchedule(cron=args.cron, timezone=args.timezone)
@@ -175,7 +186,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from stages.demo_base import build_demo_base
+    from refit.stages.lib.demo_base import build_demo_base
 
     recipe = load_recipe(DEMO_RECIPE, check_files=False)
     base = Path(recipe.base_model.path)
@@ -205,35 +216,61 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    backend = dict(choices=("refit", "lm-eval"), default="refit",
-                   help="benchmark scorer: Refit's own, or lm-evaluation-harness (pip install 'refit[lm-eval]')")
+    backend = dict(
+        choices=("refit", "lm-eval"),
+        default="refit",
+        help="benchmark scorer: Refit's own, or lm-evaluation-harness (pip install 'refit[lm-eval]')",
+    )
     command("validate", cmd_validate, "check a recipe and list every problem")
     run = command("run", cmd_run, "run the refresh flow: every stage, cached when unchanged", workdir=True, wait=True)
-    run.add_argument("--force", nargs="+", default=[], choices=STAGES, metavar="STAGE",
-                     help="rerun these stages even if cached, and every stage after them")
+    run.add_argument(
+        "--force",
+        nargs="+",
+        default=[],
+        choices=STAGES,
+        metavar="STAGE",
+        help="rerun these stages even if cached, and every stage after them",
+    )
     run.add_argument("--backend", **backend)
     stage = commands.add_parser("stage", help="run one stage as a plain function (no Prefect server)")
     stage.add_argument("stage", choices=STAGES)
     stage.add_argument("recipe", type=Path)
     stage.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
     stage.add_argument("--wait", action="store_true", help="if another run holds the workdir, wait for it")
-    stage.add_argument("--force", action="store_true", help="rerun even if the output is up to date (curate: start over)")
+    stage.add_argument(
+        "--force", action="store_true", help="rerun even if the output is up to date (curate: start over)"
+    )
     stage.add_argument("--backend", **backend)
     stage.set_defaults(run=cmd_stage)
-    command("plan", cmd_plan, "print phases, steps, tokens and epochs per source, without training", workdir=True, wait=True)
+    command(
+        "plan", cmd_plan, "print phases, steps, tokens and epochs per source, without training", workdir=True, wait=True
+    )
     report = command("report", cmd_report, "print a workdir's audit summary and where the full report is", recipe=False)
     report.add_argument("workdir", type=Path)
-    sweep = command("sweep", cmd_sweep, "pilot-sweep the recipe's knobs at a fraction of its budget, with baselines",
-                    workdir=True)
-    sweep.add_argument("--grid", action="append", required=True, metavar="KEY=V1,V2,...",
-                       help="a recipe field and its values, e.g. schedule.max_lr=3e-3,1e-3 or mixture.phases.1.lr_below=0.5,0.2")
-    sweep.add_argument("--budget-fraction", type=float, help="share of schedule.total_tokens per variant "
-                       "(default: the recipe's sweep.budget_fraction)")
+    sweep = command(
+        "sweep", cmd_sweep, "pilot-sweep the recipe's knobs at a fraction of its budget, with baselines", workdir=True
+    )
+    sweep.add_argument(
+        "--grid",
+        action="append",
+        required=True,
+        metavar="KEY=V1,V2,...",
+        help="a recipe field and its values, e.g. schedule.max_lr=3e-3,1e-3 or mixture.phases.1.lr_below=0.5,0.2",
+    )
+    sweep.add_argument(
+        "--budget-fraction",
+        type=float,
+        help="share of schedule.total_tokens per variant (default: the recipe's sweep.budget_fraction)",
+    )
     serve = command("serve", cmd_serve, "serve the nightly refresh and per-stage rerun deployments from this process")
     serve.add_argument("--cron", default="0 2 * * *", help="nightly schedule (default: 02:00)")
     serve.add_argument("--timezone", default="UTC", help="IANA timezone of the schedule, e.g. Europe/Berlin")
-    demo = command("demo", cmd_demo, "build the demo base model if missing and run the refresh flow on the demo recipe",
-                   recipe=False)
+    demo = command(
+        "demo",
+        cmd_demo,
+        "build the demo base model if missing and run the refresh flow on the demo recipe",
+        recipe=False,
+    )
     demo.add_argument("--rebuild-base", action="store_true", help="retrain the demo base model even if it exists")
     return parser
 
@@ -266,8 +303,15 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SweepError) as error:
         print(error, file=sys.stderr)
         return 2
-    except (CurationError, StageNotReady, TrainingError, FloatingPointError, AuditFailed, PublishRefused,
-            WorkdirBusy) as error:
+    except (
+        CurationError,
+        StageNotReady,
+        TrainingError,
+        FloatingPointError,
+        AuditFailed,
+        PublishRefused,
+        WorkdirBusy,
+    ) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

@@ -22,13 +22,13 @@ from prefect.cache_policies import CachePolicy
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from flows.artifacts import TrainingProgress, audit_artifacts, published_artifact
-from stages.audit import AuditFailed
-from stages.config import Recipe, load_recipe
-from stages.continuation import continue_from, stage_options
-from stages.lock import workdir_lock
-from stages.markers import STAGES, is_done, stage_dir
-from stages.publish import still_published
+from refit.flows.artifacts import TrainingProgress, audit_artifacts, published_artifact
+from refit.stages.audit import AuditFailed
+from refit.stages.lib.config import Recipe, load_recipe
+from refit.stages.lib.continuation import continue_from, stage_options
+from refit.stages.lib.lock import workdir_lock
+from refit.stages.lib.markers import STAGES, is_done, stage_dir
+from refit.stages.publish import still_published
 
 RESULTS_DIR = ".prefect-results"
 
@@ -50,19 +50,34 @@ def _transient(task_, task_run, state) -> bool:
 def _summary(stage: str, report: dict) -> dict:
     """What a task returns and persists: paths and small figures, never data."""
     if stage == "mix":
-        return {"manifest_sha256": report["sha256"], "total_steps": report["total_steps"],
-                "total_tokens": report["total_tokens"],
-                "phases": [{"name": p["name"], "start_step": p["start_step"]} for p in report["phases"]]}
+        return {
+            "manifest_sha256": report["sha256"],
+            "total_steps": report["total_steps"],
+            "total_tokens": report["total_tokens"],
+            "phases": [{"name": p["name"], "start_step": p["start_step"]} for p in report["phases"]],
+        }
     if stage == "audit":
-        return {"passed": report["passed"], "failed": report["failed"],
-                "gates": {g["name"]: g["passed"] for g in report["gates"]}, "cost": report["cost"]}
+        return {
+            "passed": report["passed"],
+            "failed": report["failed"],
+            "gates": {g["name"]: g["passed"] for g in report["gates"]},
+            "cost": report["cost"],
+        }
     return report
 
 
-@task(task_run_name="{stage}", cache_policy=StageFingerprint(), persist_result=True, result_serializer="json",
-      retries=2, retry_delay_seconds=10, retry_condition_fn=_transient)
-def stage_task(stage: str, recipe: Recipe, workdir: str, fingerprint: str, force: bool = False,
-               options: dict | None = None) -> dict:
+@task(
+    task_run_name="{stage}",
+    cache_policy=StageFingerprint(),
+    persist_result=True,
+    result_serializer="json",
+    retries=2,
+    retry_delay_seconds=10,
+    retry_condition_fn=_transient,
+)
+def stage_task(
+    stage: str, recipe: Recipe, workdir: str, fingerprint: str, force: bool = False, options: dict | None = None
+) -> dict:
     options = dict(options or {})
     if stage == "train":
         options["on_progress"] = TrainingProgress(recipe.name, Path(workdir))
@@ -90,6 +105,7 @@ def _recipe_name(recipe: str) -> str:
 def run_name(kind: str):
     def name() -> str:
         return f"{_recipe_name(flow_run.parameters['recipe'])}-{kind}-{dt.datetime.now():%Y-%m-%d-%H%M%S}"
+
     return name
 
 
@@ -98,9 +114,13 @@ def prepare_run(recipe_path: str, workdir: str | None) -> tuple[Recipe, Path]:
     return recipe, Path(workdir or recipe.workdir).resolve()
 
 
-def _stage_with_artifacts(stage: str, recipe: Recipe, workdir: Path, force: bool, eval_backend: str) -> tuple[dict, str]:
+def _stage_with_artifacts(
+    stage: str, recipe: Recipe, workdir: Path, force: bool, eval_backend: str
+) -> tuple[dict, str]:
     try:
-        report, state = run_stage(stage, recipe, workdir, force=force, **stage_options(stage, recipe, workdir, eval_backend))
+        report, state = run_stage(
+            stage, recipe, workdir, force=force, **stage_options(stage, recipe, workdir, eval_backend)
+        )
     except AuditFailed:
         audit_artifacts(recipe.name, workdir)  # the reviewer reads why in the UI
         raise
@@ -112,8 +132,13 @@ def _stage_with_artifacts(stage: str, recipe: Recipe, workdir: Path, force: bool
 
 
 @flow(name="refit-refresh", flow_run_name=run_name("refresh"), log_prints=True)
-def refresh(recipe: str, workdir: str | None = None, force: list[str] | None = None, wait: bool = False,
-            eval_backend: str = "refit") -> dict:
+def refresh(
+    recipe: str,
+    workdir: str | None = None,
+    force: list[str] | None = None,
+    wait: bool = False,
+    eval_backend: str = "refit",
+) -> dict:
     """Curate, tokenize, mix, train, evaluate, audit and publish: the nightly refresh.
 
     recipe: path of the recipe YAML. workdir: default the recipe's. force: stages to rerun
@@ -130,19 +155,33 @@ def refresh(recipe: str, workdir: str | None = None, force: list[str] | None = N
         logger.info("%s", why)
         reports, states = {}, {}
         for index, stage in enumerate(STAGES):
-            reports[stage], states[stage] = _stage_with_artifacts(stage, loaded, workdir_path, index >= first_forced,
-                                                                  eval_backend)
+            reports[stage], states[stage] = _stage_with_artifacts(
+                stage, loaded, workdir_path, index >= first_forced, eval_backend
+            )
     published = reports["publish"]
-    logger.info("published %s %s at %s%s", loaded.model_name, published["version"], published["path"],
-                " (already there)" if published["already_published"] else "")
-    return {"recipe": loaded.name, "workdir": str(workdir_path), "base_model": str(loaded.base_model.path),
-            "continuation": why, "stages": states, "published": published, "audit": reports["audit"],
-            "train": reports["train"]}
+    logger.info(
+        "published %s %s at %s%s",
+        loaded.model_name,
+        published["version"],
+        published["path"],
+        " (already there)" if published["already_published"] else "",
+    )
+    return {
+        "recipe": loaded.name,
+        "workdir": str(workdir_path),
+        "base_model": str(loaded.base_model.path),
+        "continuation": why,
+        "stages": states,
+        "published": published,
+        "audit": reports["audit"],
+        "train": reports["train"],
+    }
 
 
 def _single_stage_flow(stage: str):
-    def single_stage(recipe: str, workdir: str | None = None, force: bool = False, wait: bool = False,
-                     eval_backend: str = "refit") -> dict:
+    def single_stage(
+        recipe: str, workdir: str | None = None, force: bool = False, wait: bool = False, eval_backend: str = "refit"
+    ) -> dict:
         loaded, workdir_path = prepare_run(recipe, workdir)
         with workdir_lock(workdir_path, f"{stage} of {loaded.name} (flow run {flow_run.name})", wait=wait):
             loaded, why = continue_from(loaded, workdir_path)
@@ -156,5 +195,9 @@ def _single_stage_flow(stage: str):
     return flow(name=f"refit-{stage}", flow_run_name=run_name(stage), log_prints=True)(single_stage)
 
 
-curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow = map(_single_stage_flow, STAGES)
-STAGE_FLOWS = dict(zip(STAGES, (curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow)))
+curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow = map(
+    _single_stage_flow, STAGES
+)
+STAGE_FLOWS = dict(
+    zip(STAGES, (curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow))
+)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from stages.markers import read_marker, stage_dir
+from refit.stages.lib.markers import read_marker, stage_dir
 
 
 def _pm(value: float, error: float | None) -> str:
@@ -20,12 +20,16 @@ def format_evaluation(report: dict) -> str:
     if report["average_acc"]:
         rows.append(("average", "", sum(b["items"] for b in report["benchmarks"].values()), report["average_acc"]))
     for name, domain, items, acc in rows:
-        lines.append(f"{name:<16}{domain:<8}{items:>6}{_pm(acc['base'], acc['base_stderr']):>16}"
-                     f"{_pm(acc['candidate'], acc['candidate_stderr']):>16}{_pm(acc['delta'], acc['delta_stderr']):>16}")
+        lines.append(
+            f"{name:<16}{domain:<8}{items:>6}{_pm(acc['base'], acc['base_stderr']):>16}"
+            f"{_pm(acc['candidate'], acc['candidate_stderr']):>16}{_pm(acc['delta'], acc['delta_stderr']):>16}"
+        )
     lines += ["", f"{'validation':<16}{'role':<8}{'docs':>6}{'base loss':>16}{'candidate loss':>16}{'bits/byte':>16}"]
     for name, v in report["validation"].items():
-        lines.append(f"{name:<16}{v['role']:<8}{v['docs']:>6}{v['base_loss_per_token']:>16.3f}{v['candidate_loss_per_token']:>16.3f}"
-                     f"{v['base_bits_per_byte']:>8.3f} -> {v['candidate_bits_per_byte']:.3f}")
+        lines.append(
+            f"{name:<16}{v['role']:<8}{v['docs']:>6}{v['base_loss_per_token']:>16.3f}{v['candidate_loss_per_token']:>16.3f}"
+            f"{v['base_bits_per_byte']:>8.3f} -> {v['candidate_bits_per_byte']:.3f}"
+        )
     return "\n".join(lines)
 
 
@@ -33,18 +37,26 @@ def format_audit(workdir: Path) -> tuple[bool, str]:
     """(passed, summary): verdict, every gate, accuracy and loss, cost, published version."""
     audit_dir = stage_dir(workdir, "audit")
     audit = json.loads((audit_dir / "report.json").read_text())
-    lines = [f"audit of {audit['recipe']}: " + ("PASSED" if audit["passed"] else f"FAILED ({len(audit['failed'])} gates)"), ""]
+    lines = [
+        f"audit of {audit['recipe']}: " + ("PASSED" if audit["passed"] else f"FAILED ({len(audit['failed'])} gates)"),
+        "",
+    ]
     width = max(len(g["name"]) for g in audit["gates"])
     lines += [f"  {'pass' if g['passed'] else 'FAIL'}  {g['name']:<{width}}  {g['reason']}" for g in audit["gates"]]
     evaluation = stage_dir(workdir, "evaluate") / "report.json"
     if evaluation.is_file():
         lines.append(format_evaluation(json.loads(evaluation.read_text())))
     cost = audit["cost"]
-    lines += ["", f"cost: {cost['tokens']:,} tokens, {cost['flops']:.3g} FLOPs, {cost['device_hours']:.3g} device-hours "
-                  f"({cost['wall_seconds']:.0f} s on {cost['devices']} device(s))"]
+    lines += [
+        "",
+        f"cost: {cost['tokens']:,} tokens, {cost['flops']:.3g} FLOPs, {cost['device_hours']:.3g} device-hours "
+        f"({cost['wall_seconds']:.0f} s on {cost['devices']} device(s))",
+    ]
     if "retrain_from_scratch" in cost:
-        lines.append(f"      retraining from scratch: {cost['retrain_from_scratch']['device_hours']:.3g} device-hours; "
-                     f"this refresh used {cost['refit_over_scratch_compute']:.2%} of that compute")
+        lines.append(
+            f"      retraining from scratch: {cost['retrain_from_scratch']['device_hours']:.3g} device-hours; "
+            f"this refresh used {cost['refit_over_scratch_compute']:.2%} of that compute"
+        )
     published, audited = read_marker(Path(workdir) / "publish"), read_marker(audit_dir)
     if published and published["finished"] >= audited["finished"]:  # else it was an earlier candidate
         record = json.loads((Path(workdir) / "publish" / "report.json").read_text())

@@ -17,13 +17,23 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from flows.artifacts import artifact_key, inline_images
-from flows.refresh import prepare_run, run_name, run_stage
-from stages.config import Recipe, RecipeError, load_recipe
-from stages.continuation import continue_from
-from stages.lock import workdir_lock
-from stages.sweep import (SHARED_STAGES, Variant, choose_winner, device_slots, failed_row, parse_grid, plan_variants,
-                          prepare_variant, result_row, write_results)
+from refit.flows.artifacts import artifact_key, inline_images
+from refit.flows.refresh import prepare_run, run_name, run_stage
+from refit.stages.lib.config import Recipe, RecipeError, load_recipe
+from refit.stages.lib.continuation import continue_from
+from refit.stages.lib.lock import workdir_lock
+from refit.stages.lib.sweep import (
+    SHARED_STAGES,
+    Variant,
+    choose_winner,
+    device_slots,
+    failed_row,
+    parse_grid,
+    plan_variants,
+    prepare_variant,
+    result_row,
+    write_results,
+)
 
 VARIANT_STAGES = ("mix", "train", "evaluate")
 
@@ -84,10 +94,20 @@ def _run_variant(recipe: Recipe, variant: Variant, workdir: Path, fraction: floa
 
 
 def sweep_artifacts(name: str, sweep_dir: Path, rows: list[dict]) -> None:
-    create_markdown_artifact(key=artifact_key("sweep", name),
-                             markdown=inline_images((sweep_dir / "results.md").read_text(), sweep_dir),
-                             description=f"pilot sweep of {name}")
-    table = [{"variant": r["variant"], "status": r["status"], "settings": r["description"],
-              "average_acc": r.get("average_acc"), "device_hours": r.get("device_hours"), "error": r.get("error", "")}
-             for r in rows]
+    create_markdown_artifact(
+        key=artifact_key("sweep", name),
+        markdown=inline_images((sweep_dir / "results.md").read_text(), sweep_dir),
+        description=f"pilot sweep of {name}",
+    )
+    table = [
+        {
+            "variant": r["variant"],
+            "status": r["status"],
+            "settings": r["description"],
+            "average_acc": r.get("average_acc"),
+            "device_hours": r.get("device_hours"),
+            "error": r.get("error", ""),
+        }
+        for r in rows
+    ]
     create_table_artifact(key=artifact_key("sweep-table", name), table=table, description=f"pilot sweep of {name}")

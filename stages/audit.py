@@ -16,12 +16,23 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.config import Recipe
-from stages.curate import curated_files
-from stages.markers import (code_version, file_sha256, fingerprint, is_done, read_marker, stage_dir, staging_dir, swap_into_place,
-                            upstream_fingerprint, write_json_atomic, write_marker)
-from stages.text import benchmark_ngrams, word_ngrams
-from stages.train import read_metrics
+from refit.stages.curate import curated_files
+from refit.stages.lib.config import Recipe
+from refit.stages.lib.markers import (
+    code_version,
+    file_sha256,
+    fingerprint,
+    is_done,
+    read_marker,
+    stage_dir,
+    staging_dir,
+    swap_into_place,
+    upstream_fingerprint,
+    write_json_atomic,
+    write_marker,
+)
+from refit.stages.lib.text import benchmark_ngrams, word_ngrams
+from refit.stages.train import read_metrics
 
 RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
 
@@ -42,26 +53,55 @@ def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> l
     g, gates = recipe.gates, []
     average = evaluation["average_acc"]
     if average is None:
-        return [gate("average_accuracy_gain", False, None, g.min_average_gain, "no benchmarks in the recipe: nothing shows the candidate is better")]
+        return [
+            gate(
+                "average_accuracy_gain",
+                False,
+                None,
+                g.min_average_gain,
+                "no benchmarks in the recipe: nothing shows the candidate is better",
+            )
+        ]
     margin = _sigma(average["delta_stderr"], g.noise_sigmas)
-    gates.append(gate("average_accuracy_gain", average["delta"] - margin > g.min_average_gain, average["delta"],
-                      g.min_average_gain, f"average accuracy {average['base']:.4f} -> {average['candidate']:.4f} "
-                      f"(delta {average['delta']:+.4f} +- {average['delta_stderr'] or 0:.4f}); must exceed "
-                      f"{g.min_average_gain:+.4f} by {g.noise_sigmas:g} standard errors"))
+    gates.append(
+        gate(
+            "average_accuracy_gain",
+            average["delta"] - margin > g.min_average_gain,
+            average["delta"],
+            g.min_average_gain,
+            f"average accuracy {average['base']:.4f} -> {average['candidate']:.4f} "
+            f"(delta {average['delta']:+.4f} +- {average['delta_stderr'] or 0:.4f}); must exceed "
+            f"{g.min_average_gain:+.4f} by {g.noise_sigmas:g} standard errors",
+        )
+    )
     if previous is not None and previous.get("average_acc"):
         prior = previous["average_acc"]["candidate"]
         error = previous["average_acc"].get("candidate_stderr")
         bar = prior - _sigma(error, g.noise_sigmas)
-        gates.append(gate("above_previous_version", average["candidate"] >= bar, average["candidate"], prior,
-                          f"average accuracy {average['candidate']:.4f} against the previous published version's "
-                          f"{prior:.4f} (fails only if lower by more than {g.noise_sigmas:g} standard errors)"))
+        gates.append(
+            gate(
+                "above_previous_version",
+                average["candidate"] >= bar,
+                average["candidate"],
+                prior,
+                f"average accuracy {average['candidate']:.4f} against the previous published version's "
+                f"{prior:.4f} (fails only if lower by more than {g.noise_sigmas:g} standard errors)",
+            )
+        )
     for name, bench in evaluation["benchmarks"].items():
         acc = bench["acc"]
         worst = acc["delta"] + _sigma(acc["delta_stderr"], g.noise_sigmas)
-        gates.append(gate(f"benchmark_regression:{name}", worst >= -g.max_benchmark_drop, acc["delta"], -g.max_benchmark_drop,
-                          f"{name} accuracy {acc['base']:.4f} -> {acc['candidate']:.4f} (delta {acc['delta']:+.4f} +- "
-                          f"{acc['delta_stderr'] or 0:.4f}); fails if below {-g.max_benchmark_drop:+.4f} beyond "
-                          f"{g.noise_sigmas:g} standard errors"))
+        gates.append(
+            gate(
+                f"benchmark_regression:{name}",
+                worst >= -g.max_benchmark_drop,
+                acc["delta"],
+                -g.max_benchmark_drop,
+                f"{name} accuracy {acc['base']:.4f} -> {acc['candidate']:.4f} (delta {acc['delta']:+.4f} +- "
+                f"{acc['delta_stderr'] or 0:.4f}); fails if below {-g.max_benchmark_drop:+.4f} beyond "
+                f"{g.noise_sigmas:g} standard errors",
+            )
+        )
     return gates
 
 
@@ -72,14 +112,29 @@ def loss_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
         if v["role"] == "legacy":
             relative = loss["delta"] / loss["base"]
             best_case = (loss["delta"] - _sigma(loss["delta_stderr"], g.noise_sigmas)) / loss["base"]
-            gates.append(gate(f"forgetting:{name}", best_case <= g.max_legacy_loss_increase, relative, g.max_legacy_loss_increase,
-                              f"legacy validation loss {loss['base']:.4f} -> {loss['candidate']:.4f} ({relative:+.2%}); "
-                              f"fails if up by more than {g.max_legacy_loss_increase:.0%} beyond {g.noise_sigmas:g} standard errors"))
+            gates.append(
+                gate(
+                    f"forgetting:{name}",
+                    best_case <= g.max_legacy_loss_increase,
+                    relative,
+                    g.max_legacy_loss_increase,
+                    f"legacy validation loss {loss['base']:.4f} -> {loss['candidate']:.4f} ({relative:+.2%}); "
+                    f"fails if up by more than {g.max_legacy_loss_increase:.0%} beyond "
+                    f"{g.noise_sigmas:g} standard errors",
+                )
+            )
         elif v["role"] == "new" and g.require_new_loss_decrease:
             upper = loss["delta"] + _sigma(loss["delta_stderr"], g.noise_sigmas)
-            gates.append(gate(f"new_domain_learned:{name}", upper < 0, loss["delta"], 0.0,
-                              f"new-domain validation loss {loss['base']:.4f} -> {loss['candidate']:.4f}; must fall by more "
-                              f"than {g.noise_sigmas:g} standard errors ({loss['delta_stderr'] or 0:.4f})"))
+            gates.append(
+                gate(
+                    f"new_domain_learned:{name}",
+                    upper < 0,
+                    loss["delta"],
+                    0.0,
+                    f"new-domain validation loss {loss['base']:.4f} -> {loss['candidate']:.4f}; must fall by more "
+                    f"than {g.noise_sigmas:g} standard errors ({loss['delta_stderr'] or 0:.4f})",
+                )
+            )
     return gates
 
 
@@ -99,8 +154,13 @@ def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
     items = sorted(found)
     limit = recipe.gates.max_contaminated_items
     shown = ", ".join(items[:20]) + (f" and {len(items) - 20} more" if len(items) > 20 else "")
-    return gate("contamination", len(items) <= limit, len(items), limit,
-                f"{len(items)} benchmark item(s) share a {n}-gram with the training data" + (f": {shown}" if items else ""))
+    return gate(
+        "contamination",
+        len(items) <= limit,
+        len(items),
+        limit,
+        f"{len(items)} benchmark item(s) share a {n}-gram with the training data" + (f": {shown}" if items else ""),
+    )
 
 
 def health_gate(recipe: Recipe, metrics: list[dict]) -> dict:
@@ -109,34 +169,59 @@ def health_gate(recipe: Recipe, metrics: list[dict]) -> dict:
     unrecovered = []
     window = 20
     for i in range(window, len(losses)):
-        median = float(np.median(losses[i - window:i]))
+        median = float(np.median(losses[i - window : i]))
         if losses[i] > recipe.gates.loss_spike_factor * median:
-            after = losses[i + 1:i + 1 + RECOVERY_STEPS]
+            after = losses[i + 1 : i + 1 + RECOVERY_STEPS]
             if not len(after) or after.min() > median:
                 unrecovered.append(metrics[i]["step"])
     finite = bool(np.all(np.isfinite(losses)))
-    return gate("training_health", finite and not unrecovered, len(unrecovered), 0,
-                ("non-finite loss in the log; " if not finite else "") +
-                (f"unrecovered loss spikes at steps {unrecovered}" if unrecovered else
-                 f"{len(losses)} steps, all finite, no unrecovered spike (> {recipe.gates.loss_spike_factor:g} x running median)"))
+    return gate(
+        "training_health",
+        finite and not unrecovered,
+        len(unrecovered),
+        0,
+        ("non-finite loss in the log; " if not finite else "")
+        + (
+            f"unrecovered loss spikes at steps {unrecovered}"
+            if unrecovered
+            else f"{len(losses)} steps, all finite, no unrecovered spike (> "
+            f"{recipe.gates.loss_spike_factor:g} x running median)"
+        ),
+    )
 
 
 def lineage(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
     base = Path(recipe.base_model.path)
     weights = {p.name: file_sha256(p) for p in sorted(base.glob("*.safetensors"))}
-    shards_ok = all(file_sha256(workdir / s["path"]) == s["sha256"] for src in manifest["sources"].values() for s in src["shards"])
-    return {"base_model": str(base), "base_config_sha256": file_sha256(base / "config.json") if (base / "config.json").exists() else None,
-            "base_weights_sha256": weights, "recipe_sha256": fingerprint("recipe", recipe.model_dump(mode="json")),
-            "manifest_sha256": manifest.get("sha256"), "tokenizer_sha256": manifest.get("tokenizer_sha256"),
-            "shards": sum(len(s["shards"]) for s in manifest["sources"].values()), "shards_verified": shards_ok,
-            "code_version": code_version(), "train_fingerprint": read_marker(workdir / "train")["fingerprint"]}
+    shards_ok = all(
+        file_sha256(workdir / s["path"]) == s["sha256"] for src in manifest["sources"].values() for s in src["shards"]
+    )
+    return {
+        "base_model": str(base),
+        "base_config_sha256": file_sha256(base / "config.json") if (base / "config.json").exists() else None,
+        "base_weights_sha256": weights,
+        "recipe_sha256": fingerprint("recipe", recipe.model_dump(mode="json")),
+        "manifest_sha256": manifest.get("sha256"),
+        "tokenizer_sha256": manifest.get("tokenizer_sha256"),
+        "shards": sum(len(s["shards"]) for s in manifest["sources"].values()),
+        "shards_verified": shards_ok,
+        "code_version": code_version(),
+        "train_fingerprint": read_marker(workdir / "train")["fingerprint"],
+    }
 
 
 def lineage_gate(record: dict) -> dict:
     missing = [k for k, v in record.items() if v in (None, {}, "")]
     ok = not missing and record["shards_verified"]
-    return gate("lineage", ok, len(missing), 0, "complete: base weights, recipe, manifest, shard and code hashes" if ok else
-                f"missing {', '.join(missing) or 'nothing'}; shards match the manifest: {record['shards_verified']}")
+    return gate(
+        "lineage",
+        ok,
+        len(missing),
+        0,
+        "complete: base weights, recipe, manifest, shard and code hashes"
+        if ok
+        else f"missing {', '.join(missing) or 'nothing'}; shards match the manifest: {record['shards_verified']}",
+    )
 
 
 def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) -> dict:
@@ -144,15 +229,27 @@ def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) 
     hours = train["seconds"] * train["processes"] / 3600
     tokens_per_s = train["tokens"] / max(train["seconds"], 1e-9)
     price = recipe.cost.device_hour_price
-    report = {"parameters": parameters, "tokens": train["tokens"], "flops": 6 * parameters * train["tokens"],
-              "wall_seconds": train["seconds"], "devices": train["processes"], "device_hours": hours,
-              "price_per_device_hour": price, "cost": hours * price, "tokens_per_second": tokens_per_s}
+    report = {
+        "parameters": parameters,
+        "tokens": train["tokens"],
+        "flops": 6 * parameters * train["tokens"],
+        "wall_seconds": train["seconds"],
+        "devices": train["processes"],
+        "device_hours": hours,
+        "price_per_device_hour": price,
+        "cost": hours * price,
+        "tokens_per_second": tokens_per_s,
+    }
     pretraining = recipe.base_model.pretraining_tokens
     if pretraining:
         scratch_hours = pretraining / tokens_per_s * train["processes"] / 3600
-        report["retrain_from_scratch"] = {"tokens": pretraining, "flops": 6 * parameters * pretraining,
-                                          "device_hours": scratch_hours, "cost": scratch_hours * price,
-                                          "assumption": "same model at this run's measured tokens/s per device"}
+        report["retrain_from_scratch"] = {
+            "tokens": pretraining,
+            "flops": 6 * parameters * pretraining,
+            "device_hours": scratch_hours,
+            "cost": scratch_hours * price,
+            "assumption": "same model at this run's measured tokens/s per device",
+        }
         report["refit_over_scratch_compute"] = train["tokens"] / pretraining
     average = evaluation.get("average_acc")
     if average and hours > 0:
@@ -161,15 +258,18 @@ def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) 
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None = None) -> str:
-    section = {"gates": recipe.gates.model_dump(mode="json"), "cost": recipe.cost.model_dump(mode="json"),
-               "previous": previous_eval}
+    section = {
+        "gates": recipe.gates.model_dump(mode="json"),
+        "cost": recipe.cost.model_dump(mode="json"),
+        "previous": previous_eval,
+    }
     upstream = [upstream_fingerprint(workdir, stage, "audit") for stage in ("mix", "train", "evaluate")]
     return fingerprint("audit", section, upstream)
 
 
 def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> dict:
     """Write audit/report.json and audit/report.md with plots; raise AuditFailed if a gate fails."""
-    from stages.audit_report import write_report
+    from refit.stages.lib.audit_report import write_report
 
     workdir = Path(workdir)
     final = workdir / "audit"
@@ -181,17 +281,30 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
         evaluation = json.loads((stage_dir(workdir, "evaluate") / "report.json").read_text())
         metrics = read_metrics(workdir / "train")
         record = lineage(recipe, workdir, manifest)
-        gates = [*accuracy_gates(recipe, evaluation, previous_eval), *loss_gates(recipe, evaluation),
-                 contamination_gate(recipe, workdir, manifest), health_gate(recipe, metrics), lineage_gate(record)]
+        gates = [
+            *accuracy_gates(recipe, evaluation, previous_eval),
+            *loss_gates(recipe, evaluation),
+            contamination_gate(recipe, workdir, manifest),
+            health_gate(recipe, metrics),
+            lineage_gate(record),
+        ]
         from safetensors import safe_open
 
         parameters = 0
         for path in sorted((workdir / "train" / "final").glob("*.safetensors")):
             with safe_open(path, "np") as weights:
                 parameters += sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())
-        report = {"stage": "audit", "recipe": recipe.name, "passed": all(g["passed"] for g in gates), "gates": gates,
-                  "failed": [g["reason"] for g in gates if not g["passed"]], "cost": cost_report(recipe, train, evaluation, parameters),
-                  "lineage": record, "candidate": str(workdir / "train" / "final"), "train": train}
+        report = {
+            "stage": "audit",
+            "recipe": recipe.name,
+            "passed": all(g["passed"] for g in gates),
+            "gates": gates,
+            "failed": [g["reason"] for g in gates if not g["passed"]],
+            "cost": cost_report(recipe, train, evaluation, parameters),
+            "lineage": record,
+            "candidate": str(workdir / "train" / "final"),
+            "train": train,
+        }
         out = staging_dir(final)
         write_report(out, report, evaluation, metrics, manifest)
         write_json_atomic(out / "report.json", report)
@@ -199,6 +312,9 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
         swap_into_place(out, final)
     report = json.loads((final / "report.json").read_text())
     if not report["passed"]:
-        raise AuditFailed(f"audit of {recipe.name} failed {len(report['failed'])} gate(s):\n  - " + "\n  - ".join(report["failed"])
-                          + f"\nfull report: {final / 'report.md'}")
+        raise AuditFailed(
+            f"audit of {recipe.name} failed {len(report['failed'])} gate(s):\n  - "
+            + "\n  - ".join(report["failed"])
+            + f"\nfull report: {final / 'report.md'}"
+        )
     return report

@@ -25,10 +25,19 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from stages.config import Recipe, SourceSpec
-from stages.markers import code_version, fingerprint, is_done, read_marker, staging_dir, swap_into_place, write_json_atomic, write_marker
-from stages.records import read_records
-from stages.text import benchmark_ngrams, word_ngrams
+from refit.stages.lib.config import Recipe, SourceSpec
+from refit.stages.lib.markers import (
+    code_version,
+    fingerprint,
+    is_done,
+    read_marker,
+    staging_dir,
+    swap_into_place,
+    write_json_atomic,
+    write_marker,
+)
+from refit.stages.lib.records import read_records
+from refit.stages.lib.text import benchmark_ngrams, word_ngrams
 
 log = logging.getLogger(__name__)
 ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicate ties
@@ -45,15 +54,21 @@ class CurationError(RuntimeError):
 
 
 def source_files(source: SourceSpec) -> list[Path]:
-    return sorted({Path(p) for pattern in source.paths for p in glob.glob(pattern, recursive=True) if Path(p).is_file()})
+    return sorted(
+        {Path(p) for pattern in source.paths for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
+    )
 
 
 def _settings(recipe: Recipe) -> dict:
     """What curated output depends on apart from the input files: changing it means starting over."""
     benchmarks = {b.name: hashlib.sha256(Path(b.path).read_bytes()).hexdigest() for b in recipe.evaluate.benchmarks}
     sources = [s.model_dump(mode="json", exclude={"paths"}) for s in recipe.sources]
-    return {"curate": recipe.curate.model_dump(mode="json"), "sources": sources, "benchmarks": benchmarks,
-            "code": code_version()}  # batches curated by other code are not extended, but redone
+    return {
+        "curate": recipe.curate.model_dump(mode="json"),
+        "sources": sources,
+        "benchmarks": benchmarks,
+        "code": code_version(),
+    }  # batches curated by other code are not extended, but redone
 
 
 def _listing(recipe: Recipe) -> dict:
@@ -103,18 +118,23 @@ def _write_parquet(path: Path, docs: list[tuple[str, str]]) -> None:
 def _new_files(db: sqlite3.Connection, source: SourceSpec) -> list[Path]:
     new = []
     for path in source_files(source):
-        row = db.execute("SELECT size, mtime_ns FROM files WHERE source=? AND path=?", (source.name, str(path))).fetchone()
+        row = db.execute(
+            "SELECT size, mtime_ns FROM files WHERE source=? AND path=?", (source.name, str(path))
+        ).fetchone()
         stat = path.stat()
         if row is None:
             new.append(path)
         elif tuple(row) != (stat.st_size, stat.st_mtime_ns):
-            raise CurationError(f"source {source.name}: {path} changed since it was curated; curation adds new files "
-                                "incrementally but does not redo old ones: rerun with --force to start over")
+            raise CurationError(
+                f"source {source.name}: {path} changed since it was curated; curation adds new files "
+                "incrementally but does not redo old ones: rerun with --force to start over"
+            )
     return new
 
 
-def _screen_source(recipe: Recipe, source: SourceSpec, db: sqlite3.Connection,
-                   contamination: dict[tuple[str, ...], str]) -> dict:
+def _screen_source(
+    recipe: Recipe, source: SourceSpec, db: sqlite3.Connection, contamination: dict[tuple[str, ...], str]
+) -> dict:
     """Read a source's new files: quarantine bad records, drop exact duplicates and
     contaminated documents; fail if too many records are bad. Returns the clean documents."""
     spec, files = recipe.curate, _new_files(db, source)
@@ -127,7 +147,10 @@ def _screen_source(recipe: Recipe, source: SourceSpec, db: sqlite3.Connection,
             counts["records"] += 1
             if record.part is not None:
                 counts["split_parts"] += 1
-            if record.reason is None and db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (source.name, record.id)).rowcount == 0:
+            if (
+                record.reason is None
+                and db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (source.name, record.id)).rowcount == 0
+            ):
                 record.reason, record.detail = "duplicate_id", f"id {record.id!r} seen before in {source.name}"
                 record.excerpt = record.text[:200] if record.text else ""
             if record.reason is not None:
@@ -140,7 +163,10 @@ def _screen_source(recipe: Recipe, source: SourceSpec, db: sqlite3.Connection,
                 removed.append({"id": record.id, "reason": "exact_duplicate", "of": f"{first[0]}:{first[1]}"})
                 continue
             db.execute("INSERT INTO texts VALUES (?, ?, ?)", (digest, source.name, record.id))
-            hit = next((contamination[g] for g in word_ngrams(record.text, spec.decontaminate_ngram) if g in contamination), None)
+            hit = next(
+                (contamination[g] for g in word_ngrams(record.text, spec.decontaminate_ngram) if g in contamination),
+                None,
+            )
             if hit is not None:
                 removed.append({"id": record.id, "reason": "contaminated", "of": hit})
                 continue
@@ -149,15 +175,31 @@ def _screen_source(recipe: Recipe, source: SourceSpec, db: sqlite3.Connection,
     bad_fraction = bad / counts["records"] if counts["records"] else 0.0
     if bad_fraction > spec.max_bad_fraction:
         top = Counter({k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("quarantined:")}).most_common(3)
-        raise CurationError(f"source {source.name}: {bad_fraction:.1%} of {counts['records']} records are bad "
-                            f"(limit curate.max_bad_fraction {spec.max_bad_fraction:.1%}); top reasons: "
-                            + ", ".join(f"{reason} {n}" for reason, n in top) + "; previous curated output kept")
-    return {"files": files, "counts": counts, "bad_fraction": bad_fraction, "quarantined": quarantined,
-            "removed": removed, "clean": clean}
+        raise CurationError(
+            f"source {source.name}: {bad_fraction:.1%} of {counts['records']} records are bad "
+            f"(limit curate.max_bad_fraction {spec.max_bad_fraction:.1%}); top reasons: "
+            + ", ".join(f"{reason} {n}" for reason, n in top)
+            + "; previous curated output kept"
+        )
+    return {
+        "files": files,
+        "counts": counts,
+        "bad_fraction": bad_fraction,
+        "quarantined": quarantined,
+        "removed": removed,
+        "clean": clean,
+    }
 
 
-def _write_source(source: SourceSpec, screened: dict, kept: list[tuple[str, str]], out: Path,
-                  db: sqlite3.Connection, batch: int, validation_fraction: float) -> dict:
+def _write_source(
+    source: SourceSpec,
+    screened: dict,
+    kept: list[tuple[str, str]],
+    out: Path,
+    db: sqlite3.Connection,
+    batch: int,
+    validation_fraction: float,
+) -> dict:
     """Write one source's batch (train/validation Parquet, quarantine, removed) and its report."""
     validation = [d for d in kept if _in_validation(d[0], validation_fraction)]
     train = [d for d in kept if not _in_validation(d[0], validation_fraction)]
@@ -168,35 +210,51 @@ def _write_source(source: SourceSpec, screened: dict, kept: list[tuple[str, str]
     _write_jsonl(out / "removed" / source.name / f"batch-{batch:04d}.jsonl", removed)
     for path in screened["files"]:
         stat = path.stat()
-        db.execute("INSERT INTO files VALUES (?, ?, ?, ?, ?)", (source.name, str(path), stat.st_size, stat.st_mtime_ns, batch))
+        db.execute(
+            "INSERT INTO files VALUES (?, ?, ?, ?, ?)", (source.name, str(path), stat.st_size, stat.st_mtime_ns, batch)
+        )
     counts = screened["counts"]
     return {
-        "files": [str(p) for p in screened["files"]], "records": counts["records"], "split_parts": counts["split_parts"],
+        "files": [str(p) for p in screened["files"]],
+        "records": counts["records"],
+        "split_parts": counts["split_parts"],
         "quarantined": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined:")},
         "bad_fraction": round(screened["bad_fraction"], 6),
         "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
         "contaminated_ids": [r["id"] for r in removed if r["reason"] == "contaminated"],
-        "train_docs": len(train), "validation_docs": len(validation),
+        "train_docs": len(train),
+        "validation_docs": len(validation),
         "train_chars": sum(len(t) for _, t in train),
     }
 
 
-def _near_dedup_all(screened: dict[str, dict], sources: list[SourceSpec], out: Path, batch: int,
-                    recipe: Recipe) -> dict[str, list[tuple[str, str]]]:
+def _near_dedup_all(
+    screened: dict[str, dict], sources: list[SourceSpec], out: Path, batch: int, recipe: Recipe
+) -> dict[str, list[tuple[str, str]]]:
     """One MinHash pass over every source's clean documents in priority order; the removed
     ones are added to each source's removed list, naming the document they duplicate."""
-    from stages.near_dedup import EARLIER_BATCH, near_dedup
+    from refit.stages.lib.near_dedup import EARLIER_BATCH, near_dedup
 
     ordered = [(source.name, doc) for source in sources for doc in screened[source.name]["clean"]]
-    duplicates = near_dedup([text for _, (_, text) in ordered], out / "work", out / "minhash-index",
-                            f"batch-{batch:04d}", recipe.curate.minhash, recipe.curate.workers)
+    duplicates = near_dedup(
+        [text for _, (_, text) in ordered],
+        out / "work",
+        out / "minhash-index",
+        f"batch-{batch:04d}",
+        recipe.curate.minhash,
+        recipe.curate.workers,
+    )
     kept: dict[str, list[tuple[str, str]]] = {source.name: [] for source in sources}
     for position, (name, doc) in enumerate(ordered):
         if position not in duplicates:
             kept[name].append(doc)
             continue
         original = duplicates[position]
-        of = "a document of an earlier batch" if original == EARLIER_BATCH else f"{ordered[original][0]}:{ordered[original][1][0]}"
+        of = (
+            "a document of an earlier batch"
+            if original == EARLIER_BATCH
+            else f"{ordered[original][0]}:{ordered[original][1][0]}"
+        )
         screened[name]["removed"].append({"id": doc[0], "reason": "near_duplicate", "of": of})
     return kept
 
@@ -227,13 +285,22 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
             log.info("curate: reading %s (batch %d)", source.name, batch)
             screened[source.name] = _screen_source(recipe, source, db, contamination)
         kept = _near_dedup_all(screened, sources, out, batch, recipe)
-        report_sources = {source.name: _write_source(source, screened[source.name], kept[source.name], out, db, batch,
-                                                     recipe.curate.validation_fraction) for source in sources}
+        report_sources = {
+            source.name: _write_source(
+                source, screened[source.name], kept[source.name], out, db, batch, recipe.curate.validation_fraction
+            )
+            for source in sources
+        }
         db.commit()
         db.close()
         shutil.rmtree(out / "work", ignore_errors=True)
-        report = {"stage": "curate", "batch": batch, "incremental": incremental, "sources": report_sources,
-                  "seconds": round(time.time() - started, 2)}
+        report = {
+            "stage": "curate",
+            "batch": batch,
+            "incremental": incremental,
+            "sources": report_sources,
+            "seconds": round(time.time() - started, 2),
+        }
         write_json_atomic(out / "report.json", report)
         write_marker(out, "curate", expected, started, {"settings": settings_hash, "data_version": _version(listing)})
     except BaseException:
@@ -246,4 +313,3 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
 def curated_files(workdir: Path, source: str, split: str) -> list[Path]:
     """The curated Parquet files of one source and split ("train" or "validation"), in batch order."""
     return sorted((Path(workdir) / "curate" / source).glob(f"{split}-*.parquet"))
-

@@ -27,11 +27,19 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.config import Recipe
-from stages.curate import curated_files
-from stages.text import read_jsonl
-from stages.markers import (fingerprint, is_done, stage_dir, staging_dir, swap_into_place, upstream_fingerprint,
-                            write_json_atomic, write_marker)
+from refit.stages.curate import curated_files
+from refit.stages.lib.config import Recipe
+from refit.stages.lib.markers import (
+    fingerprint,
+    is_done,
+    stage_dir,
+    staging_dir,
+    swap_into_place,
+    upstream_fingerprint,
+    write_json_atomic,
+    write_marker,
+)
+from refit.stages.lib.text import read_jsonl
 
 log = logging.getLogger(__name__)
 BACKENDS = ("refit", "lm-eval")
@@ -59,8 +67,9 @@ class Scorer:
 
         self.torch = torch
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32,
-                                                          trust_remote_code=trust_remote_code).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, use_safetensors=True, dtype=torch.float32, trust_remote_code=trust_remote_code
+        ).eval()
         self.batch_size = batch_size
         self.max_len = context_length(self.model.config)
         self.slices_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
@@ -78,13 +87,13 @@ class Scorer:
         the right without an attention mask (causal attention never looks right), and the
         vocabulary projection and softmax run only from the first position read."""
         torch = self.torch
-        inputs = [tuple((context + continuation)[-(self.max_len + 1):][:-1]) for context, continuation in requests]
+        inputs = [tuple((context + continuation)[-(self.max_len + 1) :][:-1]) for context, continuation in requests]
         rows: list[tuple[int, ...]] = []
         row_of = [0] * len(requests)
         by_tokens = sorted(range(len(requests)), key=inputs.__getitem__)
         for k in reversed(range(len(by_tokens))):  # a prefix sorts just before the inputs that extend it
             i, following = by_tokens[k], by_tokens[k + 1] if k + 1 < len(by_tokens) else None
-            if following is not None and inputs[following][:len(inputs[i])] == inputs[i]:
+            if following is not None and inputs[following][: len(inputs[i])] == inputs[i]:
                 row_of[i] = row_of[following]
             else:
                 row_of[i] = len(rows)
@@ -95,12 +104,12 @@ class Scorer:
         results: list[np.ndarray | None] = [None] * len(requests)
         longest_first = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
         for first in range(0, len(rows), self.batch_size):
-            batch = longest_first[first:first + self.batch_size]
+            batch = longest_first[first : first + self.batch_size]
             width = max(len(rows[r]) for r in batch)
             ids = torch.zeros((len(batch), width), dtype=torch.long)
             batch_rows, positions, targets, spans = [], [], [], []
             for b, r in enumerate(batch):
-                ids[b, :len(rows[r])] = torch.tensor(rows[r])
+                ids[b, : len(rows[r])] = torch.tensor(rows[r])
                 for i in readers[r]:
                     continuation = requests[i][1]
                     end = len(inputs[i])
@@ -112,12 +121,16 @@ class Scorer:
             kwargs = {"logits_to_keep": width - keep_from} if self.slices_logits else {}
             with torch.no_grad():
                 logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
-                logits = logits[:, logits.shape[1] - (width - keep_from):]  # positions keep_from.. (all kept if not sliced)
+                logits = logits[
+                    :, logits.shape[1] - (width - keep_from) :
+                ]  # positions keep_from.. (all kept if not sliced)
                 b_index, p_index = torch.tensor(batch_rows), torch.tensor(positions) - keep_from
-                logprobs = logits[b_index, p_index, torch.tensor(targets)] - torch.logsumexp(logits[b_index, p_index], dim=-1)
+                logprobs = logits[b_index, p_index, torch.tensor(targets)] - torch.logsumexp(
+                    logits[b_index, p_index], dim=-1
+                )
             values = logprobs.numpy().astype(np.float64)
             for i, start, length in spans:
-                results[i] = values[start:start + length]
+                results[i] = values[start : start + length]
         return results  # type: ignore[return-value]
 
     def choice_loglikelihoods(self, items: list[dict]) -> list[np.ndarray]:
@@ -129,7 +142,7 @@ class Scorer:
         for item, context in zip(items, contexts):
             for _ in item["choices"]:
                 whole = next(encoded)
-                requests.append((context, whole[len(context):] or whole[-1:]))
+                requests.append((context, whole[len(context) :] or whole[-1:]))
         sums = iter([values.sum() for values in self.continuation_logprobs(requests)])
         return [np.array([next(sums) for _ in item["choices"]]) for item in items]
 
@@ -150,7 +163,7 @@ class Scorer:
         for n, text in enumerate(texts):
             ids = [eos] + self.encode(text)  # EOS first: the first token is predicted as a document start
             for start in range(0, len(ids) - 1, seq_len):
-                window = ids[start:start + seq_len + 1]
+                window = ids[start : start + seq_len + 1]
                 requests.append((window[:1], window[1:]))
                 owners.append(n)
         logprobs = self.continuation_logprobs(requests)
@@ -176,7 +189,7 @@ def _ratio(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, flo
     if n < 2:
         return ratio, None
     residuals = numerators - ratio * denominators
-    return ratio, float(np.sqrt((residuals ** 2).sum() / (n * (n - 1))) / denominators.mean())
+    return ratio, float(np.sqrt((residuals**2).sum() / (n * (n - 1))) / denominators.mean())
 
 
 def _compare_loss(base_nll: np.ndarray, candidate_nll: np.ndarray, tokens: np.ndarray) -> dict:
@@ -195,27 +208,37 @@ def _harness_scores(recipe: Recipe, models: dict[str, Path], tokenizer: Path, ta
     """Per model name, per benchmark name: lm-evaluation-harness's per-item scores."""
     from transformers import AutoConfig
 
-    from stages import lm_eval_backend
+    from refit.stages import lm_eval_backend
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(task_dir or scratch)
         remote = recipe.base_model.trust_remote_code
-        return {name: lm_eval_backend.score_benchmarks(
-                    path, tokenizer, recipe.evaluate.benchmarks, recipe.evaluate.batch_size, folder,
-                    max_length=context_length(AutoConfig.from_pretrained(path, trust_remote_code=remote)),
-                    trust_remote_code=remote)
-                for name, path in models.items()}
+        return {
+            name: lm_eval_backend.score_benchmarks(
+                path,
+                tokenizer,
+                recipe.evaluate.benchmarks,
+                recipe.evaluate.batch_size,
+                folder,
+                max_length=context_length(AutoConfig.from_pretrained(path, trust_remote_code=remote)),
+                trust_remote_code=remote,
+            )
+            for name, path in models.items()
+        }
 
 
-def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path, backend: str = "refit",
-                    task_dir: Path | None = None) -> dict:
+def evaluate_models(
+    recipe: Recipe, workdir: Path, candidate_dir: Path, backend: str = "refit", task_dir: Path | None = None
+) -> dict:
     """The report comparing the base model and the candidate (pure computation; only the lm-eval
     backend writes files: its task definitions, into task_dir, else a temporary folder)."""
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
     harness = _harness_scores(recipe, models, tokenizer, task_dir) if backend == "lm-eval" else None
-    scorers = {name: Scorer(path, tokenizer, recipe.evaluate.batch_size, recipe.base_model.trust_remote_code)
-               for name, path in models.items()}
+    scorers = {
+        name: Scorer(path, tokenizer, recipe.evaluate.batch_size, recipe.base_model.trust_remote_code)
+        for name, path in models.items()
+    }
     benchmarks = {}
     per_item_acc = {"base": [], "candidate": []}
     for bench in recipe.evaluate.benchmarks:
@@ -225,22 +248,30 @@ def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path, backend:
             items = read_jsonl(Path(bench.path))
             scores = {name: scorer.score_benchmark(items) for name, scorer in scorers.items()}
         log.info("evaluate: %s scored (%d items, %s)", bench.name, len(scores["base"]["acc"]), backend)
-        benchmarks[bench.name] = {"domain": bench.domain, "items": len(scores["base"]["acc"]),
-                                  **{metric: _compare(scores["base"][metric], scores["candidate"][metric])
-                                     for metric in ("acc", "acc_norm")}}
+        benchmarks[bench.name] = {
+            "domain": bench.domain,
+            "items": len(scores["base"]["acc"]),
+            **{metric: _compare(scores["base"][metric], scores["candidate"][metric]) for metric in ("acc", "acc_norm")},
+        }
         for name in per_item_acc:
             per_item_acc[name].append(scores[name]["acc"])
     average = None
     if benchmarks:  # the unweighted mean of benchmark accuracies, with the stderr of that mean
         means = {name: float(np.mean([a.mean() for a in accs])) for name, accs in per_item_acc.items()}
+
         def stderr_of_average(per_benchmark: list[np.ndarray]) -> float | None:
             errors = [mean_stderr(values)[1] for values in per_benchmark]
             return None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors)
 
         pairs = [c - b for b, c in zip(per_item_acc["base"], per_item_acc["candidate"])]
-        average = {"base": means["base"], "base_stderr": stderr_of_average(per_item_acc["base"]),
-                   "candidate": means["candidate"], "candidate_stderr": stderr_of_average(per_item_acc["candidate"]),
-                   "delta": means["candidate"] - means["base"], "delta_stderr": stderr_of_average(pairs)}
+        average = {
+            "base": means["base"],
+            "base_stderr": stderr_of_average(per_item_acc["base"]),
+            "candidate": means["candidate"],
+            "candidate_stderr": stderr_of_average(per_item_acc["candidate"]),
+            "delta": means["candidate"] - means["base"],
+            "delta_stderr": stderr_of_average(pairs),
+        }
     validation = {}
     for source in recipe.sources:
         texts = _validation_texts(workdir, source.name, recipe.evaluate.validation_docs)
@@ -249,22 +280,44 @@ def evaluate_models(recipe: Recipe, workdir: Path, candidate_dir: Path, backend:
         losses = {name: scorer.document_losses(texts, recipe.tokenize.seq_len) for name, scorer in scorers.items()}
         (base_nll, tokens, nbytes), (candidate_nll, _, _) = losses["base"], losses["candidate"]
         loss = _compare_loss(base_nll, candidate_nll, tokens)
-        entry = {"role": source.role, "docs": len(texts), "tokens": int(tokens.sum()), "loss": loss,
-                 "base_loss_per_token": loss["base"], "candidate_loss_per_token": loss["candidate"]}
+        entry = {
+            "role": source.role,
+            "docs": len(texts),
+            "tokens": int(tokens.sum()),
+            "loss": loss,
+            "base_loss_per_token": loss["base"],
+            "candidate_loss_per_token": loss["candidate"],
+        }
         for name, (nll, _, _) in losses.items():
             entry[f"{name}_bits_per_byte"] = float(nll.sum() / math.log(2) / nbytes.sum())
         validation[source.name] = entry
-        log.info("evaluate: %s validation loss %.3f -> %.3f", source.name, entry["base_loss_per_token"],
-                 entry["candidate_loss_per_token"])
-    return {"backend": backend, "benchmarks": benchmarks, "average_acc": average, "validation": validation,
-            "base_model": str(recipe.base_model.path), "candidate_model": str(candidate_dir)}
+        log.info(
+            "evaluate: %s validation loss %.3f -> %.3f",
+            source.name,
+            entry["base_loss_per_token"],
+            entry["candidate_loss_per_token"],
+        )
+    return {
+        "backend": backend,
+        "benchmarks": benchmarks,
+        "average_acc": average,
+        "validation": validation,
+        "base_model": str(recipe.base_model.path),
+        "candidate_model": str(candidate_dir),
+    }
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> str:
-    section = {"evaluate": recipe.evaluate.model_dump(mode="json"), "base": str(recipe.base_model.path),
-               "backend": backend}
-    return fingerprint("evaluate", section, [upstream_fingerprint(workdir, "train", "evaluate"),
-                                             upstream_fingerprint(workdir, "curate", "evaluate")])
+    section = {
+        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        "base": str(recipe.base_model.path),
+        "backend": backend,
+    }
+    return fingerprint(
+        "evaluate",
+        section,
+        [upstream_fingerprint(workdir, "train", "evaluate"), upstream_fingerprint(workdir, "curate", "evaluate")],
+    )
 
 
 def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: str = "refit") -> dict:
@@ -278,8 +331,10 @@ def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: st
         return json.loads((final / "report.json").read_text())
     started = time.time()
     out = staging_dir(final)
-    report = {"stage": "evaluate", **evaluate_models(recipe, workdir, workdir / "train" / "final", backend,
-                                                     task_dir=out / "lm_eval_tasks")}
+    report = {
+        "stage": "evaluate",
+        **evaluate_models(recipe, workdir, workdir / "train" / "final", backend, task_dir=out / "lm_eval_tasks"),
+    }
     report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(out / "report.json", report)
     write_marker(out, "evaluate", expected, started)

@@ -12,9 +12,9 @@ import json
 import time
 from pathlib import Path
 
-from stages.config import Recipe
-from stages.markers import MARKER, fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
-from stages.schedule import Schedule, schedule_for, tokens_per_step
+from refit.stages.lib.config import Recipe
+from refit.stages.lib.markers import MARKER, fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
+from refit.stages.lib.schedule import Schedule, schedule_for, tokens_per_step
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -31,12 +31,26 @@ def shard_table(workdir: Path) -> dict[str, dict]:
     shards = con.execute(
         """SELECT source, s.file AS file, s.rows AS rows, s.tokens AS tokens, s.sha256 AS sha256
            FROM (SELECT source, unnest(shards) AS s FROM read_json_auto(?, union_by_name = true))
-           ORDER BY source, file""", [indexes]).fetchall()
+           ORDER BY source, file""",
+        [indexes],
+    ).fetchall()
     totals = con.execute(
         """SELECT source, max(seq_len)::INTEGER, max(dtype), max(tokenizer_sha256), max(eos_id)
-           FROM read_json_auto(?, union_by_name = true) GROUP BY source""", [indexes]).fetchall()
-    table = {source: {"seq_len": seq_len, "dtype": dtype, "tokenizer_sha256": tok, "eos_id": int(eos),
-                      "rows": 0, "tokens": 0, "shards": []} for source, seq_len, dtype, tok, eos in totals}
+           FROM read_json_auto(?, union_by_name = true) GROUP BY source""",
+        [indexes],
+    ).fetchall()
+    table = {
+        source: {
+            "seq_len": seq_len,
+            "dtype": dtype,
+            "tokenizer_sha256": tok,
+            "eos_id": int(eos),
+            "rows": 0,
+            "tokens": 0,
+            "shards": [],
+        }
+        for source, seq_len, dtype, tok, eos in totals
+    }
     for source, file, rows, tokens, sha in shards:
         entry = table[source]
         entry["rows"] += rows
@@ -51,13 +65,22 @@ def phase_plan(recipe: Recipe, schedule: Schedule) -> list[dict]:
     plan = []
     for i, phase in enumerate(recipe.phases):
         start = starts[i] if starts[i] is not None else schedule.total_steps
-        later = [s for s in starts[i + 1:] if s is not None]
+        later = [s for s in starts[i + 1 :] if s is not None]
         end = min(later) if later else schedule.total_steps
         steps = max(0, end - start)
-        plan.append({"name": phase.name, "lr_below": phase.lr_below, "weights": phase.normalised(),
-                     "start_step": start, "steps": steps, "start_fraction": start / schedule.total_steps,
-                     "start_tokens": start * tokens_per_step(recipe), "tokens": steps * tokens_per_step(recipe),
-                     "start_lr": schedule.lr(start) if start < schedule.total_steps else None})
+        plan.append(
+            {
+                "name": phase.name,
+                "lr_below": phase.lr_below,
+                "weights": phase.normalised(),
+                "start_step": start,
+                "steps": steps,
+                "start_fraction": start / schedule.total_steps,
+                "start_tokens": start * tokens_per_step(recipe),
+                "tokens": steps * tokens_per_step(recipe),
+                "start_lr": schedule.lr(start) if start < schedule.total_steps else None,
+            }
+        )
     return plan
 
 
@@ -71,27 +94,48 @@ def build_manifest(recipe: Recipe, workdir: Path) -> dict:
         entry = table.get(source.name, {"rows": 0, "tokens": 0, "shards": []})
         drawn = sum(p["steps"] * recipe.train.sequences_per_step * p["weights"].get(source.name, 0.0) for p in phases)
         epochs = drawn / entry["rows"] if entry["rows"] else (float("inf") if drawn else 0.0)
-        sources[source.name] = {"role": source.role, "rows": entry["rows"], "tokens": entry["tokens"],
-                                "shards": entry["shards"], "drawn_sequences": round(drawn),
-                                "drawn_tokens": round(drawn) * recipe.tokenize.seq_len, "epochs": epochs}
+        sources[source.name] = {
+            "role": source.role,
+            "rows": entry["rows"],
+            "tokens": entry["tokens"],
+            "shards": entry["shards"],
+            "drawn_sequences": round(drawn),
+            "drawn_tokens": round(drawn) * recipe.tokenize.seq_len,
+            "epochs": epochs,
+        }
         if drawn and not entry["rows"]:
             warnings.append(f"source {source.name} has weight but no tokens: nothing can be drawn from it")
         elif epochs > recipe.mixture.max_epochs:
-            warnings.append(f"source {source.name} is drawn {epochs:.1f} times (more than mixture.max_epochs "
-                            f"{recipe.mixture.max_epochs:g}): add data, lower its weight or the token budget")
+            warnings.append(
+                f"source {source.name} is drawn {epochs:.1f} times (more than mixture.max_epochs "
+                f"{recipe.mixture.max_epochs:g}): add data, lower its weight or the token budget"
+            )
     for phase in phases:
         if phase["steps"] == 0:
             warnings.append(f"phase {phase['name']} gets no steps")
     first = next(iter(table.values()), {})
     manifest = {
-        "version": MANIFEST_VERSION, "recipe": recipe.name,
-        "tokenizer_sha256": first.get("tokenizer_sha256"), "dtype": first.get("dtype"), "eos_id": first.get("eos_id"),
-        "seq_len": recipe.tokenize.seq_len, "sequences_per_step": recipe.train.sequences_per_step,
-        "tokens_per_step": tokens_per_step(recipe), "total_steps": schedule.total_steps,
-        "total_tokens": schedule.total_steps * tokens_per_step(recipe), "seed": recipe.train.seed,
-        "schedule": {"max_lr": schedule.max_lr, "min_lr_ratio": schedule.min_lr_ratio, "warmup_steps": schedule.warmup_steps,
-                     "decay": schedule.decay, "wsd_decay_steps": schedule.wsd_decay_steps},
-        "phases": phases, "sources": sources, "warnings": warnings,
+        "version": MANIFEST_VERSION,
+        "recipe": recipe.name,
+        "tokenizer_sha256": first.get("tokenizer_sha256"),
+        "dtype": first.get("dtype"),
+        "eos_id": first.get("eos_id"),
+        "seq_len": recipe.tokenize.seq_len,
+        "sequences_per_step": recipe.train.sequences_per_step,
+        "tokens_per_step": tokens_per_step(recipe),
+        "total_steps": schedule.total_steps,
+        "total_tokens": schedule.total_steps * tokens_per_step(recipe),
+        "seed": recipe.train.seed,
+        "schedule": {
+            "max_lr": schedule.max_lr,
+            "min_lr_ratio": schedule.min_lr_ratio,
+            "warmup_steps": schedule.warmup_steps,
+            "decay": schedule.decay,
+            "wsd_decay_steps": schedule.wsd_decay_steps,
+        },
+        "phases": phases,
+        "sources": sources,
+        "warnings": warnings,
     }
     manifest["sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
     return manifest
@@ -121,21 +165,31 @@ def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
 def format_plan(manifest: dict) -> str:
     """The manifest as tables: phases (steps, tokens, switch) and sources (share, epochs)."""
     total = manifest["total_steps"]
-    lines = [f"{manifest['recipe']}: {total} steps x {manifest['tokens_per_step']:,} tokens = {manifest['total_tokens']:,} tokens "
-             f"({manifest['schedule']['decay']}, max_lr {manifest['schedule']['max_lr']:.2e})", "",
-             f"{'phase':<12}{'trigger':<16}{'start step':>11}{'% of run':>10}{'steps':>8}{'tokens':>13}  weights"]
+    lines = [
+        f"{manifest['recipe']}: {total} steps x {manifest['tokens_per_step']:,} tokens = "
+        f"{manifest['total_tokens']:,} tokens "
+        f"({manifest['schedule']['decay']}, max_lr {manifest['schedule']['max_lr']:.2e})",
+        "",
+        f"{'phase':<12}{'trigger':<16}{'start step':>11}{'% of run':>10}{'steps':>8}{'tokens':>13}  weights",
+    ]
     for p in manifest["phases"]:
         trigger = "step 0" if p["lr_below"] is None else f"LR <= {p['lr_below']:g} max"
         weights = ", ".join(f"{k} {v:.0%}" for k, v in p["weights"].items())
-        lines.append(f"{p['name']:<12}{trigger:<16}{p['start_step']:>11}{p['start_fraction']:>10.1%}{p['steps']:>8}"
-                     f"{p['tokens']:>13,}  {weights}")
+        lines.append(
+            f"{p['name']:<12}{trigger:<16}{p['start_step']:>11}{p['start_fraction']:>10.1%}{p['steps']:>8}"
+            f"{p['tokens']:>13,}  {weights}"
+        )
     lines += ["", f"{'source':<12}{'role':<8}{'available':>13}{'drawn':>13}{'share':>8}{'epochs':>8}"]
     drawn_total = sum(s["drawn_tokens"] for s in manifest["sources"].values()) or 1
     for name, s in manifest["sources"].items():
-        lines.append(f"{name:<12}{s['role']:<8}{s['tokens']:>13,}{s['drawn_tokens']:>13,}{s['drawn_tokens'] / drawn_total:>8.1%}"
-                     f"{s['epochs']:>8.2f}")
+        lines.append(
+            f"{name:<12}{s['role']:<8}{s['tokens']:>13,}{s['drawn_tokens']:>13,}{s['drawn_tokens'] / drawn_total:>8.1%}"
+            f"{s['epochs']:>8.2f}"
+        )
     switches = [p for p in manifest["phases"] if p["lr_below"] is not None]
     for p in switches:
-        lines.append(f"\nswitch to {p['name']} at step {p['start_step']} of {total} ({p['start_fraction']:.1%} of the run)")
+        lines.append(
+            f"\nswitch to {p['name']} at step {p['start_step']} of {total} ({p['start_fraction']:.1%} of the run)"
+        )
     lines += [f"warning: {w}" for w in manifest["warnings"]]
     return "\n".join(lines)

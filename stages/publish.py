@@ -18,9 +18,17 @@ from pathlib import Path
 
 import yaml
 
-from stages.config import Recipe
-from stages.markers import (MARKER, file_sha256, fingerprint, read_marker, stage_dir, upstream_fingerprint,
-                            write_json_atomic, write_marker)
+from refit.stages.lib.config import Recipe
+from refit.stages.lib.markers import (
+    MARKER,
+    file_sha256,
+    fingerprint,
+    read_marker,
+    stage_dir,
+    upstream_fingerprint,
+    write_json_atomic,
+    write_marker,
+)
 
 VERSION = re.compile(r"^v(\d{4,})$")
 RECORD = "refit_publish.json"
@@ -60,7 +68,9 @@ def _check_audit(workdir: Path) -> tuple[dict, dict]:
     if not report["passed"]:
         raise PublishRefused("the audit failed; refusing to publish:\n  - " + "\n  - ".join(report["failed"]))
     if report["lineage"]["train_fingerprint"] != train_marker["fingerprint"]:
-        raise PublishRefused("the audit was made for another training run than the one on disk: rerun evaluate and audit")
+        raise PublishRefused(
+            "the audit was made for another training run than the one on disk: rerun evaluate and audit"
+        )
     for name, digest in train_marker["outputs"].items():
         if name.startswith("final/") and file_sha256(train_dir / name) != digest:
             raise PublishRefused(f"train/{name} changed after training and audit (sha256 differs): rerun the pipeline")
@@ -68,24 +78,43 @@ def _check_audit(workdir: Path) -> tuple[dict, dict]:
 
 
 def model_card(recipe: Recipe, report: dict, evaluation: dict, manifest: dict) -> str:
-    results = [{"task": {"type": "multiple-choice", "name": "multiple-choice"},
-                "dataset": {"name": name, "type": name},
-                "metrics": [{"type": "acc", "name": "accuracy", "value": round(100 * b["acc"]["candidate"], 2)},
-                            {"type": "acc_norm", "name": "normalised accuracy", "value": round(100 * b["acc_norm"]["candidate"], 2)}]}
-               for name, b in evaluation["benchmarks"].items()]
-    metadata = {"license": recipe.publish.license, "base_model": recipe.base_model.path, "library_name": "transformers",
-                "datasets": [s.name for s in recipe.sources], "tags": ["refit", "continued-pretraining"],
-                "model-index": [{"name": recipe.model_name, "results": results}]}
-    phases = "; ".join(f"{p['name']} from step {p['start_step']} ({', '.join(f'{k} {v:.0%}' for k, v in p['weights'].items())})"
-                       for p in manifest["phases"])
+    results = [
+        {
+            "task": {"type": "multiple-choice", "name": "multiple-choice"},
+            "dataset": {"name": name, "type": name},
+            "metrics": [
+                {"type": "acc", "name": "accuracy", "value": round(100 * b["acc"]["candidate"], 2)},
+                {
+                    "type": "acc_norm",
+                    "name": "normalised accuracy",
+                    "value": round(100 * b["acc_norm"]["candidate"], 2),
+                },
+            ],
+        }
+        for name, b in evaluation["benchmarks"].items()
+    ]
+    metadata = {
+        "license": recipe.publish.license,
+        "base_model": recipe.base_model.path,
+        "library_name": "transformers",
+        "datasets": [s.name for s in recipe.sources],
+        "tags": ["refit", "continued-pretraining"],
+        "model-index": [{"name": recipe.model_name, "results": results}],
+    }
+    phases = "; ".join(
+        f"{p['name']} from step {p['start_step']} ({', '.join(f'{k} {v:.0%}' for k, v in p['weights'].items())})"
+        for p in manifest["phases"]
+    )
     gates = "\n".join(f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {g['reason']} |" for g in report["gates"])
-    rows = "\n".join(f"| {name} | {b['domain']} | {100 * b['acc']['base']:.1f} | {100 * b['acc']['candidate']:.1f} | "
-                     f"{100 * b['acc']['delta']:+.1f} +- {100 * (b['acc']['delta_stderr'] or 0):.1f} |"
-                     for name, b in evaluation["benchmarks"].items())
+    rows = "\n".join(
+        f"| {name} | {b['domain']} | {100 * b['acc']['base']:.1f} | {100 * b['acc']['candidate']:.1f} | "
+        f"{100 * b['acc']['delta']:+.1f} +- {100 * (b['acc']['delta_stderr'] or 0):.1f} |"
+        for name, b in evaluation["benchmarks"].items()
+    )
     cost = report["cost"]
     prose = f"""# {recipe.model_name}
 
-{recipe.description or 'A language model refreshed by continued pretraining with Refit.'}
+{recipe.description or "A language model refreshed by continued pretraining with Refit."}
 
 ## Intended use
 
@@ -95,15 +124,15 @@ It was not tuned for instructions or safety beyond what the base model had.
 
 ## Data
 
-Sources: {', '.join(f'{s.name} ({s.role})' for s in recipe.sources)}. Curated (validated, deduplicated
-within and across sources, decontaminated against the benchmarks), tokenized into {manifest['seq_len']}-token
-sequences. Tokens drawn: {', '.join(f"{k} {v['drawn_tokens']:,}" for k, v in manifest['sources'].items())}.
+Sources: {", ".join(f"{s.name} ({s.role})" for s in recipe.sources)}. Curated (validated, deduplicated
+within and across sources, decontaminated against the benchmarks), tokenized into {manifest["seq_len"]}-token
+sequences. Tokens drawn: {", ".join(f"{k} {v['drawn_tokens']:,}" for k, v in manifest["sources"].items())}.
 
 ## Recipe
 
-Continued pretraining ("Reuse, Don't Retrain", Parmar et al. 2024): {manifest['total_steps']} steps,
-{manifest['total_tokens']:,} tokens, {manifest['schedule']['decay']} schedule from {manifest['schedule']['max_lr']:.2e}
-to {manifest['schedule']['min_lr_ratio']:g} x max_lr, warmup {manifest['schedule']['warmup_steps']} steps.
+Continued pretraining ("Reuse, Don't Retrain", Parmar et al. 2024): {manifest["total_steps"]} steps,
+{manifest["total_tokens"]:,} tokens, {manifest["schedule"]["decay"]} schedule from {manifest["schedule"]["max_lr"]:.2e}
+to {manifest["schedule"]["min_lr_ratio"]:g} x max_lr, warmup {manifest["schedule"]["warmup_steps"]} steps.
 Data phases, each later one triggered by the learning rate: {phases}.
 
 ## Results (base against this model)
@@ -120,8 +149,8 @@ Data phases, each later one triggered by the learning rate: {phases}.
 
 ## Cost
 
-{cost['tokens']:,} training tokens, {cost['flops']:.3g} FLOPs, {cost['device_hours']:.4g} device-hours
-({cost['cost']:.4g} at {cost['price_per_device_hour']:g} per device-hour).
+{cost["tokens"]:,} training tokens, {cost["flops"]:.3g} FLOPs, {cost["device_hours"]:.4g} device-hours
+({cost["cost"]:.4g} at {cost["price_per_device_hour"]:g} per device-hour).
 """
     return "---\n" + yaml.safe_dump(metadata, sort_keys=False) + "---\n\n" + prose
 
@@ -171,7 +200,9 @@ def identity(recipe: Recipe, workdir: Path) -> str:
 
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
     """The weights and the audit that passed them."""
-    return fingerprint("publish", {"identity": identity(recipe, workdir)}, [upstream_fingerprint(workdir, "audit", "publish")])
+    return fingerprint(
+        "publish", {"identity": identity(recipe, workdir)}, [upstream_fingerprint(workdir, "audit", "publish")]
+    )
 
 
 def _report(identity_: str, version: str, path: str, already: bool) -> dict:
@@ -187,7 +218,9 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     weights_identity, expected = identity(recipe, workdir), input_fingerprint(recipe, workdir)
     for record in published_records(recipe):
         if record["identity"] == weights_identity:
-            return _record_in_workdir(workdir, expected, _report(weights_identity, record["version"], record["path"], True))
+            return _record_in_workdir(
+                workdir, expected, _report(weights_identity, record["version"], record["path"], True)
+            )
     fs, registry = _filesystem(recipe.publish.registry)
     model_root = f"{registry}/{recipe.model_name}"
     fs.makedirs(model_root, exist_ok=True)
@@ -203,11 +236,18 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     files["manifest.json"] = stage_dir(workdir, "mix") / "manifest.json"
     files["eval_report.json"] = stage_dir(workdir, "evaluate") / "report.json"
     files["README.md"] = model_card(recipe, report, evaluation, manifest).encode()
-    files[RECORD] = json.dumps({"identity": weights_identity, "version": version, "published": time.time(),
-                                "train_fingerprint": train_marker["fingerprint"], "recipe": recipe.name,
-                                "base_model": str(recipe.base_model.path),
-                                "data_version": read_marker(stage_dir(workdir, "curate"))["data_version"]},
-                               indent=2).encode()
+    files[RECORD] = json.dumps(
+        {
+            "identity": weights_identity,
+            "version": version,
+            "published": time.time(),
+            "train_fingerprint": train_marker["fingerprint"],
+            "recipe": recipe.name,
+            "base_model": str(recipe.base_model.path),
+            "data_version": read_marker(stage_dir(workdir, "curate"))["data_version"],
+        },
+        indent=2,
+    ).encode()
     sums = []
     for name, content in files.items():
         data = content if isinstance(content, bytes) else content.read_bytes()
@@ -217,7 +257,9 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     fs.mv(partial, final, recursive=True)
     _write(fs, f"{model_root}/latest.tmp", (version + "\n").encode())
     fs.mv(f"{model_root}/latest.tmp", f"{model_root}/latest")
-    return _record_in_workdir(workdir, expected, {**_report(weights_identity, version, final, False), "files": len(files) + 1})
+    return _record_in_workdir(
+        workdir, expected, {**_report(weights_identity, version, final, False), "files": len(files) + 1}
+    )
 
 
 def still_published(recipe: Recipe, workdir: Path) -> bool:

@@ -28,9 +28,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from stages.config import Recipe
-from stages.curate import curated_files
-from stages.markers import file_sha256, fingerprint, is_done, swap_into_place, upstream_fingerprint, write_json_atomic, write_marker
+from refit.stages.curate import curated_files
+from refit.stages.lib.config import Recipe
+from refit.stages.lib.markers import (
+    file_sha256,
+    fingerprint,
+    is_done,
+    swap_into_place,
+    upstream_fingerprint,
+    write_json_atomic,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 CHARS_PER_TOKEN = 4  # only sizes the document runs behind each shard; the rows are exact
@@ -87,8 +95,17 @@ def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[S
             for row, length in enumerate(lengths):
                 chars += int(length)
                 if chars >= budget or row == len(lengths) - 1:
-                    jobs.append(ShardJob(source.name, index, str(path), start, row + 1,
-                                         str(out / source.name / f"shard-{index:05d}.arrow"), settings))
+                    jobs.append(
+                        ShardJob(
+                            source.name,
+                            index,
+                            str(path),
+                            start,
+                            row + 1,
+                            str(out / source.name / f"shard-{index:05d}.arrow"),
+                            settings,
+                        )
+                    )
                     index, start, chars = index + 1, row + 1, 0
     return jobs
 
@@ -106,14 +123,21 @@ def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str
     eos = tokenizer.eos_token_id
     pieces = []
     for first in range(0, len(texts), batch_size):
-        for ids in tokenizer(texts[first:first + batch_size], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(texts[first : first + batch_size], add_special_tokens=False)["input_ids"]:
             pieces.append(np.asarray(ids, dtype=np.int64))
             pieces.append(np.asarray([eos], dtype=np.int64))
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     out = Path(job.out)
     rows = write_rows(out, flat, seq_len, token_dtype(len(tokenizer)), {**metadata, "source": job.source})
-    entry = {"file": out.name, "rows": rows, "tokens": rows * seq_len, "sha256": file_sha256(out),
-             "docs": len(texts), "dropped_tail_tokens": int(len(flat) - rows * seq_len), "job": asdict(job)}
+    entry = {
+        "file": out.name,
+        "rows": rows,
+        "tokens": rows * seq_len,
+        "sha256": file_sha256(out),
+        "docs": len(texts),
+        "dropped_tail_tokens": int(len(flat) - rows * seq_len),
+        "job": asdict(job),
+    }
     write_json_atomic(out.with_suffix(".json"), entry)  # the shard is complete once this exists
     return entry
 
@@ -142,8 +166,10 @@ def _complete(job: ShardJob) -> dict | None:
 
 
 def _settings(recipe: Recipe) -> str:
-    return fingerprint("tokenize-settings", {"tokenize": recipe.tokenize.model_dump(mode="json"),
-                                             "tokenizer": tokenizer_sha256(tokenizer_dir(recipe))})
+    return fingerprint(
+        "tokenize-settings",
+        {"tokenize": recipe.tokenize.model_dump(mode="json"), "tokenizer": tokenizer_sha256(tokenizer_dir(recipe))},
+    )
 
 
 def _fingerprint(settings: str, workdir: Path) -> str:
@@ -174,8 +200,13 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
                 os.link(path, tmp / path.relative_to(final))
     tokenizer = load_tokenizer(tok_dir)
     seq_len = recipe.tokenize.seq_len
-    metadata = {"tokenizer_sha256": tokenizer_sha256(tok_dir), "seq_len": str(seq_len), "eos_id": str(tokenizer.eos_token_id),
-                "vocab_size": str(len(tokenizer)), "dtype": str(token_dtype(len(tokenizer)))}
+    metadata = {
+        "tokenizer_sha256": tokenizer_sha256(tok_dir),
+        "seq_len": str(seq_len),
+        "eos_id": str(tokenizer.eos_token_id),
+        "vocab_size": str(len(tokenizer)),
+        "dtype": str(token_dtype(len(tokenizer))),
+    }
     jobs = plan_jobs(recipe, workdir, tmp, settings)
     wanted = {Path(job.out) for job in jobs} | {Path(job.out).with_suffix(".json") for job in jobs}
     for stale in set(tmp.rglob("shard-*")) - wanted:  # shards of inputs that no longer exist
@@ -183,8 +214,9 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     done = {job: entry for job in jobs if (entry := _complete(job)) is not None}
     todo = [job for job in jobs if job not in done]
     log.info("tokenize: %d shards, %d already complete", len(jobs), len(done))
-    with ProcessPoolExecutor(max_workers=max(1, min(recipe.tokenize.workers, len(todo))), initializer=_init_worker,
-                             initargs=(str(tok_dir),)) as pool:
+    with ProcessPoolExecutor(
+        max_workers=max(1, min(recipe.tokenize.workers, len(todo))), initializer=_init_worker, initargs=(str(tok_dir),)
+    ) as pool:
         futures = {job: pool.submit(write_shard, job, seq_len, recipe.tokenize.batch_size, metadata) for job in todo}
         for n, (job, future) in enumerate(futures.items(), start=1):
             done[job] = future.result()
@@ -192,8 +224,13 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     report = {"stage": "tokenize", **metadata, "seq_len": seq_len, "sources": {}}
     for source in recipe.sources:
         shards = [{k: v for k, v in done[j].items() if k != "job"} for j in jobs if j.source == source.name]
-        index = {"source": source.name, **metadata, "rows": sum(s["rows"] for s in shards),
-                 "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+        index = {
+            "source": source.name,
+            **metadata,
+            "rows": sum(s["rows"] for s in shards),
+            "tokens": sum(s["tokens"] for s in shards),
+            "shards": shards,
+        }
         (tmp / source.name).mkdir(parents=True, exist_ok=True)
         write_json_atomic(tmp / source.name / "index.json", index)
         report["sources"][source.name] = {k: index[k] for k in ("rows", "tokens")} | {"shards": len(shards)}
@@ -213,4 +250,3 @@ def read_shard(path: Path) -> np.ndarray:
         return np.zeros((0, int(reader.schema.metadata[b"seq_len"])), dtype=np.uint16)
     values = column.values.to_numpy(zero_copy_only=True)
     return values.reshape(len(column), -1)
-

@@ -1,7 +1,7 @@
 """train: continued pretraining, launched with `accelerate launch` in its own process group.
 
 `run_train` writes the job (resolved recipe and fingerprint) to `<workdir>/train/job.json`,
-starts `accelerate launch -m stages.train_loop` with the recipe's number of processes
+starts `accelerate launch -m refit.stages.lib.train_loop` with the recipe's number of processes
 (several CPU processes talk over gloo), and waits. Cancelling it (Ctrl-C, a Prefect
 cancellation, any exception) terminates the whole process group. Rerunning the stage
 resumes from the latest complete checkpoint; `force` starts over from the base model.
@@ -21,9 +21,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from stages.config import Recipe
-from stages.lock import held_locks
-from stages.markers import fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
+from refit.stages.lib.config import Recipe
+from refit.stages.lib.lock import held_locks
+from refit.stages.lib.markers import fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
 
 log = logging.getLogger(__name__)
 
@@ -52,13 +52,24 @@ def _free_port() -> int:
 
 
 def launch_command(num_processes: int, workdir: Path) -> list[str]:
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--mixed_precision", "no",
-               "--dynamo_backend", "no", "--num_processes", str(num_processes)]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--num_processes",
+        str(num_processes),
+    ]
     if num_processes > 1:  # torchrun-style launch; on a machine without GPUs accelerate uses gloo
         command += ["--multi_gpu", "--main_process_port", str(_free_port())]
     cores = os.cpu_count() or 1
     command += ["--num_cpu_threads_per_process", str(max(1, cores // num_processes))]
-    return command + ["-m", "stages.train_loop", str(workdir)]
+    return command + ["-m", "refit.stages.lib.train_loop", str(workdir)]
 
 
 def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
@@ -76,13 +87,17 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    sections = {"train": recipe.train.model_dump(mode="json", exclude={"devices"}),  # where it runs is not what it makes
-                "base_model": recipe.base_model.model_dump(mode="json"),
-                "base_files": base_model_listing(Path(recipe.base_model.path))}
+    sections = {
+        "train": recipe.train.model_dump(mode="json", exclude={"devices"}),  # where it runs is not what it makes
+        "base_model": recipe.base_model.model_dump(mode="json"),
+        "base_files": base_model_listing(Path(recipe.base_model.path)),
+    }
     return fingerprint("train", sections, [upstream_fingerprint(workdir, "mix", "train")])
 
 
-def _wait(process: subprocess.Popen, metrics: Path, on_progress: Callable[[dict], None] | None, every: float = 2.0) -> int:
+def _wait(
+    process: subprocess.Popen, metrics: Path, on_progress: Callable[[dict], None] | None, every: float = 2.0
+) -> int:
     """Wait for the training processes, passing the newest metrics line to on_progress. A
     progress report that fails (a half-written line, an unreachable UI) never stops training."""
     offset = 0
@@ -106,8 +121,9 @@ def _wait(process: subprocess.Popen, metrics: Path, on_progress: Callable[[dict]
         time.sleep(every)
 
 
-def run_train(recipe: Recipe, workdir: Path, force: bool = False,
-              on_progress: Callable[[dict], None] | None = None) -> dict:
+def run_train(
+    recipe: Recipe, workdir: Path, force: bool = False, on_progress: Callable[[dict], None] | None = None
+) -> dict:
     """Train from the manifest; returns the report (also `train/report.json`). on_progress
     receives the latest metrics line (step, loss, lr, phase, ...) every few seconds."""
     workdir = Path(workdir)
@@ -126,8 +142,10 @@ def run_train(recipe: Recipe, workdir: Path, force: bool = False,
     started = time.time()
     command = launch_command(recipe.train.num_processes, workdir)
     log.info("train: %s", " ".join(command))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent),
-                                                        os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
+    )
     if recipe.train.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, recipe.train.devices))
     # the launcher holds the workdir lock too: if this process is killed, no other run can
@@ -141,14 +159,24 @@ def run_train(recipe: Recipe, workdir: Path, force: bool = False,
     if code != 0:
         failure = train_dir / FAILURE
         reason = failure.read_text().strip() if failure.is_file() else f"exit code {code}; see the log above"
-        raise TrainingError(f"training failed: {reason}. Rerunning the stage resumes from the latest complete "
-                            f"checkpoint in {train_dir / 'checkpoints'}")
+        raise TrainingError(
+            f"training failed: {reason}. Rerunning the stage resumes from the latest complete "
+            f"checkpoint in {train_dir / 'checkpoints'}"
+        )
     state = json.loads((train_dir / "final" / "trainer_state.json").read_text())
     metrics = read_metrics(train_dir)
-    report = {"stage": "train", "steps": state["step"], "tokens": state["tokens"], "switches": state["switches"],
-              "spikes": state["spikes"], "final_loss": metrics[-1]["loss"], "first_loss": metrics[0]["loss"],
-              "processes": recipe.train.num_processes, "seconds": round(time.time() - started, 2),
-              "final_model": str(train_dir / "final")}
+    report = {
+        "stage": "train",
+        "steps": state["step"],
+        "tokens": state["tokens"],
+        "switches": state["switches"],
+        "spikes": state["spikes"],
+        "final_loss": metrics[-1]["loss"],
+        "first_loss": metrics[0]["loss"],
+        "processes": recipe.train.num_processes,
+        "seconds": round(time.time() - started, 2),
+        "final_model": str(train_dir / "final"),
+    }
     write_json_atomic(train_dir / "report.json", report)
     write_marker(train_dir, "train", expected, started)
     return report

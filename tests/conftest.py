@@ -32,7 +32,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 300) trained here on a few sentences."""
-    from stages.demo_base import train_tokenizer
+    from refit.stages.lib.demo_base import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([TEXT], vocab_size=300, out_dir=out)
@@ -43,11 +43,20 @@ def _tiny_config(arch: str, vocab_size: int, eos: int):
     from transformers import GPT2Config, LlamaConfig
 
     if arch == "llama":
-        return LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           bos_token_id=eos, eos_token_id=eos)
-    return GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128,
-                      bos_token_id=eos, eos_token_id=eos)
+        return LlamaConfig(
+            vocab_size=vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            bos_token_id=eos,
+            eos_token_id=eos,
+        )
+    return GPT2Config(
+        vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=eos, eos_token_id=eos
+    )
 
 
 @pytest.fixture(scope="session", params=["llama", "gpt2"])
@@ -74,9 +83,10 @@ def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer_dir) -> Path:
 def trained(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
     """(recipe path, workdir) of a tiny run trained through the train stage, with 30% of the
     documents held out, ready for evaluate and audit."""
-    from stages.config import load_recipe
-    from stages.train import run_train
     from test_train import prepare
+
+    from refit.stages.lib.config import load_recipe
+    from refit.stages.train import run_train
 
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
     run_train(load_recipe(path), workdir)

@@ -8,22 +8,30 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-
-from stages.audit import AuditFailed, accuracy_gates, loss_gates, run_audit
-from stages.config import load_recipe
-from stages.evaluate import run_evaluate
-
 from test_config import BASE, write
+
+from refit.stages.audit import AuditFailed, accuracy_gates, loss_gates, run_audit
+from refit.stages.evaluate import run_evaluate
+from refit.stages.lib.config import load_recipe
 
 
 def side(base, candidate, delta_stderr, stderr=0.01):
-    return {"base": base, "base_stderr": stderr, "candidate": candidate, "candidate_stderr": stderr,
-            "delta": candidate - base, "delta_stderr": delta_stderr}
+    return {
+        "base": base,
+        "base_stderr": stderr,
+        "candidate": candidate,
+        "candidate_stderr": stderr,
+        "delta": candidate - base,
+        "delta_stderr": delta_stderr,
+    }
 
 
 def evaluation(avg, benches, validation):
-    return {"average_acc": avg, "benchmarks": {k: {"domain": "new", "items": 100, "acc": v} for k, v in benches.items()},
-            "validation": validation}
+    return {
+        "average_acc": avg,
+        "benchmarks": {k: {"domain": "new", "items": 100, "acc": v} for k, v in benches.items()},
+        "validation": validation,
+    }
 
 
 @pytest.fixture
@@ -63,8 +71,11 @@ def test_worse_candidate_fails_with_every_reason_and_a_readable_report(trained):
     weights_file = workdir / "train" / "final" / "model.safetensors"
     weights = load_file(weights_file)
     generator = torch.Generator().manual_seed(0)
-    save_file({k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in weights.items()}, weights_file,
-              metadata={"format": "pt"})
+    save_file(
+        {k: v + 0.5 * torch.randn(v.shape, generator=generator) for k, v in weights.items()},
+        weights_file,
+        metadata={"format": "pt"},
+    )
     recipe = load_recipe(path)
     run_evaluate(recipe, workdir)
     with pytest.raises(AuditFailed) as failed:
@@ -92,11 +103,18 @@ def test_planted_contaminated_item_fails_the_gate_naming_it(trained):
     text = pq.read_table(sorted(curated.glob("train-*.parquet"))[0])["text"][0].as_py()
     words = text.split()
     bench = path.parent / "bench.jsonl"
-    bench.write_text(bench.read_text() + json.dumps({"id": "planted", "query": " ".join(words[:14]),
-                                                     "choices": [" " + words[14], " nothing"], "gold": 0}) + "\n")
+    bench.write_text(
+        bench.read_text()
+        + json.dumps(
+            {"id": "planted", "query": " ".join(words[:14]), "choices": [" " + words[14], " nothing"], "gold": 0}
+        )
+        + "\n"
+    )
     recipe = load_recipe(path)  # the benchmark file changed after curation: the audit checks what was trained on
     run_evaluate(recipe, workdir, force=True)
     with pytest.raises(AuditFailed, match=r"contaminat"):
         run_audit(recipe, workdir)
-    (gate,) = [g for g in json.loads((workdir / "audit" / "report.json").read_text())["gates"] if g["name"] == "contamination"]
+    (gate,) = [
+        g for g in json.loads((workdir / "audit" / "report.json").read_text())["gates"] if g["name"] == "contamination"
+    ]
     assert not gate["passed"] and gate["value"] == 1 and "b:planted" in gate["reason"]

@@ -10,9 +10,8 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from stages.config import PRETRAINING_RECORD, Recipe, RecipeError, load_recipe
-
-from flows.cli import main as refit
+from refit.flows.cli import main as refit
+from refit.stages.lib.config import PRETRAINING_RECORD, Recipe, RecipeError, load_recipe
 
 
 @pytest.fixture
@@ -84,6 +83,7 @@ def test_every_field_is_documented():
             for candidate in getattr(annotation, "__args__", (annotation,)):
                 if isinstance(candidate, type) and issubclass(candidate, Recipe.__mro__[1]):
                     walk(candidate)
+
     walk(Recipe)
 
 
@@ -94,7 +94,9 @@ def test_recipe_is_frozen(layout):
 
 
 def test_max_lr_defaults_from_the_pretraining_record(layout):
-    (layout / "base" / PRETRAINING_RECORD).write_text(json.dumps({"pretraining_min_lr": 1e-4, "pretraining_tokens": 5000}))
+    (layout / "base" / PRETRAINING_RECORD).write_text(
+        json.dumps({"pretraining_min_lr": 1e-4, "pretraining_tokens": 5000})
+    )
     recipe = load_recipe(write(layout, edit(base_model={"path": "base"})))
     assert recipe.schedule.max_lr == 1e-4 and recipe.base_model.pretraining_tokens == 5000
 
@@ -107,32 +109,89 @@ def test_max_lr_defaults_from_the_pretraining_record(layout):
         ({"sources__0__role": "old"}, "sources[0].role", "'legacy', 'new' or 'qa'"),
         ({"sources__1__name": "old"}, "sources[1].name", "source name 'old' is used twice"),
         ({"sources__0__paths": ["data/missing-*.jsonl"]}, "sources[0].paths[0]", "matches no file"),
-        ({"base_model": {"path": "nowhere", "pretraining_min_lr": 3e-4}}, "base_model.path", "no Hugging Face checkpoint"),
+        (
+            {"base_model": {"path": "nowhere", "pretraining_min_lr": 3e-4}},
+            "base_model.path",
+            "no Hugging Face checkpoint",
+        ),
         ({"base_model__pretraining_max_lr": 1e-4}, "base_model.pretraining_min_lr", "above pretraining_max_lr"),
         ({"base_model": {"path": "base"}}, "schedule.max_lr", "required"),
-        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1, "web": 1}}]}}, "mixture.phases[0].weights.web",
-         "names no declared source (declared: old, new, qa)"),
-        ({"mixture": {"phases": [{"name": "a", "lr_below": 0.5, "weights": {"old": 1}}]}}, "mixture.phases[0].lr_below",
-         "the first phase starts at step 0"),
-        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1}}, {"name": "b", "weights": {"qa": 1}}]}},
-         "mixture.phases[1].lr_below", "needs lr_below"),
-        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1}}, {"name": "b", "lr_below": 0.3, "weights": {"qa": 1}},
-                                 {"name": "c", "lr_below": 0.4, "weights": {"new": 1}}]}},
-         "mixture.phases[2].lr_below", "0.4 does not decrease (previous threshold 0.3)"),
-        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 1}}, {"name": "a", "lr_below": 0.3, "weights": {"qa": 1}}]}},
-         "mixture.phases[1].name", "phase name 'a' is used twice"),
-        ({"mixture": {"phases": [{"name": "a", "weights": {"old": 0}}]}}, "mixture.phases[0].weights", "must not all be zero"),
-        ({"mixture": {"phases": [{"name": "a", "weights": {"old": -1, "new": 2}}]}}, "mixture.phases[0].weights", "non-negative"),
+        (
+            {"mixture": {"phases": [{"name": "a", "weights": {"old": 1, "web": 1}}]}},
+            "mixture.phases[0].weights.web",
+            "names no declared source (declared: old, new, qa)",
+        ),
+        (
+            {"mixture": {"phases": [{"name": "a", "lr_below": 0.5, "weights": {"old": 1}}]}},
+            "mixture.phases[0].lr_below",
+            "the first phase starts at step 0",
+        ),
+        (
+            {"mixture": {"phases": [{"name": "a", "weights": {"old": 1}}, {"name": "b", "weights": {"qa": 1}}]}},
+            "mixture.phases[1].lr_below",
+            "needs lr_below",
+        ),
+        (
+            {
+                "mixture": {
+                    "phases": [
+                        {"name": "a", "weights": {"old": 1}},
+                        {"name": "b", "lr_below": 0.3, "weights": {"qa": 1}},
+                        {"name": "c", "lr_below": 0.4, "weights": {"new": 1}},
+                    ]
+                }
+            },
+            "mixture.phases[2].lr_below",
+            "0.4 does not decrease (previous threshold 0.3)",
+        ),
+        (
+            {
+                "mixture": {
+                    "phases": [
+                        {"name": "a", "weights": {"old": 1}},
+                        {"name": "a", "lr_below": 0.3, "weights": {"qa": 1}},
+                    ]
+                }
+            },
+            "mixture.phases[1].name",
+            "phase name 'a' is used twice",
+        ),
+        (
+            {"mixture": {"phases": [{"name": "a", "weights": {"old": 0}}]}},
+            "mixture.phases[0].weights",
+            "must not all be zero",
+        ),
+        (
+            {"mixture": {"phases": [{"name": "a", "weights": {"old": -1, "new": 2}}]}},
+            "mixture.phases[0].weights",
+            "non-negative",
+        ),
         ({"schedule__decay": "constant"}, "mixture.phases[1].lr_below", "never falls"),
         ({"schedule__min_lr_ratio": 0.25}, "mixture.phases[1].lr_below", "not above schedule.min_lr_ratio 0.25"),
         ({"schedule__total_tokens": 1000}, "schedule.total_tokens", "make 0 optimizer steps"),
-        ({"train__micro_batch_size": 5}, "train.sequences_per_step", "not a multiple of micro_batch_size x num_processes = 5"),
+        (
+            {"train__micro_batch_size": 5},
+            "train.sequences_per_step",
+            "not a multiple of micro_batch_size x num_processes = 5",
+        ),
         ({"curate__min_chars": 500, "curate__max_chars": 100}, "curate.min_chars", "above max_chars"),
-        ({"evaluate": {"benchmarks": [{"name": "b", "path": "data/none.jsonl", "domain": "new"}]}},
-         "evaluate.benchmarks[0].path", "no such file"),
-        ({"evaluate": {"benchmarks": [{"name": "b", "path": "data/bench.jsonl", "domain": "new"},
-                                      {"name": "b", "path": "data/bench.jsonl", "domain": "legacy"}]}},
-         "evaluate.benchmarks[1].name", "benchmark name 'b' is used twice"),
+        (
+            {"evaluate": {"benchmarks": [{"name": "b", "path": "data/none.jsonl", "domain": "new"}]}},
+            "evaluate.benchmarks[0].path",
+            "no such file",
+        ),
+        (
+            {
+                "evaluate": {
+                    "benchmarks": [
+                        {"name": "b", "path": "data/bench.jsonl", "domain": "new"},
+                        {"name": "b", "path": "data/bench.jsonl", "domain": "legacy"},
+                    ]
+                }
+            },
+            "evaluate.benchmarks[1].name",
+            "benchmark name 'b' is used twice",
+        ),
     ],
 )
 def test_rejections_name_the_field(layout, changes, path, message):

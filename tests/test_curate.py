@@ -13,13 +13,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 import zstandard
-
-from stages.config import load_recipe
-from stages.curate import CurationError, curated_files, run_curate
-from stages.text import word_ngrams
-
 from test_datasets import DATASETS, rows
 
+from refit.stages.curate import CurationError, curated_files, run_curate
+from refit.stages.lib.config import load_recipe
+from refit.stages.lib.text import word_ngrams
 
 
 def distinct(docs: list[dict], count: int) -> list[dict]:
@@ -70,25 +68,48 @@ def make_recipe(tmp_path: Path, sources: list[dict], sections: dict | None = Non
     (tmp_path / "base").mkdir(exist_ok=True)
     (tmp_path / "base" / "config.json").write_text("{}")
     bench = tmp_path / "bench.jsonl"
-    bench.write_text(json.dumps({"id": "q1", "query": "The quick brown fox jumps over the lazy dog while the cat",
-                                 "choices": [" sleeps on the warm mat", " runs"], "gold": 0}) + "\n")
-    recipe = {"name": "t", "base_model": {"path": "base", "pretraining_min_lr": 1e-3}, "sources": sources,
-              "curate": {"workers": 1, "min_chars": 20, "validation_fraction": 0.1, **curate},
-              "schedule": {"total_tokens": 100000}, "tokenize": {"seq_len": 64}, "train": {"micro_batch_size": 2, "sequences_per_step": 4},
-              "evaluate": {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}]}, **(sections or {})}
+    bench.write_text(
+        json.dumps(
+            {
+                "id": "q1",
+                "query": "The quick brown fox jumps over the lazy dog while the cat",
+                "choices": [" sleeps on the warm mat", " runs"],
+                "gold": 0,
+            }
+        )
+        + "\n"
+    )
+    recipe = {
+        "name": "t",
+        "base_model": {"path": "base", "pretraining_min_lr": 1e-3},
+        "sources": sources,
+        "curate": {"workers": 1, "min_chars": 20, "validation_fraction": 0.1, **curate},
+        "schedule": {"total_tokens": 100000},
+        "tokenize": {"seq_len": 64},
+        "train": {"micro_batch_size": 2, "sequences_per_step": 4},
+        "evaluate": {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}]},
+        **(sections or {}),
+    }
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
 
 
 def curated_ids(workdir: Path, source: str) -> set[str]:
-    return {i for split in ("train", "validation") for f in curated_files(workdir, source, split)
-            for i in pq.read_table(f)["id"].to_pylist()}
+    return {
+        i
+        for split in ("train", "validation")
+        for f in curated_files(workdir, source, split)
+        for i in pq.read_table(f)["id"].to_pylist()
+    }
 
 
 def quarantine(workdir: Path, source: str) -> list[dict]:
-    return [json.loads(line) for f in sorted((workdir / "curate" / "quarantine" / source).glob("*.jsonl"))
-            for line in f.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for f in sorted((workdir / "curate" / "quarantine" / source).glob("*.jsonl"))
+        for line in f.read_text().splitlines()
+    ]
 
 
 def test_every_bad_record_class_is_quarantined_with_its_reason(tmp_path):
@@ -107,12 +128,30 @@ def test_every_bad_record_class_is_quarantined_with_its_reason(tmp_path):
         {"id": "L1", "text": "word " * 600},
     ]
     write_jsonl(tmp_path / "data" / "mixed.jsonl", good + bad)
-    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}],
-                                     max_bad_fraction=0.5, max_chars=2500, long_documents="quarantine"))
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path,
+            [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}],
+            max_bad_fraction=0.5,
+            max_chars=2500,
+            long_documents="quarantine",
+        )
+    )
     report = run_curate(recipe, tmp_path / "wd")
     by_line = {q["line"]: q for q in quarantine(tmp_path / "wd", "docs")}
-    expected = ["not_json", "invalid_utf8", "not_json_object", "missing_text", "empty_text", "text_not_string",
-                "control_characters", "too_short", "duplicate_id", "missing_id", "too_long"]
+    expected = [
+        "not_json",
+        "invalid_utf8",
+        "not_json_object",
+        "missing_text",
+        "empty_text",
+        "text_not_string",
+        "control_characters",
+        "too_short",
+        "duplicate_id",
+        "missing_id",
+        "too_long",
+    ]
     assert [by_line[21 + i]["reason"] for i in range(len(bad))] == expected
     assert all(q["file"].endswith("mixed.jsonl") and q["source"] == "docs" and q["detail"] for q in by_line.values())
     assert "\\xff" in by_line[22]["excerpt"]
@@ -123,8 +162,14 @@ def test_every_bad_record_class_is_quarantined_with_its_reason(tmp_path):
 def test_long_documents_are_split_when_asked(tmp_path):
     text = "\n\n".join(d["text"] for d in NEW[:6])
     write_jsonl(tmp_path / "data" / "long.jsonl", [{"id": "long", "text": text}])
-    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/long.jsonl"], "role": "new"}],
-                                     max_chars=3000, validation_fraction=0.0))
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path,
+            [{"name": "docs", "paths": ["data/long.jsonl"], "role": "new"}],
+            max_chars=3000,
+            validation_fraction=0.0,
+        )
+    )
     report = run_curate(recipe, tmp_path / "wd")
     (train,) = curated_files(tmp_path / "wd", "docs", "train")
     parts = pq.read_table(train).to_pylist()
@@ -137,12 +182,26 @@ def test_compressed_and_parquet_sources(tmp_path):
     write_jsonl(tmp_path / "data" / "a.jsonl.gz", docs[:10], opener=gzip.open)
     zstd = zstandard.ZstdCompressor().compress("".join(json.dumps(d) + "\n" for d in docs[10:20]).encode())
     (tmp_path / "data" / "b.jsonl.zst").write_bytes(zstd)
-    pq.write_table(pa.table({"doc": [d["id"] for d in docs[20:]], "body": [d["text"] for d in docs[20:]]}),
-                   tmp_path / "data" / "c.parquet")
-    recipe = load_recipe(make_recipe(tmp_path, [
-        {"name": "js", "paths": ["data/*.jsonl.*"], "role": "legacy"},
-        {"name": "pq", "paths": ["data/c.parquet"], "format": "parquet", "text_field": "body", "id_field": "doc", "role": "new"},
-    ]))
+    pq.write_table(
+        pa.table({"doc": [d["id"] for d in docs[20:]], "body": [d["text"] for d in docs[20:]]}),
+        tmp_path / "data" / "c.parquet",
+    )
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path,
+            [
+                {"name": "js", "paths": ["data/*.jsonl.*"], "role": "legacy"},
+                {
+                    "name": "pq",
+                    "paths": ["data/c.parquet"],
+                    "format": "parquet",
+                    "text_field": "body",
+                    "id_field": "doc",
+                    "role": "new",
+                },
+            ],
+        )
+    )
     run_curate(recipe, tmp_path / "wd")
     assert curated_ids(tmp_path / "wd", "js") == {f"d{i}" for i in range(20)}
     assert curated_ids(tmp_path / "wd", "pq") == {f"d{i}" for i in range(20, 30)}
@@ -151,21 +210,29 @@ def test_compressed_and_parquet_sources(tmp_path):
 def test_dedupe_within_and_across_sources_keeps_legacy(tmp_path):
     legacy = [{"id": f"old{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])]
     new = [{"id": f"new{i}", "text": d["text"]} for i, d in enumerate(NEW[:20])]
-    new += [{"id": f"newdup{i}", "text": edited(NEW[i]["text"], i)} for i in range(5)]      # near copies, same source
+    new += [{"id": f"newdup{i}", "text": edited(NEW[i]["text"], i)} for i in range(5)]  # near copies, same source
     new += [{"id": f"cross{i}", "text": edited(LEGACY[i]["text"], 100 + i)} for i in range(5)]  # near copies of legacy
     new += [{"id": "exact", "text": NEW[7]["text"]}]
-    write_jsonl(tmp_path / "data" / "new.jsonl", new)   # the new source is declared first on purpose
+    write_jsonl(tmp_path / "data" / "new.jsonl", new)  # the new source is declared first on purpose
     write_jsonl(tmp_path / "data" / "old.jsonl", legacy)
-    recipe = load_recipe(make_recipe(tmp_path, [
-        {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
-        {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-    ]))
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path,
+            [
+                {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
+                {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+            ],
+        )
+    )
     report = run_curate(recipe, tmp_path / "wd")
     assert curated_ids(tmp_path / "wd", "old") == {f"old{i}" for i in range(20)}
     assert curated_ids(tmp_path / "wd", "new") == {f"new{i}" for i in range(20)}
     assert report["sources"]["new"]["removed"] == {"exact_duplicate": 1, "near_duplicate": 10}
-    removed = {r["id"]: r for line in (tmp_path / "wd/curate/removed/new/batch-0001.jsonl").read_text().splitlines()
-               for r in [json.loads(line)]}
+    removed = {
+        r["id"]: r
+        for line in (tmp_path / "wd/curate/removed/new/batch-0001.jsonl").read_text().splitlines()
+        for r in [json.loads(line)]
+    }
     assert [removed[f"cross{i}"]["of"] for i in range(5)] == [f"old:old{i}" for i in range(5)]
     assert [removed[f"newdup{i}"]["of"] for i in range(5)] == [f"new:new{i}" for i in range(5)]
     assert removed["exact"] == {"id": "exact", "reason": "exact_duplicate", "of": "new:new7"}
@@ -173,28 +240,42 @@ def test_dedupe_within_and_across_sources_keeps_legacy(tmp_path):
 
 def test_contaminated_documents_are_removed_and_listed(tmp_path):
     docs = [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(NEW[:10])]
-    docs.append({"id": "leak", "text": "Some preamble. The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat."})
+    docs.append(
+        {
+            "id": "leak",
+            "text": "Some preamble. The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat.",
+        }
+    )
     write_jsonl(tmp_path / "data" / "d.jsonl", docs)
     recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}]))
     report = run_curate(recipe, tmp_path / "wd")
     assert report["sources"]["docs"]["contaminated_ids"] == ["leak"]
-    removed = [json.loads(line) for line in (tmp_path / "wd/curate/removed/docs/batch-0001.jsonl").read_text().splitlines()]
+    removed = [
+        json.loads(line) for line in (tmp_path / "wd/curate/removed/docs/batch-0001.jsonl").read_text().splitlines()
+    ]
     assert removed == [{"id": "leak", "reason": "contaminated", "of": "b:q1"}]
 
 
 def test_validation_split_is_deterministic_by_id(tmp_path):
     docs = [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:40])]
     write_jsonl(tmp_path / "data" / "d.jsonl", docs)
-    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/d.jsonl"], "role": "legacy"}], validation_fraction=0.25))
+    recipe = load_recipe(
+        make_recipe(tmp_path, [{"name": "docs", "paths": ["data/d.jsonl"], "role": "legacy"}], validation_fraction=0.25)
+    )
     run_curate(recipe, tmp_path / "a")
     run_curate(recipe, tmp_path / "b", force=True)
-    split = [pq.read_table(curated_files(w, "docs", "validation")[0])["id"].to_pylist() for w in (tmp_path / "a", tmp_path / "b")]
+    split = [
+        pq.read_table(curated_files(w, "docs", "validation")[0])["id"].to_pylist()
+        for w in (tmp_path / "a", tmp_path / "b")
+    ]
     assert split[0] == split[1] and 3 <= len(split[0]) <= 20
 
 
 def test_incremental_rerun_processes_only_new_files_against_everything_seen(tmp_path):
     write_jsonl(tmp_path / "data" / "day1.jsonl", [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:15])])
-    recipe_path = make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}], max_bad_fraction=0.2)
+    recipe_path = make_recipe(
+        tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}], max_bad_fraction=0.2
+    )
     first = run_curate(load_recipe(recipe_path), tmp_path / "wd")
     assert run_curate(load_recipe(recipe_path), tmp_path / "wd") == first  # unchanged: done marker reused
     day2 = [{"id": f"b{i}", "text": d["text"]} for i, d in enumerate(NEW[15:25])]
@@ -212,11 +293,17 @@ def test_incremental_rerun_processes_only_new_files_against_everything_seen(tmp_
 
 def test_too_many_bad_records_fail_and_keep_the_previous_output(tmp_path):
     write_jsonl(tmp_path / "data" / "day1.jsonl", [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:10])])
-    recipe_path = make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}], max_bad_fraction=0.2)
+    recipe_path = make_recipe(
+        tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}], max_bad_fraction=0.2
+    )
     run_curate(load_recipe(recipe_path), tmp_path / "wd")
     before = {p: p.read_bytes() for p in (tmp_path / "wd" / "curate").rglob("*") if p.is_file()}
-    write_jsonl(tmp_path / "data" / "day2.jsonl", [b"garbage\n"] * 6 + [{"id": "ok", "text": NEW[20]["text"]}, {"id": "x"}])
-    with pytest.raises(CurationError, match=r"source docs: 87\.5% of 8 records are bad .* top reasons: not_json 6, missing_text 1"):
+    write_jsonl(
+        tmp_path / "data" / "day2.jsonl", [b"garbage\n"] * 6 + [{"id": "ok", "text": NEW[20]["text"]}, {"id": "x"}]
+    )
+    with pytest.raises(
+        CurationError, match=r"source docs: 87\.5% of 8 records are bad .* top reasons: not_json 6, missing_text 1"
+    ):
         run_curate(load_recipe(recipe_path), tmp_path / "wd")
     after = {p: p.read_bytes() for p in (tmp_path / "wd" / "curate").rglob("*") if p.is_file()}
     assert after == before and not (tmp_path / "wd" / "curate.tmp").exists()

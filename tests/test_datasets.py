@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.text import word_ngrams
+from refit.stages.lib.text import word_ngrams
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
 CORPORA = ["legacy_python_docs.jsonl.gz", "new_postgres_docs.jsonl.gz", "qa_docs.jsonl.gz"]

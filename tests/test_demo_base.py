@@ -4,12 +4,11 @@ import gzip
 import json
 import math
 
+from test_datasets import DATASETS, rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.config import PRETRAINING_RECORD
-from stages.demo_base import DemoBaseSpec, build_demo_base
-
-from test_datasets import DATASETS, rows
+from refit.stages.lib.config import PRETRAINING_RECORD
+from refit.stages.lib.demo_base import DemoBaseSpec, build_demo_base
 
 
 def test_builds_a_loadable_checkpoint_that_learned(tmp_path):
@@ -17,8 +16,16 @@ def test_builds_a_loadable_checkpoint_that_learned(tmp_path):
     with gzip.open(corpus, "wt") as out:
         for doc in rows(DATASETS / "legacy_python_docs.jsonl.gz")[:150]:
             out.write(json.dumps(doc) + "\n")
-    spec = DemoBaseSpec(vocab_size=512, hidden_size=32, intermediate_size=64, layers=2, heads=2, seq_len=64,
-                        batch_size=8, tokens=40 * 8 * 64)
+    spec = DemoBaseSpec(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        layers=2,
+        heads=2,
+        seq_len=64,
+        batch_size=8,
+        tokens=40 * 8 * 64,
+    )
     out = build_demo_base(corpus, tmp_path / "base", spec)
 
     assert not (tmp_path / "base.tmp").exists()  # staged, then renamed into place

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from stages.config import load_recipe
-from stages.markers import STAGES
-
 from test_train import prepare
+
+from refit.stages.lib.config import load_recipe
+from refit.stages.lib.markers import STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -46,10 +45,24 @@ def test_serve_registers_the_nightly_schedule_and_the_stage_reruns(prefect_harne
 
     path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", str(path), "--cron", "30 3 * * *",
-                                "--timezone", "Europe/Berlin"], cwd=REPO, env=env)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "refit.flows.cli",
+            "serve",
+            str(path),
+            "--cron",
+            "30 3 * * *",
+            "--timezone",
+            "Europe/Berlin",
+        ],
+        cwd=REPO,
+        env=env,
+    )
     try:
         with get_client(sync_client=True) as client:
+
             def registered(name: str, timeout: float = 90):
                 deadline = time.time() + timeout
                 while time.time() < deadline and process.poll() is None:
@@ -61,7 +74,11 @@ def test_serve_registers_the_nightly_schedule_and_the_stage_reruns(prefect_harne
 
             nightly = registered("refit-refresh/t-nightly")
             (schedule,) = nightly.schedules
-            assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == ("30 3 * * *", "Europe/Berlin", True)
+            assert (schedule.schedule.cron, schedule.schedule.timezone, schedule.active) == (
+                "30 3 * * *",
+                "Europe/Berlin",
+                True,
+            )
             assert nightly.parameters == {"recipe": str(path.resolve()), "wait": True}
             for stage in STAGES:
                 rerun = registered(f"refit-{stage}/t-{stage}")
@@ -72,7 +89,7 @@ def test_serve_registers_the_nightly_schedule_and_the_stage_reruns(prefect_harne
 
 
 def test_serve_rejects_a_bad_schedule_before_registering_anything(capsys):
-    from flows.cli import main as refit
+    from refit.flows.cli import main as refit
 
     assert refit(["serve", str(REPO / "deployments" / "demo.yaml"), "--cron", "61 * * * *"]) == 2
     assert "--cron" in capsys.readouterr().err

@@ -10,12 +10,22 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from stages.evaluate import Scorer, _compare, mean_stderr
+from refit.stages.evaluate import Scorer, _compare, mean_stderr
 
 ITEMS = [
-    {"id": "a", "query": "SELECT name FROM users WHERE id", "choices": [" = 1;", " integer", " return a + b"], "gold": 0},
+    {
+        "id": "a",
+        "query": "SELECT name FROM users WHERE id",
+        "choices": [" = 1;", " integer", " return a + b"],
+        "gold": 0,
+    },
     {"id": "b", "query": "def add(a, b):\n   ", "choices": [" return a + b", " FROM users", " x"], "gold": 0},
-    {"id": "c", "query": "The learning rate decays along a", "choices": [" cosine.", " table", " SELECT name FROM users"], "gold": 0},
+    {
+        "id": "c",
+        "query": "The learning rate decays along a",
+        "choices": [" cosine.", " table", " SELECT name FROM users"],
+        "gold": 0,
+    },
 ]
 
 
@@ -36,7 +46,7 @@ def test_choice_loglikelihoods_match_a_direct_computation_at_any_batch_size(tiny
     for item in ITEMS:
         context = scorers[0].encode(item["query"])
         for choice in item["choices"]:
-            requests.append((context, scorers[0].encode(item["query"] + choice)[len(context):]))
+            requests.append((context, scorers[0].encode(item["query"] + choice)[len(context) :]))
     one, four = (np.array([lp.sum() for lp in s.continuation_logprobs(requests)]) for s in scorers)
     expected = [direct_logprob(tiny_model_dir, i["query"], c) for i in ITEMS for c in i["choices"]]
     assert one == pytest.approx(expected, abs=1e-4)
@@ -65,7 +75,7 @@ def test_document_loss_and_bits_per_byte(tiny_model_dir):
         assert tokens[n] == len(ids) - 1 and nbytes[n] == len(text.encode())
         expected = 0.0
         for start in range(0, len(ids) - 1, 16):  # windows of 16 predicted tokens, each from its start
-            window = ids[start:start + 17]
+            window = ids[start : start + 17]
             with torch.no_grad():
                 logprobs = torch.log_softmax(scorer.model(input_ids=torch.tensor([window[:-1]])).logits[0], dim=-1)
             expected -= float(sum(logprobs[i, window[i + 1]] for i in range(len(window) - 1)))
@@ -86,15 +96,21 @@ def test_standard_errors_and_paired_difference():
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_stage_reports_base_and_candidate_side_by_side(trained):
-    from stages.config import load_recipe
-    from stages.evaluate import run_evaluate
+    from refit.stages.evaluate import run_evaluate
+    from refit.stages.lib.config import load_recipe
 
     path, workdir = trained
     recipe = load_recipe(path)
     report = run_evaluate(recipe, workdir)
     (bench,) = report["benchmarks"].values()
-    assert bench["items"] == 1 and set(bench["acc"]) == {"base", "base_stderr", "candidate", "candidate_stderr",
-                                                          "delta", "delta_stderr"}
+    assert bench["items"] == 1 and set(bench["acc"]) == {
+        "base",
+        "base_stderr",
+        "candidate",
+        "candidate_stderr",
+        "delta",
+        "delta_stderr",
+    }
     assert report["average_acc"]["delta"] == bench["acc"]["delta"]
     assert set(report["validation"]) == {"old", "new"}
     for source in report["validation"].values():
@@ -106,18 +122,36 @@ def test_stage_reports_base_and_candidate_side_by_side(trained):
 
 
 def test_cli_table_shows_points_with_standard_errors():
-    from flows.report import format_evaluation
+    from refit.flows.report import format_evaluation
 
-    side = {"base": 0.5, "base_stderr": 0.02, "candidate": 0.6, "candidate_stderr": 0.03, "delta": 0.1, "delta_stderr": 0.01}
-    report = {"benchmarks": {"b": {"domain": "new", "items": 10, "acc": side}}, "average_acc": side,
-              "validation": {"s": {"role": "legacy", "docs": 3, "base_loss_per_token": 2.0, "candidate_loss_per_token": 2.1,
-                                   "base_bits_per_byte": 1.0, "candidate_bits_per_byte": 1.05}}}
+    side = {
+        "base": 0.5,
+        "base_stderr": 0.02,
+        "candidate": 0.6,
+        "candidate_stderr": 0.03,
+        "delta": 0.1,
+        "delta_stderr": 0.01,
+    }
+    report = {
+        "benchmarks": {"b": {"domain": "new", "items": 10, "acc": side}},
+        "average_acc": side,
+        "validation": {
+            "s": {
+                "role": "legacy",
+                "docs": 3,
+                "base_loss_per_token": 2.0,
+                "candidate_loss_per_token": 2.1,
+                "base_bits_per_byte": 1.0,
+                "candidate_bits_per_byte": 1.05,
+            }
+        },
+    }
     text = format_evaluation(report)
     assert "50.0 +- 2.0" in text and "60.0 +- 3.0" in text and "10.0 +- 1.0" in text and "1.000 -> 1.050" in text
 
 
 def test_token_weighted_loss_comparison_with_ratio_standard_errors():
-    from stages.evaluate import _compare_loss
+    from refit.stages.evaluate import _compare_loss
 
     tokens = np.array([10.0, 30.0, 20.0])
     base, candidate = np.array([20.0, 90.0, 50.0]), np.array([18.0, 84.0, 47.0])
@@ -125,4 +159,4 @@ def test_token_weighted_loss_comparison_with_ratio_standard_errors():
     assert loss["base"] == pytest.approx(160 / 60) and loss["candidate"] == pytest.approx(149 / 60)
     assert loss["delta"] == pytest.approx(-11 / 60)
     residuals = (candidate - base) - loss["delta"] * tokens
-    assert loss["delta_stderr"] == pytest.approx(np.sqrt((residuals ** 2).sum() / 6) / tokens.mean())
+    assert loss["delta_stderr"] == pytest.approx(np.sqrt((residuals**2).sum() / 6) / tokens.mean())

@@ -17,21 +17,23 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-from stages.audit import AuditFailed
-from stages.lock import LOCK_FILE, WorkdirBusy
-
 from test_curate import NEW, write_jsonl
 from test_train import prepare, training_processes
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True),
-              pytest.mark.usefixtures("prefect_harness")]
+from refit.stages.audit import AuditFailed
+from refit.stages.lib.lock import LOCK_FILE, WorkdirBusy
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True),
+    pytest.mark.usefixtures("prefect_harness"),
+]
 REPO = Path(__file__).resolve().parent.parent
 LENIENT = {"min_average_gain": -1.0}  # one benchmark item cannot show a gain beyond noise
 
 
 def refresh(path: Path, workdir: Path, **kwargs) -> dict:
-    from flows.refresh import refresh as refresh_flow
+    from refit.flows.refresh import refresh as refresh_flow
 
     return refresh_flow(recipe=str(path), workdir=str(workdir), **kwargs)
 
@@ -69,8 +71,13 @@ def refreshed(tmp_path_factory, tiny_model_dir):
 
 def test_full_refresh_runs_every_stage_and_shows_the_audit_in_the_ui(refreshed):
     path, workdir, result, _ = refreshed
-    assert result["stages"] == dict.fromkeys(["curate", "tokenize", "mix", "train", "evaluate", "audit", "publish"], "Completed")
-    assert result["published"]["version"] == "v0001" and (path.parent / "registry" / "tiny" / "v0001" / "SHA256SUMS").is_file()
+    assert result["stages"] == dict.fromkeys(
+        ["curate", "tokenize", "mix", "train", "evaluate", "audit", "publish"], "Completed"
+    )
+    assert (
+        result["published"]["version"] == "v0001"
+        and (path.parent / "registry" / "tiny" / "v0001" / "SHA256SUMS").is_file()
+    )
     assert result["audit"]["passed"]
     markdown = artifact("audit-t")
     assert markdown and markdown[0].type == "markdown" and "# Audit" in markdown[0].data
@@ -84,7 +91,7 @@ def test_full_refresh_runs_every_stage_and_shows_the_audit_in_the_ui(refreshed):
 
 
 def test_report_prints_the_verdict_and_where_to_read_more(refreshed, capsys):
-    from flows.cli import main as refit
+    from refit.flows.cli import main as refit
 
     _, workdir, _, _ = refreshed
     assert refit(["report", str(workdir)]) == 0
@@ -107,8 +114,15 @@ def test_forced_stage_reruns_with_its_successors_only(refreshed):
     path, workdir, _, _ = refreshed
     audit_before = (workdir / "audit" / "_SUCCESS.json").stat().st_mtime_ns
     result = refresh(path, workdir, force=["evaluate"])
-    assert result["stages"] == {"curate": "Cached", "tokenize": "Cached", "mix": "Cached", "train": "Cached",
-                                "evaluate": "Completed", "audit": "Completed", "publish": "Completed"}
+    assert result["stages"] == {
+        "curate": "Cached",
+        "tokenize": "Cached",
+        "mix": "Cached",
+        "train": "Cached",
+        "evaluate": "Completed",
+        "audit": "Completed",
+        "publish": "Completed",
+    }
     assert (workdir / "audit" / "_SUCCESS.json").stat().st_mtime_ns > audit_before
     assert result["published"] == {**result["published"], "version": "v0001", "already_published": True}
 
@@ -134,12 +148,18 @@ def test_second_run_on_a_busy_workdir_stops_or_waits_and_nothing_is_corrupted(re
 def test_nightly_continues_from_the_latest_version_with_new_files_only_curated(refreshed):
     path, workdir, _, _ = refreshed
     registry = path.parent / "registry" / "tiny"
-    write_jsonl(path.parent / "data" / "new2.jsonl", [{"id": f"m{i}", "text": d["text"]} for i, d in enumerate(NEW[20:30])])
+    write_jsonl(
+        path.parent / "data" / "new2.jsonl", [{"id": f"m{i}", "text": d["text"]} for i, d in enumerate(NEW[20:30])]
+    )
     result = refresh(path, workdir)
     assert result["base_model"] == str(registry / "v0001")
     assert "latest published version v0001" in result["continuation"]
     curate = json.loads((workdir / "curate" / "report.json").read_text())
-    assert curate["incremental"] and curate["batch"] == 2 and curate["sources"]["new"]["files"] == [str(path.parent / "data" / "new2.jsonl")]
+    assert (
+        curate["incremental"]
+        and curate["batch"] == 2
+        and curate["sources"]["new"]["files"] == [str(path.parent / "data" / "new2.jsonl")]
+    )
     audit = json.loads((workdir / "audit" / "report.json").read_text())
     assert "above_previous_version" in {g["name"] for g in audit["gates"]}
     assert result["published"]["version"] == "v0002" and (registry / "latest").read_text().strip() == "v0002"
@@ -149,12 +169,12 @@ def test_nightly_continues_from_the_latest_version_with_new_files_only_curated(r
 def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, monkeypatch):
     from prefect import flow
 
-    import stages.mix
-    from flows.refresh import run_stage
-    from stages.config import load_recipe
+    import refit.stages.mix
+    from refit.flows.refresh import run_stage
+    from refit.stages.lib.config import load_recipe
 
     path, workdir, _, _ = refreshed
-    real, calls = stages.mix.build_manifest, []
+    real, calls = refit.stages.mix.build_manifest, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -162,7 +182,8 @@ def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, 
             raise OSError("network filesystem hiccup")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(stages.mix, "build_manifest", flaky)
+    monkeypatch.setattr(refit.stages.mix, "build_manifest", flaky)
+
     @flow(name="rerun-mix")
     def rerun():
         return run_stage("mix", load_recipe(path), workdir, force=True)
@@ -175,7 +196,7 @@ def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, 
         raise ValueError("a weight on an empty source")
 
     calls.clear()
-    monkeypatch.setattr(stages.mix, "build_manifest", wrong)
+    monkeypatch.setattr(refit.stages.mix, "build_manifest", wrong)
     with pytest.raises(ValueError, match="empty source"):
         rerun()
     assert len(calls) == 1
@@ -196,8 +217,9 @@ def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_d
 
     path, workdir = prepare(tmp_path, tiny_model_dir, steps=5000)
     env = dict(os.environ, PREFECT_API_URL=PREFECT_API_URL.value())
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "run", str(path), "--workdir", str(workdir)],
-                               cwd=REPO, env=env)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "refit.flows.cli", "run", str(path), "--workdir", str(workdir)], cwd=REPO, env=env
+    )
     deadline = time.time() + 120
     while not (workdir / "train" / "metrics.jsonl").is_file() and time.time() < deadline:
         time.sleep(0.5)

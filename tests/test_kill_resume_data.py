@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_curate import LEGACY, NEW, make_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
@@ -19,15 +18,23 @@ pytestmark = pytest.mark.slow
 
 def refit(*args: str) -> subprocess.Popen:
     env = dict(os.environ, LOGURU_LEVEL="WARNING")
-    return subprocess.Popen([sys.executable, "-m", "flows.cli", *args], env=env, cwd=Path(__file__).parent.parent,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(
+        [sys.executable, "-m", "refit.flows.cli", *args],
+        env=env,
+        cwd=Path(__file__).parent.parent,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
 
 
 def data_files(folder: Path) -> dict[str, bytes]:
     """Outputs that must match byte for byte (timings and SQLite page layout excluded)."""
     keep = (".parquet", ".arrow", ".jsonl")
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.suffix in keep or p.name == "index.json"}
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.suffix in keep or p.name == "index.json"
+    }
 
 
 def kill_when(process: subprocess.Popen, ready, visible: Path, timeout: float = 120) -> None:
@@ -47,10 +54,15 @@ def kill_when(process: subprocess.Popen, ready, visible: Path, timeout: float = 
 def recipe_path(tmp_path, tiny_tokenizer_dir):
     write_jsonl(tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY)])
     write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW)])
-    return make_recipe(tmp_path, [{"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-                                  {"name": "new", "paths": ["data/new.jsonl"], "role": "new"}],
-                       sections={"tokenizer": str(tiny_tokenizer_dir), "tokenize": {"seq_len": 32, "rows_per_shard": 8, "workers": 1}},
-                       workers=2)
+    return make_recipe(
+        tmp_path,
+        [
+            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
+        ],
+        sections={"tokenizer": str(tiny_tokenizer_dir), "tokenize": {"seq_len": 32, "rows_per_shard": 8, "workers": 1}},
+        workers=2,
+    )
 
 
 def test_killed_curate_and_tokenize_rerun_to_identical_outputs(tmp_path, recipe_path):

@@ -11,11 +11,11 @@ import random
 import numpy as np
 import pytest
 import yaml
-
 from conftest import TEXT
-from stages import lm_eval_backend
-from stages.config import BenchmarkSpec
-from stages.evaluate import Scorer, context_length, mean_stderr
+
+from refit.stages import lm_eval_backend
+from refit.stages.evaluate import Scorer, context_length, mean_stderr
+from refit.stages.lib.config import BenchmarkSpec
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
 
@@ -56,8 +56,13 @@ def test_both_backends_give_the_same_scores_on_the_same_model(tmp_path, tiny_mod
     refit_lls = scorer.choice_loglikelihoods(items)
     refit = scorer.score_benchmark(items)
     harness = lm_eval_backend.score_benchmarks(
-        tiny_model_dir, tiny_model_dir, [bench], batch_size=4, task_dir=tmp_path / "tasks",
-        max_length=context_length(AutoConfig.from_pretrained(tiny_model_dir)))["tiny_mc"]
+        tiny_model_dir,
+        tiny_model_dir,
+        [bench],
+        batch_size=4,
+        task_dir=tmp_path / "tasks",
+        max_length=context_length(AutoConfig.from_pretrained(tiny_model_dir)),
+    )["tiny_mc"]
 
     for ours, theirs in zip(refit_lls, harness["loglikelihoods"]):  # every choice of every item
         assert ours == pytest.approx(theirs, abs=1e-4)
@@ -82,9 +87,9 @@ def test_missing_harness_is_a_clear_error(monkeypatch, tmp_path, bench):
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_stage_backend_is_recorded_and_part_of_the_fingerprint(trained):
-    from stages.config import load_recipe
-    from stages.evaluate import run_evaluate
-    from stages.markers import read_marker
+    from refit.stages.evaluate import run_evaluate
+    from refit.stages.lib.config import load_recipe
+    from refit.stages.lib.markers import read_marker
 
     path, workdir = trained
     recipe = load_recipe(path)
@@ -98,7 +103,9 @@ def test_stage_backend_is_recorded_and_part_of_the_fingerprint(trained):
     for name, bench in ours["benchmarks"].items():
         for metric in ("acc", "acc_norm"):
             assert theirs["benchmarks"][name][metric] == pytest.approx(bench[metric])
-    assert theirs["validation"] and theirs["validation"] == ours["validation"]  # validation loss: Refit's own either way
+    assert (
+        theirs["validation"] and theirs["validation"] == ours["validation"]
+    )  # validation loss: Refit's own either way
     assert run_evaluate(recipe, workdir, backend="lm-eval") == theirs  # done: reused
     with pytest.raises(ValueError, match="unknown evaluation backend"):
         run_evaluate(recipe, workdir, backend="lm_eval")

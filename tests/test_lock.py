@@ -13,10 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from stages.lock import LOCK_FILE, WorkdirBusy, workdir_lock
+from refit.stages.lib.lock import LOCK_FILE, WorkdirBusy, workdir_lock
 
 REPO = Path(__file__).resolve().parent.parent
-HOLD = "import sys, time; from stages.lock import workdir_lock\nwith workdir_lock(sys.argv[1], 'refit run demo'):\n    print('held', flush=True); time.sleep(600)"
+HOLD = (
+    "import sys, time; from refit.stages.lib.lock import workdir_lock\n"
+    "with workdir_lock(sys.argv[1], 'refit run demo'):\n    print('held', flush=True); time.sleep(600)"
+)
 
 
 def hold(workdir: Path) -> subprocess.Popen:
@@ -38,11 +41,13 @@ def test_a_second_run_stops_naming_the_holder_and_a_killed_holder_frees_the_work
 
 
 def test_forked_workers_of_a_killed_run_do_not_keep_the_lock(tmp_path):
-    code = ("import os, sys, time; from stages.lock import workdir_lock\n"
-            "with workdir_lock(sys.argv[1], 'refit stage curate'):\n"
-            "    worker = os.fork()\n"  # a pool worker that outlives its killed parent
-            "    if worker == 0:\n        time.sleep(600)\n        os._exit(0)\n"
-            "    print('held', worker, flush=True); time.sleep(600)")
+    code = (
+        "import os, sys, time; from refit.stages.lib.lock import workdir_lock\n"
+        "with workdir_lock(sys.argv[1], 'refit stage curate'):\n"
+        "    worker = os.fork()\n"  # a pool worker that outlives its killed parent
+        "    if worker == 0:\n        time.sleep(600)\n        os._exit(0)\n"
+        "    print('held', worker, flush=True); time.sleep(600)"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
     word, worker = holder.stdout.readline().split()
     try:

@@ -9,14 +9,13 @@ import json
 import pytest
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
-
-from stages.audit import AuditFailed, run_audit
-from stages.config import load_recipe
-from stages.evaluate import run_evaluate
-from stages.publish import PublishRefused, run_publish
-from stages.train import run_train
-
 from test_train import prepare
+
+from refit.stages.audit import AuditFailed, run_audit
+from refit.stages.evaluate import run_evaluate
+from refit.stages.lib.config import load_recipe
+from refit.stages.publish import PublishRefused, run_publish
+from refit.stages.train import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 # one benchmark item cannot show an accuracy gain beyond noise: these tests are about publishing
@@ -41,8 +40,16 @@ def test_publishes_a_complete_version_once(audited):
     files = {str(p.relative_to(version)) for p in version.rglob("*") if p.is_file()} - {"SHA256SUMS"}
     assert set(sums) == files
     assert all(hashlib.sha256((version / name).read_bytes()).hexdigest() == digest for name, digest in sums.items())
-    assert {"model.safetensors", "tokenizer.json", "README.md", "manifest.json", "refit_recipe.yaml", "audit/report.md",
-            "audit/report.json", "audit/training.png"} <= files
+    assert {
+        "model.safetensors",
+        "tokenizer.json",
+        "README.md",
+        "manifest.json",
+        "refit_recipe.yaml",
+        "audit/report.md",
+        "audit/report.json",
+        "audit/training.png",
+    } <= files
     assert (root / "latest").read_text().strip() == "v0001"
     again = run_publish(recipe, workdir)
     assert again["version"] == "v0001" and again["already_published"]

@@ -4,12 +4,11 @@ import json
 
 import numpy as np
 import pytest
-
-from stages.sampler import Sampler, blend
-
 from test_tokenize_mix import curated  # noqa: F401  (fixture)
-from stages.mix import run_mix
-from stages.tokenize import run_tokenize
+
+from refit.stages.lib.sampler import Sampler, blend
+from refit.stages.mix import run_mix
+from refit.stages.tokenize import run_tokenize
 
 
 @pytest.mark.parametrize("weights", [[0.5, 0.5], [0.45, 0.45, 0.1], [0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])
@@ -35,7 +34,7 @@ def test_order_is_pure_and_never_repeats_before_exhaustion(curated):  # noqa: F8
         rows = [row for s, row in slots if s == source]
         size = a.sources[source].rows
         for epoch in range(0, len(rows), size):  # each epoch is a permutation of the source
-            chunk = rows[epoch:epoch + size]
+            chunk = rows[epoch : epoch + size]
             assert len(set(chunk)) == len(chunk)
     switch = manifest["phases"][1]["start_step"] * per_step
     qa_new = sum(1 for s, _ in slots[switch:] if a.sources[s].name == "new") / (total - switch)

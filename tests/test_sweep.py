@@ -9,19 +9,19 @@ import json
 
 import pytest
 import yaml
-
-from stages.config import RecipeError, load_recipe
-from stages.markers import read_marker
-from stages.sweep import SweepError, parse_grid, plan_variants, prepare_variant, set_field
-
 from test_train import prepare
+
+from refit.stages.lib.config import RecipeError, load_recipe
+from refit.stages.lib.markers import read_marker
+from refit.stages.lib.sweep import SweepError, parse_grid, plan_variants, prepare_variant, set_field
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 
 
 def test_grid_values_are_typed_and_bad_keys_are_refused(tiny_model_dir):
-    assert parse_grid(["schedule.max_lr=3e-3,1e-3", "mixture.phases.1.lr_below=0.5,0.2", "schedule.decay=cosine,wsd"]) == {
-        "schedule.max_lr": [3e-3, 1e-3], "mixture.phases.1.lr_below": [0.5, 0.2], "schedule.decay": ["cosine", "wsd"]}
+    assert parse_grid(
+        ["schedule.max_lr=3e-3,1e-3", "mixture.phases.1.lr_below=0.5,0.2", "schedule.decay=cosine,wsd"]
+    ) == {"schedule.max_lr": [3e-3, 1e-3], "mixture.phases.1.lr_below": [0.5, 0.2], "schedule.decay": ["cosine", "wsd"]}
     with pytest.raises(SweepError, match="share the curated and tokenized data"):
         parse_grid(["tokenize.seq_len=64,128"])
     with pytest.raises(SweepError, match="KEY=V1,V2"):
@@ -46,11 +46,14 @@ def test_variants_are_complete_recipes_validated_with_the_field_named(tmp_path, 
 
 
 @pytest.mark.slow
-def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner(prefect_harness, tmp_path, tiny_model_dir):
-    from flows.sweep import sweep
+def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner(
+    prefect_harness, tmp_path, tiny_model_dir
+):
+    from refit.flows.sweep import sweep
 
-    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, run_data_stages=False,
-                            gates={"min_average_gain": -1.0})
+    path, workdir = prepare(
+        tmp_path, tiny_model_dir, validation_fraction=0.3, run_data_stages=False, gates={"min_average_gain": -1.0}
+    )
     spec = yaml.safe_load(path.read_text())
     spec["sweep"] = {"devices": 2}  # two variants at a time, one device (here: CPU process) each
     path.write_text(yaml.safe_dump(spec))
@@ -71,24 +74,37 @@ def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner
     assert json.loads((workdir / "sweep" / "results.json").read_text())["winner"] == "max_lr0.003"
     devices = {name: load_recipe(workdir / "sweep" / name / "recipe.yaml").train.devices for name in rows}
     assert devices == {"max_lr0.003": [0], "max_lr1e30": [1], "baseline-legacy-only": [0], "baseline-no-switch": [1]}
-    windows = {name: (m["started"], m["finished"]) for name in rows
-               if (m := read_marker(workdir / "sweep" / name / "train")) is not None}
+    windows = {
+        name: (m["started"], m["finished"])
+        for name in rows
+        if (m := read_marker(workdir / "sweep" / name / "train")) is not None
+    }
     assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(windows.values(), 2))  # concurrent
 
 
 def test_the_winner_passes_the_required_gates_and_a_lead_within_noise_is_said(tmp_path, tiny_model_dir):
-    from stages.sweep import choose_winner
+    from refit.stages.lib.sweep import choose_winner
 
     path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     recipe = load_recipe(path)
 
     def row(name, acc, forgetting_ok=True, kind="grid"):
-        return {"variant": name, "kind": kind, "status": "ok", "description": name, "average_acc": acc,
-                "average_acc_stderr": 0.013, "average_gain": acc - 0.3, "device_hours": 0.01,
-                "gates": {"forgetting:old": forgetting_ok, "benchmark_regression:b": True}}
+        return {
+            "variant": name,
+            "kind": kind,
+            "status": "ok",
+            "description": name,
+            "average_acc": acc,
+            "average_acc_stderr": 0.013,
+            "average_gain": acc - 0.3,
+            "device_hours": 0.01,
+            "gates": {"forgetting:old": forgetting_ok, "benchmark_regression:b": True},
+        }
 
-    winner, reason = choose_winner(recipe, [row("a", 0.328), row("b", 0.327), row("c", 0.40, forgetting_ok=False),
-                                            row("legacy", 0.305, kind="baseline")])
+    winner, reason = choose_winner(
+        recipe,
+        [row("a", 0.328), row("b", 0.327), row("c", 0.40, forgetting_ok=False), row("legacy", 0.305, kind="baseline")],
+    )
     assert winner["variant"] == "a" and "2 of 3 grid variants that pass forgetting" in reason
     assert "lead over b (0.1 points) is within noise" in reason
     winner, reason = choose_winner(recipe, [row("a", 0.40), row("b", 0.30)])

@@ -8,29 +8,42 @@ import os
 import numpy as np
 import pyarrow as pa
 import pytest
+from test_curate import LEGACY, NEW, make_recipe, write_jsonl
 from transformers import AutoTokenizer
 
-from flows.cli import main as refit
-from stages.config import load_recipe
-from stages.curate import curated_files, run_curate
-from stages.markers import MARKER, StageNotReady, file_sha256
-from stages.mix import run_mix
-from stages.schedule import schedule_for
-from stages.tokenize import read_shard, run_tokenize
-
-from test_curate import LEGACY, NEW, make_recipe, write_jsonl
+from refit.flows.cli import main as refit
+from refit.stages.curate import curated_files, run_curate
+from refit.stages.lib.config import load_recipe
+from refit.stages.lib.markers import MARKER, StageNotReady, file_sha256
+from refit.stages.lib.schedule import schedule_for
+from refit.stages.mix import run_mix
+from refit.stages.tokenize import read_shard, run_tokenize
 
 
 @pytest.fixture
 def curated(tmp_path, tiny_tokenizer_dir):
-    write_jsonl(tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:30])])
+    write_jsonl(
+        tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:30])]
+    )
     write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:30])])
-    path = make_recipe(tmp_path, [{"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-                                  {"name": "new", "paths": ["data/new.jsonl"], "role": "new"}],
-                       sections={"tokenizer": str(tiny_tokenizer_dir), "tokenize": {"seq_len": 64, "rows_per_shard": 40, "workers": 2},
-                                 "mixture": {"phases": [{"name": "general", "weights": {"old": 1, "new": 1}},
-                                                        {"name": "qa", "lr_below": 0.2, "weights": {"old": 1, "new": 3}}]}},
-                       validation_fraction=0.0)
+    path = make_recipe(
+        tmp_path,
+        [
+            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
+        ],
+        sections={
+            "tokenizer": str(tiny_tokenizer_dir),
+            "tokenize": {"seq_len": 64, "rows_per_shard": 40, "workers": 2},
+            "mixture": {
+                "phases": [
+                    {"name": "general", "weights": {"old": 1, "new": 1}},
+                    {"name": "qa", "lr_below": 0.2, "weights": {"old": 1, "new": 3}},
+                ]
+            },
+        },
+        validation_fraction=0.0,
+    )
     recipe = load_recipe(path)
     run_curate(recipe, tmp_path / "wd")
     return recipe, tmp_path / "wd", path
@@ -51,7 +64,11 @@ def test_shards_hold_packed_documents_and_open_zero_copy(curated, tiny_tokenizer
     rows = read_shard(path)
     assert rows.dtype == np.uint16 and rows.shape == (first["rows"], 64) and not rows.flags.owndata
     texts = [t for f in curated_files(workdir, "new", "train") for t in pa.parquet.read_table(f)["text"].to_pylist()]
-    expected = [t for text in texts[: first["docs"]] for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]]
+    expected = [
+        t
+        for text in texts[: first["docs"]]
+        for t in tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ]
     assert rows.reshape(-1).tolist() == expected[: rows.size]  # documents joined by EOS, cut into rows
     assert report["sources"]["new"]["tokens"] == index["tokens"] == sum(s["tokens"] for s in index["shards"])
 
@@ -67,7 +84,10 @@ def test_rerun_skips_complete_shards_and_reproduces_them(curated):
     removed = shards[0].relative_to(workdir / "tokenize")
     (workdir / "tokenize.tmp" / removed).unlink()
     run_tokenize(recipe, workdir)
-    after = {p.name + p.parent.name: (p.read_bytes(), os.stat(p).st_mtime_ns) for p in sorted((workdir / "tokenize").rglob("shard-*.arrow"))}
+    after = {
+        p.name + p.parent.name: (p.read_bytes(), os.stat(p).st_mtime_ns)
+        for p in sorted((workdir / "tokenize").rglob("shard-*.arrow"))
+    }
     assert {k: v[0] for k, v in after.items()} == {k: v[0] for k, v in before.items()}  # byte-identical
     rewritten = {k for k in before if after[k][1] != before[k][1]}
     assert rewritten == {removed.name + removed.parent.name}  # only the missing shard was written again
@@ -78,7 +98,9 @@ def test_rerun_skips_complete_shards_and_reproduces_them(curated):
 def test_manifest_switch_step_is_the_schedules(tmp_path, curated, decay):
     recipe, workdir, _ = curated
     run_tokenize(recipe, workdir)
-    recipe = recipe.model_copy(update={"schedule": recipe.schedule.model_copy(update={"decay": decay, "warmup_fraction": 0.1})})
+    recipe = recipe.model_copy(
+        update={"schedule": recipe.schedule.model_copy(update={"decay": decay, "warmup_fraction": 0.1})}
+    )
     manifest = run_mix(recipe, workdir)
     schedule = schedule_for(recipe)
     threshold = recipe.phases[1].lr_below * schedule.max_lr
@@ -97,8 +119,16 @@ def test_manifest_warns_about_repeats_and_empty_sources(curated, tmp_path):
     greedy = recipe.model_copy(update={"schedule": recipe.schedule.model_copy(update={"total_tokens": 3_000_000})})
     warnings = run_mix(greedy, workdir)["warnings"]
     assert any("source old is drawn" in w and "mixture.max_epochs 4" in w for w in warnings)
-    (workdir / "tokenize" / "new" / "index.json").write_text(json.dumps(
-        {**json.loads((workdir / "tokenize" / "new" / "index.json").read_text()), "rows": 0, "tokens": 0, "shards": []}))
+    (workdir / "tokenize" / "new" / "index.json").write_text(
+        json.dumps(
+            {
+                **json.loads((workdir / "tokenize" / "new" / "index.json").read_text()),
+                "rows": 0,
+                "tokens": 0,
+                "shards": [],
+            }
+        )
+    )
     assert any("source new has weight but no tokens" in w for w in run_mix(recipe, workdir, force=True)["warnings"])
 
 
@@ -122,10 +152,18 @@ def test_a_batch_that_adds_nothing_to_a_source_tokenizes(curated, tmp_path):
     recipe, workdir, path = curated
     run_tokenize(recipe, workdir)
     # the nightly case: new files arrive for one source only; the other gets an empty batch
-    write_jsonl(tmp_path / "data" / "new-day2.jsonl", [{"id": f"m{i}", "text": d["text"]} for i, d in enumerate(NEW[30:36])])
+    write_jsonl(
+        tmp_path / "data" / "new-day2.jsonl", [{"id": f"m{i}", "text": d["text"]} for i, d in enumerate(NEW[30:36])]
+    )
     recipe = load_recipe(path.parent / "recipe.yaml")
-    recipe = recipe.model_copy(update={"sources": [recipe.sources[0], recipe.sources[1].model_copy(
-        update={"paths": [str(tmp_path / "data" / "new*.jsonl")]})]})
+    recipe = recipe.model_copy(
+        update={
+            "sources": [
+                recipe.sources[0],
+                recipe.sources[1].model_copy(update={"paths": [str(tmp_path / "data" / "new*.jsonl")]}),
+            ]
+        }
+    )
     report = run_curate(recipe, workdir)
     assert report["batch"] == 2 and report["sources"]["old"]["records"] == 0
     assert [p.name for p in curated_files(workdir, "old", "train")] == ["train-0001.parquet", "train-0002.parquet"]

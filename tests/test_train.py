@@ -15,34 +15,55 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_curate import LEGACY, NEW, make_recipe, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from stages.config import load_recipe
-from stages.curate import run_curate
-from stages.mix import run_mix
-from stages.tokenize import run_tokenize
-from stages.train import TrainingError, run_train
-
-from test_curate import LEGACY, NEW, make_recipe, write_jsonl
+from refit.stages.curate import run_curate
+from refit.stages.lib.config import load_recipe
+from refit.stages.mix import run_mix
+from refit.stages.tokenize import run_tokenize
+from refit.stages.train import TrainingError, run_train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
 
 
-def prepare(tmp_path: Path, model_dir: Path, max_lr: float = 3e-3, validation_fraction: float = 0.0,
-            gates: dict | None = None, steps: int = 20, run_data_stages: bool = True, **train) -> tuple[Path, Path]:
-    write_jsonl(tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])])
+def prepare(
+    tmp_path: Path,
+    model_dir: Path,
+    max_lr: float = 3e-3,
+    validation_fraction: float = 0.0,
+    gates: dict | None = None,
+    steps: int = 20,
+    run_data_stages: bool = True,
+    **train,
+) -> tuple[Path, Path]:
+    write_jsonl(
+        tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])]
+    )
     write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:20])])
-    path = make_recipe(tmp_path, [{"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-                                  {"name": "new", "paths": ["data/new.jsonl"], "role": "new"}], sections={
-        "base_model": {"path": str(model_dir), "pretraining_min_lr": max_lr},
-        "tokenize": {"seq_len": 32, "workers": 1},
-        "mixture": {"phases": [{"name": "general", "weights": {"old": 1, "new": 1}},
-                               {"name": "late", "lr_below": 0.5, "weights": {"old": 1, "new": 3}}]},
-        "schedule": {"total_tokens": steps * 4 * 32},
-        "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
-        "gates": gates or {}, "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"}},
-        validation_fraction=validation_fraction)
+    path = make_recipe(
+        tmp_path,
+        [
+            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
+        ],
+        sections={
+            "base_model": {"path": str(model_dir), "pretraining_min_lr": max_lr},
+            "tokenize": {"seq_len": 32, "workers": 1},
+            "mixture": {
+                "phases": [
+                    {"name": "general", "weights": {"old": 1, "new": 1}},
+                    {"name": "late", "lr_below": 0.5, "weights": {"old": 1, "new": 3}},
+                ]
+            },
+            "schedule": {"total_tokens": steps * 4 * 32},
+            "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
+            "gates": gates or {},
+            "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"},
+        },
+        validation_fraction=validation_fraction,
+    )
     recipe = load_recipe(path)
     workdir = tmp_path / "wd"
     for stage in (run_curate, run_tokenize, run_mix) if run_data_stages else ():
@@ -59,7 +80,9 @@ def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
     report = run_train(load_recipe(path), workdir)
     manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
     planned = manifest["phases"][1]["start_step"]
-    assert report["switches"] == [{"step": planned, "phase": "late", "lr": pytest.approx(metrics(workdir)[planned]["lr"])}]
+    assert report["switches"] == [
+        {"step": planned, "phase": "late", "lr": pytest.approx(metrics(workdir)[planned]["lr"])}
+    ]
     lines = metrics(workdir)
     assert [m["step"] for m in lines] == list(range(20))
     assert {m["phase"] for m in lines[:planned]} == {"general"} and {m["phase"] for m in lines[planned:]} == {"late"}
@@ -70,15 +93,22 @@ def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
     base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
     assert type(model) is type(base)
     assert (workdir / "train" / "final" / "refit_recipe.yaml").is_file()
-    assert sorted(p.name for p in (workdir / "train" / "checkpoints").iterdir()) == [f"step-{s:08d}" for s in (4, 8, 12, 16, 20)]
+    assert sorted(p.name for p in (workdir / "train" / "checkpoints").iterdir()) == [
+        f"step-{s:08d}" for s in (4, 8, 12, 16, 20)
+    ]
     assert run_train(load_recipe(path), workdir) == report  # done: not trained again
 
 
 def kill_at_step(path: Path, workdir: Path, step: int) -> None:
     """Run the stage in a subprocess and SIGKILL it and its training processes (their own
     session) once `step` is logged: a machine crash, as far as the workdir can tell."""
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
-                               cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "refit.flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = workdir / "train" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (log.exists() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines())):
@@ -97,12 +127,17 @@ def test_sigkill_before_and_after_the_switch_resumes_bitwise(tmp_path, tiny_mode
     expected = metrics(reference)
     switch = json.loads((reference / "mix" / "manifest.json").read_text())["phases"][1]["start_step"]
     path, workdir = prepare(tmp_path / "killed", tiny_model_dir)
-    kill_at_step(path, workdir, switch - 1)   # just before the switch
-    kill_at_step(path, workdir, switch + 1)   # just after it
+    kill_at_step(path, workdir, switch - 1)  # just before the switch
+    kill_at_step(path, workdir, switch + 1)  # just after it
     run_train(load_recipe(path), workdir)
     got = metrics(workdir)
-    assert [(m["step"], m["loss"], m["lr"], m["phase"]) for m in got] == [(m["step"], m["loss"], m["lr"], m["phase"]) for m in expected]
-    final, ref = load_file(workdir / "train/final/model.safetensors"), load_file(reference / "train/final/model.safetensors")
+    assert [(m["step"], m["loss"], m["lr"], m["phase"]) for m in got] == [
+        (m["step"], m["loss"], m["lr"], m["phase"]) for m in expected
+    ]
+    final, ref = (
+        load_file(workdir / "train/final/model.safetensors"),
+        load_file(reference / "train/final/model.safetensors"),
+    )
     assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in ref)
 
 
@@ -119,10 +154,16 @@ def test_two_gloo_processes_match_one(tmp_path, tiny_model_dir):
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny_model_dir, capfd):
     path, workdir = prepare(tmp_path, tiny_model_dir, max_lr=1e30, grad_clip=1e30)
-    with pytest.raises(TrainingError, match=r"training failed: FloatingPointError: non-finite loss .* at step \d+ \(LR"):
-        run_train(load_recipe(path), workdir)  # the reason reaches the caller (a flow, the sweep table), not just the log
+    with pytest.raises(
+        TrainingError, match=r"training failed: FloatingPointError: non-finite loss .* at step \d+ \(LR"
+    ):
+        run_train(
+            load_recipe(path), workdir
+        )  # the reason reaches the caller (a flow, the sweep table), not just the log
     assert "non-finite loss" in capfd.readouterr().err
-    checkpoints = sorted(p.name for p in (workdir / "train" / "checkpoints").glob("step-*") if (p / "_SUCCESS.json").exists())
+    checkpoints = sorted(
+        p.name for p in (workdir / "train" / "checkpoints").glob("step-*") if (p / "_SUCCESS.json").exists()
+    )
     assert not (workdir / "train" / "_SUCCESS.json").exists() and not (workdir / "train" / "final").exists()
     assert all(m["loss"] == m["loss"] for m in metrics(workdir))  # no NaN was ever logged as a step
     assert len(checkpoints) == len(metrics(workdir)) // 4
@@ -138,7 +179,7 @@ def training_processes(workdir: Path) -> list[int]:
                 status = (entry / "status").read_text()
             except OSError:
                 continue
-            if "stages.train_loop" in cmdline and str(workdir) in cmdline and "State:\tZ" not in status:
+            if "refit.stages.lib.train_loop" in cmdline and str(workdir) in cmdline and "State:\tZ" not in status:
                 pids.append(int(entry.name))
     return pids
 
@@ -146,8 +187,12 @@ def training_processes(workdir: Path) -> list[int]:
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_dir):
     path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=2)
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
-                               cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "refit.flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     log = workdir / "train" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (log.exists() and log.read_text().strip()):

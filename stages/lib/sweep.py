@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from stages.audit import accuracy_gates, loss_gates
-from stages.config import Recipe, load_recipe
+from refit.stages.audit import accuracy_gates, loss_gates
+from refit.stages.lib.config import Recipe, load_recipe
 
 SWEEPABLE = ("schedule.", "mixture.", "train.")
 SHARED_STAGES = ("curate", "tokenize")
@@ -60,8 +60,10 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
         if not sep or not key or not values.strip():
             raise SweepError(f"--grid {spec!r}: expected KEY=V1,V2,... (for example schedule.max_lr=3e-3,1e-3)")
         if not key.startswith(SWEEPABLE):
-            raise SweepError(f"--grid {key}: only {', '.join(p + '*' for p in SWEEPABLE)} can be swept; the variants "
-                             f"share the curated and tokenized data")
+            raise SweepError(
+                f"--grid {key}: only {', '.join(p + '*' for p in SWEEPABLE)} can be swept; the variants "
+                f"share the curated and tokenized data"
+            )
         if key in grid:
             raise SweepError(f"--grid {key} is given twice")
         grid[key] = [_value(v.strip()) for v in values.split(",")]
@@ -82,17 +84,32 @@ def plan_variants(recipe: Recipe, grid: dict[str, list]) -> list[Variant]:
     names = [v.name for v in variants]
     for n, variant in enumerate(variants):  # values that print alike (1 and 1.0) still get their own workdir
         if names.count(variant.name) > 1:
-            variants[n] = Variant(f"{variant.name}-{names[:n + 1].count(variant.name)}", variant.kind,
-                                  variant.overrides, variant.description)
+            variants[n] = Variant(
+                f"{variant.name}-{names[: n + 1].count(variant.name)}",
+                variant.kind,
+                variant.overrides,
+                variant.description,
+            )
     legacy = [s.name for s in recipe.sources if s.role == "legacy"]
     if not legacy:
         raise SweepError("the legacy-only baseline needs a source with role: legacy")
     first = recipe.mixture.phases[0].model_dump(mode="json")
-    variants.append(Variant("baseline-legacy-only", "baseline",
-                            {"mixture.phases": [{"name": "legacy-only", "weights": dict.fromkeys(legacy, 1.0)}]},
-                            "continue on the legacy data alone (the paper's baseline)"))
-    variants.append(Variant("baseline-no-switch", "baseline", {"mixture.phases": [first]},
-                            f"the general blend ({first['name']}) for the whole run, no switch"))
+    variants.append(
+        Variant(
+            "baseline-legacy-only",
+            "baseline",
+            {"mixture.phases": [{"name": "legacy-only", "weights": dict.fromkeys(legacy, 1.0)}]},
+            "continue on the legacy data alone (the paper's baseline)",
+        )
+    )
+    variants.append(
+        Variant(
+            "baseline-no-switch",
+            "baseline",
+            {"mixture.phases": [first]},
+            f"the general blend ({first['name']}) for the whole run, no switch",
+        )
+    )
     return variants
 
 
@@ -102,7 +119,11 @@ def set_field(data: dict, dotted: str, value: Any) -> None:
     node: Any = data
     for part in [*parents, last]:
         key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
-        exists = (0 <= key < len(node)) if isinstance(node, list) and isinstance(key, int) else (isinstance(node, dict) and key in node)
+        exists = (
+            (0 <= key < len(node))
+            if isinstance(node, list) and isinstance(key, int)
+            else (isinstance(node, dict) and key in node)
+        )
         if not exists:
             raise SweepError(f"{dotted}: the recipe has no field {part!r} there")
         if part is last:
@@ -130,8 +151,9 @@ def device_slots(recipe: Recipe) -> list[list[int] | None]:
     return [list(range(n * size, (n + 1) * size)) for n in range(slots)] if slots > 1 else [None]
 
 
-def prepare_variant(recipe: Recipe, variant: Variant, workdir: Path, budget_fraction: float,
-                    devices: list[int] | None = None) -> Recipe:
+def prepare_variant(
+    recipe: Recipe, variant: Variant, workdir: Path, budget_fraction: float, devices: list[int] | None = None
+) -> Recipe:
     """Write the variant's recipe in `<workdir>/sweep/<variant>/`, link the shared data, and
     validate it (RecipeError names a contradicting field, e.g. a switch threshold out of order)."""
     shared = Path(workdir).resolve()
@@ -154,21 +176,36 @@ def result_row(recipe: Recipe, variant: Variant, train: dict, evaluation: dict) 
     validation = evaluation["validation"]
     hours = train["seconds"] * train["processes"] / 3600
     average = evaluation["average_acc"]
-    return {"variant": variant.name, "kind": variant.kind, "description": variant.description, "status": "ok",
-            "overrides": variant.overrides, "average_acc": average["candidate"] if average else None,
-            "average_acc_stderr": average["candidate_stderr"] if average else None,
-            "average_gain": average["delta"] if average else None,
-            "benchmarks": {name: b["acc"]["candidate"] for name, b in evaluation["benchmarks"].items()},
-            "legacy_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "legacy"},
-            "new_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "new"},
-            "tokens": train["tokens"], "train_seconds": train["seconds"], "eval_seconds": evaluation.get("seconds"),
-            "device_hours": hours, "switches": train["switches"],
-            "gates": {g["name"]: g["passed"] for g in gates}}
+    return {
+        "variant": variant.name,
+        "kind": variant.kind,
+        "description": variant.description,
+        "status": "ok",
+        "overrides": variant.overrides,
+        "average_acc": average["candidate"] if average else None,
+        "average_acc_stderr": average["candidate_stderr"] if average else None,
+        "average_gain": average["delta"] if average else None,
+        "benchmarks": {name: b["acc"]["candidate"] for name, b in evaluation["benchmarks"].items()},
+        "legacy_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "legacy"},
+        "new_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "new"},
+        "tokens": train["tokens"],
+        "train_seconds": train["seconds"],
+        "eval_seconds": evaluation.get("seconds"),
+        "device_hours": hours,
+        "switches": train["switches"],
+        "gates": {g["name"]: g["passed"] for g in gates},
+    }
 
 
 def failed_row(variant: Variant, error: str) -> dict:
-    return {"variant": variant.name, "kind": variant.kind, "description": variant.description, "status": "failed",
-            "overrides": variant.overrides, "error": error}
+    return {
+        "variant": variant.name,
+        "kind": variant.kind,
+        "description": variant.description,
+        "status": "failed",
+        "overrides": variant.overrides,
+        "error": error,
+    }
 
 
 def _passes(row: dict, must_pass: list[str]) -> list[str]:
@@ -186,24 +223,37 @@ def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
             return None, f"no grid variant passed {', '.join(rule.must_pass)}"
         finished = any(r["kind"] == "grid" and r["status"] == "ok" for r in rows)
         return None, "the recipe has no benchmarks to compare variants on" if finished else "no grid variant finished"
-    score = ((lambda r: r["average_acc"]) if rule.select == "average_accuracy" else
-             (lambda r: r["average_gain"] / max(r["device_hours"], 1e-12)))
+    score = (
+        (lambda r: r["average_acc"])
+        if rule.select == "average_accuracy"
+        else (lambda r: r["average_gain"] / max(r["device_hours"], 1e-12))
+    )
     winner = max(eligible, key=score)
-    reason = (f"{winner['variant']} ({winner['description']}) has the best "
-              f"{'average accuracy' if rule.select == 'average_accuracy' else 'accuracy gain per device-hour'} "
-              f"({100 * winner['average_acc']:.1f} +- {100 * (winner['average_acc_stderr'] or 0):.1f} points) among the "
-              f"{len(eligible)} of {len(measured)} grid variants that pass {', '.join(rule.must_pass)}")
+    reason = (
+        f"{winner['variant']} ({winner['description']}) has the best "
+        f"{'average accuracy' if rule.select == 'average_accuracy' else 'accuracy gain per device-hour'} "
+        f"({100 * winner['average_acc']:.1f} +- {100 * (winner['average_acc_stderr'] or 0):.1f} points) among the "
+        f"{len(eligible)} of {len(measured)} grid variants that pass {', '.join(rule.must_pass)}"
+    )
     runners_up = sorted((r for r in eligible if r is not winner), key=score, reverse=True)
     if runners_up and rule.select == "average_accuracy":
         second = runners_up[0]
         lead = winner["average_acc"] - second["average_acc"]
         error = math.hypot(winner["average_acc_stderr"] or 0, second["average_acc_stderr"] or 0)
         if lead <= recipe.gates.noise_sigmas * error:
-            reason += (f"; its lead over {second['variant']} ({100 * lead:.1f} points) is within noise "
-                       f"({recipe.gates.noise_sigmas:g} x {100 * error:.1f}, unpaired standard error): at this budget "
-                       f"the grid does not separate them")
-    beaten_by = [r["variant"] for r in rows if r["kind"] == "baseline" and r["status"] == "ok"
-                 and r["average_acc"] is not None and r["average_acc"] > winner["average_acc"]]
+            reason += (
+                f"; its lead over {second['variant']} ({100 * lead:.1f} points) is within noise "
+                f"({recipe.gates.noise_sigmas:g} x {100 * error:.1f}, unpaired standard error): at this budget "
+                f"the grid does not separate them"
+            )
+    beaten_by = [
+        r["variant"]
+        for r in rows
+        if r["kind"] == "baseline"
+        and r["status"] == "ok"
+        and r["average_acc"] is not None
+        and r["average_acc"] > winner["average_acc"]
+    ]
     if beaten_by:
         reason += f"; note: baseline(s) {', '.join(beaten_by)} scored higher"
     return winner, reason
@@ -223,23 +273,53 @@ def _percent(value: float | None) -> str:
 
 def results_markdown(rows: list[dict], winner: dict | None, reason: str, budget_fraction: float) -> str:
     benchmarks = sorted({b for r in rows if r["status"] == "ok" for b in r["benchmarks"]})
-    head = ["variant", "settings", "status", "avg acc", *benchmarks, "legacy loss", "new loss", "tokens", "wall s", "device-hours"]
-    lines = [f"# Pilot sweep at {budget_fraction:g} of the token budget", "",
-             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = [
+        "variant",
+        "settings",
+        "status",
+        "avg acc",
+        *benchmarks,
+        "legacy loss",
+        "new loss",
+        "tokens",
+        "wall s",
+        "device-hours",
+    ]
+    lines = [
+        f"# Pilot sweep at {budget_fraction:g} of the token budget",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
     for r in rows:
         mark = " **(winner)**" if winner is not None and r["variant"] == winner["variant"] else ""
         if r["status"] != "ok":
-            lines.append(f"| {r['variant']} | {r['description']} | FAILED: {r['error'][:200]} |" + " |" * (len(head) - 3))
+            lines.append(
+                f"| {r['variant']} | {r['description']} | FAILED: {r['error'][:200]} |" + " |" * (len(head) - 3)
+            )
             continue
-        cells = [r["variant"] + mark, r["description"], "ok",
-                 f"{_percent(r['average_acc'])} +- {_percent(r['average_acc_stderr'] or 0)}",
-                 *[_percent(r["benchmarks"].get(b)) for b in benchmarks],
-                 ", ".join(f"{v:.3f}" for v in r["legacy_loss"].values()), ", ".join(f"{v:.3f}" for v in r["new_loss"].values()),
-                 f"{r['tokens']:,}", f"{r['train_seconds'] + (r['eval_seconds'] or 0):.0f}", f"{r['device_hours']:.4f}"]
+        cells = [
+            r["variant"] + mark,
+            r["description"],
+            "ok",
+            f"{_percent(r['average_acc'])} +- {_percent(r['average_acc_stderr'] or 0)}",
+            *[_percent(r["benchmarks"].get(b)) for b in benchmarks],
+            ", ".join(f"{v:.3f}" for v in r["legacy_loss"].values()),
+            ", ".join(f"{v:.3f}" for v in r["new_loss"].values()),
+            f"{r['tokens']:,}",
+            f"{r['train_seconds'] + (r['eval_seconds'] or 0):.0f}",
+            f"{r['device_hours']:.4f}",
+        ]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"**Winner:** {reason}." if winner else f"**No winner:** {reason}.", "",
-              "Accuracies in points with standard errors; losses in nats per token on held-out documents; wall "
-              "time is training plus evaluation; device-hours count training only.", "", "![accuracy against compute](accuracy_vs_compute.png)"]
+    lines += [
+        "",
+        f"**Winner:** {reason}." if winner else f"**No winner:** {reason}.",
+        "",
+        "Accuracies in points with standard errors; losses in nats per token on held-out documents; wall "
+        "time is training plus evaluation; device-hours count training only.",
+        "",
+        "![accuracy against compute](accuracy_vs_compute.png)",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -252,10 +332,21 @@ def plot_accuracy_vs_compute(rows: list[dict], out: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for r in (r for r in rows if r["status"] == "ok" and r["average_acc"] is not None):
         marker, color = ("s", "tab:gray") if r["kind"] == "baseline" else ("o", "tab:blue")
-        ax.errorbar(r["device_hours"], 100 * r["average_acc"], yerr=100 * (r["average_acc_stderr"] or 0), fmt=marker,
-                    color=color, capsize=3)
-        ax.annotate(r["variant"], (r["device_hours"], 100 * r["average_acc"]), fontsize=7, xytext=(4, 3),
-                    textcoords="offset points")
+        ax.errorbar(
+            r["device_hours"],
+            100 * r["average_acc"],
+            yerr=100 * (r["average_acc_stderr"] or 0),
+            fmt=marker,
+            color=color,
+            capsize=3,
+        )
+        ax.annotate(
+            r["variant"],
+            (r["device_hours"], 100 * r["average_acc"]),
+            fontsize=7,
+            xytext=(4, 3),
+            textcoords="offset points",
+        )
     ax.set_xlabel("training device-hours")
     ax.set_ylabel("average accuracy (points)")
     ax.set_title("Pilot sweep: accuracy against compute (squares: baselines)")
@@ -265,8 +356,9 @@ def plot_accuracy_vs_compute(rows: list[dict], out: Path) -> None:
     plt.close(fig)
 
 
-def write_results(sweep_dir: Path, recipe: Recipe, rows: list[dict], winner: dict | None, reason: str,
-                  budget_fraction: float) -> dict:
+def write_results(
+    sweep_dir: Path, recipe: Recipe, rows: list[dict], winner: dict | None, reason: str, budget_fraction: float
+) -> dict:
     """results.json, results.md, accuracy_vs_compute.png and, with a winner, <name>.best.yaml."""
     sweep_dir = Path(sweep_dir)
     plot_accuracy_vs_compute(rows, sweep_dir / "accuracy_vs_compute.png")
@@ -275,7 +367,13 @@ def write_results(sweep_dir: Path, recipe: Recipe, rows: list[dict], winner: dic
     if winner is not None:
         best = sweep_dir / f"{recipe.name}.best.yaml"
         best.write_text(best_recipe_text(recipe, winner, reason))
-    summary = {"recipe": recipe.name, "budget_fraction": budget_fraction, "rows": rows,
-               "winner": winner["variant"] if winner else None, "reason": reason, "best_recipe": str(best) if best else None}
+    summary = {
+        "recipe": recipe.name,
+        "budget_fraction": budget_fraction,
+        "rows": rows,
+        "winner": winner["variant"] if winner else None,
+        "reason": reason,
+        "best_recipe": str(best) if best else None,
+    }
     (sweep_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -27,7 +27,7 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.pipeline.readers import JsonlReader
 
-from stages.config import MinHashSpec
+from refit.stages.lib.config import MinHashSpec
 
 log = logging.getLogger(__name__)
 EARLIER_BATCH = -1  # priority of a cluster member that lives in the index of an earlier batch
@@ -36,8 +36,14 @@ EARLIER_BATCH = -1  # priority of a cluster member that lives in the index of an
 def _run(pipeline: list, tasks: int, workers: int, logs: Path) -> None:
     # fork, not datatrove's default forkserver: workers then start without re-importing
     # datatrove and spaCy, which costs more than the work itself on small batches
-    LocalPipelineExecutor(pipeline=pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logs),
-                          skip_completed=False, start_method="fork").run()
+    LocalPipelineExecutor(
+        pipeline=pipeline,
+        tasks=tasks,
+        workers=min(workers, tasks),
+        logging_dir=str(logs),
+        skip_completed=False,
+        start_method="fork",
+    ).run()
 
 
 def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:
@@ -50,8 +56,9 @@ def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:
     return members
 
 
-def near_dedup(docs: list[str], work: Path, index: Path, batch_name: str, spec: MinHashSpec,
-               workers: int) -> dict[int, int]:
+def near_dedup(
+    docs: list[str], work: Path, index: Path, batch_name: str, spec: MinHashSpec, workers: int
+) -> dict[int, int]:
     """Near-duplicates among docs (texts, in priority order): {removed position: kept position},
     the kept position being EARLIER_BATCH when the match is in an earlier batch's index."""
     if not docs:
@@ -64,13 +71,43 @@ def near_dedup(docs: list[str], work: Path, index: Path, batch_name: str, spec: 
         with open(inputs / f"{rank:05d}.jsonl", "w", encoding="utf-8") as out:
             for position in range(rank, len(docs), tasks):
                 out.write(json.dumps({"id": str(position), "text": docs[position]}) + "\n")
-    _run([JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None),
-          MinhashDedupSignature(output_folder=str(work / "signatures"), config=config)], tasks, workers, work / "logs/1")
-    _run([MinhashDedupBuckets(input_folder=str(work / "signatures"), output_folder=str(work / "buckets"), config=config,
-                              index_folder=str(index), create_index_name=batch_name, only_dedup_in_index=False)],
-         config.num_buckets, workers, work / "logs/2")
-    _run([MinhashDedupCluster(input_folder=str(work / "buckets"), output_folder=str(work / "clusters"), config=config,
-                              save_cluster_id=True)], 1, 1, work / "logs/3")
+    _run(
+        [
+            JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None),
+            MinhashDedupSignature(output_folder=str(work / "signatures"), config=config),
+        ],
+        tasks,
+        workers,
+        work / "logs/1",
+    )
+    _run(
+        [
+            MinhashDedupBuckets(
+                input_folder=str(work / "signatures"),
+                output_folder=str(work / "buckets"),
+                config=config,
+                index_folder=str(index),
+                create_index_name=batch_name,
+                only_dedup_in_index=False,
+            )
+        ],
+        config.num_buckets,
+        workers,
+        work / "logs/2",
+    )
+    _run(
+        [
+            MinhashDedupCluster(
+                input_folder=str(work / "buckets"),
+                output_folder=str(work / "clusters"),
+                config=config,
+                save_cluster_id=True,
+            )
+        ],
+        1,
+        1,
+        work / "logs/3",
+    )
     removed: dict[int, int] = {}
     for members in _clusters(work / "clusters").values():
         positions = sorted(EARLIER_BATCH if rank == SENTINEL else rank + doc * tasks for rank, doc in members)

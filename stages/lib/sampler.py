@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stages.tokenize import read_shard
+from refit.stages.tokenize import read_shard
 
 
 @dataclass
@@ -94,5 +94,5 @@ class Sampler:
 
     def phase_counts(self, step: int) -> dict[str, int]:
         """Sequences drawn per source in one step (for the metrics log)."""
-        owners = self.owner[step * self.per_step:(step + 1) * self.per_step]
+        owners = self.owner[step * self.per_step : (step + 1) * self.per_step]
         return {self.sources[i].name: int((owners == i).sum()) for i in range(len(self.sources))}

@@ -29,8 +29,11 @@ def code_version() -> str:
 
 def fingerprint(stage: str, section: Any, upstream: list[str] | tuple[str, ...] = ()) -> str:
     """Input fingerprint: the stage's recipe section, its upstream fingerprints, the code."""
-    payload = json.dumps({"stage": stage, "section": section, "upstream": list(upstream), "code": code_version()},
-                         sort_keys=True, default=str)
+    payload = json.dumps(
+        {"stage": stage, "section": section, "upstream": list(upstream), "code": code_version()},
+        sort_keys=True,
+        default=str,
+    )
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
@@ -66,7 +69,9 @@ def upstream_fingerprint(workdir: Path, stage: str, needed_by: str) -> str:
     nondeterministic retraining) thus makes every later stage run again."""
     marker = read_marker(stage_dir(workdir, stage))
     if marker is None:
-        raise StageNotReady(f"{needed_by} needs the {stage} stage's output in {workdir}: run `refit stage {stage}` first")
+        raise StageNotReady(
+            f"{needed_by} needs the {stage} stage's output in {workdir}: run `refit stage {stage}` first"
+        )
     return hashlib.sha256(json.dumps([marker["fingerprint"], marker["outputs"]], sort_keys=True).encode()).hexdigest()
 
 
@@ -80,8 +85,14 @@ def write_json_atomic(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
-def write_marker(directory: Path, stage: str, input_fingerprint: str, started: float, extra: dict | None = None,
-                 known_sha256: dict[str, str] | None = None) -> dict:
+def write_marker(
+    directory: Path,
+    stage: str,
+    input_fingerprint: str,
+    started: float,
+    extra: dict | None = None,
+    known_sha256: dict[str, str] | None = None,
+) -> dict:
     """Record what was produced (sha256 of every output file) and when; written last.
     known_sha256 (relative path -> digest) spares re-reading files the stage already hashed."""
     directory = Path(directory)
@@ -91,9 +102,16 @@ def write_marker(directory: Path, stage: str, input_fingerprint: str, started: f
         if path.is_file() and path.name != MARKER:
             name = str(path.relative_to(directory))
             outputs[name] = known.get(name) or file_sha256(path)
-    marker = {"stage": stage, "fingerprint": input_fingerprint, "code_version": code_version(),
-              "started": started, "finished": time.time(), "seconds": round(time.time() - started, 3),
-              "outputs": outputs, **(extra or {})}
+    marker = {
+        "stage": stage,
+        "fingerprint": input_fingerprint,
+        "code_version": code_version(),
+        "started": started,
+        "finished": time.time(),
+        "seconds": round(time.time() - started, 3),
+        "outputs": outputs,
+        **(extra or {}),
+    }
     write_json_atomic(directory / MARKER, marker)
     return marker
 

@@ -242,9 +242,16 @@ class TrainSpec(Section):
     def _batch_divides(self) -> TrainSpec:
         per_pass = self.micro_batch_size * self.num_processes
         if self.sequences_per_step % per_pass:
-            _raise_if(self, [_problem(("sequences_per_step",),
-                                      f"{self.sequences_per_step} is not a multiple of micro_batch_size x num_processes = {per_pass}",
-                                      self.sequences_per_step)])
+            _raise_if(
+                self,
+                [
+                    _problem(
+                        ("sequences_per_step",),
+                        f"{self.sequences_per_step} is not a multiple of micro_batch_size x num_processes = {per_pass}",
+                        self.sequences_per_step,
+                    )
+                ],
+            )
         return self
 
 
@@ -412,8 +419,11 @@ def _setting(data: dict, section: type[Section], name: str, field: str) -> Any:
 
 def _duplicates(items: Any, key: str, loc: Loc, what: str) -> list[InitErrorDetails]:
     names = [_read(item, key) for item in items] if isinstance(items, list) else []
-    return [_problem((*loc, i, key), f"{what} {name!r} is used twice", name)
-            for i, name in enumerate(names) if name is not None and name in names[:i]]
+    return [
+        _problem((*loc, i, key), f"{what} {name!r} is used twice", name)
+        for i, name in enumerate(names)
+        if name is not None and name in names[:i]
+    ]
 
 
 def _cross_problems(data: dict) -> list[InitErrorDetails]:
@@ -424,7 +434,9 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
     problems += _duplicates(_read(data, "mixture", "phases"), "name", ("mixture", "phases"), "phase name")
     problems += _duplicates(_read(data, "evaluate", "benchmarks"), "name", ("evaluate", "benchmarks"), "benchmark name")
     if _read(data, "schedule", "max_lr") is None:
-        problems.append(_problem(("schedule", "max_lr"), "required: set it, or set base_model.pretraining_min_lr to default to it"))
+        problems.append(
+            _problem(("schedule", "max_lr"), "required: set it, or set base_model.pretraining_min_lr to default to it")
+        )
     sources = list(dict.fromkeys(name for s in data.get("sources") or [] if isinstance(name := _read(s, "name"), str)))
     decay = _setting(data, ScheduleSpec, "schedule", "decay")
     floor = _setting(data, ScheduleSpec, "schedule", "min_lr_ratio")
@@ -434,8 +446,13 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
         loc = ("mixture", "phases", i, "lr_below")
         for source in _read(phase, "weights") or {}:
             if source not in sources:
-                problems.append(_problem(("mixture", "phases", i, "weights", source),
-                                         f"names no declared source (declared: {', '.join(sources)})", source))
+                problems.append(
+                    _problem(
+                        ("mixture", "phases", i, "weights", source),
+                        f"names no declared source (declared: {', '.join(sources)})",
+                        source,
+                    )
+                )
         threshold = _read(phase, "lr_below")
         if i == 0:
             if threshold is not None:
@@ -448,10 +465,20 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
         elif threshold >= previous:
             problems.append(_problem(loc, f"{threshold} does not decrease (previous threshold {previous})", threshold))
         elif decay == "constant":
-            problems.append(_problem(loc, "schedule.decay is constant: the LR never falls, so this phase would never start", threshold))
+            problems.append(
+                _problem(
+                    loc, "schedule.decay is constant: the LR never falls, so this phase would never start", threshold
+                )
+            )
         elif isinstance(floor, number) and threshold <= floor:
-            problems.append(_problem(loc, f"{threshold} is not above schedule.min_lr_ratio {floor}: the LR reaches it "
-                                          "at the last step at best, so the phase would get no steps", threshold))
+            problems.append(
+                _problem(
+                    loc,
+                    f"{threshold} is not above schedule.min_lr_ratio {floor}: the LR reaches it "
+                    "at the last step at best, so the phase would get no steps",
+                    threshold,
+                )
+            )
         previous = threshold if isinstance(threshold, number) else previous
     tokens = _setting(data, ScheduleSpec, "schedule", "total_tokens")
     per_step = _setting(data, TrainSpec, "train", "sequences_per_step")
@@ -460,9 +487,14 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
     if all(isinstance(v, number) and v > 0 for v in (tokens, per_step, seq_len)) and isinstance(warmup, number):
         steps = int(tokens // (per_step * seq_len))
         if steps < 2 or steps <= int(warmup * steps):
-            problems.append(_problem(("schedule", "total_tokens"),
-                                     f"{tokens} tokens make {steps} optimizer steps of {per_step * seq_len} tokens "
-                                     "(train.sequences_per_step x tokenize.seq_len): need at least 2 beyond warmup", tokens))
+            problems.append(
+                _problem(
+                    ("schedule", "total_tokens"),
+                    f"{tokens} tokens make {steps} optimizer steps of {per_step * seq_len} tokens "
+                    "(train.sequences_per_step x tokenize.seq_len): need at least 2 beyond warmup",
+                    tokens,
+                )
+            )
     return problems
 
 
@@ -532,6 +564,7 @@ def _yaml_line(root: yaml.Node | None, loc: Loc) -> int | None:
 
 def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]]:
     """File-system checks on the raw recipe, so they are reported beside schema problems."""
+
     def resolved(value: Any) -> Path | None:
         path = _absolute(value, base_dir)
         return None if path is None else Path(path)
@@ -569,7 +602,9 @@ def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
-        raise RecipeError(str(path), [("(yaml)", mark.line + 1 if mark else None, str(error).replace("\n", " "))]) from None
+        raise RecipeError(
+            str(path), [("(yaml)", mark.line + 1 if mark else None, str(error).replace("\n", " "))]
+        ) from None
     if not isinstance(data, dict):
         raise RecipeError(str(path), [("(recipe)", 1, "the recipe must be a YAML mapping of sections")])
     base_dir = path.resolve().parent

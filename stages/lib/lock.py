@@ -74,8 +74,10 @@ def workdir_lock(workdir: Path, what: str, wait: bool = False, poll: float = 1.0
                 break
             except BlockingIOError:
                 if not wait:
-                    raise WorkdirBusy(f"{workdir} is in use by {_holder(path)}; nothing was changed. Wait for it to "
-                                      f"finish, or rerun with --wait to queue behind it.") from None
+                    raise WorkdirBusy(
+                        f"{workdir} is in use by {_holder(path)}; nothing was changed. Wait for it to "
+                        f"finish, or rerun with --wait to queue behind it."
+                    ) from None
                 if not announced:
                     print(f"waiting for {_holder(path)} to release {workdir}", file=sys.stderr, flush=True)
                     announced = True

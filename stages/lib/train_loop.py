@@ -1,6 +1,6 @@
 """The training process: one per device, started by `accelerate launch` (see stages/train.py).
 
-    accelerate launch [...] -m stages.train_loop <workdir>
+    accelerate launch [...] -m refit.stages.lib.train_loop <workdir>
 
 Reads `<workdir>/train/recipe.json` (resolved recipe) and the mix stage's manifest; writes
 `train/checkpoints/step-NNNNNNNN/`, `train/metrics.jsonl` and `train/final/`. Continues from
@@ -19,20 +19,23 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from stages.config import Recipe, dump_recipe
-from stages.markers import MARKER, read_marker, write_json_atomic
-from stages.mix import MANIFEST
-from stages.sampler import Sampler
-from stages.schedule import Schedule
-from stages.train import FAILURE
+from refit.stages.lib.config import Recipe, dump_recipe
+from refit.stages.lib.markers import MARKER, read_marker, write_json_atomic
+from refit.stages.lib.sampler import Sampler
+from refit.stages.lib.schedule import Schedule
+from refit.stages.mix import MANIFEST
+from refit.stages.train import FAILURE
 
 SPIKE_WINDOW = 20
 
 
 def latest_checkpoint(train_dir: Path, fingerprint: str) -> Path | None:
     """The newest checkpoint with a done marker written by this same run (same fingerprint)."""
-    complete = [p for p in sorted((train_dir / "checkpoints").glob("step-*"))
-                if (marker := read_marker(p)) is not None and marker["fingerprint"] == fingerprint]
+    complete = [
+        p
+        for p in sorted((train_dir / "checkpoints").glob("step-*"))
+        if (marker := read_marker(p)) is not None and marker["fingerprint"] == fingerprint
+    ]
     return complete[-1] if complete else None
 
 
@@ -79,7 +82,9 @@ def save_checkpoint(acc: Accelerator, model, optimizer, state: dict, train_dir: 
         write_json_atomic(tmp / "trainer_state.json", state)
         shutil.rmtree(final, ignore_errors=True)  # a same-step leftover without its marker
         tmp.rename(final)
-        write_json_atomic(final / MARKER, {"stage": "train-checkpoint", "fingerprint": fingerprint, "step": state["step"]})
+        write_json_atomic(
+            final / MARKER, {"stage": "train-checkpoint", "fingerprint": fingerprint, "step": state["step"]}
+        )
     acc.wait_for_everyone()
 
 
@@ -109,12 +114,19 @@ def train(workdir: Path) -> None:
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(recipe))
     torch.manual_seed(recipe.train.seed)
     s = manifest["schedule"]
-    schedule = Schedule(max_lr=s["max_lr"], total_steps=manifest["total_steps"], min_lr_ratio=s["min_lr_ratio"],
-                        warmup_steps=s["warmup_steps"], decay=s["decay"], wsd_decay_steps=s["wsd_decay_steps"])
+    schedule = Schedule(
+        max_lr=s["max_lr"],
+        total_steps=manifest["total_steps"],
+        min_lr_ratio=s["min_lr_ratio"],
+        warmup_steps=s["warmup_steps"],
+        decay=s["decay"],
+        wsd_decay_steps=s["wsd_decay_steps"],
+    )
     checkpoint = latest_checkpoint(train_dir, job["fingerprint"])
     source = checkpoint or Path(recipe.base_model.path)  # resuming never reloads the base
-    model = AutoModelForCausalLM.from_pretrained(source, use_safetensors=True, dtype=torch.float32,
-                                                 trust_remote_code=recipe.base_model.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, use_safetensors=True, dtype=torch.float32, trust_remote_code=recipe.base_model.trust_remote_code
+    )
     optimizer = _optimizer(model, recipe)
     if checkpoint is not None:
         optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
@@ -129,12 +141,15 @@ def train(workdir: Path) -> None:
     sampler = Sampler(manifest, workdir)
     metrics_path = train_dir / "metrics.jsonl"
     if acc.is_main_process:  # a resumed run rewrites the log from its checkpoint on
-        kept = [line for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-                if json.loads(line)["step"] < state["step"]]
+        kept = [
+            line
+            for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
+            if json.loads(line)["step"] < state["step"]
+        ]
         metrics_path.write_text("".join(line + "\n" for line in kept))
     per_rank = range(acc.process_index, manifest["sequences_per_step"], acc.num_processes)
     micro = recipe.train.micro_batch_size
-    chunks = [per_rank[i:i + micro] for i in range(0, len(per_rank), micro)]
+    chunks = [per_rank[i : i + micro] for i in range(0, len(per_rank), micro)]
     started = time.time()
     for step in range(state["step"], manifest["total_steps"]):
         step_started = time.time()
@@ -143,12 +158,17 @@ def train(workdir: Path) -> None:
         if phase != state["phase"]:
             expected = manifest["phases"][phase]["start_step"]
             if step != expected:
-                raise RuntimeError(f"the LR trigger of phase {manifest['phases'][phase]['name']} fired at step {step}, "
-                                   f"but the manifest planned step {expected}: the manifest is stale, rerun mix")
+                raise RuntimeError(
+                    f"the LR trigger of phase {manifest['phases'][phase]['name']} fired at step {step}, "
+                    f"but the manifest planned step {expected}: the manifest is stale, rerun mix"
+                )
             state["phase"] = phase
             state["switches"].append({"step": step, "phase": manifest["phases"][phase]["name"], "lr": lr})
-            acc.print(f"switch: step {step}, LR {lr:.3e} <= {manifest['phases'][phase]['lr_below']} x max_lr: "
-                      f"data now {manifest['phases'][phase]['name']}", flush=True)
+            acc.print(
+                f"switch: step {step}, LR {lr:.3e} <= {manifest['phases'][phase]['lr_below']} x max_lr: "
+                f"data now {manifest['phases'][phase]['name']}",
+                flush=True,
+            )
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_sum = torch.zeros((), dtype=torch.float64)
@@ -166,25 +186,41 @@ def train(workdir: Path) -> None:
         mean_loss = acc.reduce((loss_sum / len(chunks)).to(acc.device), reduction="mean").item()
         if not math.isfinite(mean_loss) or not math.isfinite(float(grad_norm)):
             last = latest_checkpoint(train_dir, job["fingerprint"])
-            raise FloatingPointError(f"non-finite loss ({mean_loss}) or gradient norm ({float(grad_norm)}) at step {step} "
-                                     f"(LR {lr:.3e}); training stopped, last good checkpoint kept: "
-                                     f"{last.name if last else 'none yet'}. Lower schedule.max_lr or check the data.")
+            raise FloatingPointError(
+                f"non-finite loss ({mean_loss}) or gradient norm ({float(grad_norm)}) at step {step} "
+                f"(LR {lr:.3e}); training stopped, last good checkpoint kept: "
+                f"{last.name if last else 'none yet'}. Lower schedule.max_lr or check the data."
+            )
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         recent = state["losses"][-SPIKE_WINDOW:]
-        if len(recent) == SPIKE_WINDOW and mean_loss > recipe.gates.loss_spike_factor * sorted(recent)[SPIKE_WINDOW // 2]:
+        if (
+            len(recent) == SPIKE_WINDOW
+            and mean_loss > recipe.gates.loss_spike_factor * sorted(recent)[SPIKE_WINDOW // 2]
+        ):
             state["spikes"].append({"step": step, "loss": mean_loss})
         state["losses"] = recent + [mean_loss]
         state["step"], state["tokens"] = step + 1, (step + 1) * manifest["tokens_per_step"]
         if acc.is_main_process:
             elapsed = time.time() - started
-            line = {"step": step, "tokens": state["tokens"], "lr": lr, "loss": mean_loss, "grad_norm": float(grad_norm),
-                    "phase": manifest["phases"][phase]["name"], "sources": sampler.phase_counts(step),
-                    "tokens_per_s": manifest["tokens_per_step"] / (time.time() - step_started), "elapsed": elapsed}
+            line = {
+                "step": step,
+                "tokens": state["tokens"],
+                "lr": lr,
+                "loss": mean_loss,
+                "grad_norm": float(grad_norm),
+                "phase": manifest["phases"][phase]["name"],
+                "sources": sampler.phase_counts(step),
+                "tokens_per_s": manifest["tokens_per_step"] / (time.time() - step_started),
+                "elapsed": elapsed,
+            }
             with open(metrics_path, "a") as log:
                 log.write(json.dumps(line) + "\n")
-            acc.print(f"step {step + 1}/{manifest['total_steps']} loss {mean_loss:.4f} lr {lr:.2e} "
-                      f"phase {line['phase']} {line['tokens_per_s']:.0f} tok/s", flush=True)
+            acc.print(
+                f"step {step + 1}/{manifest['total_steps']} loss {mean_loss:.4f} lr {lr:.2e} "
+                f"phase {line['phase']} {line['tokens_per_s']:.0f} tok/s",
+                flush=True,
+            )
         if state["step"] % recipe.train.checkpoint_every == 0 or state["step"] == manifest["total_steps"]:
             save_checkpoint(acc, model, optimizer, state, train_dir, job["fingerprint"])
     export_final(acc, model, recipe, train_dir, state)

@@ -26,7 +26,7 @@ def normalise(text: str) -> str:
 def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     """n-grams of lower-cased words: the unit of benchmark contamination (13 by default)."""
     words = WORD.findall(text.lower())
-    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+    return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -19,8 +19,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from stages.config import PRETRAINING_RECORD
-from stages.schedule import Schedule
+from refit.stages.lib.config import PRETRAINING_RECORD
+from refit.stages.lib.schedule import Schedule
 
 log = logging.getLogger(__name__)
 EOS = "<|endoftext|>"
@@ -56,11 +56,21 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS, bos_token=EOS, unk_token=EOS,
-                                   pad_token=EOS, clean_up_tokenization_spaces=False)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        eos_token=EOS,
+        bos_token=EOS,
+        unk_token=EOS,
+        pad_token=EOS,
+        clean_up_tokenization_spaces=False,
+    )
     fast.save_pretrained(out_dir)
     return fast
 
@@ -87,18 +97,35 @@ def build_demo_base(corpus: Path, out_dir: Path, spec: DemoBaseSpec = DemoBaseSp
     texts = read_texts(corpus)
     tokenizer = train_tokenizer(texts, spec.vocab_size, staging)
     data = pack(tokenizer(texts)["input_ids"], tokenizer.eos_token_id, spec.seq_len)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
-                         num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-                         max_position_embeddings=spec.seq_len * 4, tie_word_embeddings=True,
-                         bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=spec.seq_len * 4,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.eos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     model = LlamaForCausalLM(config)
     steps = spec.tokens // (spec.batch_size * spec.seq_len)
-    schedule = Schedule(max_lr=spec.max_lr, total_steps=steps, min_lr_ratio=spec.min_lr / spec.max_lr,
-                        warmup_steps=int(spec.warmup_fraction * steps))
+    schedule = Schedule(
+        max_lr=spec.max_lr,
+        total_steps=steps,
+        min_lr_ratio=spec.min_lr / spec.max_lr,
+        warmup_steps=int(spec.warmup_fraction * steps),
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.max_lr, betas=(0.9, 0.95), weight_decay=0.1)
     order = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))
-    log.info("pretraining demo base: %.1fM parameters, %d rows of %d tokens, %d steps",
-             model.num_parameters() / 1e6, len(data), spec.seq_len, steps)
+    log.info(
+        "pretraining demo base: %.1fM parameters, %d rows of %d tokens, %d steps",
+        model.num_parameters() / 1e6,
+        len(data),
+        spec.seq_len,
+        steps,
+    )
     losses = []
     for step in range(steps):
         index = torch.arange(step * spec.batch_size, (step + 1) * spec.batch_size) % len(order)
@@ -112,7 +139,14 @@ def build_demo_base(corpus: Path, out_dir: Path, spec: DemoBaseSpec = DemoBaseSp
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if step % 20 == 0 or step == steps - 1:
-            log.info("step %d/%d loss %.3f lr %.2e (%.0fs)", step + 1, steps, losses[-1], schedule.lr(step), time.time() - started)
+            log.info(
+                "step %d/%d loss %.3f lr %.2e (%.0fs)",
+                step + 1,
+                steps,
+                losses[-1],
+                schedule.lr(step),
+                time.time() - started,
+            )
     model.save_pretrained(staging, safe_serialization=True)
     record = {
         "architecture": asdict(spec),
@@ -130,4 +164,3 @@ def build_demo_base(corpus: Path, out_dir: Path, spec: DemoBaseSpec = DemoBaseSp
     shutil.rmtree(out_dir, ignore_errors=True)
     staging.rename(out_dir)
     return out_dir
-

@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.config import CurateSpec, SourceSpec
-from stages.text import CONTROL, normalise
+from refit.stages.lib.config import CurateSpec, SourceSpec
+from refit.stages.lib.text import CONTROL, normalise
 
 EXCERPT_CHARS = 200
 
@@ -34,8 +34,15 @@ class Record:
     part: int | None = None  # index of the piece when a long document was split
 
     def quarantine_row(self, source: str) -> dict:
-        return {"source": source, "file": self.file, "line": self.line, "id": self.id, "reason": self.reason,
-                "detail": self.detail, "excerpt": self.excerpt}
+        return {
+            "source": source,
+            "file": self.file,
+            "line": self.line,
+            "id": self.id,
+            "reason": self.reason,
+            "detail": self.detail,
+            "excerpt": self.excerpt,
+        }
 
 
 def _open_binary(path: Path) -> io.BufferedIOBase:

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from stages.config import BenchmarkSpec
-from stages.text import read_jsonl
+from refit.stages.lib.config import BenchmarkSpec
+from refit.stages.lib.text import read_jsonl
 
 log = logging.getLogger(__name__)
 INSTALL_HINT = "the lm-eval backend needs lm-evaluation-harness: pip install 'refit[lm-eval]'"
@@ -38,10 +38,10 @@ def task_definition(bench: BenchmarkSpec) -> dict:
         "dataset_kwargs": {"data_files": {"test": str(Path(bench.path).resolve())}},
         "test_split": "test",
         "output_type": "multiple_choice",
-        "doc_to_text": "query",      # field names: the harness reads them from each record
+        "doc_to_text": "query",  # field names: the harness reads them from each record
         "doc_to_choice": "choices",
         "doc_to_target": "gold",
-        "target_delimiter": "",      # choices already start with a space
+        "target_delimiter": "",  # choices already start with a space
         "num_fewshot": 0,
         "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")],
     }
@@ -65,9 +65,16 @@ def _import_harness():
     return lm_eval, TaskManager
 
 
-def score_benchmarks(model_dir: Path, tokenizer_dir: Path, benchmarks: list[BenchmarkSpec], batch_size: int,
-                     task_dir: Path, max_length: int | None = None, trust_remote_code: bool = False,
-                     device: str = "cpu") -> dict[str, dict]:
+def score_benchmarks(
+    model_dir: Path,
+    tokenizer_dir: Path,
+    benchmarks: list[BenchmarkSpec],
+    batch_size: int,
+    task_dir: Path,
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+) -> dict[str, dict]:
     """Score every benchmark with the harness, one model. Per benchmark, in the file's item order:
     `acc` and `acc_norm` (0/1 per item, the harness's own per-item decisions, the shape of
     `Scorer.score_benchmark`), `loglikelihoods` (one array of choice log-likelihoods per item),
@@ -76,14 +83,24 @@ def score_benchmarks(model_dir: Path, tokenizer_dir: Path, benchmarks: list[Benc
         return {}
     lm_eval, TaskManager = _import_harness()
     write_tasks(benchmarks, task_dir)
-    model_args = {"pretrained": str(model_dir), "tokenizer": str(tokenizer_dir), "dtype": "float32",
-                  "add_bos_token": False, "trust_remote_code": trust_remote_code}
+    model_args = {
+        "pretrained": str(model_dir),
+        "tokenizer": str(tokenizer_dir),
+        "dtype": "float32",
+        "add_bos_token": False,
+        "trust_remote_code": trust_remote_code,
+    }
     if max_length:
         model_args["max_length"] = max_length
     output = lm_eval.simple_evaluate(
-        model="hf", model_args=model_args, tasks=[task_name(b) for b in benchmarks], device=device,
-        batch_size=batch_size, task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        log_samples=True)
+        model="hf",
+        model_args=model_args,
+        tasks=[task_name(b) for b in benchmarks],
+        device=device,
+        batch_size=batch_size,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+    )
     scores = {}
     for bench in benchmarks:
         name = task_name(bench)
@@ -96,9 +113,15 @@ def score_benchmarks(model_dir: Path, tokenizer_dir: Path, benchmarks: list[Benc
             "acc": np.array([s["acc"] for s in samples], dtype=np.float64),
             "acc_norm": np.array([s["acc_norm"] for s in samples], dtype=np.float64),
             "loglikelihoods": [np.array([ll for ll, _ in s["filtered_resps"]]) for s in samples],
-            "reported": {metric: figures[f"{metric},none"]
-                         for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")},
+            "reported": {
+                metric: figures[f"{metric},none"] for metric in ("acc", "acc_stderr", "acc_norm", "acc_norm_stderr")
+            },
         }
-        log.info("evaluate (lm-eval): %s acc %.4f on %d items of %s", bench.name, figures["acc,none"], len(samples),
-                 model_dir)
+        log.info(
+            "evaluate (lm-eval): %s acc %.4f on %d items of %s",
+            bench.name,
+            figures["acc,none"],
+            len(samples),
+            model_dir,
+        )
     return scores

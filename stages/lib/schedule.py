@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
-    from stages.config import Recipe
+    from refit.stages.lib.config import Recipe
 
 Decay = Literal["cosine", "linear", "wsd", "constant"]
 
@@ -29,7 +29,9 @@ class Schedule:
         if self.total_steps <= self.warmup_steps:
             raise ValueError(f"total_steps {self.total_steps} must exceed warmup_steps {self.warmup_steps}")
         if self.decay == "wsd" and not 0 < self.wsd_decay_steps <= self.total_steps - self.warmup_steps:
-            raise ValueError(f"wsd_decay_steps {self.wsd_decay_steps} must be in 1..{self.total_steps - self.warmup_steps}")
+            raise ValueError(
+                f"wsd_decay_steps {self.wsd_decay_steps} must be in 1..{self.total_steps - self.warmup_steps}"
+            )
 
     @property
     def min_lr(self) -> float:

@@ -16,10 +16,10 @@ import json
 import logging
 from pathlib import Path
 
-from stages import curate
-from stages.config import Recipe
-from stages.markers import read_marker
-from stages.publish import local_checkpoint, published_records, read_published
+from refit.stages import curate
+from refit.stages.lib.config import Recipe
+from refit.stages.lib.markers import read_marker
+from refit.stages.publish import local_checkpoint, published_records, read_published
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +38,11 @@ def continue_from(recipe: Recipe, workdir: Path) -> tuple[Recipe, str]:
         return recipe, f"nothing published as {recipe.model_name} yet: continuing from {recipe.base_model.path}"
     latest = records[0]
     if latest.get("data_version") == curate.data_version(recipe):
-        return (with_base(recipe, latest["base_model"]),
-                f"no new data since {latest['version']} was published: continuing from its base {latest['base_model']} again, so unchanged stages are cached")
+        return (
+            with_base(recipe, latest["base_model"]),
+            f"no new data since {latest['version']} was published: continuing from its base "
+            f"{latest['base_model']} again, so unchanged stages are cached",
+        )
     base = local_checkpoint(recipe, latest, Path(workdir) / "bases")
     return with_base(recipe, base), f"continuing from the latest published version {latest['version']} ({base})"
 
@@ -57,7 +60,9 @@ def stage_options(stage: str, recipe: Recipe, workdir: Path, eval_backend: str =
     the evaluation backend, and for audit the eval report of the version to beat."""
     if stage == "evaluate" and eval_backend != "refit":
         return {"backend": eval_backend}
-    if stage == "audit" and (train := read_marker(Path(workdir) / "train")) is not None:  # else audit says what is missing
+    if (
+        stage == "audit" and (train := read_marker(Path(workdir) / "train")) is not None
+    ):  # else audit says what is missing
         version, evaluation = previous_evaluation(recipe, train["fingerprint"])
         if version:
             log.info("audit: comparing against the previous published version %s too", version)

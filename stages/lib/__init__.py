@@ -1,0 +1,1 @@
+"""Helpers shared by the stages: the recipe, markers, readers, the LR schedule, the sampler."""

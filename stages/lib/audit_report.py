@@ -1,0 +1,187 @@
+"""The audit report a reviewer reads: Markdown tables and PNG plots beside it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _plot_training(out: Path, metrics: list[dict], manifest: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    fig, loss_axis = plt.subplots(figsize=(8, 4))
+    loss_axis.plot(steps, [m["loss"] for m in metrics], color="tab:blue", label="training loss")
+    loss_axis.set_xlabel("optimizer step")
+    loss_axis.set_ylabel("loss", color="tab:blue")
+    lr_axis = loss_axis.twinx()
+    lr_axis.plot(steps, [m["lr"] for m in metrics], color="tab:orange", label="learning rate")
+    lr_axis.set_ylabel("learning rate", color="tab:orange")
+    for phase in manifest["phases"][1:]:
+        loss_axis.axvline(phase["start_step"], color="gray", linestyle="--")
+        loss_axis.annotate(
+            f"switch to {phase['name']}\n(LR <= {phase['lr_below']:g} max)",
+            (phase["start_step"], 1),
+            xycoords=("data", "axes fraction"),
+            va="top",
+            ha="left",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    fig.savefig(out / "training.png", dpi=110)
+    plt.close(fig)
+    return "training.png"
+
+
+def _plot_bars(
+    out: Path,
+    name: str,
+    labels: list[str],
+    base: list[float],
+    candidate: list[float],
+    errors: tuple[list, list] | None,
+    ylabel: str,
+) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axis = plt.subplots(figsize=(max(4, 1.6 * len(labels)), 3.6))
+    x = range(len(labels))
+    width = 0.38
+    axis.bar(
+        [i - width / 2 for i in x], base, width, yerr=errors[0] if errors else None, label="base", color="tab:gray"
+    )
+    axis.bar(
+        [i + width / 2 for i in x],
+        candidate,
+        width,
+        yerr=errors[1] if errors else None,
+        label="candidate",
+        color="tab:green",
+    )
+    axis.set_xticks(list(x), labels)
+    axis.set_ylabel(ylabel)
+    axis.legend()
+    fig.tight_layout()
+    fig.savefig(out / name, dpi=110)
+    plt.close(fig)
+    return name
+
+
+def _cell(value) -> str:
+    if isinstance(value, bool) or value is None:
+        return "" if value is None else str(value)
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict], manifest: dict) -> None:
+    benches = evaluation["benchmarks"]
+    training_png = _plot_training(out, metrics, manifest)
+    accuracy_png = _plot_bars(
+        out,
+        "accuracy.png",
+        list(benches),
+        [100 * b["acc"]["base"] for b in benches.values()],
+        [100 * b["acc"]["candidate"] for b in benches.values()],
+        (
+            [100 * (b["acc"]["base_stderr"] or 0) for b in benches.values()],
+            [100 * (b["acc"]["candidate_stderr"] or 0) for b in benches.values()],
+        ),
+        "accuracy (%)",
+    )
+    validation = evaluation["validation"]
+    loss_png = _plot_bars(
+        out,
+        "validation_loss.png",
+        [f"{k} ({v['role']})" for k, v in validation.items()],
+        [v["base_loss_per_token"] for v in validation.values()],
+        [v["candidate_loss_per_token"] for v in validation.values()],
+        None,
+        "loss per token (nats)",
+    )
+    verdict = (
+        "PASSED: the candidate may be published" if report["passed"] else "FAILED: the candidate must not be published"
+    )
+    lines = [f"# Audit of `{report['recipe']}`", "", f"**{verdict}.**", ""]
+    if report["failed"]:
+        lines += ["Failed gates:", ""] + [f"- {reason}" for reason in report["failed"]] + [""]
+    lines += ["## Gates", "", "| gate | passed | value | threshold | reason |", "|---|---|---|---|---|"]
+    lines += [
+        f"| {g['name']} | {'yes' if g['passed'] else '**no**'} | {_cell(g['value'])} | "
+        f"{_cell(g['threshold'])} | {g['reason']} |"
+        for g in report["gates"]
+    ]
+    lines += [
+        "",
+        "## Accuracy, base against candidate",
+        "",
+        f"![accuracy]({accuracy_png})",
+        "",
+        "| benchmark | domain | items | base | candidate | difference (paired stderr) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, b in benches.items():
+        a = b["acc"]
+        lines.append(
+            f"| {name} | {b['domain']} | {b['items']} | {100 * a['base']:.1f} | {100 * a['candidate']:.1f} | "
+            f"{100 * a['delta']:+.1f} +- {100 * (a['delta_stderr'] or 0):.1f} |"
+        )
+    if evaluation["average_acc"]:
+        a = evaluation["average_acc"]
+        lines.append(
+            f"| **average** | | | {100 * a['base']:.1f} | {100 * a['candidate']:.1f} | "
+            f"{100 * a['delta']:+.1f} +- {100 * (a['delta_stderr'] or 0):.1f} |"
+        )
+    lines += [
+        "",
+        "## Validation loss per source (held-out documents)",
+        "",
+        f"![validation loss]({loss_png})",
+        "",
+        "| source | role | docs | base loss | candidate loss | base bits/byte | candidate bits/byte |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {k} | {v['role']} | {v['docs']} | {v['base_loss_per_token']:.3f} | {v['candidate_loss_per_token']:.3f} | "
+        f"{v['base_bits_per_byte']:.3f} | {v['candidate_bits_per_byte']:.3f} |"
+        for k, v in validation.items()
+    ]
+    train = report["train"]
+    switches = ", ".join(f"{s['phase']} at step {s['step']} (LR {s['lr']:.2e})" for s in train["switches"]) or "none"
+    lines += [
+        "",
+        "## Training",
+        "",
+        f"![loss and learning rate]({training_png})",
+        "",
+        f"{train['steps']} steps, {train['tokens']:,} tokens, loss {train['first_loss']:.3f} -> "
+        f"{train['final_loss']:.3f}; "
+        f"data switches: {switches}; loss spikes: {len(train['spikes'])}.",
+    ]
+    cost = report["cost"]
+    lines += ["", "## Cost", "", "| | this refresh | retrain from scratch |", "|---|---|---|"]
+    scratch = cost.get("retrain_from_scratch", {})
+    lines += [
+        f"| tokens | {cost['tokens']:,} | {_cell(scratch.get('tokens')) or 'unknown'} |",
+        f"| training FLOPs (6 x {cost['parameters']:,} params x tokens) | {cost['flops']:.3g} | "
+        f"{_cell(float(scratch['flops'])) if scratch else ''} |",
+        f"| device-hours | {cost['device_hours']:.4g} | {_cell(scratch.get('device_hours'))} |",
+        f"| cost at {cost['price_per_device_hour']:g} per device-hour | {cost['cost']:.4g} | "
+        f"{_cell(scratch.get('cost'))} |",
+    ]
+    if "accuracy_points_per_device_hour" in cost:
+        lines.append(
+            f"\nAverage accuracy gained per device-hour: {cost['accuracy_points_per_device_hour']:.3g} points "
+            f"(measured wall time {cost['wall_seconds']:.0f} s on {cost['devices']} device(s))."
+        )
+    if scratch:
+        lines.append(f"Retraining from scratch is estimated for the {scratch['assumption']}.")
+    record = report["lineage"]
+    lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in record.items()]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
