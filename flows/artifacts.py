@@ -4,7 +4,6 @@ the published version. Keyed artifacts get a new version each night under the sa
 from __future__ import annotations
 
 import base64
-import json
 import re
 import time
 from pathlib import Path
@@ -18,7 +17,7 @@ from prefect.artifacts import (
 )
 from prefect.logging import get_run_logger
 
-from refit.stages.lib.markers import stage_dir
+from refit.stages import audit, mix
 
 
 def artifact_key(kind: str, name: str) -> str:
@@ -40,14 +39,13 @@ def inline_images(markdown: str, folder: Path) -> str:
 
 def audit_artifacts(name: str, workdir: Path) -> None:
     """The audit report (Markdown with its plots) and the gates (table), passed or failed."""
-    audit = stage_dir(workdir, "audit")
-    if not (audit / "report.json").is_file():
+    if not audit.has_report(workdir):
         return
-    report = json.loads((audit / "report.json").read_text())
+    report = audit.read_report(workdir)
     verdict = "PASSED" if report["passed"] else f"FAILED ({len(report['failed'])} gates)"
     create_markdown_artifact(
         key=artifact_key("audit", name),
-        markdown=inline_images((audit / "report.md").read_text(), audit),
+        markdown=inline_images(audit.report_markdown(workdir).read_text(), audit.STAGE.output(workdir)),
         description=f"audit of {name}: {verdict}",
     )
     rows = [
@@ -86,7 +84,7 @@ class TrainingProgress:
 
     def __call__(self, line: dict) -> None:
         if self.artifact is None:
-            self.total_steps = json.loads((stage_dir(self.workdir, "mix") / "manifest.json").read_text())["total_steps"]
+            self.total_steps = mix.read_manifest(self.workdir)["total_steps"]
             self.artifact = create_progress_artifact(
                 progress=0.0,
                 key=artifact_key("training", self.name),

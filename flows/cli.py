@@ -25,9 +25,10 @@ from refit.stages.audit import AuditFailed
 from refit.stages.curate import CurationError
 from refit.stages.lib.config import Recipe, RecipeError, load_recipe
 from refit.stages.lib.lock import WorkdirBusy, workdir_lock
-from refit.stages.lib.markers import STAGES, StageNotReady, stage_dir
+from refit.stages.lib.markers import StageNotReady
 from refit.stages.lib.sweep import SweepError
 from refit.stages.publish import PublishRefused
+from refit.stages.registry import NAMES, STAGES
 from refit.stages.train import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,33 +70,23 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
-DATA_STAGES = STAGES[:3]
-
-
-def stage_functions() -> dict:
-    """Every stage's plain function, in pipeline order (imported lazily: heavy dependencies)."""
-    from importlib import import_module
-
-    return {stage: getattr(import_module(f"stages.{stage}"), f"run_{stage}") for stage in STAGES}
-
-
 def _workdir(args: argparse.Namespace, recipe: Recipe) -> Path:
     return Path(args.workdir) if args.workdir else Path(recipe.workdir)
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
     """One stage as a plain function (no Prefect server); the same base and lock as a flow run."""
-    from refit.stages.lib.continuation import continue_from, stage_options
+    from refit.flows.continuation import continue_from, stage_options
 
     recipe = load_recipe(args.recipe)
     workdir = _workdir(args, recipe)
     with workdir_lock(workdir, f"refit stage {args.stage} {args.recipe}", wait=args.wait):
         recipe, why = continue_from(recipe, workdir)
         print(why)
-        options = stage_options(args.stage, recipe, workdir, args.backend)
-        report = stage_functions()[args.stage](recipe, workdir, force=args.force, **options)
+        options = stage_options(args.stage, recipe, workdir, args.backend, args.force)
+        report = STAGES[args.stage].run(recipe, workdir, options)
     print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
-    print(f"{args.stage}: done, outputs in {stage_dir(workdir, args.stage)}")
+    print(f"{args.stage}: done, outputs in {STAGES[args.stage].output(workdir)}")
     return 0
 
 
@@ -103,9 +94,8 @@ def run_plan(recipe: Recipe, workdir: Path) -> str:
     from refit.stages.mix import format_plan
 
     manifest = None
-    functions = stage_functions()
-    for stage in DATA_STAGES:  # each is skipped when its output is up to date
-        manifest = functions[stage](recipe, workdir)
+    for stage in ("curate", "tokenize", "mix"):  # each is skipped when its output is up to date
+        manifest = STAGES[stage].run(recipe, workdir)
     return format_plan(manifest)
 
 
@@ -141,8 +131,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from refit.flows.report import format_audit
+    from refit.stages.audit import has_report
 
-    if not (stage_dir(args.workdir, "audit") / "report.json").is_file():
+    if not has_report(args.workdir):
         print(
             f"error: no audit in {args.workdir}: run `refit run RECIPE` (or `refit stage audit`) first", file=sys.stderr
         )
@@ -227,13 +218,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--force",
         nargs="+",
         default=[],
-        choices=STAGES,
+        choices=NAMES,
         metavar="STAGE",
         help="rerun these stages even if cached, and every stage after them",
     )
     run.add_argument("--backend", **backend)
     stage = commands.add_parser("stage", help="run one stage as a plain function (no Prefect server)")
-    stage.add_argument("stage", choices=STAGES)
+    stage.add_argument("stage", choices=NAMES)
     stage.add_argument("recipe", type=Path)
     stage.add_argument("--workdir", type=Path, help="default: the recipe's workdir")
     stage.add_argument("--wait", action="store_true", help="if another run holds the workdir, wait for it")

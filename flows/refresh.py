@@ -5,14 +5,15 @@ sections, the fingerprints of the stages it reads and the code version), with re
 persisted in `<workdir>/.prefect-results/`, so an unchanged rerun is all cache hits. The
 cache is never trusted over the disk: a stage whose output does not match its fingerprint
 (deleted, or made by hand) runs, and the stage itself then decides from its done marker
-whether there is work to do. `force` reruns the named stages and every stage
-after the first of them. One run at a time per workdir (stages/lock.py).
+whether there is work to do. `force` reruns the named stages and every stage that reads
+their output. One run at a time per workdir (stages/lib/lock.py). Stages come from
+`refit.stages.registry`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +24,12 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from refit.flows.artifacts import TrainingProgress, audit_artifacts, published_artifact
+from refit.flows.continuation import continue_from, stage_options
 from refit.stages.audit import AuditFailed
 from refit.stages.lib.config import Recipe, load_recipe
-from refit.stages.lib.continuation import continue_from, stage_options
 from refit.stages.lib.lock import workdir_lock
-from refit.stages.lib.markers import STAGES, is_done, stage_dir
 from refit.stages.publish import still_published
+from refit.stages.registry import NAMES, STAGES, StageOptions, downstream
 
 RESULTS_DIR = ".prefect-results"
 
@@ -75,23 +76,20 @@ def _summary(stage: str, report: dict) -> dict:
     retry_delay_seconds=10,
     retry_condition_fn=_transient,
 )
-def stage_task(
-    stage: str, recipe: Recipe, workdir: str, fingerprint: str, force: bool = False, options: dict | None = None
-) -> dict:
-    options = dict(options or {})
+def stage_task(stage: str, recipe: Recipe, workdir: str, fingerprint: str, options: StageOptions) -> dict:
     if stage == "train":
-        options["on_progress"] = TrainingProgress(recipe.name, Path(workdir))
-    run = getattr(import_module(f"stages.{stage}"), f"run_{stage}")
-    return _summary(stage, run(recipe, Path(workdir), force=force, **options))
+        options = dataclasses.replace(options, on_progress=TrainingProgress(recipe.name, Path(workdir)))
+    return _summary(stage, STAGES[stage].run(recipe, Path(workdir), options))
 
 
-def run_stage(stage: str, recipe: Recipe, workdir: Path, force: bool = False, **options: Any) -> tuple[dict, str]:
+def run_stage(stage: str, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> tuple[dict, str]:
     """Run one stage as a cached task (see the module docstring); its report and final state
     name ("Completed", or "Cached" when the cache answered)."""
-    expected = import_module(f"stages.{stage}").input_fingerprint(recipe, workdir, **options)
-    fresh = is_done(stage_dir(workdir, stage), expected) and (stage != "publish" or still_published(recipe, workdir))
-    configured = stage_task.with_options(refresh_cache=force or not fresh, result_storage=workdir / RESULTS_DIR)
-    state = configured(stage, recipe, str(workdir), expected, force=force, options=options, return_state=True)
+    described = STAGES[stage]
+    expected = described.input_fingerprint(recipe, workdir, options)
+    fresh = described.is_done(recipe, workdir, options) and (stage != "publish" or still_published(recipe, workdir))
+    configured = stage_task.with_options(refresh_cache=options.force or not fresh, result_storage=workdir / RESULTS_DIR)
+    state = configured(stage, recipe, str(workdir), expected, options, return_state=True)
     return state.result(), state.name
 
 
@@ -118,9 +116,7 @@ def _stage_with_artifacts(
     stage: str, recipe: Recipe, workdir: Path, force: bool, eval_backend: str
 ) -> tuple[dict, str]:
     try:
-        report, state = run_stage(
-            stage, recipe, workdir, force=force, **stage_options(stage, recipe, workdir, eval_backend)
-        )
+        report, state = run_stage(stage, recipe, workdir, stage_options(stage, recipe, workdir, eval_backend, force))
     except AuditFailed:
         audit_artifacts(recipe.name, workdir)  # the reviewer reads why in the UI
         raise
@@ -142,21 +138,21 @@ def refresh(
     """Curate, tokenize, mix, train, evaluate, audit and publish: the nightly refresh.
 
     recipe: path of the recipe YAML. workdir: default the recipe's. force: stages to rerun
-    even if cached (every later stage reruns too). wait: queue behind a run holding the
-    workdir instead of stopping. eval_backend: "refit" or "lm-eval"."""
-    unknown = sorted(set(force or ()) - set(STAGES))
+    even if cached (every stage reading their output reruns too). wait: queue behind a run
+    holding the workdir instead of stopping. eval_backend: "refit" or "lm-eval"."""
+    unknown = sorted(set(force or ()) - set(NAMES))
     if unknown:
-        raise ValueError(f"force: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(STAGES)}")
+        raise ValueError(f"force: unknown stage(s) {', '.join(unknown)}; stages are {', '.join(NAMES)}")
     loaded, workdir_path = prepare_run(recipe, workdir)
-    first_forced = min((STAGES.index(s) for s in force or ()), default=len(STAGES))
+    forced = set(downstream(force or []))
     logger = get_run_logger()
     with workdir_lock(workdir_path, f"refresh of {loaded.name} (flow run {flow_run.name})", wait=wait):
         loaded, why = continue_from(loaded, workdir_path)
         logger.info("%s", why)
         reports, states = {}, {}
-        for index, stage in enumerate(STAGES):
+        for stage in NAMES:
             reports[stage], states[stage] = _stage_with_artifacts(
-                stage, loaded, workdir_path, index >= first_forced, eval_backend
+                stage, loaded, workdir_path, stage in forced, eval_backend
             )
     published = reports["publish"]
     logger.info(
@@ -195,9 +191,6 @@ def _single_stage_flow(stage: str):
     return flow(name=f"refit-{stage}", flow_run_name=run_name(stage), log_prints=True)(single_stage)
 
 
-curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow = map(
-    _single_stage_flow, STAGES
-)
-STAGE_FLOWS = dict(
-    zip(STAGES, (curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow))
-)
+STAGE_FLOWS = {name: _single_stage_flow(name) for name in NAMES}
+# module attributes, so that deployments name them as entrypoints (flows/refresh.py:train_flow)
+curate_flow, tokenize_flow, mix_flow, train_flow, evaluate_flow, audit_flow, publish_flow = STAGE_FLOWS.values()

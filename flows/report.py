@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from refit.stages.lib.markers import read_marker, stage_dir
+from refit.stages import audit, evaluate, publish
+from refit.stages.lib.markers import read_marker
 
 
 def _pm(value: float, error: float | None) -> str:
@@ -35,18 +36,14 @@ def format_evaluation(report: dict) -> str:
 
 def format_audit(workdir: Path) -> tuple[bool, str]:
     """(passed, summary): verdict, every gate, accuracy and loss, cost, published version."""
-    audit_dir = stage_dir(workdir, "audit")
-    audit = json.loads((audit_dir / "report.json").read_text())
-    lines = [
-        f"audit of {audit['recipe']}: " + ("PASSED" if audit["passed"] else f"FAILED ({len(audit['failed'])} gates)"),
-        "",
-    ]
-    width = max(len(g["name"]) for g in audit["gates"])
-    lines += [f"  {'pass' if g['passed'] else 'FAIL'}  {g['name']:<{width}}  {g['reason']}" for g in audit["gates"]]
-    evaluation = stage_dir(workdir, "evaluate") / "report.json"
-    if evaluation.is_file():
-        lines.append(format_evaluation(json.loads(evaluation.read_text())))
-    cost = audit["cost"]
+    report = audit.read_report(workdir)
+    verdict = "PASSED" if report["passed"] else f"FAILED ({len(report['failed'])} gates)"
+    lines = [f"audit of {report['recipe']}: {verdict}", ""]
+    width = max(len(g["name"]) for g in report["gates"])
+    lines += [f"  {'pass' if g['passed'] else 'FAIL'}  {g['name']:<{width}}  {g['reason']}" for g in report["gates"]]
+    if evaluate.report_path(workdir).is_file():
+        lines.append(format_evaluation(evaluate.read_report(workdir)))
+    cost = report["cost"]
     lines += [
         "",
         f"cost: {cost['tokens']:,} tokens, {cost['flops']:.3g} FLOPs, {cost['device_hours']:.3g} device-hours "
@@ -57,9 +54,9 @@ def format_audit(workdir: Path) -> tuple[bool, str]:
             f"      retraining from scratch: {cost['retrain_from_scratch']['device_hours']:.3g} device-hours; "
             f"this refresh used {cost['refit_over_scratch_compute']:.2%} of that compute"
         )
-    published, audited = read_marker(Path(workdir) / "publish"), read_marker(audit_dir)
+    published, audited = (read_marker(s.STAGE.output(workdir)) for s in (publish, audit))
     if published and published["finished"] >= audited["finished"]:  # else it was an earlier candidate
-        record = json.loads((Path(workdir) / "publish" / "report.json").read_text())
+        record = json.loads((publish.STAGE.output(workdir) / "report.json").read_text())
         lines.append(f"published: {record['version']} at {record['path']}")
-    lines.append(f"full report: {audit_dir / 'report.md'}")
-    return audit["passed"], "\n".join(lines)
+    lines.append(f"full report: {audit.report_markdown(workdir)}")
+    return report["passed"], "\n".join(lines)

@@ -18,9 +18,9 @@ from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
 from refit.flows.artifacts import artifact_key, inline_images
+from refit.flows.continuation import continue_from
 from refit.flows.refresh import prepare_run, run_name, run_stage
 from refit.stages.lib.config import Recipe, RecipeError, load_recipe
-from refit.stages.lib.continuation import continue_from
 from refit.stages.lib.lock import workdir_lock
 from refit.stages.lib.sweep import (
     SHARED_STAGES,

@@ -10,29 +10,29 @@ A failed audit still writes its reports (and done marker), then raises AuditFail
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 from pathlib import Path
 
 import numpy as np
 
+from refit.stages import evaluate, mix, train
 from refit.stages.curate import curated_files
 from refit.stages.lib.config import Recipe
+from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import (
     code_version,
     file_sha256,
     fingerprint,
     is_done,
-    read_marker,
-    stage_dir,
-    staging_dir,
-    swap_into_place,
-    upstream_fingerprint,
+    staged_output,
     write_json_atomic,
     write_marker,
 )
 from refit.stages.lib.text import benchmark_ngrams, word_ngrams
-from refit.stages.train import read_metrics
+
+FOLDER = "audit"
 
 RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
 
@@ -200,13 +200,15 @@ def lineage(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
         "base_model": str(base),
         "base_config_sha256": file_sha256(base / "config.json") if (base / "config.json").exists() else None,
         "base_weights_sha256": weights,
-        "recipe_sha256": fingerprint("recipe", recipe.model_dump(mode="json")),
+        "recipe_sha256": hashlib.sha256(
+            json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()
+        ).hexdigest(),
         "manifest_sha256": manifest.get("sha256"),
         "tokenizer_sha256": manifest.get("tokenizer_sha256"),
         "shards": sum(len(s["shards"]) for s in manifest["sources"].values()),
         "shards_verified": shards_ok,
-        "code_version": code_version(),
-        "train_fingerprint": read_marker(workdir / "train")["fingerprint"],
+        "code_version": code_version(train.__name__),  # of the training code
+        "train_fingerprint": train.run_fingerprint(workdir),
     }
 
 
@@ -263,8 +265,8 @@ def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None 
         "cost": recipe.cost.model_dump(mode="json"),
         "previous": previous_eval,
     }
-    upstream = [upstream_fingerprint(workdir, stage, "audit") for stage in ("mix", "train", "evaluate")]
-    return fingerprint("audit", section, upstream)
+    upstream = [stage.STAGE.produced(workdir, "audit") for stage in (mix, train, evaluate)]
+    return fingerprint("audit", section, upstream, code_version(__name__))
 
 
 def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> dict:
@@ -272,14 +274,14 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
     from refit.stages.lib.audit_report import write_report
 
     workdir = Path(workdir)
-    final = workdir / "audit"
+    final = workdir / FOLDER
     expected = input_fingerprint(recipe, workdir, previous_eval)
     if force or not is_done(final, expected):
         started = time.time()
-        manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
-        train = json.loads((workdir / "train" / "report.json").read_text())
-        evaluation = json.loads((stage_dir(workdir, "evaluate") / "report.json").read_text())
-        metrics = read_metrics(workdir / "train")
+        manifest = mix.read_manifest(workdir)
+        trained = train.read_report(workdir)
+        evaluation = evaluate.read_report(workdir)
+        metrics = train.read_metrics(workdir)
         record = lineage(recipe, workdir, manifest)
         gates = [
             *accuracy_gates(recipe, evaluation, previous_eval),
@@ -291,7 +293,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
         from safetensors import safe_open
 
         parameters = 0
-        for path in sorted((workdir / "train" / "final").glob("*.safetensors")):
+        for path in sorted(train.final_model(workdir).glob("*.safetensors")):
             with safe_open(path, "np") as weights:
                 parameters += sum(int(np.prod(weights.get_slice(k).get_shape())) for k in weights.keys())
         report = {
@@ -300,21 +302,45 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             "passed": all(g["passed"] for g in gates),
             "gates": gates,
             "failed": [g["reason"] for g in gates if not g["passed"]],
-            "cost": cost_report(recipe, train, evaluation, parameters),
+            "cost": cost_report(recipe, trained, evaluation, parameters),
             "lineage": record,
-            "candidate": str(workdir / "train" / "final"),
-            "train": train,
+            "candidate": str(train.final_model(workdir)),
+            "train": trained,
         }
-        out = staging_dir(final)
-        write_report(out, report, evaluation, metrics, manifest)
-        write_json_atomic(out / "report.json", report)
-        write_marker(out, "audit", expected, started)
-        swap_into_place(out, final)
-    report = json.loads((final / "report.json").read_text())
+        with staged_output(final) as out:
+            write_report(out, report, evaluation, metrics, manifest)
+            write_json_atomic(out / "report.json", report)
+            write_marker(out, "audit", expected, started, code_version(__name__))
+    report = read_report(workdir)
     if not report["passed"]:
         raise AuditFailed(
             f"audit of {recipe.name} failed {len(report['failed'])} gate(s):\n  - "
             + "\n  - ".join(report["failed"])
-            + f"\nfull report: {final / 'report.md'}"
+            + f"\nfull report: {report_markdown(workdir)}"
         )
     return report
+
+
+def read_report(workdir: Path) -> dict:
+    """The finished audit: verdict, every gate, cost, lineage."""
+    return json.loads((Path(workdir) / FOLDER / "report.json").read_text())
+
+
+def report_markdown(workdir: Path) -> Path:
+    """The audit report for people (Markdown with its plots beside it)."""
+    return Path(workdir) / FOLDER / "report.md"
+
+
+def has_report(workdir: Path) -> bool:
+    return (Path(workdir) / FOLDER / "report.json").is_file()
+
+
+STAGE = Stage(
+    name="audit",
+    reads=("mix", "train", "evaluate"),
+    sections=("gates", "cost"),
+    folder=FOLDER,
+    run_function=run_audit,
+    fingerprint_function=input_fingerprint,
+    takes=("previous_eval",),
+)

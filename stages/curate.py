@@ -26,13 +26,13 @@ from collections import Counter
 from pathlib import Path
 
 from refit.stages.lib.config import Recipe, SourceSpec
+from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import (
     code_version,
     fingerprint,
     is_done,
     read_marker,
-    staging_dir,
-    swap_into_place,
+    staged_output,
     write_json_atomic,
     write_marker,
 )
@@ -40,6 +40,7 @@ from refit.stages.lib.records import read_records
 from refit.stages.lib.text import benchmark_ngrams, word_ngrams
 
 log = logging.getLogger(__name__)
+FOLDER = "curate"
 ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicate ties
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, batch INTEGER,
@@ -67,7 +68,7 @@ def _settings(recipe: Recipe) -> dict:
         "curate": recipe.curate.model_dump(mode="json"),
         "sources": sources,
         "benchmarks": benchmarks,
-        "code": code_version(),
+        "code": code_version(__name__),
     }  # batches curated by other code are not extended, but redone
 
 
@@ -85,7 +86,7 @@ def data_version(recipe: Recipe) -> str:
 
 
 def _fingerprint(settings: dict, listing: dict) -> str:
-    return fingerprint("curate", {"settings": settings, "files": listing})
+    return fingerprint("curate", {"settings": settings, "files": listing}, (), code_version(__name__))
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path | None = None) -> str:
@@ -261,7 +262,7 @@ def _near_dedup_all(
 
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
-    final = Path(workdir) / "curate"
+    final = Path(workdir) / FOLDER
     settings, listing = _settings(recipe), _listing(recipe)  # one listing: a file arriving mid-run is next run's
     expected = _fingerprint(settings, listing)
     if not force and is_done(final, expected):
@@ -271,8 +272,7 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     previous = read_marker(final)
     incremental = not force and previous is not None and previous.get("settings") == settings_hash
-    out = staging_dir(final, copy_previous=incremental)
-    try:
+    with staged_output(final, seed_previous=incremental) as out:
         # one transaction for the run: the database only counts once swapped into place, so a
         # commit per insert (an fsync each, ~1 ms) would buy nothing
         db = sqlite3.connect(out / "state.sqlite")
@@ -302,14 +302,27 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
             "seconds": round(time.time() - started, 2),
         }
         write_json_atomic(out / "report.json", report)
-        write_marker(out, "curate", expected, started, {"settings": settings_hash, "data_version": _version(listing)})
-    except BaseException:
-        shutil.rmtree(out, ignore_errors=True)
-        raise
-    swap_into_place(out, final)
+        extra = {"settings": settings_hash, "data_version": _version(listing)}
+        write_marker(out, "curate", expected, started, code_version(__name__), extra)
     return report
 
 
 def curated_files(workdir: Path, source: str, split: str) -> list[Path]:
     """The curated Parquet files of one source and split ("train" or "validation"), in batch order."""
-    return sorted((Path(workdir) / "curate" / source).glob(f"{split}-*.parquet"))
+    return sorted((Path(workdir) / FOLDER / source).glob(f"{split}-*.parquet"))
+
+
+def curated_data_version(workdir: Path) -> str | None:
+    """The data version (see `data_version`) of the finished curated output, if any."""
+    marker = read_marker(Path(workdir) / FOLDER)
+    return marker.get("data_version") if marker else None
+
+
+STAGE = Stage(
+    name="curate",
+    reads=(),
+    sections=("sources", "curate", "evaluate"),
+    folder=FOLDER,
+    run_function=run_curate,
+    fingerprint_function=input_fingerprint,
+)

@@ -27,21 +27,15 @@ from pathlib import Path
 
 import numpy as np
 
+from refit.stages import curate, train
 from refit.stages.curate import curated_files
 from refit.stages.lib.config import Recipe
-from refit.stages.lib.markers import (
-    fingerprint,
-    is_done,
-    stage_dir,
-    staging_dir,
-    swap_into_place,
-    upstream_fingerprint,
-    write_json_atomic,
-    write_marker,
-)
+from refit.stages.lib.contract import Stage
+from refit.stages.lib.markers import code_version, fingerprint, is_done, staged_output, write_json_atomic, write_marker
 from refit.stages.lib.text import read_jsonl
 
 log = logging.getLogger(__name__)
+FOLDER = "eval"
 BACKENDS = ("refit", "lm-eval")
 
 
@@ -208,7 +202,7 @@ def _harness_scores(recipe: Recipe, models: dict[str, Path], tokenizer: Path, ta
     """Per model name, per benchmark name: lm-evaluation-harness's per-item scores."""
     from transformers import AutoConfig
 
-    from refit.stages import lm_eval_backend
+    from refit.stages.lib import lm_eval_backend
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(task_dir or scratch)
@@ -313,11 +307,8 @@ def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> 
         "base": str(recipe.base_model.path),
         "backend": backend,
     }
-    return fingerprint(
-        "evaluate",
-        section,
-        [upstream_fingerprint(workdir, "train", "evaluate"), upstream_fingerprint(workdir, "curate", "evaluate")],
-    )
+    upstream = [train.STAGE.produced(workdir, "evaluate"), curate.STAGE.produced(workdir, "evaluate")]
+    return fingerprint("evaluate", section, upstream, code_version(__name__))
 
 
 def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: str = "refit") -> dict:
@@ -325,18 +316,35 @@ def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: st
     if backend not in BACKENDS:
         raise ValueError(f"unknown evaluation backend {backend!r}: one of {', '.join(BACKENDS)}")
     workdir = Path(workdir)
-    final = stage_dir(workdir, "evaluate")
+    final = workdir / FOLDER
     expected = input_fingerprint(recipe, workdir, backend)
     if not force and is_done(final, expected):
-        return json.loads((final / "report.json").read_text())
+        return read_report(workdir)
     started = time.time()
-    out = staging_dir(final)
-    report = {
-        "stage": "evaluate",
-        **evaluate_models(recipe, workdir, workdir / "train" / "final", backend, task_dir=out / "lm_eval_tasks"),
-    }
-    report["seconds"] = round(time.time() - started, 2)
-    write_json_atomic(out / "report.json", report)
-    write_marker(out, "evaluate", expected, started)
-    swap_into_place(out, final)
+    with staged_output(final) as out:
+        candidate = train.final_model(workdir)
+        report = {"stage": "evaluate", **evaluate_models(recipe, workdir, candidate, backend, out / "lm_eval_tasks")}
+        report["seconds"] = round(time.time() - started, 2)
+        write_json_atomic(out / "report.json", report)
+        write_marker(out, "evaluate", expected, started, code_version(__name__))
     return report
+
+
+def report_path(workdir: Path) -> Path:
+    return Path(workdir) / FOLDER / "report.json"
+
+
+def read_report(workdir: Path) -> dict:
+    """The finished evaluation: benchmarks and validation losses, base and candidate."""
+    return json.loads(report_path(workdir).read_text())
+
+
+STAGE = Stage(
+    name="evaluate",
+    reads=("train", "curate"),
+    sections=("evaluate", "base_model"),
+    folder=FOLDER,
+    run_function=run_evaluate,
+    fingerprint_function=input_fingerprint,
+    takes=("backend",),
+)

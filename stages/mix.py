@@ -12,10 +12,13 @@ import json
 import time
 from pathlib import Path
 
+from refit.stages import tokenize
 from refit.stages.lib.config import Recipe
-from refit.stages.lib.markers import MARKER, fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
+from refit.stages.lib.contract import Stage
+from refit.stages.lib.markers import code_version, fingerprint, is_done, staged_output, write_json_atomic, write_marker
 from refit.stages.lib.schedule import Schedule, schedule_for, tokens_per_step
 
+FOLDER = "mix"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
 
@@ -24,7 +27,7 @@ def shard_table(workdir: Path) -> dict[str, dict]:
     """Per source: rows, tokens and shards (path relative to the workdir, rows, sha256)."""
     import duckdb
 
-    indexes = sorted(str(p) for p in (Path(workdir) / "tokenize").glob("*/index.json"))
+    indexes = [str(p) for p in tokenize.index_files(workdir)]
     if not indexes:
         return {}
     con = duckdb.connect()
@@ -55,7 +58,7 @@ def shard_table(workdir: Path) -> dict[str, dict]:
         entry = table[source]
         entry["rows"] += rows
         entry["tokens"] += tokens
-        entry["shards"].append({"path": f"tokenize/{source}/{file}", "rows": rows, "sha256": sha})
+        entry["shards"].append({"path": tokenize.shard_path(source, file), "rows": rows, "sha256": sha})
     return table
 
 
@@ -143,23 +146,31 @@ def build_manifest(recipe: Recipe, workdir: Path) -> dict:
 
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
     sections = {k: getattr(recipe, k).model_dump(mode="json") for k in ("mixture", "schedule", "train", "tokenize")}
-    return fingerprint("mix", sections, [upstream_fingerprint(workdir, "tokenize", "mix")])
+    return fingerprint("mix", sections, [tokenize.STAGE.produced(workdir, "mix")], code_version(__name__))
 
 
 def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Write `<workdir>/mix/manifest.json` (done marker beside it); returns the manifest."""
     workdir = Path(workdir)
-    out = workdir / "mix"
+    final = workdir / FOLDER
     expected = input_fingerprint(recipe, workdir)
-    if not force and is_done(out, expected):
-        return json.loads((out / MANIFEST).read_text())
+    if not force and is_done(final, expected):
+        return read_manifest(workdir)
     started = time.time()
     manifest = build_manifest(recipe, workdir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)  # not done while the manifest changes
-    write_json_atomic(out / MANIFEST, manifest)
-    write_marker(out, "mix", expected, started, {"manifest_sha256": manifest["sha256"]})
+    with staged_output(final) as out:
+        write_json_atomic(out / MANIFEST, manifest)
+        write_marker(out, "mix", expected, started, code_version(__name__), {"manifest_sha256": manifest["sha256"]})
     return manifest
+
+
+def manifest_path(workdir: Path) -> Path:
+    """The manifest of the finished mix stage: the only file training reads."""
+    return Path(workdir) / FOLDER / MANIFEST
+
+
+def read_manifest(workdir: Path) -> dict:
+    return json.loads(manifest_path(workdir).read_text())
 
 
 def format_plan(manifest: dict) -> str:
@@ -193,3 +204,13 @@ def format_plan(manifest: dict) -> str:
         )
     lines += [f"warning: {w}" for w in manifest["warnings"]]
     return "\n".join(lines)
+
+
+STAGE = Stage(
+    name="mix",
+    reads=("tokenize",),
+    sections=("mixture", "schedule", "train", "tokenize"),
+    folder=FOLDER,
+    run_function=run_mix,
+    fingerprint_function=input_fingerprint,
+)

@@ -18,18 +18,19 @@ from pathlib import Path
 
 import yaml
 
+from refit.stages import audit, curate, evaluate, mix, train
 from refit.stages.lib.config import Recipe
+from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import (
-    MARKER,
+    code_version,
     file_sha256,
     fingerprint,
-    read_marker,
-    stage_dir,
-    upstream_fingerprint,
+    staged_output,
     write_json_atomic,
     write_marker,
 )
 
+FOLDER = "publish"
 VERSION = re.compile(r"^v(\d{4,})$")
 RECORD = "refit_publish.json"
 
@@ -58,23 +59,25 @@ def versions(fs, model_root: str) -> list[str]:
     return sorted((n for n in names if VERSION.match(n)), key=lambda n: int(n[1:]))
 
 
-def _check_audit(workdir: Path) -> tuple[dict, dict]:
+def _check_audit(workdir: Path) -> dict:
     """The audit report, if it passed and was made for exactly the checkpoint on disk."""
-    audit_dir, train_dir = stage_dir(workdir, "audit"), stage_dir(workdir, "train")
-    audit_marker, train_marker = read_marker(audit_dir), read_marker(train_dir)
-    if audit_marker is None or train_marker is None:
+    trained = train.run_fingerprint(workdir)
+    if trained is None or not audit.STAGE.output(workdir).joinpath("_SUCCESS.json").is_file():
         raise PublishRefused(f"no finished audit and training in {workdir}: run `refit stage audit` first")
-    report = json.loads((audit_dir / "report.json").read_text())
+    report = audit.read_report(workdir)
     if not report["passed"]:
         raise PublishRefused("the audit failed; refusing to publish:\n  - " + "\n  - ".join(report["failed"]))
-    if report["lineage"]["train_fingerprint"] != train_marker["fingerprint"]:
+    if report["lineage"]["train_fingerprint"] != trained:
         raise PublishRefused(
             "the audit was made for another training run than the one on disk: rerun evaluate and audit"
         )
-    for name, digest in train_marker["outputs"].items():
-        if name.startswith("final/") and file_sha256(train_dir / name) != digest:
-            raise PublishRefused(f"train/{name} changed after training and audit (sha256 differs): rerun the pipeline")
-    return report, train_marker
+    model = train.final_model(workdir)
+    for name, digest in train.final_model_sha256(workdir).items():
+        if file_sha256(model / name) != digest:
+            raise PublishRefused(
+                f"{model / name} changed after training and audit (sha256 differs): rerun the pipeline"
+            )
+    return report
 
 
 def model_card(recipe: Recipe, report: dict, evaluation: dict, manifest: dict) -> str:
@@ -190,19 +193,17 @@ def local_checkpoint(recipe: Recipe, record: dict, cache: Path) -> Path:
 def identity(recipe: Recipe, workdir: Path) -> str:
     """The weights (sha256 of every file the training exported) and where they go: the same
     weights are never published twice, however often evaluate and audit rerun."""
-    train = read_marker(stage_dir(workdir, "train"))
-    if train is None:
+    if train.run_fingerprint(workdir) is None:
         raise PublishRefused(f"no finished training in {workdir}: run `refit stage train` first")
-    weights = {name: digest for name, digest in train["outputs"].items() if name.startswith("final/")}
+    weights = {f"final/{name}": digest for name, digest in train.final_model_sha256(workdir).items()}
     where = {"registry": recipe.publish.registry, "model": recipe.model_name, "weights": weights}
     return hashlib.sha256(json.dumps(where, sort_keys=True).encode()).hexdigest()
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
     """The weights and the audit that passed them."""
-    return fingerprint(
-        "publish", {"identity": identity(recipe, workdir)}, [upstream_fingerprint(workdir, "audit", "publish")]
-    )
+    upstream = [audit.STAGE.produced(workdir, "publish")]
+    return fingerprint("publish", {"identity": identity(recipe, workdir)}, upstream, code_version(__name__))
 
 
 def _report(identity_: str, version: str, path: str, already: bool) -> dict:
@@ -214,7 +215,10 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     `<workdir>/publish/`. A checkpoint already in the registry is never written twice, with
     or without `force`."""
     workdir = Path(workdir)
-    report, train_marker = _check_audit(workdir)
+    report = _check_audit(workdir)
+    data_version = curate.curated_data_version(workdir)
+    if data_version is None:
+        raise PublishRefused(f"no finished curate stage in {workdir}: the published version could not name its data")
     weights_identity, expected = identity(recipe, workdir), input_fingerprint(recipe, workdir)
     for record in published_records(recipe):
         if record["identity"] == weights_identity:
@@ -229,22 +233,21 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     existing = versions(fs, model_root)
     version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
     partial, final = f"{model_root}/{version}.partial", f"{model_root}/{version}"
-    evaluation = json.loads((stage_dir(workdir, "evaluate") / "report.json").read_text())
-    manifest = json.loads((stage_dir(workdir, "mix") / "manifest.json").read_text())
-    files: dict[str, bytes | Path] = {p.name: p for p in sorted((workdir / "train" / "final").iterdir()) if p.is_file()}
-    files.update({f"audit/{p.name}": p for p in sorted(stage_dir(workdir, "audit").iterdir()) if p.is_file()})
-    files["manifest.json"] = stage_dir(workdir, "mix") / "manifest.json"
-    files["eval_report.json"] = stage_dir(workdir, "evaluate") / "report.json"
+    evaluation, manifest = evaluate.read_report(workdir), mix.read_manifest(workdir)
+    files: dict[str, bytes | Path] = {p.name: p for p in sorted(train.final_model(workdir).iterdir()) if p.is_file()}
+    files.update({f"audit/{p.name}": p for p in sorted(audit.STAGE.output(workdir).iterdir()) if p.is_file()})
+    files["manifest.json"] = mix.manifest_path(workdir)
+    files["eval_report.json"] = evaluate.report_path(workdir)
     files["README.md"] = model_card(recipe, report, evaluation, manifest).encode()
     files[RECORD] = json.dumps(
         {
             "identity": weights_identity,
             "version": version,
             "published": time.time(),
-            "train_fingerprint": train_marker["fingerprint"],
+            "train_fingerprint": train.run_fingerprint(workdir),
             "recipe": recipe.name,
             "base_model": str(recipe.base_model.path),
-            "data_version": read_marker(stage_dir(workdir, "curate"))["data_version"],
+            "data_version": data_version,
         },
         indent=2,
     ).encode()
@@ -264,7 +267,7 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
 
 def still_published(recipe: Recipe, workdir: Path) -> bool:
     """Whether the version this workdir recorded as published is still complete in the registry."""
-    record = Path(workdir) / "publish" / "report.json"
+    record = Path(workdir) / FOLDER / "report.json"
     if not record.is_file():
         return False
     fs, _ = _filesystem(recipe.publish.registry)
@@ -274,9 +277,17 @@ def still_published(recipe: Recipe, workdir: Path) -> bool:
 def _record_in_workdir(workdir: Path, expected: str, report: dict) -> dict:
     """`<workdir>/publish/report.json` and its done marker: what this workdir published where."""
     started = time.time()
-    out = Path(workdir) / "publish"
-    out.mkdir(exist_ok=True)
-    (out / MARKER).unlink(missing_ok=True)
-    write_json_atomic(out / "report.json", report)
-    write_marker(out, "publish", expected, started)
+    with staged_output(Path(workdir) / FOLDER) as out:
+        write_json_atomic(out / "report.json", report)
+        write_marker(out, "publish", expected, started, code_version(__name__))
     return report
+
+
+STAGE = Stage(
+    name="publish",
+    reads=("audit", "train", "mix", "evaluate", "curate"),
+    sections=("publish",),
+    folder=FOLDER,
+    run_function=run_publish,
+    fingerprint_function=input_fingerprint,
+)

@@ -17,30 +17,31 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from refit.stages.curate import curated_files
+from refit.stages import curate
 from refit.stages.lib.config import Recipe
+from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import (
+    code_version,
     file_sha256,
     fingerprint,
     is_done,
-    swap_into_place,
-    upstream_fingerprint,
+    staged_output,
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.shards import token_dtype, write_rows
 
 log = logging.getLogger(__name__)
+FOLDER = "tokenize"
 CHARS_PER_TOKEN = 4  # only sizes the document runs behind each shard; the rows are exact
 _TOKENIZER = None  # per worker process
 
@@ -79,17 +80,13 @@ def tokenizer_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def token_dtype(vocab_size: int) -> pa.DataType:
-    return pa.uint16() if vocab_size <= 2**16 else pa.uint32()
-
-
 def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[ShardJob]:
     """Cut every curated train file into runs of documents of about one shard each."""
     budget = recipe.tokenize.rows_per_shard * recipe.tokenize.seq_len * CHARS_PER_TOKEN
     jobs = []
     for source in recipe.sources:
         index = 0
-        for path in curated_files(workdir, source.name, "train"):
+        for path in curate.curated_files(workdir, source.name, "train"):
             lengths = pc.utf8_length(pq.read_table(path, columns=["text"])["text"]).to_numpy()
             start, chars = 0, 0
             for row, length in enumerate(lengths):
@@ -142,21 +139,6 @@ def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str
     return entry
 
 
-def write_rows(out: Path, flat: np.ndarray, seq_len: int, dtype: pa.DataType, metadata: dict[str, str]) -> int:
-    """Cut a token stream into rows of seq_len (dropping the tail) and write them as an
-    uncompressed Arrow IPC file, atomically. Returns the number of rows."""
-    rows = len(flat) // seq_len
-    values = pa.array(flat[: rows * seq_len].astype(dtype.to_pandas_dtype()), type=dtype)
-    column = pa.FixedSizeListArray.from_arrays(values, seq_len)
-    schema = pa.schema([pa.field("tokens", column.type)], metadata=metadata)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, schema) as writer:
-        writer.write_table(pa.table({"tokens": column}, schema=schema))
-    os.replace(tmp, out)
-    return rows
-
-
 def _complete(job: ShardJob) -> dict | None:
     sidecar = Path(job.out).with_suffix(".json")
     if not sidecar.is_file() or not Path(job.out).is_file():
@@ -169,11 +151,14 @@ def _settings(recipe: Recipe) -> str:
     return fingerprint(
         "tokenize-settings",
         {"tokenize": recipe.tokenize.model_dump(mode="json"), "tokenizer": tokenizer_sha256(tokenizer_dir(recipe))},
+        (),
+        code_version(__name__),
     )
 
 
 def _fingerprint(settings: str, workdir: Path) -> str:
-    return fingerprint("tokenize", {"settings": settings}, [upstream_fingerprint(workdir, "curate", "tokenize")])
+    upstream = [curate.STAGE.produced(workdir, "tokenize")]
+    return fingerprint("tokenize", {"settings": settings}, upstream, code_version(__name__))
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
@@ -183,21 +168,21 @@ def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
 def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Tokenize every source's curated train documents; returns the report."""
     workdir = Path(workdir)
-    final, tmp = workdir / "tokenize", workdir / "tokenize.tmp"
-    tok_dir = tokenizer_dir(recipe)
+    final = workdir / FOLDER
     settings = _settings(recipe)
     expected = _fingerprint(settings, workdir)
     if not force and is_done(final, expected):
         return json.loads((final / "report.json").read_text())
     started = time.time()
-    if force:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if not tmp.exists():  # a killed run's tmp is kept: its complete shards are reused
-        tmp.mkdir(parents=True)
-        if final.is_dir() and not force:
-            for path in final.rglob("shard-*"):
-                (tmp / path.relative_to(final)).parent.mkdir(parents=True, exist_ok=True)
-                os.link(path, tmp / path.relative_to(final))
+    # a killed run's staging folder is kept, and the previous output's shards are linked in:
+    # complete shards are never written twice (unless forced)
+    with staged_output(final, seed_previous=not force, reuse=lambda _: not force) as tmp:
+        report = _write_shards(recipe, workdir, tmp, settings, expected, started)
+    return report
+
+
+def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expected: str, started: float) -> dict:
+    tok_dir = tokenizer_dir(recipe)
     tokenizer = load_tokenizer(tok_dir)
     seq_len = recipe.tokenize.seq_len
     metadata = {
@@ -211,6 +196,8 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     wanted = {Path(job.out) for job in jobs} | {Path(job.out).with_suffix(".json") for job in jobs}
     for stale in set(tmp.rglob("shard-*")) - wanted:  # shards of inputs that no longer exist
         stale.unlink()
+    for index in tmp.glob("*/index.json"):  # rewritten below for the recipe's sources only
+        index.unlink()
     done = {job: entry for job in jobs if (entry := _complete(job)) is not None}
     todo = [job for job in jobs if job not in done]
     log.info("tokenize: %d shards, %d already complete", len(jobs), len(done))
@@ -237,16 +224,25 @@ def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(tmp / "report.json", report)
     shard_sha256 = {str(Path(j.out).relative_to(tmp)): done[j]["sha256"] for j in jobs}
-    write_marker(tmp, "tokenize", expected, started, known_sha256=shard_sha256)
-    swap_into_place(tmp, final)
+    write_marker(tmp, "tokenize", expected, started, code_version(__name__), known_sha256=shard_sha256)
     return report
 
 
-def read_shard(path: Path) -> np.ndarray:
-    """A shard's rows as a (rows, seq_len) array viewing the memory-mapped file (zero-copy)."""
-    reader = pa.ipc.open_file(pa.memory_map(str(path), "r"))
-    column = reader.get_batch(0).column(0) if reader.num_record_batches else None
-    if column is None or len(column) == 0:
-        return np.zeros((0, int(reader.schema.metadata[b"seq_len"])), dtype=np.uint16)
-    values = column.values.to_numpy(zero_copy_only=True)
-    return values.reshape(len(column), -1)
+def index_files(workdir: Path) -> list[Path]:
+    """Every source's shard index (`<source>/index.json`) of the finished output."""
+    return sorted((Path(workdir) / FOLDER).glob("*/index.json"))
+
+
+def shard_path(source: str, file: str) -> str:
+    """Where a shard named in a source's index lives, relative to the workdir."""
+    return f"{FOLDER}/{source}/{file}"
+
+
+STAGE = Stage(
+    name="tokenize",
+    reads=("curate",),
+    sections=("tokenizer", "tokenize"),
+    folder=FOLDER,
+    run_function=run_tokenize,
+    fingerprint_function=input_fingerprint,
+)

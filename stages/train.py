@@ -1,10 +1,13 @@
 """train: continued pretraining, launched with `accelerate launch` in its own process group.
 
-`run_train` writes the job (resolved recipe and fingerprint) to `<workdir>/train/job.json`,
-starts `accelerate launch -m refit.stages.lib.train_loop` with the recipe's number of processes
+`run_train` writes the job (resolved recipe, fingerprint, where the manifest and the shards
+are) to `job.json` in the staging folder `<workdir>/train.tmp/`, starts `accelerate launch
+-m refit.stages.lib.train_loop <staging folder>` with the recipe's number of processes
 (several CPU processes talk over gloo), and waits. Cancelling it (Ctrl-C, a Prefect
-cancellation, any exception) terminates the whole process group. Rerunning the stage
-resumes from the latest complete checkpoint; `force` starts over from the base model.
+cancellation, any exception) terminates the whole process group. The finished run (weights,
+checkpoints, metrics) is swapped into `<workdir>/train/` only when complete, so the previous
+model stays until then. Rerunning the stage resumes from the latest complete checkpoint in
+the staging folder; `force` starts over from the base model.
 """
 
 from __future__ import annotations
@@ -12,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -21,13 +23,26 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from refit.stages import mix
 from refit.stages.lib.config import Recipe
+from refit.stages.lib.contract import Stage
 from refit.stages.lib.lock import held_locks
-from refit.stages.lib.markers import fingerprint, is_done, upstream_fingerprint, write_json_atomic, write_marker
+from refit.stages.lib.markers import (
+    code_version,
+    fingerprint,
+    is_done,
+    read_marker,
+    staged_output,
+    write_json_atomic,
+    write_marker,
+)
 
 log = logging.getLogger(__name__)
 
 
+FOLDER = "train"
+WORKER = "refit.stages.lib.train_loop"  # the training process, one per device
+JOB = "job.json"
 FAILURE = "failure.txt"  # why the training processes stopped, written by a failing rank
 
 
@@ -35,9 +50,34 @@ class TrainingError(RuntimeError):
     """The training processes failed; the latest complete checkpoint is kept."""
 
 
-def read_metrics(train_dir: Path) -> list[dict]:
-    """The per-step log, one dict per optimizer step."""
+def _metrics(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_metrics(workdir: Path) -> list[dict]:
+    """The finished run's per-step log, one dict per optimizer step."""
+    return _metrics(Path(workdir) / FOLDER)
+
+
+def read_report(workdir: Path) -> dict:
+    return json.loads((Path(workdir) / FOLDER / "report.json").read_text())
+
+
+def final_model(workdir: Path) -> Path:
+    """The finished run's model in Hugging Face format."""
+    return Path(workdir) / FOLDER / "final"
+
+
+def final_model_sha256(workdir: Path) -> dict[str, str]:
+    """sha256 of every file of the finished run's model, by name within `final_model`."""
+    marker = read_marker(Path(workdir) / FOLDER) or {"outputs": {}}
+    return {name[len("final/") :]: digest for name, digest in marker["outputs"].items() if name.startswith("final/")}
+
+
+def run_fingerprint(workdir: Path) -> str | None:
+    """The input fingerprint of the finished run: which training made the model, if any."""
+    marker = read_marker(Path(workdir) / FOLDER)
+    return marker["fingerprint"] if marker else None
 
 
 def base_model_listing(path: Path) -> list[tuple[str, int, int]]:
@@ -51,7 +91,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(num_processes: int, workdir: Path) -> list[str]:
+def launch_command(num_processes: int, job_dir: Path) -> list[str]:
     command = [
         sys.executable,
         "-m",
@@ -69,7 +109,7 @@ def launch_command(num_processes: int, workdir: Path) -> list[str]:
         command += ["--multi_gpu", "--main_process_port", str(_free_port())]
     cores = os.cpu_count() or 1
     command += ["--num_cpu_threads_per_process", str(max(1, cores // num_processes))]
-    return command + ["-m", "refit.stages.lib.train_loop", str(workdir)]
+    return command + ["-m", WORKER, str(job_dir)]
 
 
 def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
@@ -92,7 +132,7 @@ def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
         "base_model": recipe.base_model.model_dump(mode="json"),
         "base_files": base_model_listing(Path(recipe.base_model.path)),
     }
-    return fingerprint("train", sections, [upstream_fingerprint(workdir, "mix", "train")])
+    return fingerprint("train", sections, [mix.STAGE.produced(workdir, "train")], code_version(__name__))
 
 
 def _wait(
@@ -127,45 +167,58 @@ def run_train(
     """Train from the manifest; returns the report (also `train/report.json`). on_progress
     receives the latest metrics line (step, loss, lr, phase, ...) every few seconds."""
     workdir = Path(workdir)
-    train_dir = workdir / "train"
+    final = workdir / FOLDER
     expected = input_fingerprint(recipe, workdir)
-    if not force and is_done(train_dir, expected):
-        return json.loads((train_dir / "report.json").read_text())
-    job_file = train_dir / "job.json"
-    previous = json.loads(job_file.read_text())["fingerprint"] if job_file.is_file() else None
-    if force or previous != expected:  # another run's checkpoints are never resumed
-        shutil.rmtree(train_dir, ignore_errors=True)
-    train_dir.mkdir(parents=True, exist_ok=True)
-    (train_dir / "_SUCCESS.json").unlink(missing_ok=True)
-    (train_dir / FAILURE).unlink(missing_ok=True)
-    write_json_atomic(job_file, {"fingerprint": expected, "recipe": recipe.model_dump(mode="json")})
+    if not force and is_done(final, expected):
+        return read_report(workdir)
+
+    def same_run(staging: Path) -> bool:  # another run's checkpoints are never resumed
+        job = staging / JOB
+        return not force and job.is_file() and json.loads(job.read_text())["fingerprint"] == expected
+
+    with staged_output(final, reuse=same_run) as job_dir:
+        (job_dir / FAILURE).unlink(missing_ok=True)
+        job = {
+            "fingerprint": expected,
+            "recipe": recipe.model_dump(mode="json"),
+            "manifest": str(mix.manifest_path(workdir).resolve()),
+            "data_root": str(workdir.resolve()),  # manifest shard paths are relative to it
+            "failure": FAILURE,
+        }
+        write_json_atomic(job_dir / JOB, job)
+        started = time.time()
+        report = {**_launch(recipe, job_dir, on_progress), "final_model": str(final_model(workdir))}
+        write_json_atomic(job_dir / "report.json", report)
+        write_marker(job_dir, "train", expected, started, code_version(__name__))
+    return read_report(workdir)
+
+
+def _launch(recipe: Recipe, job_dir: Path, on_progress: Callable[[dict], None] | None) -> dict:
+    """Run the training processes on the job in job_dir until they finish; their report."""
     started = time.time()
-    command = launch_command(recipe.train.num_processes, workdir)
+    command = launch_command(recipe.train.num_processes, job_dir)
     log.info("train: %s", " ".join(command))
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parent.parent), os.environ.get("PYTHONPATH", "")]),
-    )
+    env = dict(os.environ)
     if recipe.train.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, recipe.train.devices))
     # the launcher holds the workdir lock too: if this process is killed, no other run can
     # start on the workdir while the orphaned training processes still write to it
     process = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=held_locks())
     try:
-        code = _wait(process, train_dir / "metrics.jsonl", on_progress)
+        code = _wait(process, job_dir / "metrics.jsonl", on_progress)
     except BaseException:
         _stop(process)
         raise
     if code != 0:
-        failure = train_dir / FAILURE
+        failure = job_dir / FAILURE
         reason = failure.read_text().strip() if failure.is_file() else f"exit code {code}; see the log above"
         raise TrainingError(
             f"training failed: {reason}. Rerunning the stage resumes from the latest complete "
-            f"checkpoint in {train_dir / 'checkpoints'}"
+            f"checkpoint in {job_dir / 'checkpoints'}"
         )
-    state = json.loads((train_dir / "final" / "trainer_state.json").read_text())
-    metrics = read_metrics(train_dir)
-    report = {
+    state = json.loads((job_dir / "final" / "trainer_state.json").read_text())
+    metrics = _metrics(job_dir)
+    return {
         "stage": "train",
         "steps": state["step"],
         "tokens": state["tokens"],
@@ -175,8 +228,15 @@ def run_train(
         "first_loss": metrics[0]["loss"],
         "processes": recipe.train.num_processes,
         "seconds": round(time.time() - started, 2),
-        "final_model": str(train_dir / "final"),
     }
-    write_json_atomic(train_dir / "report.json", report)
-    write_marker(train_dir, "train", expected, started)
-    return report
+
+
+STAGE = Stage(
+    name="train",
+    reads=("mix",),
+    sections=("base_model", "train"),
+    folder=FOLDER,
+    run_function=run_train,
+    fingerprint_function=input_fingerprint,
+    takes=("on_progress",),
+)

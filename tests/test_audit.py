@@ -10,7 +10,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_config import BASE, write
 
-from refit.stages.audit import AuditFailed, accuracy_gates, loss_gates, run_audit
+from refit.stages.audit import (
+    AuditFailed,
+    accuracy_gates,
+    health_gate,
+    lineage,
+    lineage_gate,
+    loss_gates,
+    run_audit,
+)
 from refit.stages.evaluate import run_evaluate
 from refit.stages.lib.config import load_recipe
 
@@ -118,3 +126,38 @@ def test_planted_contaminated_item_fails_the_gate_naming_it(trained):
         g for g in json.loads((workdir / "audit" / "report.json").read_text())["gates"] if g["name"] == "contamination"
     ]
     assert not gate["passed"] and gate["value"] == 1 and "b:planted" in gate["reason"]
+
+
+def _metrics(losses: list[float]) -> list[dict]:
+    return [{"step": step, "loss": loss} for step, loss in enumerate(losses)]
+
+
+def test_a_loss_spike_must_come_back_within_the_recovery_window(recipe):
+    steady = [3.0 - 0.01 * i for i in range(30)]
+    recovered = steady[:25] + [30.0] + steady[25:]  # back under the running median at the next step
+    unrecovered = steady[:25] + [30.0] + [25.0] * 12  # never back within RECOVERY_STEPS
+    assert health_gate(recipe, _metrics(steady))["passed"]
+    assert health_gate(recipe, _metrics(recovered))["passed"]
+    failed = health_gate(recipe, _metrics(unrecovered))
+    assert not failed["passed"] and failed["value"] >= 1 and "unrecovered loss spikes at steps [25" in failed["reason"]
+    nan = health_gate(recipe, _metrics(steady[:10] + [float("nan")]))
+    assert not nan["passed"] and "non-finite loss" in nan["reason"]
+
+
+def test_lineage_fails_on_a_shard_that_does_not_match_its_manifest_or_a_missing_training(recipe, tmp_path):
+    workdir = tmp_path / "wd"
+    (workdir / "tokenize" / "s").mkdir(parents=True)
+    (workdir / "tokenize" / "s" / "shard-00000.arrow").write_bytes(b"tampered after mix")
+    manifest = {
+        "sha256": "m" * 64,
+        "tokenizer_sha256": "t" * 64,
+        "sources": {"s": {"shards": [{"path": "tokenize/s/shard-00000.arrow", "sha256": "0" * 64}]}},
+    }
+    record = lineage(recipe, workdir, manifest)
+    assert record["shards_verified"] is False and record["train_fingerprint"] is None  # no finished training
+    gate = lineage_gate(record)
+    assert (
+        not gate["passed"]
+        and "train_fingerprint" in gate["reason"]
+        and "shards match the manifest: False" in (gate["reason"])
+    )

@@ -14,7 +14,7 @@ import yaml
 from test_train import prepare
 
 from refit.stages.lib.config import load_recipe
-from refit.stages.lib.markers import STAGES
+from refit.stages.registry import NAMES as STAGES
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from conftest import TEXT
 
-from refit.stages import lm_eval_backend
 from refit.stages.evaluate import Scorer, context_length, mean_stderr
+from refit.stages.lib import lm_eval_backend
 from refit.stages.lib.config import BenchmarkSpec
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline

@@ -36,6 +36,10 @@ def test_order_is_pure_and_never_repeats_before_exhaustion(curated):  # noqa: F8
         for epoch in range(0, len(rows), size):  # each epoch is a permutation of the source
             chunk = rows[epoch : epoch + size]
             assert len(set(chunk)) == len(chunk)
+    reseeded = Sampler({**manifest, "seed": manifest["seed"] + 1}, workdir)
+    other = [reseeded.slot(i) for i in range(total)]
+    assert [s for s, _ in other] == [s for s, _ in slots]  # which source fills a slot: the manifest's blend
+    assert [row for _, row in other] != [row for _, row in slots]  # which row: the seed's permutation
     switch = manifest["phases"][1]["start_step"] * per_step
     qa_new = sum(1 for s, _ in slots[switch:] if a.sources[s].name == "new") / (total - switch)
     assert qa_new == pytest.approx(0.75, abs=1 / (total - switch) + 1e-9)

@@ -16,8 +16,9 @@ from refit.stages.curate import curated_files, run_curate
 from refit.stages.lib.config import load_recipe
 from refit.stages.lib.markers import MARKER, StageNotReady, file_sha256
 from refit.stages.lib.schedule import schedule_for
+from refit.stages.lib.shards import read_shard
 from refit.stages.mix import run_mix
-from refit.stages.tokenize import read_shard, run_tokenize
+from refit.stages.tokenize import run_tokenize
 
 
 @pytest.fixture

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from refit.stages.curate import run_curate
 from refit.stages.lib.config import load_recipe
+from refit.stages.lib.markers import file_sha256, read_marker
 from refit.stages.mix import run_mix
 from refit.stages.tokenize import run_tokenize
 from refit.stages.train import TrainingError, run_train
@@ -71,8 +72,9 @@ def prepare(
     return path, workdir
 
 
-def metrics(workdir: Path) -> list[dict]:
-    return [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
+def metrics(workdir: Path, folder: str = "train") -> list[dict]:
+    """The per-step log of a finished run (train/), or of one in progress or failed (train.tmp/)."""
+    return [json.loads(line) for line in (workdir / folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
@@ -99,17 +101,17 @@ def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
     assert run_train(load_recipe(path), workdir) == report  # done: not trained again
 
 
-def kill_at_step(path: Path, workdir: Path, step: int) -> None:
+def kill_at_step(path: Path, workdir: Path, step: int, *options: str) -> None:
     """Run the stage in a subprocess and SIGKILL it and its training processes (their own
     session) once `step` is logged: a machine crash, as far as the workdir can tell."""
     process = subprocess.Popen(
-        [sys.executable, "-m", "refit.flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
+        [sys.executable, "-m", "refit.flows.cli", "stage", "train", str(path), "--workdir", str(workdir), *options],
         cwd=REPO,
         start_new_session=True,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    log = workdir / "train" / "metrics.jsonl"
+    log = workdir / "train.tmp" / "metrics.jsonl"  # the run in progress, staged
     deadline = time.time() + 300
     while not (log.exists() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines())):
         assert process.poll() is None and time.time() < deadline
@@ -142,6 +144,36 @@ def test_sigkill_before_and_after_the_switch_resumes_bitwise(tmp_path, tiny_mode
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_forced_retraining_keeps_the_last_model_until_the_new_one_is_complete(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir)
+    report = run_train(load_recipe(path), workdir)
+    final = workdir / "train" / "final"
+    before = {p.name: file_sha256(p) for p in final.iterdir()}
+    marker = read_marker(workdir / "train")
+    kill_at_step(path, workdir, 3, "--force")  # a forced rerun dies midway
+    assert {p.name: file_sha256(p) for p in final.iterdir()} == before and read_marker(workdir / "train") == marker
+    assert run_train(load_recipe(path), workdir) == report  # still the finished run: nothing to do
+    assert run_train(load_recipe(path), workdir, force=True)["steps"] == report["steps"]
+    assert read_marker(workdir / "train")["finished"] > marker["finished"] and not (workdir / "train.tmp").exists()
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_a_manifest_that_disagrees_with_the_lr_trigger_stops_training(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir)
+    manifest_file = workdir / "mix" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    planned = manifest["phases"][1]["start_step"]
+    # edited by hand after mix, consistently, but no longer the schedule's: the switch two steps late
+    manifest["phases"][0]["steps"] += 2
+    manifest["phases"][1]["start_step"] += 2
+    manifest["phases"][1]["steps"] -= 2
+    manifest_file.write_text(json.dumps(manifest))
+    with pytest.raises(TrainingError, match=rf"fired at step {planned}, but the manifest planned step {planned + 2}"):
+        run_train(load_recipe(path), workdir)
+    assert not (workdir / "train").exists()
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_two_gloo_processes_match_one(tmp_path, tiny_model_dir):
     one_path, one = prepare(tmp_path / "one", tiny_model_dir)
     two_path, two = prepare(tmp_path / "two", tiny_model_dir, num_processes=2)
@@ -161,12 +193,11 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
             load_recipe(path), workdir
         )  # the reason reaches the caller (a flow, the sweep table), not just the log
     assert "non-finite loss" in capfd.readouterr().err
-    checkpoints = sorted(
-        p.name for p in (workdir / "train" / "checkpoints").glob("step-*") if (p / "_SUCCESS.json").exists()
-    )
-    assert not (workdir / "train" / "_SUCCESS.json").exists() and not (workdir / "train" / "final").exists()
-    assert all(m["loss"] == m["loss"] for m in metrics(workdir))  # no NaN was ever logged as a step
-    assert len(checkpoints) == len(metrics(workdir)) // 4
+    staged = workdir / "train.tmp"  # kept for a rerun to resume from; nothing swapped into train/
+    checkpoints = sorted(p.name for p in (staged / "checkpoints").glob("step-*") if (p / "_SUCCESS.json").exists())
+    assert not (workdir / "train").exists() and not (staged / "_SUCCESS.json").exists()
+    assert all(m["loss"] == m["loss"] for m in metrics(workdir, "train.tmp"))  # no NaN was ever logged as a step
+    assert len(checkpoints) == len(metrics(workdir, "train.tmp")) // 4
 
 
 def training_processes(workdir: Path) -> list[int]:
@@ -193,7 +224,7 @@ def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    log = workdir / "train" / "metrics.jsonl"
+    log = workdir / "train.tmp" / "metrics.jsonl"
     deadline = time.time() + 300
     while not (log.exists() and log.read_text().strip()):
         assert process.poll() is None and time.time() < deadline
@@ -209,11 +240,29 @@ def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_
 
 @pytest.mark.parametrize("tiny_model_dir", ["gpt2"], indirect=True)
 def test_optional_optimizer_state_is_loaded(tmp_path, tiny_model_dir):
-    fresh_path, fresh = prepare(tmp_path / "fresh", tiny_model_dir)
+    """AdamW's moments after one step from a loaded state are exactly beta x loaded + what one
+    step from scratch adds (same weights, same batch, so the same gradient): the state was
+    loaded as saved, not perturbed, reset or partly lost."""
+    fresh_path, fresh = prepare(tmp_path / "fresh", tiny_model_dir, checkpoint_every=1)
     run_train(load_recipe(fresh_path), fresh)
-    state = fresh / "train" / "checkpoints" / "step-00000020" / "optimizer.pt"
-    warm_path, warm = prepare(tmp_path / "warm", tiny_model_dir, optimizer_state=str(state))
+    saved = fresh / "train" / "checkpoints" / "step-00000020" / "optimizer.pt"
+    warm_path, warm = prepare(tmp_path / "warm", tiny_model_dir, checkpoint_every=1, optimizer_state=str(saved))
     run_train(load_recipe(warm_path), warm)
-    first_fresh, first_warm = metrics(fresh)[0], metrics(warm)[0]
-    assert first_fresh["loss"] == first_warm["loss"]  # same weights and data at step 0
-    assert metrics(fresh)[1]["loss"] != metrics(warm)[1]["loss"]  # Adam moments differed at the first update
+    assert metrics(fresh)[0]["loss"] == metrics(warm)[0]["loss"]  # same weights and data at step 0
+
+    def state(workdir: Path, name: str) -> dict:
+        return torch.load(workdir / "train" / "checkpoints" / name / "optimizer.pt", weights_only=True)["state"]
+
+    loaded, one_step, warm_step = (
+        state(fresh, "step-00000020"),
+        state(fresh, "step-00000001"),
+        state(warm, "step-00000001"),
+    )
+    beta1, beta2 = load_recipe(warm_path).train.adam_betas
+    assert loaded.keys() == warm_step.keys() and loaded
+    for key in loaded:
+        assert float(warm_step[key]["step"]) == float(loaded[key]["step"]) + 1
+        expected_m = beta1 * loaded[key]["exp_avg"] + one_step[key]["exp_avg"]
+        expected_v = beta2 * loaded[key]["exp_avg_sq"] + one_step[key]["exp_avg_sq"]
+        assert torch.allclose(warm_step[key]["exp_avg"], expected_m, rtol=1e-5, atol=1e-9)
+        assert torch.allclose(warm_step[key]["exp_avg_sq"], expected_v, rtol=1e-5, atol=1e-12)

@@ -1,38 +1,91 @@
-"""Done markers, fingerprints and atomic output folders shared by every stage.
+"""Done markers, fingerprints, code versions and the one atomic-output rule of every stage.
 
-A stage writes into `<dir>.tmp/`, then swaps it into place and writes `_SUCCESS.json`
-last. A stage is done iff the marker exists and names the same input fingerprint, so a
-half-written output is never visible and never reused.
+The rule: a stage builds its output in `<folder>.tmp/`, writes `_SUCCESS.json` there last,
+then swaps the folder into place (two renames). A stage is done iff the marker exists and
+names the same input fingerprint, so a half-written output is never visible and never
+reused, and the previous good output is only replaced once the new one is complete. A run
+killed anywhere in between is put right by `recover` at the next start.
 """
 
 from __future__ import annotations
 
+import ast
+import functools
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 MARKER = "_SUCCESS.json"
-_CODE_DIR = Path(__file__).resolve().parent
+PROJECT = "refit"  # the import namespace whose modules make up a stage's code version
 
 
-def code_version() -> str:
-    """Hash of the stage sources: a code change invalidates every cached output."""
+def _module_file(name: str) -> Path | None:
+    """The source file of module `name`, found without importing it (only its parent packages)."""
+    parent, _, leaf = name.rpartition(".")
+    try:
+        spec = importlib.util.find_spec(parent) if parent else None
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec else []:
+        for candidate in (Path(location) / f"{leaf}.py", Path(location) / leaf / "__init__.py"):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def _imported_names(source: str) -> Iterator[str]:
+    """Every absolute module name `source` may run: its import statements at any depth
+    (imports inside functions count: they run when the stage does) and string constants that
+    name a project module (one started with `python -m`, like the training worker)."""
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            yield node.module
+            yield from (f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(PROJECT + "."):
+            yield node.value
+
+
+@functools.cache
+def project_modules(module: str) -> dict[str, Path]:
+    """The project modules `module` imports, directly or through others, with their package
+    `__init__` files: its import graph within the `refit` namespace."""
+    found: dict[str, Path] = {}
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in found or (path := _module_file(name)) is None:
+            continue
+        found[name] = path
+        parts = name.split(".")
+        todo += [".".join(parts[:i]) for i in range(2, len(parts))]  # the packages it lives in
+        todo += [n for n in _imported_names(path.read_text()) if n.split(".")[0] == PROJECT]
+    return found
+
+
+@functools.cache
+def code_version(module: str) -> str:
+    """Hash of the sources of the project modules `module` imports (see `project_modules`):
+    editing a stage's code reruns that stage and those that read its output, not the others."""
     digest = hashlib.sha256()
-    for path in sorted(_CODE_DIR.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    for name, path in sorted(project_modules(module).items()):
+        digest.update(name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
 
-def fingerprint(stage: str, section: Any, upstream: list[str] | tuple[str, ...] = ()) -> str:
-    """Input fingerprint: the stage's recipe section, its upstream fingerprints, the code."""
+def fingerprint(stage: str, section: Any, upstream: list[str] | tuple[str, ...], code: str) -> str:
+    """Input fingerprint: what the stage reads from the recipe, what the stages before it
+    produced (their `output_fingerprint`s) and its code version."""
     payload = json.dumps(
-        {"stage": stage, "section": section, "upstream": list(upstream), "code": code_version()},
-        sort_keys=True,
-        default=str,
+        {"stage": stage, "section": section, "upstream": list(upstream), "code": code}, sort_keys=True, default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 
@@ -55,22 +108,14 @@ def is_done(directory: Path, input_fingerprint: str) -> bool:
     return marker is not None and marker.get("fingerprint") == input_fingerprint
 
 
-STAGES = ("curate", "tokenize", "mix", "train", "evaluate", "audit", "publish")  # pipeline order
-STAGE_DIRS = {"evaluate": "eval"}  # output folders named otherwise than their stage (DESIGN.md §3)
-
-
-def stage_dir(workdir: Path, stage: str) -> Path:
-    return Path(workdir) / STAGE_DIRS.get(stage, stage)
-
-
-def upstream_fingerprint(workdir: Path, stage: str, needed_by: str) -> str:
-    """What a finished upstream stage was made from and what it produced (sha256 of each output),
-    or a clear error if it has not run. A rerun that produced other bytes (a forced,
+def output_fingerprint(folder: Path, stage: str, needed_by: str) -> str:
+    """What a finished stage was made from and what it produced (sha256 of each output), or
+    a clear error if it has not run. A rerun that produced other bytes (a forced,
     nondeterministic retraining) thus makes every later stage run again."""
-    marker = read_marker(stage_dir(workdir, stage))
+    marker = read_marker(folder)
     if marker is None:
         raise StageNotReady(
-            f"{needed_by} needs the {stage} stage's output in {workdir}: run `refit stage {stage}` first"
+            f"{needed_by} needs the {stage} stage's output in {Path(folder).parent}: run `refit stage {stage}` first"
         )
     return hashlib.sha256(json.dumps([marker["fingerprint"], marker["outputs"]], sort_keys=True).encode()).hexdigest()
 
@@ -90,6 +135,7 @@ def write_marker(
     stage: str,
     input_fingerprint: str,
     started: float,
+    code: str,
     extra: dict | None = None,
     known_sha256: dict[str, str] | None = None,
 ) -> dict:
@@ -105,7 +151,7 @@ def write_marker(
     marker = {
         "stage": stage,
         "fingerprint": input_fingerprint,
-        "code_version": code_version(),
+        "code_version": code,
         "started": started,
         "finished": time.time(),
         "seconds": round(time.time() - started, 3),
@@ -121,23 +167,45 @@ def _link_or_copy(source: str, target: str) -> None:
     (shutil.copy2 if source.endswith(".sqlite") else os.link)(source, target)
 
 
-def staging_dir(final: Path, copy_previous: bool = False) -> Path:
-    """A fresh `<final>.tmp/`; with copy_previous, seeded with the current output (hard links
-    for files never modified in place, copies of *.sqlite), so the previous output survives."""
+def _partner(final: Path, suffix: str) -> Path:
+    return final.with_name(final.name + suffix)
+
+
+@contextmanager
+def staged_output(
+    final: Path, seed_previous: bool = False, reuse: Callable[[Path], bool] | None = None
+) -> Iterator[Path]:
+    """Build a stage's output in `<final>.tmp/` and swap it into place when the block ends
+    without error; the block writes the done marker last. The previous output stays as it
+    was until then. seed_previous: start from hard links to the previous output (an
+    incremental run). reuse: keep a staging folder left by a killed run when reuse(folder)
+    says its parts are this run's (tokenize's finished shards, train's checkpoints); such a
+    folder is also kept when the block fails, for the rerun to resume from."""
     final = Path(final)
     recover(final)
-    tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if copy_previous and final.is_dir():
-        shutil.copytree(final, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MARKER))
-    else:
-        tmp.mkdir(parents=True)
-    return tmp
+    tmp = _partner(final, ".tmp")
+    resumable = reuse is not None
+    if not (resumable and tmp.is_dir() and reuse(tmp)):
+        shutil.rmtree(tmp, ignore_errors=True)
+        if seed_previous and final.is_dir():
+            shutil.copytree(final, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MARKER))
+        else:
+            tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        if not resumable:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if read_marker(tmp) is None:
+        raise RuntimeError(f"{tmp} has no {MARKER}: a stage must write its marker before its output is swapped in")
+    swap_into_place(tmp, final)
 
 
 def swap_into_place(tmp: Path, final: Path) -> None:
-    """Replace final by tmp: two renames, recoverable by `recover` if killed between them."""
-    final, old = Path(final), Path(final).with_name(Path(final).name + ".old")
+    """Replace final by the complete tmp: two renames; `recover` finishes them if killed between."""
+    final = Path(final)
+    old = _partner(final, ".old")
     shutil.rmtree(old, ignore_errors=True)
     if final.exists():
         final.rename(old)
@@ -146,8 +214,15 @@ def swap_into_place(tmp: Path, final: Path) -> None:
 
 
 def recover(final: Path) -> None:
-    """Undo a swap killed between its renames: the previous output comes back."""
-    final, old = Path(final), Path(final).with_name(Path(final).name + ".old")
+    """Put right a swap killed midway: a complete staged output (marker written) goes into
+    place; otherwise the previous output comes back. Nothing complete is ever lost."""
+    final = Path(final)
+    old, tmp = _partner(final, ".old"), _partner(final, ".tmp")
+    if read_marker(tmp) is not None:
+        if final.exists() and not old.exists():
+            final.rename(old)
+        if not final.exists():
+            tmp.rename(final)
     if old.exists() and not final.exists():
         old.rename(final)
     shutil.rmtree(old, ignore_errors=True)

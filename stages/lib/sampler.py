@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from refit.stages.tokenize import read_shard
+from refit.stages.lib.shards import read_shard
 
 
 @dataclass

@@ -1,9 +1,9 @@
 """The training process: one per device, started by `accelerate launch` (see stages/train.py).
 
-    accelerate launch [...] -m refit.stages.lib.train_loop <workdir>
+    accelerate launch [...] -m refit.stages.lib.train_loop <job folder>
 
-Reads `<workdir>/train/recipe.json` (resolved recipe) and the mix stage's manifest; writes
-`train/checkpoints/step-NNNNNNNN/`, `train/metrics.jsonl` and `train/final/`. Continues from
+Reads `<job folder>/job.json` (resolved recipe, fingerprint, manifest path, data root);
+writes `checkpoints/step-NNNNNNNN/`, `metrics.jsonl` and `final/` beside it. Continues from
 the latest complete checkpoint of the same run when there is one, else from the base model.
 """
 
@@ -23,8 +23,6 @@ from refit.stages.lib.config import Recipe, dump_recipe
 from refit.stages.lib.markers import MARKER, read_marker, write_json_atomic
 from refit.stages.lib.sampler import Sampler
 from refit.stages.lib.schedule import Schedule
-from refit.stages.mix import MANIFEST
-from refit.stages.train import FAILURE
 
 SPIKE_WINDOW = 20
 
@@ -104,13 +102,12 @@ def export_final(acc: Accelerator, model, recipe: Recipe, train_dir: Path, state
     tmp.rename(train_dir / "final")
 
 
-def train(workdir: Path) -> None:
+def train(train_dir: Path) -> None:
     from transformers import AutoModelForCausalLM
 
-    train_dir = workdir / "train"
     job = json.loads((train_dir / "job.json").read_text())
     recipe = Recipe.model_validate(job["recipe"])
-    manifest = json.loads((workdir / "mix" / MANIFEST).read_text())
+    manifest = json.loads(Path(job["manifest"]).read_text())
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_precision(recipe))
     torch.manual_seed(recipe.train.seed)
     s = manifest["schedule"]
@@ -138,7 +135,7 @@ def train(workdir: Path) -> None:
         state = {"step": 0, "tokens": 0, "phase": 0, "switches": [], "spikes": [], "losses": []}
     model, optimizer = acc.prepare(model, optimizer)
     model.train()
-    sampler = Sampler(manifest, workdir)
+    sampler = Sampler(manifest, Path(job["data_root"]))
     metrics_path = train_dir / "metrics.jsonl"
     if acc.is_main_process:  # a resumed run rewrites the log from its checkpoint on
         kept = [
@@ -232,5 +229,7 @@ if __name__ == "__main__":
     try:
         train(Path(sys.argv[1]))
     except Exception as error:  # the launcher's exit code cannot say why: leave the reason for run_train
-        (Path(sys.argv[1]) / "train" / FAILURE).write_text(f"{type(error).__name__}: {error}\n")
+        job_dir = Path(sys.argv[1])
+        failure = json.loads((job_dir / "job.json").read_text())["failure"]
+        (job_dir / failure).write_text(f"{type(error).__name__}: {error}\n")
         raise

@@ -16,9 +16,9 @@ import json
 import logging
 from pathlib import Path
 
-from refit.stages import curate
+from refit.stages import curate, train
 from refit.stages.lib.config import Recipe
-from refit.stages.lib.markers import read_marker
+from refit.stages.lib.contract import StageOptions
 from refit.stages.publish import local_checkpoint, published_records, read_published
 
 log = logging.getLogger(__name__)
@@ -55,16 +55,15 @@ def previous_evaluation(recipe: Recipe, train_fingerprint: str) -> tuple[str | N
     return None, None
 
 
-def stage_options(stage: str, recipe: Recipe, workdir: Path, eval_backend: str = "refit") -> dict:
+def stage_options(
+    stage: str, recipe: Recipe, workdir: Path, eval_backend: str = "refit", force: bool = False
+) -> StageOptions:
     """A stage's inputs that are not in the recipe, the same for a flow run and `refit stage`:
     the evaluation backend, and for audit the eval report of the version to beat."""
-    if stage == "evaluate" and eval_backend != "refit":
-        return {"backend": eval_backend}
-    if (
-        stage == "audit" and (train := read_marker(Path(workdir) / "train")) is not None
-    ):  # else audit says what is missing
-        version, evaluation = previous_evaluation(recipe, train["fingerprint"])
+    previous = None
+    trained = train.run_fingerprint(workdir)
+    if stage == "audit" and trained is not None:  # else audit says what is missing
+        version, previous = previous_evaluation(recipe, trained)
         if version:
             log.info("audit: comparing against the previous published version %s too", version)
-        return {"previous_eval": evaluation}
-    return {}
+    return StageOptions(force=force, backend=eval_backend, previous_eval=previous)

@@ -1,0 +1,151 @@
+"""The stage contract: the registry, per-stage code versions from the import graph, and the one
+atomic-output rule (staged output, marker last, swap, recover)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from refit.stages.lib.markers import (
+    MARKER,
+    project_modules,
+    read_marker,
+    recover,
+    staged_output,
+    write_marker,
+)
+from refit.stages.registry import NAMES, PIPELINE, STAGES, StageOptions, depending_on, downstream
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_registry_lists_the_seven_stages_in_an_order_that_respects_what_they_read():
+    assert NAMES == ("curate", "tokenize", "mix", "train", "evaluate", "audit", "publish")
+    for index, stage in enumerate(PIPELINE):
+        assert set(stage.reads) <= set(NAMES[:index]), f"{stage.name} reads a later stage"
+        assert stage.run_function.__name__ == f"run_{stage.name}"
+    assert len({stage.folder for stage in PIPELINE}) == 7 and STAGES["evaluate"].folder == "eval"
+    assert downstream(["evaluate"]) == ["evaluate", "audit", "publish"]
+    assert downstream(["tokenize"]) == ["tokenize", "mix", "train", "evaluate", "audit", "publish"]
+    # what a pilot sweep may share between its variants: the stages no swept section reaches
+    swept = set(depending_on({"schedule", "mixture", "train"}))
+    assert [name for name in NAMES if name not in swept] == ["curate", "tokenize"]
+
+
+def test_a_stage_takes_only_the_options_it_declares(tmp_path):
+    with pytest.raises(ValueError, match="unknown options"):
+        type(STAGES["curate"])(
+            name="x", reads=(), sections=(), folder="x", run_function=print, fingerprint_function=print, takes=("gpu",)
+        )
+    seen = {}
+
+    def run_x(recipe, workdir, force=False, backend="refit"):
+        seen.update(force=force, backend=backend)
+        return {}
+
+    stage = type(STAGES["curate"])(
+        name="x", reads=(), sections=(), folder="x", run_function=run_x, fingerprint_function=print, takes=("backend",)
+    )
+    stage.run(None, tmp_path, StageOptions(force=True, backend="lm-eval", previous_eval={"ignored": 1}))
+    assert seen == {"force": True, "backend": "lm-eval"}
+
+
+def test_code_version_covers_exactly_the_modules_a_stage_imports():
+    closure = {name: set(project_modules(f"refit.stages.{name}")) for name in NAMES}
+    report_module = "refit.stages.lib.audit_report"
+    assert [name for name in NAMES if report_module in closure[name]] == ["audit", "publish"]
+    assert "refit.stages.lib.train_loop" in closure["train"]  # started as `-m`: named in the launch command
+    assert "refit.stages.registry" not in set().union(*closure.values())
+    assert all(not module.startswith("refit.flows") for module in set().union(*closure.values()))
+    assert "refit.stages.curate" in closure["tokenize"] and "refit.stages.tokenize" not in closure["curate"]
+
+
+def test_rewording_a_comment_in_the_audit_report_module_changes_only_audit_and_publish(tmp_path):
+    """On a copy of the project (so the real sources are never touched): the code version of
+    every stage before and after a comment in stages/lib/audit_report.py is reworded."""
+    root = tmp_path / "refit"
+    for folder in ("stages", "flows"):
+        shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    script = (
+        "import json, sys; import refit.stages as s; from refit.stages.lib.markers import code_version\n"
+        f"assert s.__file__.startswith({str(tmp_path)!r}), s.__file__\n"
+        f"print(json.dumps({{n: code_version('refit.stages.' + n) for n in {list(NAMES)!r}}}))"
+    )
+
+    def versions() -> dict[str, str]:
+        done = subprocess.run(
+            [sys.executable, "-c", script], env={"PYTHONPATH": str(tmp_path)}, capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    before = versions()
+    report_module = root / "stages" / "lib" / "audit_report.py"
+    report_module.write_text(report_module.read_text() + "\n# reworded: a comment, nothing else\n")
+    after = versions()
+    assert [name for name in NAMES if before[name] != after[name]] == ["audit", "publish"]
+
+
+def _complete(folder: Path, content: str) -> None:
+    (folder / "data.txt").write_text(content)
+    write_marker(folder, "x", "fp-" + content, 0.0, "code")
+
+
+def test_a_failed_build_leaves_the_previous_output_and_no_staging_folder(tmp_path):
+    final = tmp_path / "out"
+    with staged_output(final) as out:
+        _complete(out, "first")
+    with pytest.raises(RuntimeError, match="boom"):
+        with staged_output(final) as out:
+            (out / "data.txt").write_text("half")
+            raise RuntimeError("boom")
+    assert (final / "data.txt").read_text() == "first" and read_marker(final)["fingerprint"] == "fp-first"
+    assert not (tmp_path / "out.tmp").exists()
+    with pytest.raises(RuntimeError, match="no _SUCCESS.json"):  # a stage that forgot its marker
+        with staged_output(final) as out:
+            (out / "data.txt").write_text("unmarked")
+    assert (final / "data.txt").read_text() == "first"
+
+
+def test_a_resumable_build_keeps_its_staging_folder_for_the_rerun(tmp_path):
+    final = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        with staged_output(final, reuse=lambda _: True) as out:
+            (out / "part-1").write_text("done")
+            raise KeyboardInterrupt
+    with staged_output(final, reuse=lambda folder: (folder / "part-1").exists()) as out:
+        assert (out / "part-1").read_text() == "done"  # resumed, not redone
+        _complete(out, "resumed")
+    with staged_output(final, reuse=lambda _: False) as out:  # another run's parts are never reused
+        assert not (out / "part-1").exists()
+        _complete(out, "fresh")
+    assert (final / "data.txt").read_text() == "fresh"
+
+
+@pytest.mark.parametrize("killed_after", ["marker", "first rename"])
+def test_recover_finishes_a_swap_killed_with_a_complete_staged_output(tmp_path, killed_after):
+    final, tmp, old = tmp_path / "out", tmp_path / "out.tmp", tmp_path / "out.old"
+    final.mkdir()
+    _complete(final, "previous")
+    tmp.mkdir()
+    _complete(tmp, "new")
+    if killed_after == "first rename":
+        final.rename(old)
+    recover(final)
+    assert (final / "data.txt").read_text() == "new" and not tmp.exists() and not old.exists()
+
+
+def test_recover_brings_the_previous_output_back_when_the_staged_one_is_incomplete(tmp_path):
+    final, tmp, old = tmp_path / "out", tmp_path / "out.tmp", tmp_path / "out.old"
+    old.mkdir()
+    _complete(old, "previous")
+    tmp.mkdir()
+    (tmp / "data.txt").write_text("half")  # no marker: not complete
+    recover(final)
+    assert (final / "data.txt").read_text() == "previous" and not old.exists()
+    assert (final / MARKER).is_file()
