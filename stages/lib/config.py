@@ -128,6 +128,10 @@ class MinHashSpec(Section):
     """LSH bands; with hashes_per_bucket this sets the Jaccard threshold (~0.72 for 14 x 8)."""
     hashes_per_bucket: int = Field(default=8, ge=1)
     """Hashes per band."""
+    signatures: Literal["vectorised", "datatrove"] = "vectorised"
+    """vectorised: Refit's regex word splitter and numpy hashing (stages/lib/minhash.py, over 10x
+    faster); datatrove: datatrove's own signature step (spaCy words). Buckets and clusters are
+    datatrove's either way."""
 
 
 class CurateSpec(Section):

@@ -7,6 +7,8 @@ MinHash index of every earlier batch; Refit then keeps one member per cluster by
 the earliest document, unless the cluster touches an earlier batch, which always wins.
 So when a new document near-duplicates a legacy one the legacy one is kept, the choice
 does not depend on the number of workers, and a rerun costs only the new data.
+The signatures come from Refit's vectorised step (stages/lib/minhash.py) unless
+curate.minhash.signatures asks for datatrove's own.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.pipeline.readers import JsonlReader
 
 from refit.stages.lib.config import MinHashSpec
+from refit.stages.lib.minhash import FastMinhashSignature
 
 log = logging.getLogger(__name__)
 EARLIER_BATCH = -1  # priority of a cluster member that lives in the index of an earlier batch
@@ -64,6 +67,7 @@ def near_dedup(
     if not docs:
         return {}
     config = MinhashConfig(n_grams=spec.ngram, num_buckets=spec.buckets, hashes_per_bucket=spec.hashes_per_bucket)
+    signature_step = FastMinhashSignature if spec.signatures == "vectorised" else MinhashDedupSignature
     inputs = work / "input"
     inputs.mkdir(parents=True)
     tasks = max(1, min(workers, len(docs)))
@@ -74,7 +78,7 @@ def near_dedup(
     _run(
         [
             JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None),
-            MinhashDedupSignature(output_folder=str(work / "signatures"), config=config),
+            signature_step(output_folder=str(work / "signatures"), config=config),
         ],
         tasks,
         workers,
