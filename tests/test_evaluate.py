@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refit.stages.evaluate import Scorer, _compare, mean_stderr
+from refit.stages.evaluate import _compare, choice_metrics, mean_stderr
+from refit.stages.lib.scoring import Scorer
 
 ITEMS = [
     {
@@ -55,13 +56,13 @@ def test_choice_loglikelihoods_match_a_direct_computation_at_any_batch_size(tiny
 
 def test_acc_and_acc_norm_follow_the_harness_definitions(tiny_model_dir):
     scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=8)
-    scores = scorer.score_benchmark(ITEMS)
+    scores = choice_metrics(ITEMS, scorer.choice_loglikelihoods(ITEMS))
     for n, item in enumerate(ITEMS):
         lls = np.array([direct_logprob(tiny_model_dir, item["query"], c) for c in item["choices"]])
         assert scores["acc"][n] == float(np.argmax(lls) == item["gold"])
         per_char = lls / np.array([len(c) for c in item["choices"]])
         assert scores["acc_norm"][n] == float(np.argmax(per_char) == item["gold"])
-    again = scorer.score_benchmark(ITEMS)
+    again = choice_metrics(ITEMS, scorer.choice_loglikelihoods(ITEMS))
     assert all(np.array_equal(scores[k], again[k]) for k in scores)  # deterministic
 
 

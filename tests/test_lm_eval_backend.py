@@ -13,9 +13,10 @@ import pytest
 import yaml
 from conftest import TEXT
 
-from refit.stages.evaluate import Scorer, context_length, mean_stderr
+from refit.stages.evaluate import choice_metrics, mean_stderr
 from refit.stages.lib import lm_eval_backend
 from refit.stages.lib.config import BenchmarkSpec
+from refit.stages.lib.scoring import Scorer, context_length
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
 
@@ -54,7 +55,7 @@ def test_both_backends_give_the_same_scores_on_the_same_model(tmp_path, tiny_mod
     items = [json.loads(line) for line in open(bench.path)]
     scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=4)
     refit_lls = scorer.choice_loglikelihoods(items)
-    refit = scorer.score_benchmark(items)
+    refit = choice_metrics(items, refit_lls)
     harness = lm_eval_backend.score_benchmarks(
         tiny_model_dir,
         tiny_model_dir,

@@ -275,6 +275,18 @@ class EvaluateSpec(Section):
     """At most this many held-out documents per source for validation loss."""
     batch_size: int = Field(default=16, ge=1)
     """Sequences per forward pass when scoring."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models are scored. auto: CUDA when this machine has a GPU, else the CPU."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on a GPU that supports it, else fp32 (always fp32 on the CPU)."""
+    num_processes: int = Field(default=1, ge=1)
+    """Processes scoring data-parallel, started with torchrun: one GPU each, or CPU processes
+    over gloo. Each scores every N-th request; the results are the same as with one."""
+    cache_dir: RecipePath | None = None
+    """Folder where the base model's scores are kept across runs, keyed by the base's weights,
+    what is scored, the scorer's version and the device settings. Default:
+    `.refit-cache/` beside the workdir (in its parent folder), shared by the sweep's variants
+    and by every nightly run of the recipe."""
 
 
 class GatesSpec(Section):
