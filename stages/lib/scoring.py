@@ -116,7 +116,8 @@ class ScoringTask:
 
 def choice_loglikelihoods(scores: Scores) -> list[np.ndarray]:
     """A "choices" task's scores as one array of choice log-likelihoods per item."""
-    return np.split(scores["loglikelihoods"], np.cumsum(scores["choice_counts"])[:-1])
+    ends = np.cumsum(scores["choice_counts"])
+    return [scores["loglikelihoods"][end - count : end] for count, end in zip(scores["choice_counts"], ends)]
 
 
 def free_memory(device: str) -> None:
