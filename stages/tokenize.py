@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from refit.stages import curate
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
+from refit.stages.lib.lifeline import default_sigterm
 from refit.stages.lib.markers import (
     code_version,
     file_sha256,
@@ -109,6 +110,7 @@ def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[S
 
 def _init_worker(path: str) -> None:
     global _TOKENIZER
+    default_sigterm()  # the pool terminates its workers with SIGTERM (lifeline.py)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _TOKENIZER = load_tokenizer(Path(path))
 

@@ -24,6 +24,7 @@ import yaml
 
 from refit.stages.audit import accuracy_gates, loss_gates
 from refit.stages.lib.config import Recipe, load_recipe
+from refit.stages.lib.markers import write_text_atomic
 
 SWEEPABLE = ("schedule.", "mixture.", "train.")
 SHARED_STAGES = ("curate", "tokenize")
@@ -67,6 +68,18 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
         if key in grid:
             raise SweepError(f"--grid {key} is given twice")
         grid[key] = [_value(v.strip()) for v in values.split(",")]
+    return grid
+
+
+def check_grid(recipe: Recipe, specs: list[str]) -> dict[str, list]:
+    """The parsed grid, every key checked against the recipe's fields before anything runs: a
+    typo fails the sweep at once (SweepError naming the key), not after the shared stages."""
+    grid = parse_grid(specs)
+    for key, values in grid.items():
+        try:
+            set_field(recipe.model_dump(mode="json"), key, values[0])
+        except SweepError as error:
+            raise SweepError(f"--grid {error}") from None
     return grid
 
 
@@ -115,9 +128,9 @@ def plan_variants(recipe: Recipe, grid: dict[str, list]) -> list[Variant]:
 
 def set_field(data: dict, dotted: str, value: Any) -> None:
     """Set a dotted recipe path (list items by index) in a recipe dict; the field must exist."""
-    *parents, last = dotted.split(".")
+    parts = dotted.split(".")
     node: Any = data
-    for part in [*parents, last]:
+    for depth, part in enumerate(parts):
         key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
         exists = (
             (0 <= key < len(node))
@@ -126,7 +139,7 @@ def set_field(data: dict, dotted: str, value: Any) -> None:
         )
         if not exists:
             raise SweepError(f"{dotted}: the recipe has no field {part!r} there")
-        if part is last:
+        if depth == len(parts) - 1:
             node[key] = value
         else:
             node = node[key]
@@ -166,7 +179,7 @@ def prepare_variant(
     data["name"] = f"{recipe.name}-{variant.name}"  # its own artifacts and flow run names
     data["train"]["devices"] = devices
     path = variant_dir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
     return load_recipe(path)
 
 
@@ -208,7 +221,7 @@ def failed_row(variant: Variant, error: str) -> dict:
     }
 
 
-def _passes(row: dict, must_pass: list[str]) -> list[str]:
+def _failed_gates(row: dict, must_pass: list[str]) -> list[str]:
     """The required gates this variant failed (a gate family fails if any of its gates does)."""
     return [name for name, passed in row["gates"].items() if not passed and name.split(":")[0] in must_pass]
 
@@ -217,7 +230,7 @@ def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
     """The grid variant the recipe's rule prefers, and why (baselines are references, not candidates)."""
     rule = recipe.sweep
     measured = [r for r in rows if r["kind"] == "grid" and r["status"] == "ok" and r["average_acc"] is not None]
-    eligible = [r for r in measured if not _passes(r, rule.must_pass)]
+    eligible = [r for r in measured if not _failed_gates(r, rule.must_pass)]
     if not eligible:
         if measured:
             return None, f"no grid variant passed {', '.join(rule.must_pass)}"
@@ -352,7 +365,9 @@ def plot_accuracy_vs_compute(rows: list[dict], out: Path) -> None:
     ax.set_title("Pilot sweep: accuracy against compute (squares: baselines)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, out)
     plt.close(fig)
 
 
@@ -362,11 +377,11 @@ def write_results(
     """results.json, results.md, accuracy_vs_compute.png and, with a winner, <name>.best.yaml."""
     sweep_dir = Path(sweep_dir)
     plot_accuracy_vs_compute(rows, sweep_dir / "accuracy_vs_compute.png")
-    (sweep_dir / "results.md").write_text(results_markdown(rows, winner, reason, budget_fraction))
+    write_text_atomic(sweep_dir / "results.md", results_markdown(rows, winner, reason, budget_fraction))
     best = None
     if winner is not None:
         best = sweep_dir / f"{recipe.name}.best.yaml"
-        best.write_text(best_recipe_text(recipe, winner, reason))
+        write_text_atomic(best, best_recipe_text(recipe, winner, reason))
     summary = {
         "recipe": recipe.name,
         "budget_fraction": budget_fraction,
@@ -375,5 +390,5 @@ def write_results(
         "reason": reason,
         "best_recipe": str(best) if best else None,
     }
-    (sweep_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(sweep_dir / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
