@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 from refit.stages import curate
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
-from refit.stages.lib.lifeline import default_sigterm
+from refit.stages.lib.lifeline import follow_parent
 from refit.stages.lib.markers import (
     code_version,
     file_sha256,
@@ -108,9 +108,9 @@ def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[S
     return jobs
 
 
-def _init_worker(path: str) -> None:
+def _init_worker(path: str, stage_pid: int) -> None:
     global _TOKENIZER
-    default_sigterm()  # the pool terminates its workers with SIGTERM (lifeline.py)
+    follow_parent(stage_pid)  # die with the stage; obey the pool's SIGTERM (lifeline.py)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _TOKENIZER = load_tokenizer(Path(path))
 
@@ -204,7 +204,9 @@ def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expec
     todo = [job for job in jobs if job not in done]
     log.info("tokenize: %d shards, %d already complete", len(jobs), len(done))
     with ProcessPoolExecutor(
-        max_workers=max(1, min(recipe.tokenize.workers, len(todo))), initializer=_init_worker, initargs=(str(tok_dir),)
+        max_workers=max(1, min(recipe.tokenize.workers, len(todo))),
+        initializer=_init_worker,
+        initargs=(str(tok_dir), os.getpid()),
     ) as pool:
         futures = {job: pool.submit(write_shard, job, seq_len, recipe.tokenize.batch_size, metadata) for job in todo}
         for n, (job, future) in enumerate(futures.items(), start=1):

@@ -1,4 +1,4 @@
-"""Processes that die with the process that started them, and forked workers that obey SIGTERM.
+"""Processes that die with the process that started them; forked workers too, obeying SIGTERM.
 
 A run's helpers must not outlive it: a training process reparented to PID 1 keeps writing
 checkpoints into the workdir, and a temporary Prefect server keeps its port. Killing the
@@ -57,39 +57,50 @@ def command(module: str, *args: str) -> list[str]:
     return [sys.executable, "-m", __name__, str(os.getpid()), module, *args]
 
 
-_default_sigterm_blocks = 0  # how many `forked_workers_obey_sigterm` blocks are open
+def follow_parent(parent: int) -> None:
+    """Make a forked worker die with `parent`, the stage process that forked it (a pool worker
+    whose stage is killed would otherwise wait for work forever), and give it SIGTERM's default
+    action: the parent's handler is inherited with the fork, and an orchestrator's (Prefect's
+    raises an exception in the flow) would keep it alive when its pool terminates it, hanging
+    the stage. A pool initializer, given the stage's `os.getpid()`."""
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    die_with_parent(parent)
+
+
+_open_blocks = 0  # `forked_workers_follow_parent` blocks open in this process
+_forking_pid = 0  # the process about to fork: the child's expected parent
 _blocks_lock = threading.Lock()
 _hook_installed = False
 
 
-def default_sigterm() -> None:
-    """SIGTERM's default action (exit) in a forked worker. The parent's handler is inherited
-    with the fork, and an orchestrator's (Prefect's raises an exception in the flow) would keep
-    the worker alive when its pool terminates it, hanging the stage. A pool initializer."""
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+def _before_fork() -> None:
+    global _forking_pid
+    _forking_pid = os.getpid()
 
 
-def _default_sigterm_in_child() -> None:
-    if _default_sigterm_blocks:
-        default_sigterm()
+def _after_fork_in_child() -> None:
+    global _open_blocks
+    if _open_blocks:
+        _open_blocks = 0  # the child's own forks are outside its parent's block
+        follow_parent(_forking_pid)
 
 
 @contextlib.contextmanager
-def forked_workers_obey_sigterm() -> Iterator[None]:
+def forked_workers_follow_parent() -> Iterator[None]:
     """Processes forked while this block is open (by a library that takes no pool initializer,
-    such as datatrove's executor with its pool and manager) start with SIGTERM's default action.
-    The fork hook this needs is installed by the first block and acts only inside blocks."""
-    global _default_sigterm_blocks, _hook_installed
+    such as datatrove's executor with its pool and manager) `follow_parent` this process. The
+    fork hook this needs is installed by the first block and acts only inside blocks."""
+    global _open_blocks, _hook_installed
     with _blocks_lock:
         if not _hook_installed:
-            os.register_at_fork(after_in_child=_default_sigterm_in_child)
+            os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
             _hook_installed = True
-        _default_sigterm_blocks += 1
+        _open_blocks += 1
     try:
         yield
     finally:
         with _blocks_lock:
-            _default_sigterm_blocks -= 1
+            _open_blocks -= 1
 
 
 def main(argv: list[str]) -> None:

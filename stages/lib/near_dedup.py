@@ -30,7 +30,7 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.pipeline.readers import JsonlReader
 
 from refit.stages.lib.config import MinHashSpec
-from refit.stages.lib.lifeline import forked_workers_obey_sigterm
+from refit.stages.lib.lifeline import forked_workers_follow_parent
 from refit.stages.lib.minhash import FastMinhashSignature
 
 log = logging.getLogger(__name__)
@@ -40,8 +40,8 @@ EARLIER_BATCH = -1  # priority of a cluster member that lives in the index of an
 def _run(pipeline: list, tasks: int, workers: int, logs: Path) -> None:
     # fork, not datatrove's default forkserver: workers then start without re-importing
     # datatrove and spaCy, which costs more than the work itself on small batches. Its pool
-    # and manager terminate with SIGTERM, so they must not inherit an orchestrator's handler.
-    with forked_workers_obey_sigterm():
+    # and manager must die with this process and obey SIGTERM (lifeline.py).
+    with forked_workers_follow_parent():
         LocalPipelineExecutor(
             pipeline=pipeline,
             tasks=tasks,
