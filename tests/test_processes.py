@@ -160,3 +160,35 @@ def test_a_killed_refit_run_leaves_no_temporary_server(tmp_path, tiny_model_dir,
         if refit.poll() is None:
             os.killpg(refit.pid, signal.SIGKILL)
             refit.wait()
+
+
+def descendants(pid: int) -> list[int]:
+    try:
+        direct = children(pid)
+    except FileNotFoundError:
+        return []
+    return direct + [d for child in direct for d in descendants(child)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_scoring_workers_die_with_a_killed_evaluate(tmp_path, tiny_model_dir):
+    code = (
+        "import sys; from pathlib import Path; sys.path.insert(0, 'tests')\n"
+        "from test_evaluate import scoring_tasks\n"
+        "from refit.stages.lib.scoring import ScoringSettings, score_models\n"
+        "model = Path(sys.argv[1])\n"
+        "score_models({'base': model}, model, scoring_tasks(), ScoringSettings('cpu', 'float32', 4, num_processes=2))"
+    )
+    evaluate = subprocess.Popen([sys.executable, "-c", code, str(tiny_model_dir)], cwd=REPO)
+    deadline = time.time() + 120
+    while len(workers := descendants(evaluate.pid)) < 3:  # torchrun and its two workers
+        assert evaluate.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    evaluate.send_signal(signal.SIGKILL)
+    evaluate.wait()
+    try:
+        assert all(wait_dead(pid) for pid in workers), "scoring processes outlived the killed stage"
+    finally:
+        for pid in filter(alive, workers):
+            os.kill(pid, signal.SIGKILL)

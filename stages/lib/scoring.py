@@ -43,8 +43,9 @@ from pathlib import Path
 
 import numpy as np
 
+from refit.stages.lib import lifeline
 from refit.stages.lib.file_hashes import directory_sha256
-from refit.stages.lib.lock import held_locks
+from refit.stages.lib.lock import held_locks, record_lock_holder
 
 log = logging.getLogger(__name__)
 Scores = dict[str, np.ndarray]
@@ -364,10 +365,9 @@ def score_models(
 
 
 def launch_command(num_processes: int, job_dir: Path) -> list[str]:
-    """torchrun on this machine, one worker per process; it picks a free rendezvous port."""
-    return [
-        sys.executable,
-        "-m",
+    """torchrun on this machine, one worker per process; it picks a free rendezvous port. It dies
+    with this process, and the workers with it (lifeline.py)."""
+    return lifeline.command(
         "torch.distributed.run",
         "--standalone",
         "--nproc-per-node",
@@ -375,7 +375,7 @@ def launch_command(num_processes: int, job_dir: Path) -> list[str]:
         "-m",
         "refit.stages.lib.scoring",
         str(job_dir),
-    ]
+    )
 
 
 def _score_in_workers(
@@ -405,6 +405,7 @@ def _score_in_workers(
         log.info("evaluate: %s", " ".join(command))
         # its own session, so that an interrupted stage stops every worker; it holds the workdir lock too
         process = subprocess.Popen(command, env=env, start_new_session=True, pass_fds=held_locks())
+        record_lock_holder(process.pid)
         try:
             code = process.wait()
         except BaseException:
@@ -452,4 +453,5 @@ def main(job_dir: Path) -> None:
 
 
 if __name__ == "__main__":
+    lifeline.die_with_launcher()  # no scoring process outlives its launcher (lifeline.py)
     main(Path(sys.argv[1]))
