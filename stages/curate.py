@@ -30,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from refit.stages.lib.config import Recipe, SourceSpec
 from refit.stages.lib.contract import Stage
@@ -45,6 +46,9 @@ from refit.stages.lib.markers import (
 )
 from refit.stages.lib.records import Record, read_records
 from refit.stages.lib.text import benchmark_ngrams, word_ngrams
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 FOLDER = "curate"
@@ -401,6 +405,32 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
 def curated_files(workdir: Path, source: str, split: str) -> list[Path]:
     """The curated Parquet files of one source and split ("train" or "validation"), in batch order."""
     return sorted((Path(workdir) / FOLDER / source).glob(f"{split}-*.parquet"))
+
+
+def curated_texts(path: Path, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[pa.StringArray]:
+    """The texts of rows [start, stop) of a curated file, at most batch_size at a time. Only the
+    row groups holding them are read, through a small buffer: memory does not grow with the file."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)  # pre-buffering reads whole column chunks
+    stop = parquet.metadata.num_rows if stop is None else stop
+    groups, row = [], None  # row: the first row of the first group read
+    first = 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if first < stop and first + rows > start:
+            groups.append(group)
+            row = first if row is None else row
+        first += rows
+    if not groups:
+        return
+    for batch in parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=["text"]):
+        low, high = max(start - row, 0), min(stop - row, batch.num_rows)
+        if low < high:
+            yield batch.column(0).slice(low, high - low)
+        row += batch.num_rows
+        if row >= stop:
+            return
 
 
 def curated_data_version(workdir: Path) -> str | None:
