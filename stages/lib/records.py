@@ -98,7 +98,7 @@ def _raw_rows(path: Path, fmt: str) -> Iterator[tuple[int, bytes | dict]]:
     if fmt == "parquet":
         import pyarrow.parquet as pq
 
-        parquet, row = pq.ParquetFile(path), 0
+        parquet, row = pq.ParquetFile(path, buffer_size=READ_CHUNK, pre_buffer=False), 0  # never a whole column chunk
         for group in range(parquet.num_row_groups):  # one by one: a damaged group keeps the ones before it
             for batch in parquet.iter_batches(batch_size=4096, row_groups=[group]):
                 for item in batch.to_pylist():
