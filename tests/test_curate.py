@@ -21,6 +21,7 @@ import yaml
 import zstandard
 from test_datasets import DATASETS, rows
 
+from refit.flows.cli import main as refit
 from refit.stages import curate
 from refit.stages.curate import (
     CurationError,
@@ -469,7 +470,7 @@ def small_disk(tmp_path):
     assert not busy, "a file on the small disk was left open"
 
 
-def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tmp_path, small_disk):
+def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tmp_path, small_disk, capsys):
     write_jsonl(tmp_path / "data" / "day1.jsonl", [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:10])])
     recipe_path = make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}])
     workdir = small_disk / "wd"
@@ -479,10 +480,12 @@ def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tm
     words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
     big = [{"id": f"b{i}", "text": " ".join(rng.choices(words, k=400))} for i in range(1500)]  # ~4 MB, unique
     write_jsonl(tmp_path / "data" / "day2.jsonl", big)
-    with pytest.raises(CurationError) as failure:
-        run_curate(load_recipe(recipe_path), workdir)
-    message = str(failure.value)  # what the CLI prints after "error: "
-    assert "\n" not in message and message.startswith(f"curate: no space left on device writing {workdir}/curate.tmp")
+    capsys.readouterr()
+    assert refit(["stage", "curate", str(recipe_path), "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    (message,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err, err
+    assert message.startswith(f"error: curate: no space left on device writing {workdir}/curate.tmp"), message
     assert message.endswith(f"the previous curated output in {workdir}/curate is unchanged")
     after = {p: p.read_bytes() for p in (workdir / "curate").rglob("*") if p.is_file()}
     assert after == before and not (workdir / "curate.tmp").exists()
