@@ -7,7 +7,7 @@ Writes under `<workdir>/curate/`:
   removed/<source>/batch-BBBB.jsonl      good records removed: exact/near duplicate, contaminated
   state.sqlite, minhash-index/           what has been seen, for incremental reruns
   report.json, _SUCCESS.json
-and `<workdir>/.curate-hashes.json`: the sha256 of each input file at its size and mtime.
+and `<workdir>/.curate-hashes/`: the sha256 of each input file at its size and mtime.
 
 A run processes only files whose content was not curated before (a batch); `force` starts
 over. Files are known by their content (sha256), not their mtime: a file copied again, or
@@ -34,9 +34,9 @@ from typing import TYPE_CHECKING
 
 from refit.stages.lib.config import Recipe, SourceSpec
 from refit.stages.lib.contract import Stage
+from refit.stages.lib.file_hashes import memoized_sha256
 from refit.stages.lib.markers import (
     code_version,
-    file_sha256,
     fingerprint,
     is_done,
     read_marker,
@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, sha256 TEXT, batch INT
 CREATE TABLE IF NOT EXISTS ids (source TEXT, id TEXT, file TEXT, line INTEGER, reason TEXT, PRIMARY KEY (source, id));
 CREATE TABLE IF NOT EXISTS texts (hash TEXT PRIMARY KEY, source TEXT, id TEXT);
 """
-HASH_CACHE = ".curate-hashes.json"  # in the workdir: path -> [size, mtime_ns, sha256]
+HASH_MEMO = ".curate-hashes"  # in the workdir: the sha256 of each input file at its size and mtime
 
 
 class CurationError(RuntimeError):
@@ -83,34 +83,11 @@ def _settings(recipe: Recipe) -> dict:
     }  # batches curated by other code are not extended, but redone
 
 
-def _content_hashes(paths: list[Path], workdir: Path) -> dict[Path, str]:
-    """sha256 of each file; a file whose path, size and mtime are those it was hashed at is
-    not read again (the cache in `<workdir>/.curate-hashes.json`)."""
-    cache = Path(workdir) / HASH_CACHE
-    try:
-        cached = json.loads(cache.read_text())
-    except (OSError, ValueError):
-        cached = {}
-    entries = {}
-    for path in paths:
-        stat = path.stat()  # before reading: a file written meanwhile gets a new mtime, so is hashed again
-        entry = cached.get(str(path))
-        if entry is None or entry[:2] != [stat.st_size, stat.st_mtime_ns]:
-            entry = [stat.st_size, stat.st_mtime_ns, file_sha256(path)]
-        entries[str(path)] = entry
-    if entries != cached and cache.parent.is_dir():
-        try:
-            write_json_atomic(cache, entries)
-        except OSError as error:  # only a cache; a full disk is reported by the stage's own writes
-            log.warning("curate: could not save the file hashes to %s: %s", cache, error)
-    return {path: entries[str(path)][2] for path in paths}
-
-
 def _listing(recipe: Recipe, workdir: Path | None) -> dict[str, list[tuple[str, str]]]:
-    """source -> [(path, sha256)] of every input file."""
-    files = {s.name: source_files(s) for s in recipe.sources}
-    hashes = _content_hashes(sorted({p for paths in files.values() for p in paths}), workdir or recipe.workdir)
-    return {name: [(str(p), hashes[p]) for p in paths] for name, paths in files.items()}
+    """source -> [(path, sha256)] of every input file; a file is read again only when its
+    size or mtime changed (the memo in `<workdir>/.curate-hashes/`)."""
+    memo = Path(workdir or recipe.workdir) / HASH_MEMO
+    return {s.name: [(str(p), memoized_sha256(p, memo)) for p in source_files(s)] for s in recipe.sources}
 
 
 def _version(listing: dict[str, list[tuple[str, str]]]) -> str:
@@ -352,14 +329,13 @@ def _disk_full_reported(final: Path) -> Iterator[None]:
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / FOLDER
-    final.parent.mkdir(parents=True, exist_ok=True)  # the hash cache lives there
-    # one listing: a file arriving mid-run is the next run's
-    settings, listing = _settings(recipe), _listing(recipe, workdir)
-    expected = _fingerprint(settings, listing)
-    if not force and is_done(final, expected):
-        log.info("curate: up to date (%s)", expected[:12])
-        return json.loads((final / "report.json").read_text())
-    with _disk_full_reported(final):
+    with _disk_full_reported(final):  # the file hashes are saved in the workdir too
+        # one listing: a file arriving mid-run is the next run's
+        settings, listing = _settings(recipe), _listing(recipe, workdir)
+        expected = _fingerprint(settings, listing)
+        if not force and is_done(final, expected):
+            log.info("curate: up to date (%s)", expected[:12])
+            return json.loads((final / "report.json").read_text())
         return _curate(recipe, final, force, settings, listing, expected)
 
 

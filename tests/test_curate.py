@@ -22,7 +22,6 @@ import zstandard
 from test_datasets import DATASETS, rows
 
 from refit.flows.cli import main as refit
-from refit.stages import curate
 from refit.stages.curate import (
     CurationError,
     _disk_full,
@@ -31,6 +30,7 @@ from refit.stages.curate import (
     input_fingerprint,
     run_curate,
 )
+from refit.stages.lib import file_hashes
 from refit.stages.lib.config import load_recipe
 from refit.stages.lib.text import word_ngrams
 
@@ -513,7 +513,9 @@ def test_files_are_known_by_their_content_not_their_mtime(tmp_path, monkeypatch)
     first = run_curate(recipe, workdir)
     version, fingerprint = data_version(recipe, workdir), input_fingerprint(recipe, workdir)
     hashed = []
-    monkeypatch.setattr(curate, "file_sha256", lambda path, real=curate.file_sha256: hashed.append(path) or real(path))
+    monkeypatch.setattr(
+        file_hashes, "file_sha256", lambda path, real=file_hashes.file_sha256: hashed.append(path) or real(path)
+    )
     assert input_fingerprint(recipe, workdir) == fingerprint and hashed == []  # unchanged files are not read again
 
     day1.write_bytes(day1.read_bytes())  # copied again: same bytes, new mtime
