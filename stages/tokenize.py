@@ -8,7 +8,8 @@ Each shard packs one contiguous run of documents of one curated file (documents 
 by EOS; the last partial row is dropped, under seq_len tokens per shard), so shards are
 independent: worker processes write them in parallel, a shard is a pure function of its
 input range, and a rerun (after a kill, or after curate added a batch) writes only the
-shards that are missing.
+shards that are missing. Curated files are read in record batches of tokenize.batch_size
+documents, never whole, so memory does not grow with the size of a curated file.
 """
 
 from __future__ import annotations
@@ -88,23 +89,24 @@ def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[S
     for source in recipe.sources:
         index = 0
         for path in curate.curated_files(workdir, source.name, "train"):
-            lengths = pc.utf8_length(pq.read_table(path, columns=["text"])["text"]).to_numpy()
-            start, chars = 0, 0
-            for row, length in enumerate(lengths):
-                chars += int(length)
-                if chars >= budget or row == len(lengths) - 1:
-                    jobs.append(
-                        ShardJob(
-                            source.name,
-                            index,
-                            str(path),
-                            start,
-                            row + 1,
-                            str(out / source.name / f"shard-{index:05d}.arrow"),
-                            settings,
+            rows = pq.ParquetFile(path).metadata.num_rows
+            start, chars, row = 0, 0, 0
+            for texts in curate.curated_texts(path, recipe.tokenize.batch_size):
+                for length in pc.utf8_length(texts).to_numpy():
+                    chars, row = chars + int(length), row + 1
+                    if chars >= budget or row == rows:
+                        jobs.append(
+                            ShardJob(
+                                source.name,
+                                index,
+                                str(path),
+                                start,
+                                row,
+                                str(out / source.name / f"shard-{index:05d}.arrow"),
+                                settings,
+                            )
                         )
-                    )
-                    index, start, chars = index + 1, row + 1, 0
+                        index, start, chars = index + 1, row, 0
     return jobs
 
 
@@ -118,13 +120,13 @@ def _init_worker(path: str, stage_pid: int) -> None:
 def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str, str]) -> dict:
     """Tokenize, pack and write one shard atomically; returns its index entry."""
     tokenizer = _TOKENIZER
-    texts = pq.read_table(job.input_file, columns=["text"]).slice(job.start, job.stop - job.start)["text"].to_pylist()
     eos = tokenizer.eos_token_id
-    pieces = []
-    for first in range(0, len(texts), batch_size):
-        for ids in tokenizer(texts[first : first + batch_size], add_special_tokens=False)["input_ids"]:
+    pieces, docs = [], 0
+    for texts in curate.curated_texts(Path(job.input_file), batch_size, job.start, job.stop):  # never the whole file
+        for ids in tokenizer(texts.to_pylist(), add_special_tokens=False)["input_ids"]:
             pieces.append(np.asarray(ids, dtype=np.int64))
             pieces.append(np.asarray([eos], dtype=np.int64))
+        docs += len(texts)
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     out = Path(job.out)
     rows = write_rows(out, flat, seq_len, token_dtype(len(tokenizer)), {**metadata, "source": job.source})
@@ -133,7 +135,7 @@ def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str
         "rows": rows,
         "tokens": rows * seq_len,
         "sha256": file_sha256(out),
-        "docs": len(texts),
+        "docs": docs,
         "dropped_tail_tokens": int(len(flat) - rows * seq_len),
         "job": asdict(job),
     }

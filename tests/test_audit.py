@@ -9,6 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_config import BASE, write
+from test_tokenize_mix import arrow_peaks
 
 from refit.stages.audit import (
     AuditFailed,
@@ -161,3 +162,8 @@ def test_lineage_fails_on_a_shard_that_does_not_match_its_manifest_or_a_missing_
         and "train_fingerprint" in gate["reason"]
         and "shards match the manifest: False" in (gate["reason"])
     )
+
+
+def test_contamination_gate_memory_does_not_grow_with_the_curated_text(tmp_path, tiny_tokenizer_dir):
+    small, large = arrow_peaks("contamination", tmp_path, tiny_tokenizer_dir, (4, 32))
+    assert large - small < 8 * 2**20, f"Arrow peak {small / 2**20:.1f} MiB at 4 MiB of text, {large / 2**20:.1f} at 32"

@@ -165,7 +165,7 @@ class TokenizeSpec(Section):
     rows_per_shard: int = Field(default=8192, ge=1)
     """Packed sequences per Arrow shard."""
     batch_size: int = Field(default=512, ge=1)
-    """Documents per call of the fast tokenizer."""
+    """Documents per record batch read from the curated Parquet files and per call of the fast tokenizer."""
     workers: int = Field(default=2, ge=1)
     """Parallel tokenizer worker processes."""
 
