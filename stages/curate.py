@@ -44,6 +44,7 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.paths import inside
 from refit.stages.lib.records import Record, read_records
 from refit.stages.lib.text import benchmark_ngrams, word_ngrams
 
@@ -247,10 +248,10 @@ def _write_source(
     validation = [d for d in kept if _in_validation(d[0], validation_fraction)]
     train = [d for d in kept if not _in_validation(d[0], validation_fraction)]
     removed = screened["removed"]
-    _write_parquet(out / source.name / f"train-{batch:04d}.parquet", train)
-    _write_parquet(out / source.name / f"validation-{batch:04d}.parquet", validation)
-    _write_jsonl(out / "quarantine" / source.name / f"batch-{batch:04d}.jsonl", screened["quarantined"])
-    _write_jsonl(out / "removed" / source.name / f"batch-{batch:04d}.jsonl", removed)
+    _write_parquet(inside(out, source.name, f"train-{batch:04d}.parquet"), train)
+    _write_parquet(inside(out, source.name, f"validation-{batch:04d}.parquet"), validation)
+    _write_jsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"), screened["quarantined"])
+    _write_jsonl(inside(out / "removed", source.name, f"batch-{batch:04d}.jsonl"), removed)
     for path, sha256 in screened["files"] + screened["copies"]:
         db.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (source.name, path, sha256, batch))
     counts = screened["counts"]
@@ -380,7 +381,7 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
 
 def curated_files(workdir: Path, source: str, split: str) -> list[Path]:
     """The curated Parquet files of one source and split ("train" or "validation"), in batch order."""
-    return sorted((Path(workdir) / FOLDER / source).glob(f"{split}-*.parquet"))
+    return sorted(inside(Path(workdir) / FOLDER, source).glob(f"{split}-*.parquet"))
 
 
 def curated_texts(path: Path, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[pa.StringArray]:

@@ -40,6 +40,7 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.paths import inside
 from refit.stages.lib.shards import token_dtype, write_rows
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[S
                                 str(path),
                                 start,
                                 row,
-                                str(out / source.name / f"shard-{index:05d}.arrow"),
+                                str(inside(out, source.name, f"shard-{index:05d}.arrow")),
                                 settings,
                             )
                         )
@@ -224,8 +225,9 @@ def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expec
             "tokens": sum(s["tokens"] for s in shards),
             "shards": shards,
         }
-        (tmp / source.name).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(tmp / source.name / "index.json", index)
+        folder = inside(tmp, source.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "index.json", index)
         report["sources"][source.name] = {k: index[k] for k in ("rows", "tokens")} | {"shards": len(shards)}
     report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(tmp / "report.json", report)

@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -63,7 +64,17 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Any:
     return value if resolved is None else resolved
 
 
+def _not_a_relative_folder(name: str) -> str:
+    """`.` and `..` pass the character check but name the folder itself or its parent."""
+    if name in (".", ".."):
+        meaning = "the folder itself" if name == "." else "the parent folder"
+        raise ValueError(f"{name!r} cannot be a name: as a folder name it means {meaning}")
+    return name
+
+
 TokenCount = Annotated[int, BeforeValidator(_parse_count), Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_relative_folder)]
+"""A name that becomes a folder or file name: letters, digits, _ . -, and neither `.` nor `..`."""
 RecipePath = Annotated[str, BeforeValidator(_resolve_path)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
@@ -106,7 +117,7 @@ class BaseModelSpec(Section):
 
 
 class SourceSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Short name used in weights, shard folders and reports (letters, digits, _ . -)."""
     paths: list[RecipePath] = Field(min_length=1)
     """Files or glob patterns (** allowed) of this source; each must match at least one file."""
@@ -171,7 +182,7 @@ class TokenizeSpec(Section):
 
 
 class PhaseSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Name of the phase in logs and reports."""
     weights: dict[str, float] = Field(min_length=1)
     """Share of this phase's sequences per source name; normalised to sum to 1."""
@@ -260,7 +271,7 @@ class TrainSpec(Section):
 
 
 class BenchmarkSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Name in reports."""
     path: RecipePath
     """JSONL with {"id", "query", "choices", "gold"}; choices start with a space."""
@@ -309,7 +320,7 @@ class GatesSpec(Section):
 class PublishSpec(Section):
     registry: RecipePath = "registry"
     """Local folder or fsspec URL under which <model_name>/vNNNN/ versions are written."""
-    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    model_name: Name | None = None
     """Name of the model in the registry. Default: the recipe name."""
     license: str = "apache-2.0"
     """License identifier written into the model card."""
@@ -336,7 +347,7 @@ class SweepSpec(Section):
 
 
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Run name: names the workdir, the Prefect flow runs and the published model."""
     description: str = ""
     """Free text for the model card."""
