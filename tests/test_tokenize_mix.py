@@ -197,6 +197,7 @@ def test_shards_are_identical_whatever_the_record_batch_size(curated):
 
 
 MEMORY_PROBE = """
+import os
 import sys
 from pathlib import Path
 import pyarrow as pa
@@ -206,7 +207,7 @@ from refit.stages.lib.config import load_recipe
 reader, runs = sys.argv[1], sys.argv[2:]
 for recipe, workdir in zip(map(load_recipe, runs[::2]), map(Path, runs[1::2])):
     if reader == "tokenize":
-        tokenize._init_worker(str(recipe.tokenizer))
+        tokenize._init_worker(str(recipe.tokenizer), os.getppid())
         jobs = tokenize.plan_jobs(recipe, workdir, workdir / "tokenize.tmp", "probe")
         tokenize.write_shard(jobs[-1], recipe.tokenize.seq_len, recipe.tokenize.batch_size, {})
     else:
