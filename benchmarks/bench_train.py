@@ -11,6 +11,9 @@ micro batch, sequences per step, sequence length and threads, for the same numbe
 Prints tokens/s of each, the ratio (target >= 0.95x) and MFU = 6 x parameters x tokens/s
 over the peak: --peak-flops, else a measured fp32 matmul peak of this machine (so on a CPU
 the MFU is against what torch's matmul reaches here, not a datasheet).
+Then the stage with 2 processes (gloo on a CPU), strategy ddp against fsdp (FSDP2), on the
+same steps: tokens/s of each and the ratio fsdp/ddp (sharding costs collectives that a model
+this small cannot hide; it pays off when the model does not fit on one device).
 Run `make demo` first (it builds the base model and the demo's shards).
 """
 
@@ -72,6 +75,26 @@ def bare_loop(recipe, manifest: dict, workdir: Path, steps: int) -> tuple[float,
     return (steps - WARMUP) * manifest["tokens_per_step"] / (time.perf_counter() - start), model.num_parameters()
 
 
+def stage_rate(log: Path, tokens_per_step: int) -> float:
+    """Tokens/s of the train stage from its own per-step log, after the warm-up steps."""
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    return (len(lines) - WARMUP) * tokens_per_step / (lines[-1]["elapsed"] - lines[WARMUP - 1]["elapsed"])
+
+
+def two_process_strategies(recipe, demo: Path) -> dict[str, float]:
+    rates = {}
+    for strategy in ("ddp", "fsdp"):
+        train = recipe.train.model_copy(update={"num_processes": 2, "strategy": strategy})
+        variant = recipe.model_copy(update={"train": train})
+        with tempfile.TemporaryDirectory() as tmp:
+            workdir = Path(tmp)
+            shutil.copytree(demo / "tokenize", workdir / "tokenize")
+            manifest = run_mix(variant, workdir)
+            run_train(variant, workdir)
+            rates[strategy] = stage_rate(workdir / "train" / "metrics.jsonl", manifest["tokens_per_step"])
+    return rates
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=40)
@@ -94,8 +117,8 @@ def main() -> None:
         run_train(recipe, workdir)
         after, _ = bare_loop(recipe, manifest, workdir, args.steps)
         baseline = (before + after) / 2
-        log = [json.loads(line) for line in (workdir / "train" / "metrics.jsonl").read_text().splitlines()]
-    ours = (len(log) - WARMUP) * manifest["tokens_per_step"] / (log[-1]["elapsed"] - log[WARMUP - 1]["elapsed"])
+        ours = stage_rate(workdir / "train" / "metrics.jsonl", manifest["tokens_per_step"])
+    strategies = two_process_strategies(recipe, demo)
     peak = args.peak_flops or matmul_peak()
     source = "given" if args.peak_flops else "measured fp32 matmul"
     print(
@@ -108,6 +131,9 @@ def main() -> None:
     )
     print(f"refit train stage         {ours:9.0f} tokens/s   MFU {6 * parameters * ours / peak:6.1%}")
     print(f"ratio refit/baseline: {ours / baseline:.2f}x (target >= 0.95x); peak {peak / 1e9:.1f} GFLOP/s ({source})")
+    for strategy, rate in strategies.items():
+        print(f"refit train stage, 2 processes, {strategy:4s} {rate:9.0f} tokens/s")
+    print(f"ratio fsdp/ddp with 2 processes: {strategies['fsdp'] / strategies['ddp']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -8,24 +8,36 @@ cancellation, any exception) terminates the whole process group. The finished ru
 checkpoints, metrics) is swapped into `<workdir>/train/` only when complete, so the previous
 model stays until then. Rerunning the stage resumes from the latest complete checkpoint in
 the staging folder; `force` starts over from the base model.
+
+On several machines, one launcher runs on each (`python -m refit.flows.train_launcher RECIPE`,
+e.g. under `srun` or torchrun, see deployments/train.sbatch), all on a shared workdir: machine 0
+prepares the job and writes the stage's output, the others wait for its job and launch
+their share of the processes.
 """
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
+import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Mapping
 
 from refit.stages import mix
 from refit.stages.lib import lifeline
-from refit.stages.lib.config import Recipe
+from refit.stages.lib.config import Recipe, TrainSpec
 from refit.stages.lib.contract import Stage
+from refit.stages.lib.heartbeat import FOLDER as HEARTBEATS
 from refit.stages.lib.lock import held_locks, record_lock_holder
 from refit.stages.lib.markers import (
     code_version,
@@ -45,6 +57,7 @@ FOLDER = "train"
 WORKER = "refit.stages.lib.train_loop"  # the training process, one per device
 JOB = "job.json"
 FAILURE = "failure.txt"  # why the training processes stopped, written by a failing rank
+FINAL_SHA256 = "final_sha256.json"  # sha256 of the exported weights, hashed as they were written
 
 
 class TrainingError(RuntimeError):
@@ -92,12 +105,58 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(num_processes: int, job_dir: Path) -> list[str]:
-    # the launcher dies with this process and the training processes with the launcher (lifeline.py)
+@dataclass(frozen=True)
+class Machines:
+    """Where this launcher stands among the machines of the run."""
+
+    count: int
+    rank: int
+    main_ip: str | None
+    main_port: int | None
+
+
+def resolve_machines(spec: TrainSpec, env: Mapping[str, str]) -> Machines:
+    """The recipe's machine settings, each unset one read from the environment: torchrun
+    (one launcher per machine: WORLD_SIZE launchers, GROUP_RANK, MASTER_ADDR), then Slurm
+    (SLURM_NNODES, SLURM_NODEID, MASTER_ADDR and MASTER_PORT as deployments/train.sbatch
+    exports them)."""
+    torchrun = "TORCHELASTIC_RUN_ID" in env  # this launcher was started by torchrun, one per machine
+    if torchrun:
+        count, rank = int(env["WORLD_SIZE"]) // int(env.get("LOCAL_WORLD_SIZE", 1)), int(env["GROUP_RANK"])
+    elif "SLURM_NNODES" in env:
+        count, rank = int(env["SLURM_NNODES"]), int(env.get("SLURM_NODEID", 0))
+    else:
+        count, rank = 1, 0
+    count = spec.num_machines if spec.num_machines is not None else count
+    rank = spec.machine_rank if spec.machine_rank is not None else rank
+    main_ip = spec.main_process_ip or env.get("MASTER_ADDR")
+    if count > 1 and not main_ip:
+        raise ValueError(
+            f"train.main_process_ip: the recipe asks for {count} machines (train.num_machines) but gives no "
+            f"address of machine 0 to reach it; set train.main_process_ip, or launch under torchrun or the "
+            f"Slurm script in deployments/, which set MASTER_ADDR"
+        )
+    if rank >= count:
+        raise ValueError(f"train.machine_rank: {rank} is not below the number of machines, {count}")
+    if spec.num_processes % count:
+        raise ValueError(
+            f"train.num_processes: {spec.num_processes} processes cannot be split evenly over {count} machines"
+        )
+    port = spec.main_process_port
+    if port is None and "MASTER_PORT" in env and not torchrun:  # under torchrun, its own store has that port
+        port = int(env["MASTER_PORT"])
+    if port is None and count > 1:  # every machine must agree on it: no free port picked per machine
+        port = 29500
+    return Machines(count, rank, main_ip if count > 1 else None, port)
+
+
+def launch_command(num_processes: int, job_dir: Path, machines: Machines = Machines(1, 0, None, None)) -> list[str]:
+    """`accelerate launch` of this machine's share of the num_processes training processes; the
+    launcher dies with this process and the training processes with the launcher (lifeline.py)."""
     command = lifeline.command(
         "accelerate.commands.launch",
         "--num_machines",
-        "1",
+        str(machines.count),
         "--mixed_precision",
         "no",
         "--dynamo_backend",
@@ -106,10 +165,41 @@ def launch_command(num_processes: int, job_dir: Path) -> list[str]:
         str(num_processes),
     )
     if num_processes > 1:  # torchrun-style launch; on a machine without GPUs accelerate uses gloo
-        command += ["--multi_gpu", "--main_process_port", str(_free_port())]
+        command += ["--multi_gpu", "--main_process_port", str(machines.main_port or _free_port())]
+    if machines.count > 1:
+        command += ["--machine_rank", str(machines.rank), "--main_process_ip", machines.main_ip]
     cores = os.cpu_count() or 1
-    command += ["--num_cpu_threads_per_process", str(max(1, cores // num_processes))]
+    command += ["--num_cpu_threads_per_process", str(max(1, cores * machines.count // num_processes))]
     return command + ["-m", WORKER, str(job_dir)]
+
+
+# the process torchrun saw fail first, when a signal killed it (its ChildFailedError summary)
+_KILLED = re.compile(
+    r"Root Cause \(first observed failure\):\n\[\d+\]:\n\s*time\s*:[^\n]*\n\s*host\s*:\s*(?P<host>\S+)\n"
+    r"\s*rank\s*:\s*(?P<rank>\d+)[^\n]*\n\s*exitcode\s*:\s*-\d+ \(pid: (?P<pid>\d+)\)\s*\((?P<signal>\w+)\)"
+)
+
+
+def _relay(stream, tail: collections.deque) -> None:
+    """Pass the launcher's stderr through, keeping its end for the failure summary."""
+    for line in iter(stream.readline, b""):
+        text = line.decode(errors="replace")
+        sys.stderr.write(text)
+        sys.stderr.flush()
+        tail.append(text)
+
+
+def failure_reason(train_dir: Path, launcher_log: str, code: int) -> str:
+    """Why the training processes stopped: any that died from a signal (named by torchrun, which
+    then stopped the others) and what the failing processes recorded themselves."""
+    killed = {
+        m["rank"]: f"training process rank {m['rank']} (pid {m['pid']} on {m['host']}) was killed by "
+        f"{m['signal']}, and the others were stopped"
+        for m in _KILLED.finditer(launcher_log)
+    }
+    failure = train_dir / FAILURE
+    recorded = [failure.read_text().strip()] if failure.is_file() else []
+    return "; ".join([*killed.values(), *recorded]) or f"exit code {code}; see the log above"
 
 
 def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
@@ -126,9 +216,26 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
             continue
 
 
+# where and how it runs is not what it makes: a checkpoint resumes on another number of
+# processes or machines, or under the other strategy, with the same data order
+EXECUTION_FIELDS = {
+    "devices",
+    "num_processes",
+    "num_machines",
+    "machine_rank",
+    "main_process_ip",
+    "main_process_port",
+    "strategy",
+    "activation_checkpointing",
+    "compile",
+    "keep_checkpoints",
+    "heartbeat_timeout",
+}
+
+
 def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
     sections = {
-        "train": recipe.train.model_dump(mode="json", exclude={"devices"}),  # where it runs is not what it makes
+        "train": recipe.train.model_dump(mode="json", exclude=EXECUTION_FIELDS),
         "base_model": recipe.base_model.model_dump(mode="json"),
         "base_files": base_model_listing(Path(recipe.base_model.path)),
     }
@@ -165,59 +272,82 @@ def run_train(
     recipe: Recipe, workdir: Path, force: bool = False, on_progress: Callable[[dict], None] | None = None
 ) -> dict:
     """Train from the manifest; returns the report (also `train/report.json`). on_progress
-    receives the latest metrics line (step, loss, lr, phase, ...) every few seconds."""
+    receives the latest metrics line (step, loss, lr, phase, ...) every few seconds. On a
+    machine other than 0, launches its processes on machine 0's job and returns once they end."""
     workdir = Path(workdir)
     final = workdir / FOLDER
+    machines = resolve_machines(recipe.train, os.environ)
     expected = input_fingerprint(recipe, workdir)
     if not force and is_done(final, expected):
         return read_report(workdir)
     check_loadable_config(Path(recipe.base_model.path), recipe.base_model.trust_remote_code)  # before any launch
+    if machines.rank > 0:  # machine 0 stages the run and swaps it into place
+        job_dir = final.with_name(final.name + ".tmp")
+        _wait_for_job(job_dir / JOB, expected)
+        started = time.time()
+        _run_processes(recipe, job_dir, on_progress, machines)
+        return {"stage": "train", "machine_rank": machines.rank, "seconds": round(time.time() - started, 2)}
 
     def same_run(staging: Path) -> bool:  # another run's checkpoints are never resumed
         job = staging / JOB
         return not force and job.is_file() and json.loads(job.read_text())["fingerprint"] == expected
 
     with staged_output(final, reuse=same_run) as job_dir:
+        for unfinished in (job_dir / "checkpoints").glob("*.tmp"):  # staged by a killed run
+            shutil.rmtree(unfinished)
         (job_dir / FAILURE).unlink(missing_ok=True)
+        shutil.rmtree(job_dir / HEARTBEATS, ignore_errors=True)  # the last launch's processes
         job = {
             "fingerprint": expected,
             "recipe": recipe.model_dump(mode="json"),
             "manifest": str(mix.manifest_path(workdir).resolve()),
             "data_root": str(workdir.resolve()),  # manifest shard paths are relative to it
             "failure": FAILURE,
+            "final_sha256": FINAL_SHA256,
         }
         write_json_atomic(job_dir / JOB, job)
         started = time.time()
-        report = {**_launch(recipe, job_dir, on_progress), "final_model": str(final_model(workdir))}
+        _run_processes(recipe, job_dir, on_progress, machines)
+        report = {**_report(recipe, job_dir, machines, started), "final_model": str(final_model(workdir))}
         write_json_atomic(job_dir / "report.json", report)
-        write_marker(job_dir, "train", expected, started, code_version(__name__))
+        shutil.rmtree(job_dir / HEARTBEATS, ignore_errors=True)  # the processes have ended
+        write_marker(
+            job_dir, "train", expected, started, code_version(__name__), known_sha256=_hashed_when_written(job_dir)
+        )
     return read_report(workdir)
 
 
-def _launch(recipe: Recipe, job_dir: Path, on_progress: Callable[[dict], None] | None) -> dict:
-    """Run the training processes on the job in job_dir until they finish; their report."""
-    started = time.time()
-    command = launch_command(recipe.train.num_processes, job_dir)
+def _run_processes(
+    recipe: Recipe, job_dir: Path, on_progress: Callable[[dict], None] | None, machines: Machines
+) -> None:
+    """Run this machine's training processes on the job in job_dir until they finish."""
+    command = launch_command(recipe.train.num_processes, job_dir, machines)
     log.info("train: %s", " ".join(command))
     env = dict(os.environ)
     if recipe.train.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, recipe.train.devices))
     # the launcher holds the workdir lock too, and is named as a holder: until it has died with
     # this process, no other run can start on the workdir while training processes write to it
-    process = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=held_locks())
+    process = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=held_locks(), stderr=subprocess.PIPE)
     record_lock_holder(process.pid)
+    launcher_log: collections.deque[str] = collections.deque(maxlen=500)
+    relay = threading.Thread(target=_relay, args=(process.stderr, launcher_log), daemon=True)
+    relay.start()
     try:
         code = _wait(process, job_dir / "metrics.jsonl", on_progress)
     except BaseException:
         _stop(process)
         raise
+    relay.join(timeout=10)
     if code != 0:
-        failure = job_dir / FAILURE
-        reason = failure.read_text().strip() if failure.is_file() else f"exit code {code}; see the log above"
+        reason = failure_reason(job_dir, "".join(launcher_log), code)
         raise TrainingError(
             f"training failed: {reason}. Rerunning the stage resumes from the latest complete "
             f"checkpoint in {job_dir / 'checkpoints'}"
         )
+
+
+def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -> dict:
     state = json.loads((job_dir / "final" / "trainer_state.json").read_text())
     metrics = _metrics(job_dir)
     return {
@@ -229,8 +359,34 @@ def _launch(recipe: Recipe, job_dir: Path, on_progress: Callable[[dict], None] |
         "final_loss": metrics[-1]["loss"],
         "first_loss": metrics[0]["loss"],
         "processes": recipe.train.num_processes,
+        "machines": machines.count,
+        "strategy": recipe.train.strategy,
         "seconds": round(time.time() - started, 2),
     }
+
+
+def _hashed_when_written(train_dir: Path) -> dict[str, str]:
+    """sha256 of the checkpoints' and the export's files, as their writers recorded them: the
+    stage's marker does not read those bytes again."""
+    known = {}
+    for checkpoint in (train_dir / "checkpoints").glob("step-*"):
+        marker = read_marker(checkpoint) or {}
+        known.update({f"checkpoints/{checkpoint.name}/{n}": d for n, d in marker.get("outputs", {}).items()})
+    exported = json.loads((train_dir / FINAL_SHA256).read_text())
+    known.update({f"final/{name}": digest for name, digest in exported.items()})
+    return known
+
+
+def _wait_for_job(job_file: Path, expected: str, timeout: float = 600.0, every: float = 1.0) -> None:
+    """A machine other than 0 starts once machine 0 has prepared this run's job."""
+    deadline = time.time() + timeout
+    while not (job_file.is_file() and json.loads(job_file.read_text())["fingerprint"] == expected):
+        if time.time() > deadline:
+            raise TrainingError(
+                f"machine 0 has not prepared this run in {job_file.parent} after {timeout:.0f} s: is it running "
+                f"the same recipe on the same (shared) workdir?"
+            )
+        time.sleep(every)
 
 
 STAGE = Stage(

@@ -234,13 +234,16 @@ class TrainSpec(Section):
     sequences_per_step: int = Field(default=32, ge=1)
     """Global sequences per optimizer step; a multiple of micro_batch_size x num_processes."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    """auto: bf16 where the hardware supports it, else fp32."""
+    """auto: bf16 where the hardware supports it, else fp32. bf16 keeps fp32 master weights,
+    gradient reduction and optimizer state, computing in bf16 (autocast under ddp, FSDP2's
+    mixed-precision policy under fsdp)."""
     seed: int = 0
     """Seeds the data order and initialisation of anything new; the run is a function of it."""
     checkpoint_every: int = Field(default=100, ge=1)
     """Optimizer steps between checkpoints (one is always written at the end)."""
     num_processes: int = Field(default=1, ge=1)
-    """Processes started by `accelerate launch` (GPUs, or CPU processes over gloo)."""
+    """Training processes in all, over every machine (GPUs, or CPU processes over gloo),
+    started by `accelerate launch`. A checkpoint resumes on another number (DCP resharding)."""
     devices: list[int] | None = None
     """GPU ids the training may use (CUDA_VISIBLE_DEVICES); default: every visible one. The
     pilot sweep sets it to give concurrent variants devices of their own."""
@@ -251,22 +254,66 @@ class TrainSpec(Section):
     adam_betas: tuple[float, float] = (0.9, 0.95)
     """AdamW betas."""
     optimizer_state: RecipePath | None = None
-    """Optional optimizer state of the base model's pretraining to start from (default: fresh)."""
+    """Optional optimizer state to start from (default: fresh): a file saved with
+    `torch.save(optimizer.state_dict())` (strategy ddp only), or a Refit checkpoint folder
+    (`train/checkpoints/step-NNNNNNNN/` of another run), whose optimizer part is loaded."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """ddp: every process holds the whole model and optimizer. fsdp: FSDP2 (`fully_shard`) on
+    each decoder layer and on the root, so parameters, gradients and optimizer state are
+    sharded across the processes (for models that do not fit on one device)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass: less memory, ~30% more compute."""
+    compile: bool = False
+    """torch.compile each decoder layer (the first steps are slower while it compiles)."""
+    keep_checkpoints: int | None = Field(default=None, ge=1)
+    """Keep only the newest N complete checkpoints (older ones are deleted). Default: keep all."""
+    num_machines: int | None = Field(default=None, ge=1)
+    """Machines taking part (num_processes counts the processes of all of them). Default: from
+    the environment under torchrun (WORLD_SIZE / LOCAL_WORLD_SIZE of the launchers) or Slurm
+    (SLURM_NNODES), else 1."""
+    machine_rank: int | None = Field(default=None, ge=0)
+    """This machine's rank, 0 being the main one. Default: GROUP_RANK under torchrun,
+    SLURM_NODEID under Slurm, else 0. Not part of what the run makes: every machine reads
+    the same recipe."""
+    main_process_ip: str | None = None
+    """Address of machine 0, which the others connect to. Default: MASTER_ADDR from the
+    environment (torchrun sets it; the Slurm script in deployments/ exports it)."""
+    main_process_port: int | None = Field(default=None, ge=1, le=65535)
+    """Port on machine 0 for the processes' rendezvous. Default: a free port on one machine,
+    29500 on several."""
+    heartbeat_timeout: float = Field(default=120.0, gt=0)
+    """Seconds without a heartbeat after which a training process is declared dead and the
+    others stop, naming it (instead of waiting for a collective's 30-minute timeout)."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSpec:
+        problems = []
         per_pass = self.micro_batch_size * self.num_processes
         if self.sequences_per_step % per_pass:
-            _raise_if(
-                self,
-                [
-                    _problem(
-                        ("sequences_per_step",),
-                        f"{self.sequences_per_step} is not a multiple of micro_batch_size x num_processes = {per_pass}",
-                        self.sequences_per_step,
-                    )
-                ],
+            problems.append(
+                _problem(
+                    ("sequences_per_step",),
+                    f"{self.sequences_per_step} is not a multiple of micro_batch_size x num_processes = {per_pass}",
+                    self.sequences_per_step,
+                )
             )
+        if self.num_machines is not None and self.num_processes % self.num_machines:
+            problems.append(
+                _problem(
+                    ("num_processes",),
+                    f"{self.num_processes} processes cannot be split evenly over {self.num_machines} machines",
+                    self.num_processes,
+                )
+            )
+        if self.num_machines is not None and self.machine_rank is not None and self.machine_rank >= self.num_machines:
+            problems.append(
+                _problem(
+                    ("machine_rank",),
+                    f"{self.machine_rank} is not below num_machines {self.num_machines}",
+                    self.machine_rank,
+                )
+            )
+        _raise_if(self, problems)
         return self
 
 
