@@ -4,9 +4,16 @@ source's held-out documents.
 Benchmarks are multiple choice, JSONL {"id", "query", "choices", "gold"} with choices
 starting with a space, scored as lm-evaluation-harness scores them: the log-likelihood of
 each choice's tokens given the query; `acc` picks the highest, `acc_norm` the highest per
-character of the choice. Validation loss (nats per token) and bits per byte per source
-show forgetting of the legacy data and learning of the new. Every figure has a standard
-error, and every base-candidate difference a paired one (same items, same documents).
+character of the choice. Both are reported; which one the audit counts is the recipe's
+(stages/lib/scores.py), helped by the longest choice in tokens recorded here.
+
+The query is encoded as the harness encodes it by default: with the tokenizer's own special
+tokens (a BOS for tokenizers that add one, such as Llama's; nothing for GPT-2 style byte-level
+BPE), no EOS. `evaluate.prefix_eos` puts an EOS before each query instead, for models
+pretrained on documents that start after an EOS (as Refit packs them). Validation loss
+(nats per token) and bits per byte per source show forgetting of the legacy data and
+learning of the new; there every document is predicted after an EOS. Every figure has a
+standard error, and every base-candidate difference a paired one (same items, same documents).
 
 Two backends score the benchmarks: "refit" (the `Scorer` below) and "lm-eval" (the same
 checkpoints through lm-evaluation-harness, see stages/lm_eval_backend.py, whose task
@@ -55,7 +62,14 @@ def context_length(config) -> int:
 class Scorer:
     """Batched log-likelihoods under one causal LM (eval mode, no gradients, fp32)."""
 
-    def __init__(self, model_dir: Path, tokenizer_dir: Path, batch_size: int, trust_remote_code: bool = False):
+    def __init__(
+        self,
+        model_dir: Path,
+        tokenizer_dir: Path,
+        batch_size: int,
+        trust_remote_code: bool = False,
+        prefix_eos: bool = False,
+    ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -65,6 +79,7 @@ class Scorer:
             model_dir, use_safetensors=True, dtype=torch.float32, trust_remote_code=trust_remote_code
         ).eval()
         self.batch_size = batch_size
+        self.prefix_eos = prefix_eos
         self.max_len = context_length(self.model.config)
         self.slices_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
 
@@ -128,15 +143,17 @@ class Scorer:
         return results  # type: ignore[return-value]
 
     def choice_loglikelihoods(self, items: list[dict]) -> list[np.ndarray]:
-        """Per item, the log-likelihood of each choice's tokens given the query."""
+        """Per item, the log-likelihood of each choice's tokens given the query (encoded with
+        the tokenizer's default special tokens, as the harness does; see the module docstring)."""
         texts = [item["query"] for item in items] + [item["query"] + c for item in items for c in item["choices"]]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        encoded = iter(self.tokenizer(texts)["input_ids"]) if texts else iter(())
+        prefix = [self.tokenizer.eos_token_id] if self.prefix_eos else []
         contexts = [next(encoded) for _ in items]
         requests = []
         for item, context in zip(items, contexts):
             for _ in item["choices"]:
                 whole = next(encoded)
-                requests.append((context, whole[len(context) :] or whole[-1:]))
+                requests.append((prefix + context, whole[len(context) :] or whole[-1:]))
         sums = iter([values.sum() for values in self.continuation_logprobs(requests)])
         return [np.array([next(sums) for _ in item["choices"]]) for item in items]
 
@@ -228,43 +245,30 @@ def evaluate_models(
     backend writes files: its task definitions, into task_dir, else a temporary folder)."""
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
+    if backend == "lm-eval" and recipe.evaluate.prefix_eos:
+        raise ValueError("evaluate.prefix_eos is not supported by the lm-eval backend: score with --backend refit")
     harness = _harness_scores(recipe, models, tokenizer, task_dir) if backend == "lm-eval" else None
     scorers = {
-        name: Scorer(path, tokenizer, recipe.evaluate.batch_size, recipe.base_model.trust_remote_code)
+        name: Scorer(
+            path, tokenizer, recipe.evaluate.batch_size, recipe.base_model.trust_remote_code, recipe.evaluate.prefix_eos
+        )
         for name, path in models.items()
     }
     benchmarks = {}
-    per_item_acc = {"base": [], "candidate": []}
     for bench in recipe.evaluate.benchmarks:
+        items = read_jsonl(Path(bench.path))
         if harness is not None:
             scores = {name: harness[name][bench.name] for name in models}
         else:
-            items = read_jsonl(Path(bench.path))
             scores = {name: scorer.score_benchmark(items) for name, scorer in scorers.items()}
         log.info("evaluate: %s scored (%d items, %s)", bench.name, len(scores["base"]["acc"]), backend)
         benchmarks[bench.name] = {
             "domain": bench.domain,
             "items": len(scores["base"]["acc"]),
+            "longest_choice_tokens": max(
+                (len(scorers["base"].encode(c)) for item in items for c in item["choices"]), default=0
+            ),
             **{metric: _compare(scores["base"][metric], scores["candidate"][metric]) for metric in ("acc", "acc_norm")},
-        }
-        for name in per_item_acc:
-            per_item_acc[name].append(scores[name]["acc"])
-    average = None
-    if benchmarks:  # the unweighted mean of benchmark accuracies, with the stderr of that mean
-        means = {name: float(np.mean([a.mean() for a in accs])) for name, accs in per_item_acc.items()}
-
-        def stderr_of_average(per_benchmark: list[np.ndarray]) -> float | None:
-            errors = [mean_stderr(values)[1] for values in per_benchmark]
-            return None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors)
-
-        pairs = [c - b for b, c in zip(per_item_acc["base"], per_item_acc["candidate"])]
-        average = {
-            "base": means["base"],
-            "base_stderr": stderr_of_average(per_item_acc["base"]),
-            "candidate": means["candidate"],
-            "candidate_stderr": stderr_of_average(per_item_acc["candidate"]),
-            "delta": means["candidate"] - means["base"],
-            "delta_stderr": stderr_of_average(pairs),
         }
     validation = {}
     for source in recipe.sources:
@@ -294,7 +298,6 @@ def evaluate_models(
     return {
         "backend": backend,
         "benchmarks": benchmarks,
-        "average_acc": average,
         "validation": validation,
         "base_model": str(recipe.base_model.path),
         "candidate_model": str(candidate_dir),
@@ -303,7 +306,8 @@ def evaluate_models(
 
 def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> str:
     section = {
-        "evaluate": recipe.evaluate.model_dump(mode="json"),
+        # what the audit counts (metric, weight) changes no score: only the audit reruns
+        "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"benchmarks": {"__all__": {"metric", "weight"}}}),
         "base": str(recipe.base_model.path),
         "backend": backend,
     }
