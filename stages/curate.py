@@ -25,7 +25,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from refit.stages.lib.config import Recipe, SourceSpec
+from refit.stages.lib.config import CurateSpec, Recipe, SourceSpec
 from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import (
     code_version,
@@ -37,7 +37,7 @@ from refit.stages.lib.markers import (
     write_marker,
 )
 from refit.stages.lib.records import read_records
-from refit.stages.lib.text import benchmark_ngrams, word_ngrams
+from refit.stages.lib.text import WORD, benchmark_ngrams
 
 log = logging.getLogger(__name__)
 FOLDER = "curate"
@@ -133,11 +133,43 @@ def _new_files(db: sqlite3.Connection, source: SourceSpec) -> list[Path]:
     return new
 
 
+def decontaminate(
+    doc_id: str, text: str, contamination: dict[tuple[str, ...], str], spec: CurateSpec
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(documents kept, benchmark items hit). Clean text comes back whole. A contaminated one is
+    dropped (decontaminate: document) or cut (span): every n-gram window shared with a benchmark
+    item goes, with decontaminate_margin words each side, and the text between the cuts is kept
+    as documents `<id>#clean<k>` (pieces shorter than min_chars go too)."""
+    n = spec.decontaminate_ngram
+    words = list(WORD.finditer(text))
+    lowered = [w.group().lower() for w in words]
+    starts = [i for i in range(len(words) - n + 1) if tuple(lowered[i : i + n]) in contamination]
+    if not starts:
+        return [(doc_id, text)], []
+    hits = list(dict.fromkeys(contamination[tuple(lowered[i : i + n])] for i in starts))
+    if spec.decontaminate == "document":
+        return [], hits
+    cuts: list[list[int]] = []  # word ranges [first, last) to remove, merged
+    for i in starts:
+        first, last = max(0, i - spec.decontaminate_margin), min(len(words), i + n + spec.decontaminate_margin)
+        if cuts and first <= cuts[-1][1]:
+            cuts[-1][1] = max(cuts[-1][1], last)
+        else:
+            cuts.append([first, last])
+    pieces, start = [], 0
+    for first, last in cuts:
+        pieces.append(text[start : words[first].start()].strip())
+        start = words[last - 1].end()
+    pieces.append(text[start:].strip())
+    kept = [piece for piece in pieces if len(piece) >= spec.min_chars]
+    return [(f"{doc_id}#clean{k}", piece) for k, piece in enumerate(kept)], hits
+
+
 def _screen_source(
     recipe: Recipe, source: SourceSpec, db: sqlite3.Connection, contamination: dict[tuple[str, ...], str]
 ) -> dict:
-    """Read a source's new files: quarantine bad records, drop exact duplicates and
-    contaminated documents; fail if too many records are bad. Returns the clean documents."""
+    """Read a source's new files: quarantine bad records, drop exact duplicates, decontaminate;
+    fail if too many records are bad. Returns the clean documents."""
     spec, files = recipe.curate, _new_files(db, source)
     counts: Counter[str] = Counter()
     quarantined: list[dict] = []
@@ -158,20 +190,21 @@ def _screen_source(
                 counts[f"quarantined:{record.reason}"] += 1
                 quarantined.append(record.quarantine_row(source.name))
                 continue
+            counts["chars"] += len(record.text)
             digest = hashlib.sha256(record.text.encode()).hexdigest()
             first = db.execute("SELECT source, id FROM texts WHERE hash=?", (digest,)).fetchone()
             if first is not None:
                 removed.append({"id": record.id, "reason": "exact_duplicate", "of": f"{first[0]}:{first[1]}"})
                 continue
             db.execute("INSERT INTO texts VALUES (?, ?, ?)", (digest, source.name, record.id))
-            hit = next(
-                (contamination[g] for g in word_ngrams(record.text, spec.decontaminate_ngram) if g in contamination),
-                None,
-            )
-            if hit is not None:
-                removed.append({"id": record.id, "reason": "contaminated", "of": hit})
-                continue
-            clean.append((record.id, record.text))
+            pieces, hits = decontaminate(record.id, record.text, contamination, spec)
+            if hits:
+                cut = len(record.text) - sum(len(text) for _, text in pieces)
+                counts["contaminated_docs"] += 1
+                counts["contaminated_chars"] += cut
+                reason = "contaminated" if spec.decontaminate == "document" else "contaminated_span"
+                removed.append({"id": record.id, "reason": reason, "of": hits[0], "chars": cut, "pieces": len(pieces)})
+            clean.extend(pieces)
     bad = sum(v for k, v in counts.items() if k.startswith("quarantined:"))
     bad_fraction = bad / counts["records"] if counts["records"] else 0.0
     if bad_fraction > spec.max_bad_fraction:
@@ -222,7 +255,10 @@ def _write_source(
         "quarantined": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined:")},
         "bad_fraction": round(screened["bad_fraction"], 6),
         "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
-        "contaminated_ids": [r["id"] for r in removed if r["reason"] == "contaminated"],
+        "contaminated_ids": [r["id"] for r in removed if r["reason"].startswith("contaminated")],
+        "contaminated_docs": counts["contaminated_docs"],
+        "contaminated_chars": counts["contaminated_chars"],
+        "contaminated_char_fraction": round(counts["contaminated_chars"] / max(counts["chars"], 1), 6),
         "train_docs": len(train),
         "validation_docs": len(validation),
         "train_chars": sum(len(t) for _, t in train),

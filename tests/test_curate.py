@@ -247,13 +247,44 @@ def test_contaminated_documents_are_removed_and_listed(tmp_path):
         }
     )
     write_jsonl(tmp_path / "data" / "d.jsonl", docs)
-    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}]))
+    recipe = load_recipe(
+        make_recipe(tmp_path, [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}], decontaminate="document")
+    )
     report = run_curate(recipe, tmp_path / "wd")
     assert report["sources"]["docs"]["contaminated_ids"] == ["leak"]
+    assert report["sources"]["docs"]["contaminated_chars"] == len(docs[-1]["text"])
     removed = [
         json.loads(line) for line in (tmp_path / "wd/curate/removed/docs/batch-0001.jsonl").read_text().splitlines()
     ]
-    assert removed == [{"id": "leak", "reason": "contaminated", "of": "b:q1"}]
+    assert removed == [
+        {"id": "leak", "reason": "contaminated", "of": "b:q1", "chars": len(docs[-1]["text"]), "pieces": 0}
+    ]
+
+
+def test_span_decontamination_keeps_the_rest_of_a_document_sharing_one_ngram(tmp_path):
+    """A long page quoting one benchmark sentence loses that sentence and a margin, not the page."""
+    before, after = NEW[0]["text"], NEW[1]["text"]
+    leak = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat."
+    page = f"{before}\n\n{leak}\n\n{after}"
+    write_jsonl(tmp_path / "data" / "d.jsonl", [{"id": "page", "text": page}])
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path,
+            [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}],
+            validation_fraction=0.0,
+            decontaminate_margin=2,
+        )
+    )
+    report = run_curate(recipe, tmp_path / "wd")["sources"]["docs"]
+    kept = pq.read_table(curated_files(tmp_path / "wd", "docs", "train")[0]).to_pylist()
+    assert [d["id"] for d in kept] == ["page#clean0", "page#clean1"]
+    words = before.split()
+    assert kept[0]["text"].split() == words[:-2]  # the margin: the last two words before the shared 13-gram go too
+    assert kept[1]["text"].split()[-20:] == after.split()[-20:]
+    assert report["contaminated_ids"] == ["page"] and report["contaminated_docs"] == 1
+    assert 0 < report["contaminated_chars"] == len(page) - len(kept[0]["text"]) - len(kept[1]["text"]) < len(page) / 4
+    for doc in kept:  # nothing left that the audit would find
+        assert not word_ngrams(doc["text"], 13) & word_ngrams(leak, 13)
 
 
 def test_validation_split_is_deterministic_by_id(tmp_path):
