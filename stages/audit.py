@@ -169,6 +169,34 @@ def loss_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
     return gates
 
 
+def validation_warnings(recipe: Recipe, evaluation: dict) -> list[str]:
+    """Validation sets too small for the loss gates to mean much: fewer tokens than
+    curate.min_validation_tokens, or (legacy) a noise margin over half the forgetting limit."""
+    g, warnings = recipe.gates, []
+    for name, v in evaluation["validation"].items():
+        if v["role"] not in ("legacy", "new"):
+            continue
+        problems = []
+        if v["tokens"] < recipe.curate.min_validation_tokens:
+            problems.append(f"{v['tokens']:,} tokens, fewer than curate.min_validation_tokens")
+        margin = _sigma(v["loss"]["delta_stderr"], g.noise_sigmas) / v["loss"]["base"]
+        if v["role"] == "legacy" and margin > g.max_legacy_loss_increase / 2:
+            problems.append(
+                f"{g.noise_sigmas:g} standard errors of the loss difference are {margin:.1%} of the loss, over half "
+                f"the {g.max_legacy_loss_increase:.0%} forgetting limit: forgetting near it is not told from noise"
+            )
+        if problems:
+            capped = v.get("held_out_docs", v["docs"]) > v["docs"]
+            warnings.append(
+                f"validation set {name} ({v['role']}, {v['docs']} documents"
+                + (f" of {v['held_out_docs']} held out: evaluate.validation_docs caps it" if capped else "")
+                + "): "
+                + "; ".join(problems)
+                + "; hold out more text (sources[].validation_paths or curate.min_validation_tokens)"
+            )
+    return warnings
+
+
 def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
     """Benchmark items sharing an n-gram with the documents actually trained on."""
     import pyarrow.parquet as pq
@@ -294,6 +322,7 @@ def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None 
     section = {
         "gates": recipe.gates.model_dump(mode="json"),
         "cost": recipe.cost.model_dump(mode="json"),
+        "validation_tokens": recipe.curate.min_validation_tokens,  # for its warnings
         "counted": [
             b.model_dump(mode="json", include={"name", "metric", "weight"}) for b in recipe.evaluate.benchmarks
         ],
@@ -337,7 +366,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             "gates": gates,
             "failed": [g["reason"] for g in gates if not g["passed"]],
             "scores": judged_scores(recipe, evaluation),
-            "warnings": manifest.get("warnings", []),
+            "warnings": manifest.get("warnings", []) + validation_warnings(recipe, evaluation),
             "cost": cost_report(recipe, trained, evaluation, parameters),
             "lineage": record,
             "candidate": str(train.final_model(workdir)),

@@ -54,10 +54,10 @@ class CurationError(RuntimeError):
     """The stage failed; the previous curated output is untouched."""
 
 
-def source_files(source: SourceSpec) -> list[Path]:
-    return sorted(
-        {Path(p) for pattern in source.paths for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
-    )
+def source_files(source: SourceSpec, patterns: list[str] | None = None) -> list[Path]:
+    """The files matching a source's paths (or the patterns given, e.g. its validation_paths)."""
+    patterns = source.paths if patterns is None else patterns
+    return sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True) if Path(p).is_file()})
 
 
 def _settings(recipe: Recipe) -> dict:
@@ -68,6 +68,7 @@ def _settings(recipe: Recipe) -> dict:
         "curate": recipe.curate.model_dump(mode="json"),
         "sources": sources,
         "benchmarks": benchmarks,
+        "validation_files": _validation_listing(recipe),
         "code": code_version(__name__),
     }  # batches curated by other code are not extended, but redone
 
@@ -94,9 +95,91 @@ def input_fingerprint(recipe: Recipe, workdir: Path | None = None) -> str:
     return _fingerprint(_settings(recipe), _listing(recipe))
 
 
-def _in_validation(doc_id: str, fraction: float) -> bool:
-    bucket = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
-    return bucket < fraction
+def _bucket(doc_id: str) -> float:
+    """A document's place in [0, 1) for the hash split: a pure function of its id."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+
+
+def hash_split(
+    docs: list[tuple[str, str]], spec: CurateSpec, held_chars: int = 0
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, validation): documents in id-hash order are held out while their bucket is below
+    validation_fraction, then further ones until the source's validation set (held_chars from
+    earlier batches included) reaches min_validation_tokens x chars_per_token characters,
+    within max_validation_fraction of this batch's characters. validation_fraction 0: none."""
+    if spec.validation_fraction == 0:
+        return docs, []
+    target = spec.min_validation_tokens * spec.chars_per_token - held_chars
+    limit = spec.max_validation_fraction * sum(len(text) for _, text in docs)
+    chosen, taken = set(), 0
+    for doc_id, text in sorted(docs, key=lambda doc: _bucket(doc[0])):
+        if _bucket(doc_id) < spec.validation_fraction or (taken < target and taken + len(text) <= limit):
+            chosen.add(doc_id)
+            taken += len(text)
+    return [d for d in docs if d[0] not in chosen], [d for d in docs if d[0] in chosen]
+
+
+def _validation_listing(recipe: Recipe) -> dict:
+    """The explicit validation files of each source that has them (part of the settings: a change starts over)."""
+    return {
+        s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s, s.validation_paths)]
+        for s in recipe.sources
+        if s.validation_paths
+    }
+
+
+def _read_validation(source: SourceSpec, spec: CurateSpec, db: sqlite3.Connection, out: Path) -> None:
+    """A source's explicit validation files as validation-0000.parquet, bad records quarantined;
+    their texts are registered so that a training copy is removed as an exact duplicate."""
+    docs, quarantined = [], []
+    for path in source_files(source, source.validation_paths):
+        for record in read_records(path, source, spec):
+            if record.reason is not None:
+                quarantined.append(record.quarantine_row(source.name))
+                continue
+            db.execute(
+                "INSERT OR IGNORE INTO texts VALUES (?, ?, ?)",
+                (hashlib.sha256(record.text.encode()).hexdigest(), source.name, f"validation:{record.id}"),
+            )
+            docs.append((record.id, record.text))
+    _write_parquet(out / source.name / "validation-0000.parquet", docs)
+    _write_jsonl(out / "quarantine" / source.name / "validation.jsonl", quarantined)
+
+
+def _validation_texts(folder: Path, source: str) -> list[str]:
+    """The validation documents of a source in a curate folder (final or staging), every batch."""
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(folder) / source).glob("validation-*.parquet"))
+    return [text for f in files for text in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+
+
+def _validation_summary(folder: Path, source: SourceSpec, spec: CurateSpec) -> tuple[dict, str | None]:
+    """The source's whole validation set (every batch): size, estimated tokens, and a warning
+    when it is below min_validation_tokens."""
+    texts = _validation_texts(folder, source.name)
+    chars = sum(len(t) for t in texts)
+    tokens = int(chars / spec.chars_per_token)
+    summary = {
+        "split": "files" if source.validation_paths else "hash",
+        "docs": len(texts),
+        "chars": chars,
+        "estimated_tokens": tokens,
+        "token_estimate": f"characters / curate.chars_per_token ({spec.chars_per_token:g})",
+    }
+    warning = None
+    if tokens < spec.min_validation_tokens and (source.validation_paths or spec.validation_fraction > 0):
+        warning = (
+            f"{source.name}: validation set of {len(texts)} documents, about {tokens:,} tokens, is below "
+            f"curate.min_validation_tokens {spec.min_validation_tokens:,}: its loss has a large standard error; "
+            + (
+                "add documents to its validation_paths"
+                if source.validation_paths
+                else f"the hash split stopped at max_validation_fraction {spec.max_validation_fraction:g}: give the "
+                "source validation_paths or more data"
+            )
+        )
+    return summary, warning
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -232,11 +315,13 @@ def _write_source(
     out: Path,
     db: sqlite3.Connection,
     batch: int,
-    validation_fraction: float,
+    spec: CurateSpec,
 ) -> dict:
     """Write one source's batch (train/validation Parquet, quarantine, removed) and its report."""
-    validation = [d for d in kept if _in_validation(d[0], validation_fraction)]
-    train = [d for d in kept if not _in_validation(d[0], validation_fraction)]
+    if source.validation_paths:  # held out by the recipe's files, not by hash
+        train, validation = kept, []
+    else:
+        train, validation = hash_split(kept, spec, sum(map(len, _validation_texts(out, source.name))))
     removed = screened["removed"]
     _write_parquet(out / source.name / f"train-{batch:04d}.parquet", train)
     _write_parquet(out / source.name / f"validation-{batch:04d}.parquet", validation)
@@ -316,17 +401,24 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
         contamination = benchmark_ngrams(recipe.evaluate.benchmarks, recipe.curate.decontaminate_ngram)
         sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
+        for source in sources if batch == 1 else ():  # explicit validation sets: read once, before any training text
+            if source.validation_paths:
+                _read_validation(source, recipe.curate, db, out)
         screened = {}
         for source in sources:  # every source is screened before the (costlier) dedupe
             log.info("curate: reading %s (batch %d)", source.name, batch)
             screened[source.name] = _screen_source(recipe, source, db, contamination)
         kept = _near_dedup_all(screened, sources, out, batch, recipe)
         report_sources = {
-            source.name: _write_source(
-                source, screened[source.name], kept[source.name], out, db, batch, recipe.curate.validation_fraction
-            )
+            source.name: _write_source(source, screened[source.name], kept[source.name], out, db, batch, recipe.curate)
             for source in sources
         }
+        warnings = []
+        for source in sources:
+            report_sources[source.name]["validation"], warning = _validation_summary(out, source, recipe.curate)
+            warnings += [warning] if warning else []
+            if warning:
+                log.warning("curate: %s", warning)
         db.commit()
         db.close()
         shutil.rmtree(out / "work", ignore_errors=True)
@@ -335,6 +427,7 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
             "batch": batch,
             "incremental": incremental,
             "sources": report_sources,
+            "warnings": warnings,
             "seconds": round(time.time() - started, 2),
         }
         write_json_atomic(out / "report.json", report)

@@ -185,11 +185,10 @@ class Scorer:
         return nll, tokens, np.array([len(t.encode("utf-8")) for t in texts], dtype=np.float64)
 
 
-def _validation_texts(workdir: Path, source: str, limit: int) -> list[str]:
+def _validation_texts(workdir: Path, source: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    texts = [t for f in curated_files(workdir, source, "validation") for t in pq.read_table(f)["text"].to_pylist()]
-    return texts[:limit]
+    return [t for f in curated_files(workdir, source, "validation") for t in pq.read_table(f)["text"].to_pylist()]
 
 
 def _ratio(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float | None]:
@@ -272,7 +271,8 @@ def evaluate_models(
         }
     validation = {}
     for source in recipe.sources:
-        texts = _validation_texts(workdir, source.name, recipe.evaluate.validation_docs)
+        held_out = _validation_texts(workdir, source.name)
+        texts = held_out[: recipe.evaluate.validation_docs]
         if not texts:
             continue
         losses = {name: scorer.document_losses(texts, recipe.tokenize.seq_len) for name, scorer in scorers.items()}
@@ -281,6 +281,7 @@ def evaluate_models(
         entry = {
             "role": source.role,
             "docs": len(texts),
+            "held_out_docs": len(held_out),
             "tokens": int(tokens.sum()),
             "loss": loss,
             "base_loss_per_token": loss["base"],

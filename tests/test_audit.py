@@ -19,6 +19,7 @@ from refit.stages.audit import (
     lineage_gate,
     loss_gates,
     run_audit,
+    validation_warnings,
 )
 from refit.stages.evaluate import _compare, run_evaluate
 from refit.stages.lib.config import load_recipe
@@ -226,3 +227,14 @@ def test_lineage_fails_on_a_shard_that_does_not_match_its_manifest_or_a_missing_
         and "train_fingerprint" in gate["reason"]
         and "shards match the manifest: False" in (gate["reason"])
     )
+
+
+def test_validation_sets_too_small_for_the_loss_gates_are_warned_about(recipe):
+    small = {"role": "legacy", "docs": 8, "held_out_docs": 8, "tokens": 42_000, "loss": side(5.0, 5.1, 0.08)}
+    large = {"role": "new", "docs": 200, "held_out_docs": 900, "tokens": 150_000, "loss": side(5.0, 4.0, 0.01)}
+    (warning,) = validation_warnings(recipe, evaluation({}, {"python": small, "postgres": large}))
+    assert warning.startswith("validation set python (legacy, 8 documents): 42,000 tokens, fewer than")
+    assert "3.2% of the loss, over half the 5% forgetting limit" in warning
+    large["tokens"] = 50_000
+    (warning,) = validation_warnings(recipe, evaluation({}, {"p": large}))
+    assert "of 900 held out: evaluate.validation_docs caps it" in warning
