@@ -23,7 +23,7 @@ from pathlib import Path
 
 from refit.stages.audit import AuditFailed
 from refit.stages.curate import CurationError
-from refit.stages.lib.config import Recipe, RecipeError, load_recipe
+from refit.stages.lib.config import Recipe, RecipeError, load_recipe, missing_pretraining_facts
 from refit.stages.lib.lock import WorkdirBusy, workdir_lock
 from refit.stages.lib.markers import StageNotReady
 from refit.stages.lib.sweep import SweepError
@@ -67,6 +67,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     print(f"{args.recipe}: valid")
     print(describe(recipe))
+    if note := missing_pretraining_facts(recipe):
+        print(f"note: {note}")
     return 0
 
 

@@ -493,7 +493,11 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
     problems += _duplicates(_read(data, "evaluate", "benchmarks"), "name", ("evaluate", "benchmarks"), "benchmark name")
     if _read(data, "schedule", "max_lr") is None:
         problems.append(
-            _problem(("schedule", "max_lr"), "required: set it, or set base_model.pretraining_min_lr to default to it")
+            _problem(
+                ("schedule", "max_lr"),
+                "required: set it, or give the base's final pretraining LR as base_model.pretraining_min_lr "
+                f"(or in {PRETRAINING_RECORD} beside the checkpoint) to default to it",
+            )
         )
     sources = list(dict.fromkeys(name for s in data.get("sources") or [] if isinstance(name := _read(s, "name"), str)))
     decay = _setting(data, ScheduleSpec, "schedule", "decay")
@@ -564,6 +568,28 @@ def _pretraining_record(path: str, info: ValidationInfo) -> dict[str, Any]:
     record = json.loads(record_file.read_text())
     keys = ("pretraining_min_lr", "pretraining_max_lr", "pretraining_tokens")
     return {key: record[key] for key in keys if key in record}
+
+
+def missing_pretraining_facts(recipe: Recipe) -> str | None:
+    """How to give the base model's pretraining facts that neither the recipe nor the
+    checkpoint's refit_pretraining.json states; None when all are known."""
+    keys = ("pretraining_min_lr", "pretraining_max_lr", "pretraining_tokens")
+    missing = [key for key in keys if getattr(recipe.base_model, key) is None]
+    if not missing:
+        return None
+    record = Path(recipe.base_model.path) / PRETRAINING_RECORD
+    return (
+        f"the base model's {', '.join(missing)} are unknown: they set the default schedule.max_lr (the paper "
+        "starts at the final pretraining LR) and the cost comparison with retraining from scratch. Give them "
+        "in the recipe:\n"
+        "    base_model:\n"
+        "      pretraining_min_lr: 3.0e-4     # final LR of the base's pretraining schedule\n"
+        "      pretraining_max_lr: 3.0e-3     # its peak LR\n"
+        "      pretraining_tokens: 1T         # tokens it was pretrained on (2e6, 2M, 1.5B and 1T all read)\n"
+        f"or once for every recipe using this base, in {record}:\n"
+        '    {"pretraining_min_lr": 3.0e-4, "pretraining_max_lr": 3.0e-3, "pretraining_tokens": 1000000000000}\n'
+        "(model cards and papers usually state them; the values above are only examples)"
+    )
 
 
 def default_mixture(sources: list[Any]) -> dict[str, Any]:

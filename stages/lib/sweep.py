@@ -360,6 +360,9 @@ def results_markdown(
             f"{r['device_hours']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    warned = [(r["variant"], w) for r in ok for w in r.get("warnings", [])]
+    if warned:
+        lines += ["", "Warnings (data mix):", ""] + [f"- {variant}: {warning}" for variant, warning in warned]
     lines += [
         "",
         "Score: the weighted average of each benchmark's counted metric (named in its column), as the audit's "
