@@ -16,7 +16,7 @@ learning of the new; there every document is predicted after an EOS. Every figur
 standard error, and every base-candidate difference a paired one (same items, same documents).
 
 Two backends score the benchmarks: "refit" (the `Scorer` below) and "lm-eval" (the same
-checkpoints through lm-evaluation-harness, see stages/lm_eval_backend.py, whose task
+checkpoints through lm-evaluation-harness, see stages/lib/lm_eval_backend.py, whose task
 definitions are kept in `eval/lm_eval_tasks/`). Validation loss is always Refit's own.
 
 Writes `<workdir>/eval/report.json` (atomically, with a done marker).
