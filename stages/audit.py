@@ -56,19 +56,17 @@ def _figure(entry: dict) -> str:
 
 
 def _drivers(scores: dict, sigmas: float) -> list[str]:
-    """The benchmarks behind the average's difference: those moving its way beyond noise on
-    their own, else the largest contributor."""
+    """The benchmarks behind the average's difference: those counted in it that move its way
+    beyond noise on their own, the largest share first."""
     contributions = scores["contributions"]
     direction = 1 if scores["average"]["delta"] >= 0 else -1
-    ranked = sorted(contributions, key=lambda n: -direction * contributions[n])
-    shown = [
+    return [
         n
-        for n in ranked
+        for n in sorted(contributions, key=lambda n: -direction * contributions[n])
         if direction * contributions[n] > 0
         and (counted := scores["benchmarks"][n][scores["benchmarks"][n]["metric"]])["delta"] * direction
         > _sigma(counted["delta_stderr"], sigmas)
     ]
-    return shown or ranked[:1]
 
 
 def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> list[dict]:
@@ -100,7 +98,9 @@ def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> l
             average["delta"],
             g.min_average_gain,
             f"weighted average accuracy {_figure(average)}; must exceed {g.min_average_gain:+.4f} by "
-            f"{g.noise_sigmas:g} standard errors; driven by {', '.join(drivers)}; counted (metric x weight, "
+            f"{g.noise_sigmas:g} standard errors; "
+            + (f"driven by {', '.join(drivers)}" if drivers else "no benchmark moved beyond noise on its own")
+            + "; counted (metric x weight, "
             f"points of the average's difference): {counted}",
             drivers=drivers,
         )

@@ -222,7 +222,7 @@ def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, 
     assert len(calls) == 1
 
 
-def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_model_dir):
+def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_model_dir, capfd):
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, gates={"min_average_gain": 0.5})
     with pytest.raises(AuditFailed, match="average_accuracy_gain|average accuracy"):
         refresh(path, workdir)
@@ -230,6 +230,23 @@ def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_m
     assert "FAILED" in markdown and "| average_accuracy_gain | **no** |" in markdown
     assert not (tmp_path / "registry").exists()
     assert flow_runs("refit-refresh")[0].state.is_failed()
+    # from the command line: the verdict last, exit code 1, and Prefect's log of the failure without a traceback
+    import logging
+
+    from refit.flows.cli import main as refit
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
+    try:
+        assert refit(["run", str(path), "--workdir", str(workdir)]) == 1
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+    out = capfd.readouterr().out
+    assert "audit of t: FAILED" in out and out.rstrip().endswith(f"full report: {workdir / 'audit' / 'report.md'}")
+    failures = [r for r in records if "Encountered exception" in r.getMessage()]
+    assert failures and all(r.exc_info is None for r in failures) and "Traceback" not in out
 
 
 def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_dir):
