@@ -61,6 +61,8 @@ def format_audit(workdir: Path) -> tuple[bool, str]:
     lines += [f"  {'pass' if g['passed'] else 'FAIL'}  {g['name']:<{width}}  {g['reason']}" for g in report["gates"]]
     if evaluate.report_path(workdir).is_file():
         lines.append(format_evaluation(report["scores"], evaluate.read_report(workdir)["validation"]))
+    if report.get("warnings"):
+        lines += ["", "warnings:"] + [f"  - {warning}" for warning in report["warnings"]]
     cost = report["cost"]
     lines += [
         "",

@@ -22,10 +22,10 @@ from typing import Any
 
 import yaml
 
+from refit.stages import mix, train
 from refit.stages.audit import accuracy_gates, contamination_gate, health_gate, loss_gates
 from refit.stages.lib.config import VARIANT_GATES, Recipe, load_recipe
 from refit.stages.lib.scores import METRICS, judged_scores
-from refit.stages.train import read_metrics
 
 SWEEPABLE = ("schedule.", "mixture.", "train.")
 SHARED_STAGES = ("curate", "tokenize")
@@ -180,18 +180,18 @@ def variant_gates(recipe: Recipe, workdir: Path, evaluation: dict, manifest: dic
         *accuracy_gates(recipe, evaluation, None),
         *loss_gates(recipe, evaluation),
         contamination_gate(recipe, Path(workdir), manifest),
-        health_gate(recipe, read_metrics(Path(workdir) / "train")),
+        health_gate(recipe, train.read_metrics(Path(workdir))),
     ]
 
 
-def result_row(recipe: Recipe, variant: Variant, train: dict, evaluation: dict, workdir: Path) -> dict:
+def result_row(recipe: Recipe, variant: Variant, trained: dict, evaluation: dict, workdir: Path) -> dict:
     """One line of the results table: the score the audit counts (weighted average of each
     benchmark's counted metric), both metrics, losses, cost and every gate's verdict."""
-    manifest = json.loads((Path(workdir) / "mix" / "manifest.json").read_text())
+    manifest = mix.read_manifest(Path(workdir))
     gates = variant_gates(recipe, workdir, evaluation, manifest)
     scores = judged_scores(recipe, evaluation)
     validation = evaluation["validation"]
-    hours = train["seconds"] * train["processes"] / 3600
+    hours = trained["seconds"] * trained["processes"] / 3600
     average = scores["average"]
     return {
         "variant": variant.name,
@@ -209,11 +209,11 @@ def result_row(recipe: Recipe, variant: Variant, train: dict, evaluation: dict, 
         },
         "legacy_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "legacy"},
         "new_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "new"},
-        "tokens": train["tokens"],
-        "train_seconds": train["seconds"],
+        "tokens": trained["tokens"],
+        "train_seconds": trained["seconds"],
         "eval_seconds": evaluation.get("seconds"),
         "device_hours": hours,
-        "switches": train["switches"],
+        "switches": trained["switches"],
         "gates": {g["name"]: g["passed"] for g in gates},
         "failed_gates": {g["name"]: g["reason"] for g in gates if not g["passed"]},
         "warnings": manifest.get("warnings", []),
