@@ -1,16 +1,20 @@
 """Benchmark scoring throughput of Refit's scorer against lm-evaluation-harness.
 
     python benchmarks/bench_evaluate.py [--rounds 2] [--batch-size 16] [--limit N]
+                                        [--device auto|cpu|cuda] [--shape demo|1b]
 
 Both sides score the demo benchmarks (datasets/benchmarks/*.jsonl: log-likelihood of every
-choice, acc and acc_norm) with the same model, on the same items, in fp32 on the CPU, with
-the same batch size:
+choice, acc and acc_norm) with the same model, on the same items, on the same device and in
+the same dtype (as the evaluate stage resolves `evaluate.device`: auto is CUDA when present,
+bf16 there, fp32 on the CPU), with the same batch size:
   lm-eval  `lm_eval.simple_evaluate` with model "hf" on the checkpoint directory and the
-           task definitions Refit's lm-eval backend writes (stages/lm_eval_backend.py)
-  refit    `refit.stages.evaluate.Scorer` on the same directory, `score_benchmark` per file
+           task definitions Refit's lm-eval backend writes (stages/lib/lm_eval_backend.py)
+  refit    `refit.stages.lib.scoring.Scorer` on the same directory, `choice_loglikelihoods`
+           then `evaluate.choice_metrics` per file
 Each timed run starts from the checkpoint on disk (model loading, tokenization and
 bookkeeping included on both sides). The model is a randomly initialised Llama the size of
-the demo base model (stages/demo_base.py) with a tokenizer trained here on the demo corpora:
+the demo base model (stages/lib/demo_base.py), or with --shape 1b of about 1.2B parameters
+(24 layers, d_model 2048; for a GPU), with a tokenizer trained here on the demo corpora:
 throughput does not depend on training. One untimed warm-up of each side, then the sides
 alternate (lm-eval, refit, lm-eval, refit, ...) since this machine's speed drifts.
 Prints items/s for each and the ratio refit / lm-eval (target >= 1.0x), the part of each
@@ -23,6 +27,7 @@ Needs the lm-eval extra: pip install -e '.[lm-eval]'.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -40,14 +45,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from refit.stages.evaluate import Scorer, context_length  # noqa: E402
-from refit.stages.lib.config import BenchmarkSpec  # noqa: E402
+from refit.stages.evaluate import choice_metrics  # noqa: E402
+from refit.stages.lib.config import BenchmarkSpec, EvaluateSpec  # noqa: E402
 from refit.stages.lib.demo_base import DemoBaseSpec, read_texts, train_tokenizer  # noqa: E402
 from refit.stages.lib.lm_eval_backend import task_name, write_tasks  # noqa: E402
+from refit.stages.lib.scoring import Scorer, ScoringSettings, context_length  # noqa: E402
 from refit.stages.lib.text import read_jsonl  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted((REPO / "datasets" / "benchmarks").glob("*.jsonl"))
+SHAPES = {
+    "demo": DemoBaseSpec(),
+    "1b": dataclasses.replace(DemoBaseSpec(), hidden_size=2048, intermediate_size=5632, layers=24, heads=16),
+}
 
 
 def build_model(out: Path, spec: DemoBaseSpec = DemoBaseSpec()) -> int:
@@ -101,17 +111,19 @@ class Stopwatch:
         setattr(self.cls, self.name, self.original)
 
 
-def run_refit(model: Path, files: list[Path], batch_size: int) -> dict[str, dict[str, float]]:
-    scorer = Scorer(model, model, batch_size)
+def run_refit(model: Path, files: list[Path], settings: ScoringSettings) -> dict[str, dict[str, float]]:
+    scorer = Scorer(model, model, settings.batch_size, device=settings.device, dtype=settings.dtype)
     results = {}
     for path in files:
-        scores = scorer.score_benchmark(read_jsonl(path))
+        items = read_jsonl(path)
+        scores = choice_metrics(items, scorer.choice_loglikelihoods(items))
         results[path.stem] = {metric: float(values.mean()) for metric, values in scores.items()}
+    scorer.release()
     return results
 
 
 def run_lm_eval(
-    model: Path, benches: list[BenchmarkSpec], task_dir: Path, batch_size: int
+    model: Path, benches: list[BenchmarkSpec], task_dir: Path, settings: ScoringSettings
 ) -> dict[str, dict[str, float]]:
     import lm_eval
     from lm_eval.tasks import TaskManager
@@ -119,7 +131,7 @@ def run_lm_eval(
 
     model_args = {
         "pretrained": str(model),
-        "dtype": "float32",
+        "dtype": settings.dtype,
         "add_bos_token": False,
         "max_length": context_length(AutoConfig.from_pretrained(model)),
     }
@@ -127,8 +139,8 @@ def run_lm_eval(
         model="hf",
         model_args=model_args,
         tasks=[task_name(b) for b in benches],
-        device="cpu",
-        batch_size=batch_size,
+        device=settings.device,
+        batch_size=settings.batch_size,
         log_samples=False,
         task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
     )
@@ -143,12 +155,15 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--limit", type=int, default=None, help="first N items of each benchmark (default: all)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="demo")
     args = parser.parse_args()
+    settings = ScoringSettings.resolve(EvaluateSpec(device=args.device, batch_size=args.batch_size))
     logging.disable(logging.WARNING)  # the harness logs every task and request at INFO/WARNING
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         model = tmp / "model"
-        parameters = build_model(model)
+        parameters = build_model(model, SHAPES[args.shape])
         files = []
         for path in BENCHMARKS:  # the same items on both sides
             files.append(tmp / "bench" / path.name)
@@ -161,8 +176,8 @@ def main() -> None:
         from lm_eval.models.huggingface import HFLM
 
         runs = {
-            "lm-eval": lambda: run_lm_eval(model, benches, task_dir, args.batch_size),
-            "refit": lambda: run_refit(model, files, args.batch_size),
+            "lm-eval": lambda: run_lm_eval(model, benches, task_dir, settings),
+            "refit": lambda: run_refit(model, files, settings),
         }
         loops = {"lm-eval": (HFLM, "_loglikelihood_tokens"), "refit": (Scorer, "continuation_logprobs")}
         seconds: dict[str, list[float]] = {name: [] for name in runs}
@@ -176,9 +191,9 @@ def main() -> None:
                     seconds[name].append(time.perf_counter() - start)
                 in_loop[name].append(loop.seconds)
     print(
-        f"model {parameters / 1e6:.2f}M parameters (Llama, demo base shape); {items} items "
-        f"({requests} choices) in {len(files)} benchmarks, batch {args.batch_size}, "
-        f"{torch.get_num_threads()} threads, {args.rounds} round(s) alternating"
+        f"model {parameters / 1e6:.2f}M parameters (Llama, {args.shape} shape); {items} items "
+        f"({requests} choices) in {len(files)} benchmarks, batch {args.batch_size}, {settings.device} "
+        f"{settings.dtype}, {torch.get_num_threads()} threads, {args.rounds} round(s) alternating"
     )
     rates = {}
     for name, times in seconds.items():

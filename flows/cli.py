@@ -24,8 +24,9 @@ from pathlib import Path
 from refit.stages.audit import AuditFailed
 from refit.stages.curate import CurationError
 from refit.stages.lib.config import Recipe, RecipeError, load_recipe, missing_pretraining_facts
-from refit.stages.lib.lock import WorkdirBusy, workdir_lock
+from refit.stages.lib.lock import WorkdirBusy, check_workdir_free, workdir_lock
 from refit.stages.lib.markers import StageNotReady
+from refit.stages.lib.remote_code import RemoteCodeRefused
 from refit.stages.lib.sweep import SweepError
 from refit.stages.publish import PublishRefused
 from refit.stages.registry import NAMES, STAGES
@@ -112,9 +113,12 @@ def run_refresh(recipe_path: Path, workdir: Path | None, force: list[str], wait:
     """The refresh flow (embedded Prefect server unless PREFECT_API_URL names one), then its verdict."""
     from refit.flows.refresh import refresh
     from refit.flows.report import format_audit
+    from refit.flows.temporary_server import start_temporary_server
 
     recipe = load_recipe(recipe_path)  # invalid recipes exit 2 before any server starts
     workdir = Path(workdir or recipe.workdir).resolve()
+    check_workdir_free(workdir, wait=wait)  # so is a busy workdir; the flow then takes the lock itself
+    start_temporary_server()
     try:
         result = refresh(
             recipe=str(Path(recipe_path).resolve()), workdir=str(workdir), force=force, wait=wait, eval_backend=backend
@@ -147,10 +151,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from refit.flows.sweep import sweep
-    from refit.stages.lib.sweep import parse_grid
+    from refit.flows.temporary_server import start_temporary_server
+    from refit.stages.lib.sweep import check_grid
 
     recipe = load_recipe(args.recipe)
-    parse_grid(args.grid)  # a bad --grid exits 2 before any server starts
+    check_grid(recipe, args.grid)  # a bad --grid exits 2 before any server starts or stage runs
+    check_workdir_free(Path(args.workdir or recipe.workdir))
+    start_temporary_server()
     summary = sweep(
         recipe=str(args.recipe.resolve()),
         grid=args.grid,
@@ -276,6 +283,7 @@ STAGE_FAILURES = (
     AuditFailed,
     PublishRefused,
     WorkdirBusy,
+    RemoteCodeRefused,
 )  # a stage's verdict, said in one message: exit code 1 and no traceback
 
 

@@ -37,13 +37,17 @@ def continue_from(recipe: Recipe, workdir: Path) -> tuple[Recipe, str]:
     if not records:
         return recipe, f"nothing published as {recipe.model_name} yet: continuing from {recipe.base_model.path}"
     latest = records[0]
+    cache = Path(workdir) / "bases"
     if latest.get("data_version") == curate.data_version(recipe):
+        base = latest["base_model"]
+        if latest.get("base_version"):  # a published version, recorded by URL: a local copy of it
+            base = local_checkpoint({"path": base, "version": latest["base_version"]}, cache)
         return (
-            with_base(recipe, latest["base_model"]),
+            with_base(recipe, base),
             f"no new data since {latest['version']} was published: continuing from its base "
             f"{latest['base_model']} again, so unchanged stages are cached",
         )
-    base = local_checkpoint(recipe, latest, Path(workdir) / "bases")
+    base = local_checkpoint(latest, cache)
     return with_base(recipe, base), f"continuing from the latest published version {latest['version']} ({base})"
 
 

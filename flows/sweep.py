@@ -27,10 +27,10 @@ from refit.stages.lib.sweep import (
     SWEEP_DIR,
     SweepError,
     Variant,
+    check_grid,
     choose_winner,
     device_slots,
     failed_row,
-    parse_grid,
     plan_variants,
     prepare_variant,
     result_row,
@@ -63,7 +63,7 @@ def sweep(recipe: str, grid: list[str], budget_fraction: float | None = None, wo
     with workdir_lock(workdir_path, f"sweep of {loaded.name} (flow run {flow_run.name})"):
         loaded, why = continue_from(loaded, workdir_path)
         logger.info("%s", why)
-        variants = plan_variants(loaded, parse_grid(grid))
+        variants = plan_variants(loaded, check_grid(loaded, grid))
         for stage in SHARED_STAGES:
             run_stage(stage, loaded, workdir_path)
         slots = device_slots(loaded)

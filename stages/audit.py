@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from refit.stages import evaluate, mix, train
-from refit.stages.curate import curated_files
+from refit.stages.curate import curated_files, curated_texts
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import (
@@ -36,6 +36,7 @@ from refit.stages.lib.text import benchmark_ngrams, word_ngrams
 FOLDER = "audit"
 
 RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
+CONTAMINATION_BATCH = 1024  # curated documents read at a time by the contamination gate
 
 
 class AuditFailed(RuntimeError):
@@ -198,9 +199,8 @@ def validation_warnings(recipe: Recipe, evaluation: dict) -> list[str]:
 
 
 def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
-    """Benchmark items sharing an n-gram with the documents actually trained on."""
-    import pyarrow.parquet as pq
-
+    """Benchmark items sharing an n-gram with the documents actually trained on (read in
+    record batches: memory does not grow with the corpus)."""
     n = recipe.curate.decontaminate_ngram
     owners = benchmark_ngrams(recipe.evaluate.benchmarks, n)
 
@@ -208,8 +208,9 @@ def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
     trained = [name for name, s in manifest["sources"].items() if s["drawn_sequences"] > 0]
     for source in trained:
         for path in curated_files(workdir, source, "train"):
-            for text in pq.read_table(path, columns=["text"])["text"].to_pylist():
-                found.update(owners[g] for g in word_ngrams(text, n) if g in owners)
+            for texts in curated_texts(path, CONTAMINATION_BATCH):
+                for text in texts.to_pylist():
+                    found.update(owners[g] for g in word_ngrams(text, n) if g in owners)
     items = sorted(found)
     limit = recipe.gates.max_contaminated_items
     shown = ", ".join(items[:20]) + (f" and {len(items) - 20} more" if len(items) > 20 else "")

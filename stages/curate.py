@@ -7,14 +7,18 @@ Writes under `<workdir>/curate/`:
   removed/<source>/batch-BBBB.jsonl      good records removed: exact/near duplicate, contaminated
   state.sqlite, minhash-index/           what has been seen, for incremental reruns
   report.json, _SUCCESS.json
+and `<workdir>/.curate-hashes/`: the sha256 of each input file at its size and mtime.
 
-A run processes only files not seen before (a batch); `force` starts over. The whole folder
-is rebuilt in `curate.tmp/` and swapped into place, so a failed run leaves the previous
-good output untouched.
+A run processes only files whose content was not curated before (a batch); `force` starts
+over. Files are known by their content (sha256), not their mtime: a file copied again, or
+under another name, is not new data. The whole folder is rebuilt in `curate.tmp/` and
+swapped into place, so a failed run (bad data, a full disk) leaves the previous good
+output untouched.
 """
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import json
@@ -23,10 +27,14 @@ import shutil
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from refit.stages.lib.config import CurateSpec, Recipe, SourceSpec
 from refit.stages.lib.contract import Stage
+from refit.stages.lib.file_hashes import memoized_sha256
 from refit.stages.lib.markers import (
     code_version,
     fingerprint,
@@ -36,18 +44,22 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
-from refit.stages.lib.records import read_records
+from refit.stages.lib.paths import inside
+from refit.stages.lib.records import Record, read_records
 from refit.stages.lib.text import WORD, benchmark_ngrams
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 log = logging.getLogger(__name__)
 FOLDER = "curate"
 ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicate ties
 SCHEMA = """
-CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, size INTEGER, mtime_ns INTEGER, batch INTEGER,
-                                  PRIMARY KEY (source, path));
-CREATE TABLE IF NOT EXISTS ids (source TEXT, id TEXT, PRIMARY KEY (source, id));
+CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, sha256 TEXT, batch INTEGER, PRIMARY KEY (source, path));
+CREATE TABLE IF NOT EXISTS ids (source TEXT, id TEXT, file TEXT, line INTEGER, reason TEXT, PRIMARY KEY (source, id));
 CREATE TABLE IF NOT EXISTS texts (hash TEXT PRIMARY KEY, source TEXT, id TEXT);
 """
+HASH_MEMO = ".curate-hashes"  # in the workdir: the sha256 of each input file at its size and mtime
 
 
 class CurationError(RuntimeError):
@@ -73,26 +85,31 @@ def _settings(recipe: Recipe) -> dict:
     }  # batches curated by other code are not extended, but redone
 
 
-def _listing(recipe: Recipe) -> dict:
-    return {s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s)] for s in recipe.sources}
+def _listing(recipe: Recipe, workdir: Path | None) -> dict[str, list[tuple[str, str]]]:
+    """source -> [(path, sha256)] of every input file; a file is read again only when its
+    size or mtime changed (the memo in `<workdir>/.curate-hashes/`)."""
+    memo = Path(workdir or recipe.workdir) / HASH_MEMO
+    return {s.name: [(str(p), memoized_sha256(p, memo)) for p in source_files(s)] for s in recipe.sources}
 
 
-def _version(listing: dict) -> str:
-    return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
+def _version(listing: dict[str, list[tuple[str, str]]]) -> str:
+    contents = {name: sorted({sha256 for _, sha256 in files}) for name, files in listing.items()}
+    return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()
 
 
-def data_version(recipe: Recipe) -> str:
-    """Hash of the listing of every input file (path, size, mtime): changes when data arrives."""
-    return _version(_listing(recipe))
+def data_version(recipe: Recipe, workdir: Path | None = None) -> str:
+    """Hash of the contents of each source's files: changes when new data arrives, not when
+    files are copied again, touched or renamed. The hash cache is in workdir (default the recipe's)."""
+    return _version(_listing(recipe, workdir))
 
 
 def _fingerprint(settings: dict, listing: dict) -> str:
-    return fingerprint("curate", {"settings": settings, "files": listing}, (), code_version(__name__))
+    return fingerprint("curate", {"settings": settings, "data": _version(listing)}, (), code_version(__name__))
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path | None = None) -> str:
-    """Settings plus the listing of every input file: a file added to a source means a rerun."""
-    return _fingerprint(_settings(recipe), _listing(recipe))
+    """Settings plus the contents of every input file: new data means a rerun."""
+    return _fingerprint(_settings(recipe), _listing(recipe, workdir))
 
 
 def _bucket(doc_id: str) -> float:
@@ -139,9 +156,9 @@ def _read_validation(source: SourceSpec, spec: CurateSpec, db: sqlite3.Connectio
                 continue
             db.execute(
                 "INSERT OR IGNORE INTO texts VALUES (?, ?, ?)",
-                (hashlib.sha256(record.text.encode()).hexdigest(), source.name, f"validation:{record.id}"),
+                (hashlib.sha256(record.text.encode()).hexdigest(), source.name, f"validation:{record.doc_id}"),
             )
-            docs.append((record.id, record.text))
+            docs.append((record.doc_id, record.text))
     _write_parquet(out / source.name / "validation-0000.parquet", docs)
     _write_jsonl(out / "quarantine" / source.name / "validation.jsonl", quarantined)
 
@@ -199,21 +216,46 @@ def _write_parquet(path: Path, docs: list[tuple[str, str]]) -> None:
     pq.write_table(table, path)
 
 
-def _new_files(db: sqlite3.Connection, source: SourceSpec) -> list[Path]:
-    new = []
-    for path in source_files(source):
-        row = db.execute(
-            "SELECT size, mtime_ns FROM files WHERE source=? AND path=?", (source.name, str(path))
-        ).fetchone()
-        stat = path.stat()
-        if row is None:
-            new.append(path)
-        elif tuple(row) != (stat.st_size, stat.st_mtime_ns):
+def _new_files(
+    db: sqlite3.Connection, source: SourceSpec, listed: list[tuple[str, str]]
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """The (path, sha256) of the source's files whose content is new, and of those that are
+    copies of content curated before (recorded, not read again)."""
+    known = {sha256 for (sha256,) in db.execute("SELECT sha256 FROM files WHERE source=?", (source.name,))}
+    new, copies = [], []
+    for path, sha256 in listed:
+        row = db.execute("SELECT sha256 FROM files WHERE source=? AND path=?", (source.name, path)).fetchone()
+        if row is not None and row[0] != sha256:
             raise CurationError(
                 f"source {source.name}: {path} changed since it was curated; curation adds new files "
                 "incrementally but does not redo old ones: rerun with --force to start over"
             )
-    return new
+        if row is None:
+            (copies if sha256 in known else new).append((path, sha256))
+            known.add(sha256)
+    return new, copies
+
+
+def _claim_id(db: sqlite3.Connection, source: str, record: Record) -> None:
+    """The first record with an id claims it, good or bad; a later good record with that id
+    becomes a duplicate_id naming the first (and whether it was kept)."""
+    if record.id is None:
+        return
+    row = (source, record.id, record.file, record.line, record.reason)
+    if db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?, ?, ?, ?)", row).rowcount or record.reason is not None:
+        return
+    file, line, reason = db.execute("SELECT file, line, reason FROM ids WHERE source=? AND id=?", row[:2]).fetchone()
+    if (file, line) == (record.file, record.line):
+        return  # another piece of the same long document
+    record.reason, record.excerpt = "duplicate_id", record.text[:200]
+    if reason is None:
+        record.kept = f"{file}:{line}"
+        record.detail = f"id {record.id!r} already taken in {source} by {record.kept}, which is kept"
+    else:
+        record.detail = (
+            f"id {record.id!r} first seen in {source} at {file}:{line}, quarantined there as {reason}; "
+            "no record with this id is kept"
+        )
 
 
 def decontaminate(
@@ -249,26 +291,26 @@ def decontaminate(
 
 
 def _screen_source(
-    recipe: Recipe, source: SourceSpec, db: sqlite3.Connection, contamination: dict[tuple[str, ...], str]
+    recipe: Recipe,
+    source: SourceSpec,
+    listed: list[tuple[str, str]],
+    db: sqlite3.Connection,
+    contamination: dict[tuple[str, ...], str],
 ) -> dict:
     """Read a source's new files: quarantine bad records, drop exact duplicates, decontaminate;
     fail if too many records are bad. Returns the clean documents."""
-    spec, files = recipe.curate, _new_files(db, source)
+    spec = recipe.curate
+    files, copies = _new_files(db, source, listed)
     counts: Counter[str] = Counter()
     quarantined: list[dict] = []
     removed: list[dict] = []
     clean: list[tuple[str, str]] = []
-    for path in files:
-        for record in read_records(path, source, spec):
-            counts["records"] += 1
+    for path, _ in files:
+        for record in read_records(Path(path), source, spec):
+            counts["records"] += 1  # an unreadable file counts as one bad record
             if record.part is not None:
                 counts["split_parts"] += 1
-            if (
-                record.reason is None
-                and db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?)", (source.name, record.id)).rowcount == 0
-            ):
-                record.reason, record.detail = "duplicate_id", f"id {record.id!r} seen before in {source.name}"
-                record.excerpt = record.text[:200] if record.text else ""
+            _claim_id(db, source.name, record)
             if record.reason is not None:
                 counts[f"quarantined:{record.reason}"] += 1
                 quarantined.append(record.quarantine_row(source.name))
@@ -277,16 +319,18 @@ def _screen_source(
             digest = hashlib.sha256(record.text.encode()).hexdigest()
             first = db.execute("SELECT source, id FROM texts WHERE hash=?", (digest,)).fetchone()
             if first is not None:
-                removed.append({"id": record.id, "reason": "exact_duplicate", "of": f"{first[0]}:{first[1]}"})
+                removed.append({"id": record.doc_id, "reason": "exact_duplicate", "of": f"{first[0]}:{first[1]}"})
                 continue
-            db.execute("INSERT INTO texts VALUES (?, ?, ?)", (digest, source.name, record.id))
-            pieces, hits = decontaminate(record.id, record.text, contamination, spec)
+            db.execute("INSERT INTO texts VALUES (?, ?, ?)", (digest, source.name, record.doc_id))
+            pieces, hits = decontaminate(record.doc_id, record.text, contamination, spec)
             if hits:
                 cut = len(record.text) - sum(len(text) for _, text in pieces)
                 counts["contaminated_docs"] += 1
                 counts["contaminated_chars"] += cut
                 reason = "contaminated" if spec.decontaminate == "document" else "contaminated_span"
-                removed.append({"id": record.id, "reason": reason, "of": hits[0], "chars": cut, "pieces": len(pieces)})
+                removed.append(
+                    {"id": record.doc_id, "reason": reason, "of": hits[0], "chars": cut, "pieces": len(pieces)}
+                )
             clean.extend(pieces)
     bad = sum(v for k, v in counts.items() if k.startswith("quarantined:"))
     bad_fraction = bad / counts["records"] if counts["records"] else 0.0
@@ -300,6 +344,7 @@ def _screen_source(
         )
     return {
         "files": files,
+        "copies": copies,
         "counts": counts,
         "bad_fraction": bad_fraction,
         "quarantined": quarantined,
@@ -323,18 +368,16 @@ def _write_source(
     else:
         train, validation = hash_split(kept, spec, sum(map(len, _validation_texts(out, source.name))))
     removed = screened["removed"]
-    _write_parquet(out / source.name / f"train-{batch:04d}.parquet", train)
-    _write_parquet(out / source.name / f"validation-{batch:04d}.parquet", validation)
-    _write_jsonl(out / "quarantine" / source.name / f"batch-{batch:04d}.jsonl", screened["quarantined"])
-    _write_jsonl(out / "removed" / source.name / f"batch-{batch:04d}.jsonl", removed)
-    for path in screened["files"]:
-        stat = path.stat()
-        db.execute(
-            "INSERT INTO files VALUES (?, ?, ?, ?, ?)", (source.name, str(path), stat.st_size, stat.st_mtime_ns, batch)
-        )
+    _write_parquet(inside(out, source.name, f"train-{batch:04d}.parquet"), train)
+    _write_parquet(inside(out, source.name, f"validation-{batch:04d}.parquet"), validation)
+    _write_jsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"), screened["quarantined"])
+    _write_jsonl(inside(out / "removed", source.name, f"batch-{batch:04d}.jsonl"), removed)
+    for path, sha256 in screened["files"] + screened["copies"]:
+        db.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (source.name, path, sha256, batch))
     counts = screened["counts"]
     return {
-        "files": [str(p) for p in screened["files"]],
+        "files": [path for path, _ in screened["files"]],
+        "copies_of_curated_files": [path for path, _ in screened["copies"]],
         "records": counts["records"],
         "split_parts": counts["split_parts"],
         "quarantined": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined:")},
@@ -381,14 +424,46 @@ def _near_dedup_all(
     return kept
 
 
+def _disk_full(error: BaseException) -> bool:
+    """ENOSPC or a quota, as Python, SQLite ("database or disk is full") or Arrow report it."""
+    while error is not None:
+        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+            return True
+        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+@contextmanager
+def _disk_full_reported(final: Path) -> Iterator[None]:
+    """A full disk anywhere in the run becomes one line naming the stage and the path."""
+    try:
+        yield
+    except BaseException as error:
+        if not _disk_full(error):
+            raise
+        path = getattr(error, "filename", None) or final.with_name(final.name + ".tmp")
+        raise CurationError(
+            f"curate: no space left on device writing {path} ({error}); "
+            f"the previous curated output in {final} is unchanged"
+        ) from error
+
+
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / FOLDER
-    settings, listing = _settings(recipe), _listing(recipe)  # one listing: a file arriving mid-run is next run's
-    expected = _fingerprint(settings, listing)
-    if not force and is_done(final, expected):
-        log.info("curate: up to date (%s)", expected[:12])
-        return json.loads((final / "report.json").read_text())
+    with _disk_full_reported(final):  # the file hashes are saved in the workdir too
+        # one listing: a file arriving mid-run is the next run's
+        settings, listing = _settings(recipe), _listing(recipe, workdir)
+        expected = _fingerprint(settings, listing)
+        if not force and is_done(final, expected):
+            log.info("curate: up to date (%s)", expected[:12])
+            return json.loads((final / "report.json").read_text())
+        return _curate(recipe, final, force, settings, listing, expected)
+
+
+def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: dict, expected: str) -> dict:
     started = time.time()
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     previous = read_marker(final)
@@ -396,31 +471,32 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     with staged_output(final, seed_previous=incremental) as out:
         # one transaction for the run: the database only counts once swapped into place, so a
         # commit per insert (an fsync each, ~1 ms) would buy nothing
-        db = sqlite3.connect(out / "state.sqlite")
-        db.executescript(SCHEMA)
-        batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
-        contamination = benchmark_ngrams(recipe.evaluate.benchmarks, recipe.curate.decontaminate_ngram)
-        sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
-        for source in sources if batch == 1 else ():  # explicit validation sets: read once, before any training text
-            if source.validation_paths:
-                _read_validation(source, recipe.curate, db, out)
-        screened = {}
-        for source in sources:  # every source is screened before the (costlier) dedupe
-            log.info("curate: reading %s (batch %d)", source.name, batch)
-            screened[source.name] = _screen_source(recipe, source, db, contamination)
-        kept = _near_dedup_all(screened, sources, out, batch, recipe)
-        report_sources = {
-            source.name: _write_source(source, screened[source.name], kept[source.name], out, db, batch, recipe.curate)
-            for source in sources
-        }
-        warnings = []
-        for source in sources:
-            report_sources[source.name]["validation"], warning = _validation_summary(out, source, recipe.curate)
-            warnings += [warning] if warning else []
-            if warning:
-                log.warning("curate: %s", warning)
-        db.commit()
-        db.close()
+        with closing(sqlite3.connect(out / "state.sqlite")) as db:  # closed on failure too: the folder is removed
+            db.executescript(SCHEMA)
+            batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
+            contamination = benchmark_ngrams(recipe.evaluate.benchmarks, recipe.curate.decontaminate_ngram)
+            sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
+            for source in sources if batch == 1 else ():  # explicit validation sets: read once, before training text
+                if source.validation_paths:
+                    _read_validation(source, recipe.curate, db, out)
+            screened = {}
+            for source in sources:  # every source is screened before the (costlier) dedupe
+                log.info("curate: reading %s (batch %d)", source.name, batch)
+                screened[source.name] = _screen_source(recipe, source, listing[source.name], db, contamination)
+            kept = _near_dedup_all(screened, sources, out, batch, recipe)
+            report_sources = {
+                source.name: _write_source(
+                    source, screened[source.name], kept[source.name], out, db, batch, recipe.curate
+                )
+                for source in sources
+            }
+            warnings = []
+            for source in sources:
+                report_sources[source.name]["validation"], warning = _validation_summary(out, source, recipe.curate)
+                warnings += [warning] if warning else []
+                if warning:
+                    log.warning("curate: %s", warning)
+            db.commit()
         shutil.rmtree(out / "work", ignore_errors=True)
         report = {
             "stage": "curate",
@@ -438,7 +514,33 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
 
 def curated_files(workdir: Path, source: str, split: str) -> list[Path]:
     """The curated Parquet files of one source and split ("train" or "validation"), in batch order."""
-    return sorted((Path(workdir) / FOLDER / source).glob(f"{split}-*.parquet"))
+    return sorted(inside(Path(workdir) / FOLDER, source).glob(f"{split}-*.parquet"))
+
+
+def curated_texts(path: Path, batch_size: int, start: int = 0, stop: int | None = None) -> Iterator[pa.StringArray]:
+    """The texts of rows [start, stop) of a curated file, at most batch_size at a time. Only the
+    row groups holding them are read, through a small buffer: memory does not grow with the file."""
+    import pyarrow.parquet as pq
+
+    parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)  # pre-buffering reads whole column chunks
+    stop = parquet.metadata.num_rows if stop is None else stop
+    groups, row = [], None  # row: the first row of the first group read
+    first = 0
+    for group in range(parquet.num_row_groups):
+        rows = parquet.metadata.row_group(group).num_rows
+        if first < stop and first + rows > start:
+            groups.append(group)
+            row = first if row is None else row
+        first += rows
+    if not groups:
+        return
+    for batch in parquet.iter_batches(batch_size=batch_size, row_groups=groups, columns=["text"]):
+        low, high = max(start - row, 0), min(stop - row, batch.num_rows)
+        if low < high:
+            yield batch.column(0).slice(low, high - low)
+        row += batch.num_rows
+        if row >= stop:
+            return
 
 
 def curated_data_version(workdir: Path) -> str | None:

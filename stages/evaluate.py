@@ -15,16 +15,23 @@ pretrained on documents that start after an EOS (as Refit packs them). Validatio
 learning of the new; there every document is predicted after an EOS. Every figure has a
 standard error, and every base-candidate difference a paired one (same items, same documents).
 
-Two backends score the benchmarks: "refit" (the `Scorer` below) and "lm-eval" (the same
-checkpoints through lm-evaluation-harness, see stages/lib/lm_eval_backend.py, whose task
-definitions are kept in `eval/lm_eval_tasks/`). Validation loss is always Refit's own.
+Two backends score the benchmarks: "refit" (Refit's `Scorer`, stages/lib/scoring.py) and
+"lm-eval" (the same checkpoints through lm-evaluation-harness on the same device and dtype,
+see stages/lib/lm_eval_backend.py, whose task definitions are kept in `eval/lm_eval_tasks/`).
+Validation loss is always Refit's own.
+
+Everything Refit's scorer scores is a `ScoringTask` (stages/lib/scoring.py): on
+`evaluate.device` (bf16 on GPUs), batched longest first, base then candidate (one model in
+memory at a time), over `evaluate.num_processes` processes, and the base model's scores
+come from the cache in `base_cache_dir` when the same base scored the same things before.
+The report says where and how (`scoring`) and whether the base was scored at all (`base_cached`).
 
 Writes `<workdir>/eval/report.json` (atomically, with a done marker).
 """
 
 from __future__ import annotations
 
-import inspect
+import dataclasses
 import json
 import logging
 import math
@@ -39,6 +46,15 @@ from refit.stages.curate import curated_files
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import code_version, fingerprint, is_done, staged_output, write_json_atomic, write_marker
+from refit.stages.lib.scoring import (
+    ScoreCache,
+    ScoringSettings,
+    ScoringTask,
+    choice_loglikelihoods,
+    context_length,
+    free_memory,
+    score_models,
+)
 from refit.stages.lib.text import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -54,135 +70,15 @@ def mean_stderr(values: np.ndarray) -> tuple[float | None, float | None]:
     return mean, (float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None)
 
 
-def context_length(config) -> int:
-    """Longest input the model takes (longer requests lose tokens on the left)."""
-    return int(getattr(config, "max_position_embeddings", 0) or getattr(config, "n_positions", 1024))
-
-
-class Scorer:
-    """Batched log-likelihoods under one causal LM (eval mode, no gradients, fp32)."""
-
-    def __init__(
-        self,
-        model_dir: Path,
-        tokenizer_dir: Path,
-        batch_size: int,
-        trust_remote_code: bool = False,
-        prefix_eos: bool = False,
-    ):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.torch = torch
-        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, use_safetensors=True, dtype=torch.float32, trust_remote_code=trust_remote_code
-        ).eval()
-        self.batch_size = batch_size
-        self.prefix_eos = prefix_eos
-        self.max_len = context_length(self.model.config)
-        self.slices_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
-
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    def continuation_logprobs(self, requests: list[tuple[list[int], list[int]]]) -> list[np.ndarray]:
-        """Per-token log-probabilities of each continuation given its context.
-
-        A causal LM's logits at a position depend only on the tokens up to it, so a request
-        whose model input (context + continuation less its last token, cut to the model's
-        length) is a prefix of another's is read from that one's row: the choices of a
-        multiple-choice item that share their first tokens cost one row. Rows are padded on
-        the right without an attention mask (causal attention never looks right), and the
-        vocabulary projection and softmax run only from the first position read."""
-        torch = self.torch
-        inputs = [tuple((context + continuation)[-(self.max_len + 1) :][:-1]) for context, continuation in requests]
-        rows: list[tuple[int, ...]] = []
-        row_of = [0] * len(requests)
-        by_tokens = sorted(range(len(requests)), key=inputs.__getitem__)
-        for k in reversed(range(len(by_tokens))):  # a prefix sorts just before the inputs that extend it
-            i, following = by_tokens[k], by_tokens[k + 1] if k + 1 < len(by_tokens) else None
-            if following is not None and inputs[following][: len(inputs[i])] == inputs[i]:
-                row_of[i] = row_of[following]
-            else:
-                row_of[i] = len(rows)
-                rows.append(inputs[i])
-        readers: list[list[int]] = [[] for _ in rows]
-        for i, row in enumerate(row_of):
-            readers[row].append(i)
-        results: list[np.ndarray | None] = [None] * len(requests)
-        longest_first = sorted(range(len(rows)), key=lambda r: -len(rows[r]))
-        for first in range(0, len(rows), self.batch_size):
-            batch = longest_first[first : first + self.batch_size]
-            width = max(len(rows[r]) for r in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            batch_rows, positions, targets, spans = [], [], [], []
-            for b, r in enumerate(batch):
-                ids[b, : len(rows[r])] = torch.tensor(rows[r])
-                for i in readers[r]:
-                    continuation = requests[i][1]
-                    end = len(inputs[i])
-                    spans.append((i, len(positions), len(continuation)))
-                    batch_rows += [b] * len(continuation)
-                    positions += range(end - len(continuation), end)
-                    targets += continuation
-            keep_from = min(positions, default=width - 1)
-            kwargs = {"logits_to_keep": width - keep_from} if self.slices_logits else {}
-            with torch.no_grad():
-                logits = self.model(input_ids=ids, use_cache=False, **kwargs).logits.float()
-                logits = logits[
-                    :, logits.shape[1] - (width - keep_from) :
-                ]  # positions keep_from.. (all kept if not sliced)
-                b_index, p_index = torch.tensor(batch_rows), torch.tensor(positions) - keep_from
-                logprobs = logits[b_index, p_index, torch.tensor(targets)] - torch.logsumexp(
-                    logits[b_index, p_index], dim=-1
-                )
-            values = logprobs.numpy().astype(np.float64)
-            for i, start, length in spans:
-                results[i] = values[start : start + length]
-        return results  # type: ignore[return-value]
-
-    def choice_loglikelihoods(self, items: list[dict]) -> list[np.ndarray]:
-        """Per item, the log-likelihood of each choice's tokens given the query (encoded with
-        the tokenizer's default special tokens, as the harness does; see the module docstring)."""
-        texts = [item["query"] for item in items] + [item["query"] + c for item in items for c in item["choices"]]
-        encoded = iter(self.tokenizer(texts)["input_ids"]) if texts else iter(())
-        prefix = [self.tokenizer.eos_token_id] if self.prefix_eos else []
-        contexts = [next(encoded) for _ in items]
-        requests = []
-        for item, context in zip(items, contexts):
-            for _ in item["choices"]:
-                whole = next(encoded)
-                requests.append((prefix + context, whole[len(context) :] or whole[-1:]))
-        sums = iter([values.sum() for values in self.continuation_logprobs(requests)])
-        return [np.array([next(sums) for _ in item["choices"]]) for item in items]
-
-    def score_benchmark(self, items: list[dict]) -> dict[str, np.ndarray]:
-        """Per-item correctness (acc, acc_norm) for one benchmark."""
-        acc, acc_norm = np.zeros(len(items)), np.zeros(len(items))
-        for n, (item, lls) in enumerate(zip(items, self.choice_loglikelihoods(items))):
-            lengths = np.array([len(c) for c in item["choices"]], dtype=np.float64)
-            acc[n] = float(np.argmax(lls) == item["gold"])
-            acc_norm[n] = float(np.argmax(lls / lengths) == item["gold"])
-        return {"acc": acc, "acc_norm": acc_norm}
-
-    def document_losses(self, texts: list[str], seq_len: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Per document: summed NLL (nats), predicted tokens, UTF-8 bytes. Documents longer than
-        seq_len are scored in consecutive windows, each predicted from its own start."""
-        eos = self.tokenizer.eos_token_id
-        requests, owners = [], []
-        for n, text in enumerate(texts):
-            ids = [eos] + self.encode(text)  # EOS first: the first token is predicted as a document start
-            for start in range(0, len(ids) - 1, seq_len):
-                window = ids[start : start + seq_len + 1]
-                requests.append((window[:1], window[1:]))
-                owners.append(n)
-        logprobs = self.continuation_logprobs(requests)
-        nll, tokens = np.zeros(len(texts)), np.zeros(len(texts))
-        for owner, values in zip(owners, logprobs):
-            nll[owner] -= values.sum()
-            tokens[owner] += len(values)
-        return nll, tokens, np.array([len(t.encode("utf-8")) for t in texts], dtype=np.float64)
+def choice_metrics(items: list[dict], loglikelihoods: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Per-item correctness of a multiple-choice benchmark from its choices' log-likelihoods:
+    `acc` (highest log-likelihood) and `acc_norm` (highest per character of the choice)."""
+    acc, acc_norm = np.zeros(len(items)), np.zeros(len(items))
+    for n, (item, lls) in enumerate(zip(items, loglikelihoods)):
+        lengths = np.array([len(c) for c in item["choices"]], dtype=np.float64)
+        acc[n] = float(np.argmax(lls) == item["gold"])
+        acc_norm[n] = float(np.argmax(lls / lengths) == item["gold"])
+    return {"acc": acc, "acc_norm": acc_norm}
 
 
 def _validation_texts(workdir: Path, source: str) -> list[str]:
@@ -214,81 +110,110 @@ def _compare(base: np.ndarray, candidate: np.ndarray) -> dict:
     return {"base": b, "base_stderr": b_se, "candidate": c, "candidate_stderr": c_se, "delta": d, "delta_stderr": d_se}
 
 
-def _harness_scores(recipe: Recipe, models: dict[str, Path], tokenizer: Path, task_dir: Path | None) -> dict:
-    """Per model name, per benchmark name: lm-evaluation-harness's per-item scores."""
+def _harness_scores(
+    recipe: Recipe, models: dict[str, Path], tokenizer: Path, settings: ScoringSettings, task_dir: Path | None
+) -> dict:
+    """Per model name, per benchmark name: lm-evaluation-harness's per-item scores, on the
+    scorer's device and dtype, one model at a time (in this process: evaluate.num_processes
+    applies to Refit's own scorer)."""
     from transformers import AutoConfig
 
     from refit.stages.lib import lm_eval_backend
 
+    scores = {}
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(task_dir or scratch)
         remote = recipe.base_model.trust_remote_code
-        return {
-            name: lm_eval_backend.score_benchmarks(
+        for name, path in models.items():
+            scores[name] = lm_eval_backend.score_benchmarks(
                 path,
                 tokenizer,
                 recipe.evaluate.benchmarks,
-                recipe.evaluate.batch_size,
+                settings.batch_size,
                 folder,
                 max_length=context_length(AutoConfig.from_pretrained(path, trust_remote_code=remote)),
                 trust_remote_code=remote,
+                device=settings.device,
+                dtype=settings.dtype,
             )
-            for name, path in models.items()
-        }
+            free_memory(settings.device)
+    return scores
+
+
+def base_cache_dir(recipe: Recipe, workdir: Path) -> Path:
+    """evaluate.cache_dir, else `.refit-cache/` in the workdir's parent: a recipe's nightly runs
+    (same workdir) and its sweep variants (workdirs side by side in `<workdir>/sweep/`) share it."""
+    return Path(recipe.evaluate.cache_dir or Path(workdir).resolve().parent / ".refit-cache")
 
 
 def evaluate_models(
     recipe: Recipe, workdir: Path, candidate_dir: Path, backend: str = "refit", task_dir: Path | None = None
 ) -> dict:
-    """The report comparing the base model and the candidate (pure computation; only the lm-eval
-    backend writes files: its task definitions, into task_dir, else a temporary folder)."""
+    """The report comparing the base model and the candidate. Writes only caches: the base's
+    scores (see `base_cache_dir`) and, for the lm-eval backend, its task definitions (into
+    task_dir, else a temporary folder)."""
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
     if backend == "lm-eval" and recipe.evaluate.prefix_eos:
         raise ValueError("evaluate.prefix_eos is not supported by the lm-eval backend: score with --backend refit")
-    harness = _harness_scores(recipe, models, tokenizer, task_dir) if backend == "lm-eval" else None
-    scorers = {
-        name: Scorer(
-            path, tokenizer, recipe.evaluate.batch_size, recipe.base_model.trust_remote_code, recipe.evaluate.prefix_eos
-        )
-        for name, path in models.items()
-    }
+    settings = ScoringSettings.resolve(recipe.evaluate, recipe.base_model.trust_remote_code)
+    harness = _harness_scores(recipe, models, tokenizer, settings, task_dir) if backend == "lm-eval" else None
+    items = {bench.name: read_jsonl(Path(bench.path)) for bench in recipe.evaluate.benchmarks}
+    held_out = {s.name: _validation_texts(workdir, s.name) for s in recipe.sources}
+    texts = {name: docs[: recipe.evaluate.validation_docs] for name, docs in held_out.items()}
+    tasks = [] if harness else [ScoringTask(f"benchmark:{name}", "choices", bench) for name, bench in items.items()]
+    tasks += [
+        ScoringTask(f"validation:{name}", "documents", docs, recipe.tokenize.seq_len)
+        for name, docs in texts.items()
+        if docs
+    ]
+    cache = ScoreCache(base_cache_dir(recipe, workdir), [models["base"], tokenizer], settings)
+    scored, summary = score_models(models, tokenizer, tasks, settings, caches={"base": cache})
+    from transformers import AutoTokenizer
+
+    encode = AutoTokenizer.from_pretrained(tokenizer)  # each choice's own tokens pick the default metric
     benchmarks = {}
     for bench in recipe.evaluate.benchmarks:
-        items = read_jsonl(Path(bench.path))
         if harness is not None:
             scores = {name: harness[name][bench.name] for name in models}
         else:
-            scores = {name: scorer.score_benchmark(items) for name, scorer in scorers.items()}
+            scores = {
+                name: choice_metrics(items[bench.name], choice_loglikelihoods(scored[name][f"benchmark:{bench.name}"]))
+                for name in models
+            }
         log.info("evaluate: %s scored (%d items, %s)", bench.name, len(scores["base"]["acc"]), backend)
         benchmarks[bench.name] = {
             "domain": bench.domain,
             "items": len(scores["base"]["acc"]),
             "longest_choice_tokens": max(
-                (len(scorers["base"].encode(c)) for item in items for c in item["choices"]), default=0
+                (
+                    len(encode(c, add_special_tokens=False)["input_ids"])
+                    for i in items[bench.name]
+                    for c in i["choices"]
+                ),
+                default=0,
             ),
             **{metric: _compare(scores["base"][metric], scores["candidate"][metric]) for metric in ("acc", "acc_norm")},
         }
     validation = {}
     for source in recipe.sources:
-        held_out = _validation_texts(workdir, source.name)
-        texts = held_out[: recipe.evaluate.validation_docs]
-        if not texts:
+        if not texts[source.name]:
             continue
-        losses = {name: scorer.document_losses(texts, recipe.tokenize.seq_len) for name, scorer in scorers.items()}
-        (base_nll, tokens, nbytes), (candidate_nll, _, _) = losses["base"], losses["candidate"]
+        losses = {name: scored[name][f"validation:{source.name}"] for name in models}
+        base_nll, candidate_nll, tokens = losses["base"]["nll"], losses["candidate"]["nll"], losses["base"]["tokens"]
+        nbytes = sum(len(t.encode("utf-8")) for t in texts[source.name])
         loss = _compare_loss(base_nll, candidate_nll, tokens)
         entry = {
             "role": source.role,
-            "docs": len(texts),
-            "held_out_docs": len(held_out),
+            "docs": len(texts[source.name]),
+            "held_out_docs": len(held_out[source.name]),
             "tokens": int(tokens.sum()),
             "loss": loss,
             "base_loss_per_token": loss["base"],
             "candidate_loss_per_token": loss["candidate"],
         }
-        for name, (nll, _, _) in losses.items():
-            entry[f"{name}_bits_per_byte"] = float(nll.sum() / math.log(2) / nbytes.sum())
+        for name, scores in losses.items():
+            entry[f"{name}_bits_per_byte"] = float(scores["nll"].sum() / math.log(2) / nbytes)
         validation[source.name] = entry
         log.info(
             "evaluate: %s validation loss %.3f -> %.3f",
@@ -302,13 +227,31 @@ def evaluate_models(
         "validation": validation,
         "base_model": str(recipe.base_model.path),
         "candidate_model": str(candidate_dir),
+        "base_cached": summary["base"]["tasks_scored"] == 0 and harness is None,
+        "scoring": {
+            **dataclasses.asdict(settings),
+            "cache_dir": str(cache.folder),
+            "base_sha256": cache.model_sha256,
+            "models": summary,
+        },
     }
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> str:
-    section = {
-        # what the audit counts (metric, weight) changes no score: only the audit reruns
-        "evaluate": recipe.evaluate.model_dump(mode="json", exclude={"benchmarks": {"__all__": {"metric", "weight"}}}),
+    settings = ScoringSettings.resolve(recipe.evaluate, recipe.base_model.trust_remote_code)
+    section = {  # the device as resolved (what "auto" means here); not how many processes, nor the cache;
+        # nor what the audit counts (metric, weight): that changes no score, only the audit reruns
+        "evaluate": recipe.evaluate.model_dump(
+            mode="json",
+            exclude={
+                "device": True,
+                "precision": True,
+                "num_processes": True,
+                "cache_dir": True,
+                "benchmarks": {"__all__": {"metric", "weight"}},
+            },
+        ),
+        "scoring": settings.numerics(),
         "base": str(recipe.base_model.path),
         "backend": backend,
     }

@@ -1,19 +1,41 @@
 """publish: an audited checkpoint into the registry as `<model>/vNNNN/`, all or nothing.
 
-The registry is a local folder or any fsspec URL. A version is assembled in
-`<model>/vNNNN.partial/` and renamed into place once complete, with `SHA256SUMS` written
-last; `<model>/latest` (a one-line file naming the version) is then replaced atomically.
-Readers see only complete versions. A killed publish leaves a `.partial` folder that the
-next run removes; publishing the same audited checkpoint again returns its version.
+The registry is a local folder or any fsspec URL (`s3://`, `gs://`, `file://`, `memory://`);
+reports and records name published versions by URL, with the protocol the recipe gave. One
+model's folder holds:
+
+  vNNNN.claim     the version number taken by one publisher, created exclusively (fsspec
+                  mode "xb": O_EXCL locally, a conditional write on object stores), so two
+                  publishers, on any machines, never take the same number; removed once the
+                  version is complete
+  vNNNN.partial/  the version being written, each file streamed and hashed as it is copied
+  vNNNN/          the version, renamed into place; complete once its `SHA256SUMS` is written,
+                  after the rename (on object stores a rename is copy-then-delete, so a half
+                  copied `vNNNN/` exists for a while: only versions with `SHA256SUMS` count)
+  latest          one line naming the newest complete version
+
+Writers need no lock and may run concurrently: numbers are claimed, and every publisher ends
+by pointing `latest` at the newest complete version, rereading it after each write, so the
+last writer leaves it right. A publish killed at any point is finished by the next run of
+the same weights: it takes up its own claim again (the version gets the number an
+uninterrupted run gives it), and a version completed but not yet named by `latest` gets
+`latest` repaired. A claim left by a publisher that never reruns keeps its number, and its
+`.partial` folder, until removed by hand; the same weights published from two workdirs at the
+same moment are not supported (the second takes up the first's claim). Publishing the same
+weights again returns their version.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import os
 import re
 import shutil
+import socket
 import time
+import uuid
 from pathlib import Path
 
 import yaml
@@ -29,34 +51,143 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.paths import inside
 
 FOLDER = "publish"
 VERSION = re.compile(r"^v(\d{4,})$")
+TAKEN = re.compile(r"^v(\d{4,})(\.claim|\.partial)?$")  # a number in use, complete or not
 RECORD = "refit_publish.json"
+SUMS = "SHA256SUMS"  # written last, after the rename: the version is complete
+COPY_CHUNK = 1 << 20
 
 
 class PublishRefused(RuntimeError):
     """The checkpoint may not be published (failed or foreign audit); nothing was written."""
 
 
-def _filesystem(url: str):
-    import fsspec
+class Registry:
+    """One model's folder in the registry: its fsspec filesystem, its path there and its URL
+    as the recipe wrote it (what reports and records show)."""
 
-    fs, root = fsspec.core.url_to_fs(url)
-    return fs, root.rstrip("/")
+    def __init__(self, recipe: Recipe):
+        import fsspec
+
+        registry = recipe.publish.registry
+        self.fs, root = fsspec.core.url_to_fs(registry)
+        self.root = inside(root.rstrip("/") or self.fs.root_marker, recipe.model_name)
+        self.url = f"{registry.rstrip('/')}/{recipe.model_name}"
+
+    def path(self, name: str) -> str:
+        return inside(self.root, name)
+
+    def url_of(self, version: str) -> str:
+        return f"{self.url}/{version}"
+
+    def names(self) -> list[str]:
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(self.root, detail=False)] if self.exists() else []
+
+    def exists(self, name: str | None = None) -> bool:
+        return self.fs.exists(self.root if name is None else self.path(name))
+
+    def versions(self) -> list[str]:
+        """Complete versions, oldest first."""
+        found = (n for n in self.names() if VERSION.match(n) and self.exists(f"{n}/{SUMS}"))
+        return sorted(found, key=lambda n: int(n[1:]))
+
+    def read(self, name: str) -> bytes:
+        return self.fs.cat_file(self.path(name))
+
+    def remove(self, name: str) -> None:
+        if self.exists(name):
+            self.fs.rm(self.path(name), recursive=True)
+
+    def claim(self, identity: str) -> str:
+        """A version number for these weights: the one a killed publish of them claimed, else
+        the next free one, taken by creating `vNNNN.claim` exclusively."""
+        names = self.names()
+        for name in names:
+            if name.endswith(".claim") and _claimed_for(self.read(name)) == identity:
+                version = name.removesuffix(".claim")
+                self.remove(f"{version}.partial")  # written by the killed run, maybe in part
+                self.remove(version)  # renamed in part (object stores) or not yet complete
+                return version
+        number = max((int(m.group(1)) for n in names if (m := TAKEN.match(n))), default=0) + 1
+        holder = {"identity": identity, "host": socket.gethostname(), "pid": os.getpid()}
+        while True:
+            version = f"v{number:04d}"
+            if self._create_exclusive(f"{version}.claim", json.dumps({**holder, "claimed": time.time()}).encode()):
+                if not (self.exists(version) or self.exists(f"{version}.partial")):
+                    return version
+                self.remove(f"{version}.claim")  # completed (its claim gone) since we listed: not ours
+            number += 1
+
+    def _create_exclusive(self, name: str, data: bytes) -> bool:
+        self.fs.makedirs(self.root, exist_ok=True)  # a no-op on object stores
+        try:
+            with self.fs.open(self.path(name), "xb") as out:  # on object stores, checked when closing
+                out.write(data)
+        except FileExistsError:
+            return False
+        except (NotImplementedError, ValueError) as error:
+            raise PublishRefused(
+                f"the registry {self.url} cannot create a file exclusively (fsspec mode 'xb'), which "
+                f"publishing needs to claim a version number: {error}"
+            ) from None
+        return True
+
+    def write_version(self, version: str, files: dict[str, Path | bytes]) -> str:
+        """Stream files into `vNNNN.partial/`, rename it into place, write `SHA256SUMS`, drop
+        the claim; returns the version's URL."""
+        partial, final = self.path(f"{version}.partial"), self.path(version)
+        sums = [f"{_stream(content, self.fs, inside(partial, name))}  {name}" for name, content in files.items()]
+        self.fs.mv(partial, final, recursive=True)
+        _stream(("\n".join(sums) + "\n").encode(), self.fs, inside(final, SUMS))
+        self.remove(f"{version}.claim")
+        return self.url_of(version)
+
+    def point_latest(self) -> str:
+        """Make `latest` name the newest complete version, and return that version. Each
+        publisher rereads after writing, so concurrent publishers converge on the newest."""
+        while True:
+            newest = self.versions()[-1]
+            if self.exists("latest") and self.read("latest").decode().strip() == newest:
+                return newest
+            for stale in self.names():  # a killed writer's; a live one's mv then fails and retries
+                if stale.startswith("latest.") and stale.endswith(".tmp"):
+                    self.remove(stale)
+            tmp = self.path(f"latest.{uuid.uuid4().hex}.tmp")
+            _stream(f"{newest}\n".encode(), self.fs, tmp)
+            try:
+                self.fs.mv(tmp, self.path("latest"))
+            except FileNotFoundError:  # removed by another publisher as stale: read again
+                continue
+
+    def tidy(self, version: str) -> None:
+        """The claim and partial folder of a complete version, left by a publish killed after
+        writing its `SHA256SUMS`."""
+        self.remove(f"{version}.claim")
+        self.remove(f"{version}.partial")
 
 
-def _write(fs, path: str, data: bytes) -> None:
+def _claimed_for(claim: bytes) -> str | None:
+    """The identity a claim was made for; None while its publisher is still writing it (or
+    was killed doing so: that number stays taken)."""
+    try:
+        return json.loads(claim).get("identity")
+    except json.JSONDecodeError:
+        return None
+
+
+def _stream(content: Path | bytes, fs, path: str) -> str:
+    """Copy a local file (or bytes) to path on fs in chunks; the sha256 of what was sent."""
+    digest = hashlib.sha256()
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)  # a no-op on object stores
-    fs.pipe_file(path, data)
-
-
-def versions(fs, model_root: str) -> list[str]:
-    """Complete versions, oldest first."""
-    if not fs.exists(model_root):
-        return []
-    names = [Path(p.rstrip("/")).name for p in fs.ls(model_root, detail=False)]
-    return sorted((n for n in names if VERSION.match(n)), key=lambda n: int(n[1:]))
+    with open(content, "rb") if isinstance(content, Path) else io.BytesIO(content) as source:
+        with fs.open(path, "wb") as out:
+            while block := source.read(COPY_CHUNK):
+                digest.update(block)
+                out.write(block)
+    return digest.hexdigest()
 
 
 def _check_audit(workdir: Path) -> dict:
@@ -165,34 +296,45 @@ the metric marked "counted" (acc: highest log-likelihood; acc_norm: highest per 
 
 def published_records(recipe: Recipe) -> list[dict]:
     """The publish records of every complete version of the recipe's model, newest first,
-    each with its `version` and `path` in the registry."""
-    fs, registry = _filesystem(recipe.publish.registry)
-    model_root = f"{registry}/{recipe.model_name}"
+    each with its `version` and `path` (URL) in the registry."""
+    registry = Registry(recipe)
     records = []
-    for version in reversed(versions(fs, model_root)):
-        path = f"{model_root}/{version}"
-        if fs.exists(f"{path}/{RECORD}"):
-            records.append({**json.loads(fs.cat_file(f"{path}/{RECORD}")), "version": version, "path": path})
+    for version in reversed(registry.versions()):
+        if registry.exists(f"{version}/{RECORD}"):
+            record = json.loads(registry.read(f"{version}/{RECORD}"))
+            records.append({**record, "version": version, "path": registry.url_of(version)})
     return records
 
 
 def read_published(recipe: Recipe, version_path: str, name: str) -> bytes:
-    fs, _ = _filesystem(recipe.publish.registry)
-    return fs.cat_file(f"{version_path}/{name}")
+    return Registry(recipe).fs.cat_file(f"{version_path}/{name}")
 
 
-def local_checkpoint(recipe: Recipe, record: dict, cache: Path) -> Path:
-    """A published version as a local folder: itself in a local registry, else a copy under cache."""
-    fs, _ = _filesystem(recipe.publish.registry)
+def local_checkpoint(record: dict, cache: Path) -> Path:
+    """A published version (its record's `path` URL and `version`) as a local folder: itself
+    in a local registry, else a copy under cache."""
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(record["path"])
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return Path(record["path"])
+        return Path(path)
     target = Path(cache) / record["version"]
     if not target.is_dir():  # fetched into .partial, renamed once complete
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # an interrupted fetch
-        fs.get(record["path"] + "/", str(partial), recursive=True)
+        fs.get(path + "/", str(partial), recursive=True)
         partial.rename(target)
     return target
+
+
+def published_origin(checkpoint: str | Path) -> tuple[str, str | None]:
+    """Where a base checkpoint comes from: the registry URL and version of a published version
+    (a local copy of one carries its publish record), else its own path and None. Records
+    name the URL, which every worker can reach, not a local copy only this one has."""
+    record_file = Path(checkpoint) / RECORD
+    if record_file.is_file() and "url" in (record := json.loads(record_file.read_text())):
+        return record["url"], record["version"]
+    return str(checkpoint), None
 
 
 def identity(recipe: Recipe, workdir: Path) -> str:
@@ -218,55 +360,47 @@ def _report(identity_: str, version: str, path: str, already: bool) -> dict:
 def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Publish the audited checkpoint; returns {version, path, ...} and records it in
     `<workdir>/publish/`. A checkpoint already in the registry is never written twice, with
-    or without `force`."""
+    or without `force`; `latest` is repaired either way."""
     workdir = Path(workdir)
     report = _check_audit(workdir)
     data_version = curate.curated_data_version(workdir)
     if data_version is None:
         raise PublishRefused(f"no finished curate stage in {workdir}: the published version could not name its data")
     weights_identity, expected = identity(recipe, workdir), input_fingerprint(recipe, workdir)
+    registry = Registry(recipe)
     for record in published_records(recipe):
         if record["identity"] == weights_identity:
+            registry.tidy(record["version"])
+            registry.point_latest()  # a publish killed before naming its version in `latest`
             return _record_in_workdir(
                 workdir, expected, _report(weights_identity, record["version"], record["path"], True)
             )
-    fs, registry = _filesystem(recipe.publish.registry)
-    model_root = f"{registry}/{recipe.model_name}"
-    fs.makedirs(model_root, exist_ok=True)
-    for stale in fs.glob(f"{model_root}/*.partial"):  # a killed publish
-        fs.rm(stale, recursive=True)
-    existing = versions(fs, model_root)
-    version = f"v{(int(existing[-1][1:]) + 1 if existing else 1):04d}"
-    partial, final = f"{model_root}/{version}.partial", f"{model_root}/{version}"
+    version = registry.claim(weights_identity)
     manifest = mix.read_manifest(workdir)
     files: dict[str, bytes | Path] = {p.name: p for p in sorted(train.final_model(workdir).iterdir()) if p.is_file()}
     files.update({f"audit/{p.name}": p for p in sorted(audit.STAGE.output(workdir).iterdir()) if p.is_file()})
     files["manifest.json"] = mix.manifest_path(workdir)
     files["eval_report.json"] = evaluate.report_path(workdir)
     files["README.md"] = model_card(recipe, report, manifest).encode()
+    base_model, base_version = published_origin(recipe.base_model.path)
     files[RECORD] = json.dumps(
         {
             "identity": weights_identity,
             "version": version,
+            "url": registry.url_of(version),
             "published": time.time(),
             "train_fingerprint": train.run_fingerprint(workdir),
             "recipe": recipe.name,
-            "base_model": str(recipe.base_model.path),
+            "base_model": base_model,
+            "base_version": base_version,
             "data_version": data_version,
         },
         indent=2,
     ).encode()
-    sums = []
-    for name, content in files.items():
-        data = content if isinstance(content, bytes) else content.read_bytes()
-        _write(fs, f"{partial}/{name}", data)
-        sums.append(f"{hashlib.sha256(data).hexdigest()}  {name}")
-    _write(fs, f"{partial}/SHA256SUMS", ("\n".join(sums) + "\n").encode())  # last: the version is complete
-    fs.mv(partial, final, recursive=True)
-    _write(fs, f"{model_root}/latest.tmp", (version + "\n").encode())
-    fs.mv(f"{model_root}/latest.tmp", f"{model_root}/latest")
+    url = registry.write_version(version, files)
+    registry.point_latest()
     return _record_in_workdir(
-        workdir, expected, {**_report(weights_identity, version, final, False), "files": len(files) + 1}
+        workdir, expected, {**_report(weights_identity, version, url, False), "files": len(files) + 1}
     )
 
 
@@ -275,8 +409,7 @@ def still_published(recipe: Recipe, workdir: Path) -> bool:
     record = Path(workdir) / FOLDER / "report.json"
     if not record.is_file():
         return False
-    fs, _ = _filesystem(recipe.publish.registry)
-    return fs.exists(f"{json.loads(record.read_text())['path']}/SHA256SUMS")
+    return Registry(recipe).fs.exists(f"{json.loads(record.read_text())['path']}/{SUMS}")
 
 
 def _record_in_workdir(workdir: Path, expected: str, report: dict) -> dict:

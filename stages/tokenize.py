@@ -8,7 +8,8 @@ Each shard packs one contiguous run of documents of one curated file (documents 
 by EOS; the last partial row is dropped, under seq_len tokens per shard), so shards are
 independent: worker processes write them in parallel, a shard is a pure function of its
 input range, and a rerun (after a kill, or after curate added a batch) writes only the
-shards that are missing.
+shards that are missing. Curated files are read in record batches of tokenize.batch_size
+documents, never whole, so memory does not grow with the size of a curated file.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import pyarrow.parquet as pq
 from refit.stages import curate
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
+from refit.stages.lib.lifeline import follow_parent
 from refit.stages.lib.markers import (
     code_version,
     file_sha256,
@@ -38,6 +40,7 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.paths import inside
 from refit.stages.lib.shards import token_dtype, write_rows
 
 log = logging.getLogger(__name__)
@@ -87,28 +90,30 @@ def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[S
     for source in recipe.sources:
         index = 0
         for path in curate.curated_files(workdir, source.name, "train"):
-            lengths = pc.utf8_length(pq.read_table(path, columns=["text"])["text"]).to_numpy()
-            start, chars = 0, 0
-            for row, length in enumerate(lengths):
-                chars += int(length)
-                if chars >= budget or row == len(lengths) - 1:
-                    jobs.append(
-                        ShardJob(
-                            source.name,
-                            index,
-                            str(path),
-                            start,
-                            row + 1,
-                            str(out / source.name / f"shard-{index:05d}.arrow"),
-                            settings,
+            rows = pq.ParquetFile(path).metadata.num_rows
+            start, chars, row = 0, 0, 0
+            for texts in curate.curated_texts(path, recipe.tokenize.batch_size):
+                for length in pc.utf8_length(texts).to_numpy():
+                    chars, row = chars + int(length), row + 1
+                    if chars >= budget or row == rows:
+                        jobs.append(
+                            ShardJob(
+                                source.name,
+                                index,
+                                str(path),
+                                start,
+                                row,
+                                str(inside(out, source.name, f"shard-{index:05d}.arrow")),
+                                settings,
+                            )
                         )
-                    )
-                    index, start, chars = index + 1, row + 1, 0
+                        index, start, chars = index + 1, row, 0
     return jobs
 
 
-def _init_worker(path: str) -> None:
+def _init_worker(path: str, stage_pid: int) -> None:
     global _TOKENIZER
+    follow_parent(stage_pid)  # die with the stage; obey the pool's SIGTERM (lifeline.py)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _TOKENIZER = load_tokenizer(Path(path))
 
@@ -116,13 +121,13 @@ def _init_worker(path: str) -> None:
 def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str, str]) -> dict:
     """Tokenize, pack and write one shard atomically; returns its index entry."""
     tokenizer = _TOKENIZER
-    texts = pq.read_table(job.input_file, columns=["text"]).slice(job.start, job.stop - job.start)["text"].to_pylist()
     eos = tokenizer.eos_token_id
-    pieces = []
-    for first in range(0, len(texts), batch_size):
-        for ids in tokenizer(texts[first : first + batch_size], add_special_tokens=False)["input_ids"]:
+    pieces, docs = [], 0
+    for texts in curate.curated_texts(Path(job.input_file), batch_size, job.start, job.stop):  # never the whole file
+        for ids in tokenizer(texts.to_pylist(), add_special_tokens=False)["input_ids"]:
             pieces.append(np.asarray(ids, dtype=np.int64))
             pieces.append(np.asarray([eos], dtype=np.int64))
+        docs += len(texts)
     flat = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
     out = Path(job.out)
     rows = write_rows(out, flat, seq_len, token_dtype(len(tokenizer)), {**metadata, "source": job.source})
@@ -131,7 +136,7 @@ def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str
         "rows": rows,
         "tokens": rows * seq_len,
         "sha256": file_sha256(out),
-        "docs": len(texts),
+        "docs": docs,
         "dropped_tail_tokens": int(len(flat) - rows * seq_len),
         "job": asdict(job),
     }
@@ -202,7 +207,9 @@ def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expec
     todo = [job for job in jobs if job not in done]
     log.info("tokenize: %d shards, %d already complete", len(jobs), len(done))
     with ProcessPoolExecutor(
-        max_workers=max(1, min(recipe.tokenize.workers, len(todo))), initializer=_init_worker, initargs=(str(tok_dir),)
+        max_workers=max(1, min(recipe.tokenize.workers, len(todo))),
+        initializer=_init_worker,
+        initargs=(str(tok_dir), os.getpid()),
     ) as pool:
         futures = {job: pool.submit(write_shard, job, seq_len, recipe.tokenize.batch_size, metadata) for job in todo}
         for n, (job, future) in enumerate(futures.items(), start=1):
@@ -218,8 +225,9 @@ def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expec
             "tokens": sum(s["tokens"] for s in shards),
             "shards": shards,
         }
-        (tmp / source.name).mkdir(parents=True, exist_ok=True)
-        write_json_atomic(tmp / source.name / "index.json", index)
+        folder = inside(tmp, source.name)
+        folder.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(folder / "index.json", index)
         report["sources"][source.name] = {k: index[k] for k in ("rows", "tokens")} | {"shards": len(shards)}
     report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(tmp / "report.json", report)

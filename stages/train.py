@@ -18,15 +18,15 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
 from refit.stages import mix
+from refit.stages.lib import lifeline
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
-from refit.stages.lib.lock import held_locks
+from refit.stages.lib.lock import held_locks, record_lock_holder
 from refit.stages.lib.markers import (
     code_version,
     fingerprint,
@@ -36,6 +36,7 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.remote_code import check_loadable_config
 
 log = logging.getLogger(__name__)
 
@@ -92,9 +93,8 @@ def _free_port() -> int:
 
 
 def launch_command(num_processes: int, job_dir: Path) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
+    # the launcher dies with this process and the training processes with the launcher (lifeline.py)
+    command = lifeline.command(
         "accelerate.commands.launch",
         "--num_machines",
         "1",
@@ -104,7 +104,7 @@ def launch_command(num_processes: int, job_dir: Path) -> list[str]:
         "no",
         "--num_processes",
         str(num_processes),
-    ]
+    )
     if num_processes > 1:  # torchrun-style launch; on a machine without GPUs accelerate uses gloo
         command += ["--multi_gpu", "--main_process_port", str(_free_port())]
     cores = os.cpu_count() or 1
@@ -171,6 +171,7 @@ def run_train(
     expected = input_fingerprint(recipe, workdir)
     if not force and is_done(final, expected):
         return read_report(workdir)
+    check_loadable_config(Path(recipe.base_model.path), recipe.base_model.trust_remote_code)  # before any launch
 
     def same_run(staging: Path) -> bool:  # another run's checkpoints are never resumed
         job = staging / JOB
@@ -201,9 +202,10 @@ def _launch(recipe: Recipe, job_dir: Path, on_progress: Callable[[dict], None] |
     env = dict(os.environ)
     if recipe.train.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, recipe.train.devices))
-    # the launcher holds the workdir lock too: if this process is killed, no other run can
-    # start on the workdir while the orphaned training processes still write to it
+    # the launcher holds the workdir lock too, and is named as a holder: until it has died with
+    # this process, no other run can start on the workdir while training processes write to it
     process = subprocess.Popen(command, start_new_session=True, env=env, pass_fds=held_locks())
+    record_lock_holder(process.pid)
     try:
         code = _wait(process, job_dir / "metrics.jsonl", on_progress)
     except BaseException:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_config import BASE, write
+from test_tokenize_mix import arrow_peaks
 
 from refit.stages.audit import (
     AuditFailed,
@@ -238,3 +239,8 @@ def test_validation_sets_too_small_for_the_loss_gates_are_warned_about(recipe):
     large["tokens"] = 50_000
     (warning,) = validation_warnings(recipe, evaluation({}, {"p": large}))
     assert "of 900 held out: evaluate.validation_docs caps it" in warning
+
+
+def test_contamination_gate_memory_does_not_grow_with_the_curated_text(tmp_path, tiny_tokenizer_dir):
+    small, large = arrow_peaks("contamination", tmp_path, tiny_tokenizer_dir, (4, 32))
+    assert large - small < 8 * 2**20, f"Arrow peak {small / 2**20:.1f} MiB at 4 MiB of text, {large / 2**20:.1f} at 32"

@@ -200,6 +200,30 @@ def test_rejections_name_the_field(layout, changes, path, message):
     assert message in found[path][1]
 
 
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../x", ""])
+@pytest.mark.parametrize(
+    "changes, path",
+    [
+        ({}, "name"),
+        ({"publish": {}}, "publish.model_name"),
+        ({}, "sources[0].name"),
+        ({"evaluate": {"benchmarks": [{"path": "data/bench.jsonl", "domain": "new"}]}}, "evaluate.benchmarks[0].name"),
+    ],
+    ids=["run", "model", "source", "benchmark"],
+)
+def test_a_name_that_is_not_a_folder_of_its_own_is_rejected(layout, name, changes, path):
+    recipe = edit(**changes)
+    node = recipe
+    *parents, leaf = path.replace("[", ".").replace("]", "").split(".")
+    for key in parents:
+        node = node[int(key)] if key.isdigit() else node[key]
+    node[leaf] = name
+    found = problems(layout, recipe)
+    assert path in found, found
+    expected = "cannot be a name" if name in (".", "..") else "should match pattern"
+    assert expected in found[path][1]
+
+
 def test_all_problems_are_listed_at_once_with_yaml_lines(layout):
     text = textwrap.dedent("""\
         name: r1

@@ -3,9 +3,15 @@ sources (legacy kept), decontamination, held-out split, incremental reruns, atom
 
 from __future__ import annotations
 
+import errno
 import gzip
 import json
+import os
 import random
+import shutil
+import sqlite3
+import subprocess
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -15,7 +21,16 @@ import yaml
 import zstandard
 from test_datasets import DATASETS, rows
 
-from refit.stages.curate import CurationError, curated_files, run_curate
+from refit.flows.cli import main as refit
+from refit.stages.curate import (
+    CurationError,
+    _disk_full,
+    curated_files,
+    data_version,
+    input_fingerprint,
+    run_curate,
+)
+from refit.stages.lib import file_hashes
 from refit.stages.lib.config import load_recipe
 from refit.stages.lib.text import word_ngrams
 
@@ -372,3 +387,215 @@ def test_too_many_bad_records_fail_and_keep_the_previous_output(tmp_path):
         run_curate(load_recipe(recipe_path), tmp_path / "wd")
     after = {p: p.read_bytes() for p in (tmp_path / "wd" / "curate").rglob("*") if p.is_file()}
     assert after == before and not (tmp_path / "wd" / "curate.tmp").exists()
+
+
+def _jsonl_bytes(docs: list[dict]) -> bytes:
+    return "".join(json.dumps(d) + "\n" for d in docs).encode()
+
+
+def curate_lines(tmp_path: Path, lines: list, **curate) -> tuple[dict, list[dict], Path]:
+    """Curate one JSONL file of 10 good documents followed by lines; (report, quarantine rows, file)."""
+    good = [{"id": f"g{i}", "text": d["text"]} for i, d in enumerate(NEW[:10])]
+    path = write_jsonl(tmp_path / "data" / "d.jsonl", good + lines)
+    recipe = load_recipe(
+        make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*"], "role": "new"}], max_bad_fraction=0.5, **curate)
+    )
+    return run_curate(recipe, tmp_path / "wd"), quarantine(tmp_path / "wd", "docs"), path
+
+
+def test_lone_surrogate_is_quarantined_as_invalid_unicode(tmp_path):
+    report, rows, path = curate_lines(
+        tmp_path,
+        [
+            b'{"id": "s1", "text": "a lone \\ud800 surrogate inside a document of decent length"}\n',
+            b'{"id": "s2\\udfff", "text": "a lone surrogate in the id of a document of decent length"}\n',
+        ],
+    )
+    assert [(r["file"], r["line"], r["reason"]) for r in rows] == [
+        (str(path), 11, "invalid_unicode"),
+        (str(path), 12, "invalid_unicode"),
+    ]
+    assert "U+D800 at offset 7" in rows[0]["detail"] and "\\ud800" in rows[0]["excerpt"]
+    assert "'id': lone surrogate U+DFFF" in rows[1]["detail"]
+    assert report["sources"]["docs"]["quarantined"] == {"invalid_unicode": 2}
+    assert curated_ids(tmp_path / "wd", "docs") == {f"g{i}" for i in range(10)}
+
+
+def test_byte_order_mark_is_stripped_and_the_first_record_kept(tmp_path):
+    docs = [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(NEW[:5])]
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + _jsonl_bytes(docs))
+    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/bom.jsonl"], "role": "new"}]))
+    report = run_curate(recipe, tmp_path / "wd")
+    assert report["sources"]["docs"]["quarantined"] == {}
+    assert curated_ids(tmp_path / "wd", "docs") == {f"d{i}" for i in range(5)}
+
+
+def test_duplicate_id_is_quarantined_even_after_a_bad_first_record_and_names_the_kept_one(tmp_path):
+    report, rows, path = curate_lines(
+        tmp_path,
+        [
+            {"id": "x", "text": "too short"},  # line 11: bad, but it claims the id
+            {"id": "x", "text": NEW[20]["text"]},  # line 12: a good record reusing it
+            {"id": "g3", "text": NEW[21]["text"]},  # line 13: reuses the id of line 4, which is kept
+        ],
+    )
+    short, after_bad, after_good = rows
+    assert (short["line"], short["reason"]) == (11, "too_short")
+    assert (after_bad["line"], after_bad["reason"], after_bad["kept"]) == (12, "duplicate_id", None)
+    assert f"{path}:11, quarantined there as too_short; no record with this id is kept" in after_bad["detail"]
+    assert (after_good["line"], after_good["reason"], after_good["kept"]) == (13, "duplicate_id", f"{path}:4")
+    assert report["sources"]["docs"]["quarantined"] == {"too_short": 1, "duplicate_id": 2}
+    assert curated_ids(tmp_path / "wd", "docs") == {f"g{i}" for i in range(10)}
+
+
+def test_null_text_is_reported_as_null_not_missing(tmp_path):
+    report, rows, _ = curate_lines(tmp_path, [{"id": "n", "text": None}, {"id": "m"}, {"id": None, "text": "t" * 30}])
+    assert [(r["reason"], r["detail"]) for r in rows] == [
+        ("null_text", "'text' is null"),
+        ("missing_text", "no 'text' field"),
+        ("missing_id", "'id' is null"),
+    ]
+    assert report["sources"]["docs"]["quarantined"] == {"null_text": 1, "missing_text": 1, "missing_id": 1}
+
+
+def _truncated_gzip(path: Path, docs: list[dict]) -> int:
+    data = gzip.compress(_jsonl_bytes(docs))[:-5000]
+    path.write_bytes(data)
+    return zlib.decompressobj(31).decompress(data).count(b"\n")  # the lines whole before the cut
+
+
+def _truncated_zstd(path: Path, docs: list[dict]) -> int:
+    """Three frames (as zstd writes concatenated files); cut inside the third."""
+    frames = [zstandard.ZstdCompressor().compress(_jsonl_bytes(docs[i : i + 10])) for i in (0, 10, 20)]
+    path.write_bytes(frames[0] + frames[1] + frames[2][: len(frames[2]) // 2])
+    return 20
+
+
+def _damaged_parquet(path: Path, docs: list[dict]) -> int:
+    """Three row groups of 10; the page header of the last one's text column overwritten."""
+    pq.write_table(pa.Table.from_pylist(docs), path, row_group_size=10)
+    column = pq.ParquetFile(path).metadata.row_group(2).column(1)
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset : column.data_page_offset + 16] = b"\xff" * 16
+    path.write_bytes(bytes(data))
+    return 20
+
+
+@pytest.mark.parametrize(
+    "name,damage,error",
+    [
+        ("cut.jsonl.gz", _truncated_gzip, "EOFError"),
+        ("cut.jsonl.zst", _truncated_zstd, "EOFError: zstd stream ended inside a frame"),
+        ("damaged.parquet", _damaged_parquet, "OSError"),
+    ],
+)
+def test_damaged_file_keeps_the_records_before_the_damage_and_is_quarantined(tmp_path, name, damage, error):
+    docs = [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:30])]
+    (tmp_path / "data").mkdir()
+    path = tmp_path / "data" / name
+    whole = damage(path, docs)
+    assert 0 < whole < len(docs)
+    fmt = "parquet" if name.endswith(".parquet") else "jsonl"
+    source = {"name": "docs", "paths": [f"data/{name}"], "role": "legacy", "format": fmt}
+    recipe = load_recipe(make_recipe(tmp_path, [source], max_bad_fraction=0.5))
+    report = run_curate(recipe, tmp_path / "wd")
+    assert curated_ids(tmp_path / "wd", "docs") == {f"d{i}" for i in range(whole)}
+    (row,) = quarantine(tmp_path / "wd", "docs")
+    assert (row["file"], row["line"], row["reason"]) == (str(path), whole + 1, "unreadable_file")
+    assert row["detail"].startswith(f"unreadable after line {whole}: {error}")
+    counts = report["sources"]["docs"]
+    assert counts["records"] == whole + 1 and counts["bad_fraction"] == pytest.approx(1 / (whole + 1), abs=1e-6)
+
+
+def test_an_unreadable_file_counts_towards_the_bad_fraction(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "a.jsonl.gz").write_bytes(gzip.compress(_jsonl_bytes([{"id": "a", "text": NEW[0]["text"]}])))
+    (tmp_path / "data" / "b.jsonl.gz").write_bytes(b"\x1f\x8b not gzip data")
+    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*"], "role": "new"}]))
+    with pytest.raises(CurationError, match=r"source docs: 50\.0% of 2 records are bad .* unreadable_file 1"):
+        run_curate(recipe, tmp_path / "wd")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs to fill; skipped where mounting is not permitted (needs root)."""
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    try:
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small filesystem")
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {result.stderr.decode().strip()}")
+    yield mount
+    busy = subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0
+    if busy:  # a file left open there: detach the mount anyway, then say so
+        subprocess.run(["umount", "--lazy", str(mount)], check=True)
+    assert not busy, "a file on the small disk was left open"
+
+
+def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tmp_path, small_disk, capsys):
+    write_jsonl(tmp_path / "data" / "day1.jsonl", [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:10])])
+    recipe_path = make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}])
+    workdir = small_disk / "wd"
+    run_curate(load_recipe(recipe_path), workdir)
+    before = {p: p.read_bytes() for p in (workdir / "curate").rglob("*") if p.is_file()}
+    rng = random.Random(0)
+    words = ["".join(rng.choices("abcdefghijklmnopqrstuvwxyz", k=rng.randint(2, 9))) for _ in range(5000)]
+    big = [{"id": f"b{i}", "text": " ".join(rng.choices(words, k=400))} for i in range(1500)]  # ~4 MB, unique
+    write_jsonl(tmp_path / "data" / "day2.jsonl", big)
+    capsys.readouterr()
+    assert refit(["stage", "curate", str(recipe_path), "--workdir", str(workdir)]) == 1
+    err = capsys.readouterr().err
+    (message,) = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert "Traceback" not in err, err
+    assert message.startswith(f"error: curate: no space left on device writing {workdir}/curate.tmp"), message
+    assert message.endswith(f"the previous curated output in {workdir}/curate is unchanged")
+    after = {p: p.read_bytes() for p in (workdir / "curate").rglob("*") if p.is_file()}
+    assert after == before and not (workdir / "curate.tmp").exists()
+
+
+def test_a_full_disk_is_recognised_as_sqlite_and_arrow_report_it(small_disk):
+    (small_disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 64 * 2**10))  # 64 KiB left
+    with pytest.raises(OSError) as arrow:
+        pq.write_table(pa.table({"text": [random.randbytes(1000).hex() for _ in range(100)]}), small_disk / "x.parquet")
+    db = sqlite3.connect(small_disk / "state.sqlite")
+    db.execute("CREATE TABLE texts (hash TEXT)")
+    with pytest.raises(sqlite3.OperationalError) as sqlite, db:
+        db.executemany("INSERT INTO texts VALUES (?)", [(random.randbytes(100).hex(),) for _ in range(1000)])
+    db.close()
+    assert _disk_full(arrow.value) and _disk_full(sqlite.value)
+    assert not _disk_full(OSError(errno.EACCES, "Permission denied")) and not _disk_full(sqlite3.OperationalError("x"))
+
+
+def test_files_are_known_by_their_content_not_their_mtime(tmp_path, monkeypatch):
+    day1 = write_jsonl(
+        tmp_path / "data" / "day1.jsonl", [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:10])]
+    )
+    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}]))
+    workdir = tmp_path / "wd"
+    first = run_curate(recipe, workdir)
+    version, fingerprint = data_version(recipe, workdir), input_fingerprint(recipe, workdir)
+    hashed = []
+    monkeypatch.setattr(
+        file_hashes, "file_sha256", lambda path, real=file_hashes.file_sha256: hashed.append(path) or real(path)
+    )
+    assert input_fingerprint(recipe, workdir) == fingerprint and hashed == []  # unchanged files are not read again
+
+    day1.write_bytes(day1.read_bytes())  # copied again: same bytes, new mtime
+    os.utime(day1, ns=(day1.stat().st_atime_ns, day1.stat().st_mtime_ns + 10**9))
+    copy = tmp_path / "data" / "day1-copy.jsonl"
+    shutil.copy(day1, copy)
+    assert input_fingerprint(recipe, workdir) == fingerprint and data_version(recipe, workdir) == version
+    assert sorted(hashed) == [copy, day1]  # each hashed once, then cached
+    assert run_curate(recipe, workdir) == first and not (workdir / "curate" / "docs" / "train-0002.parquet").exists()
+
+    write_jsonl(tmp_path / "data" / "day2.jsonl", [{"id": "b0", "text": NEW[11]["text"]}])  # new data: a batch
+    second = run_curate(recipe, workdir)["sources"]["docs"]
+    assert [Path(f).name for f in second["files"]] == ["day2.jsonl"] and second["records"] == 1
+    assert second["copies_of_curated_files"] == [str(copy)]  # recorded, not read again
+
+    write_jsonl(day1, [{"id": "a0", "text": NEW[12]["text"]}])
+    with pytest.raises(CurationError, match=r"day1\.jsonl changed since it was curated; .* rerun with --force"):
+        run_curate(recipe, workdir)

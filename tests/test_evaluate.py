@@ -10,7 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refit.stages.evaluate import Scorer, _compare, mean_stderr
+from refit.stages.evaluate import _compare, choice_metrics, mean_stderr
+from refit.stages.lib.scoring import Scorer
 
 ITEMS = [
     {
@@ -55,13 +56,13 @@ def test_choice_loglikelihoods_match_a_direct_computation_at_any_batch_size(tiny
 
 def test_acc_and_acc_norm_follow_the_harness_definitions(tiny_model_dir):
     scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=8)
-    scores = scorer.score_benchmark(ITEMS)
+    scores = choice_metrics(ITEMS, scorer.choice_loglikelihoods(ITEMS))
     for n, item in enumerate(ITEMS):
         lls = np.array([direct_logprob(tiny_model_dir, item["query"], c) for c in item["choices"]])
         assert scores["acc"][n] == float(np.argmax(lls) == item["gold"])
         per_char = lls / np.array([len(c) for c in item["choices"]])
         assert scores["acc_norm"][n] == float(np.argmax(per_char) == item["gold"])
-    again = scorer.score_benchmark(ITEMS)
+    again = choice_metrics(ITEMS, scorer.choice_loglikelihoods(ITEMS))
     assert all(np.array_equal(scores[k], again[k]) for k in scores)  # deterministic
 
 
@@ -166,3 +167,134 @@ def test_token_weighted_loss_comparison_with_ratio_standard_errors():
     assert loss["delta"] == pytest.approx(-11 / 60)
     residuals = (candidate - base) - loss["delta"] * tokens
     assert loss["delta_stderr"] == pytest.approx(np.sqrt((residuals**2).sum() / 6) / tokens.mean())
+
+
+def scoring_tasks() -> list:
+    from conftest import TEXT
+    from test_lm_eval_backend import make_items
+
+    from refit.stages.lib.scoring import ScoringTask
+
+    texts = [TEXT[i * 97 : i * 97 + 50 + 40 * i] for i in range(9)]  # 9 documents of different lengths
+    return [ScoringTask("bench", "choices", make_items(24)), ScoringTask("docs", "documents", texts, seq_len=16)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_scoring_with_two_processes_equals_scoring_with_one(tiny_model_dir):
+    from refit.stages.lib.scoring import ScoringSettings, choice_loglikelihoods, score_models
+
+    tasks = scoring_tasks()
+    models = {"base": tiny_model_dir}
+    runs = {}
+    for processes in (1, 2):
+        settings = ScoringSettings("cpu", "float32", batch_size=4, num_processes=processes)
+        runs[processes], summary = score_models(models, tiny_model_dir, tasks, settings)
+        assert summary == {"base": {"tasks_scored": 2, "tasks_cached": 0}}
+    one, two = runs[1]["base"], runs[2]["base"]
+    items = tasks[0].inputs
+    lls_one, lls_two = choice_loglikelihoods(one["bench"]), choice_loglikelihoods(two["bench"])
+    assert len(lls_two) == len(items) and [len(x) for x in lls_two] == [len(i["choices"]) for i in items]
+    for a, b in zip(lls_one, lls_two):  # every choice of every item, in the items' order
+        assert b == pytest.approx(a, abs=1e-5)
+    for metric in ("acc", "acc_norm"):
+        assert np.array_equal(choice_metrics(items, lls_one)[metric], choice_metrics(items, lls_two)[metric])
+    assert two["docs"]["tokens"].tolist() == one["docs"]["tokens"].tolist()
+    assert two["docs"]["nll"] == pytest.approx(one["docs"]["nll"], abs=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_changes(trained, tmp_path):
+    import shutil
+
+    from refit.stages.evaluate import run_evaluate
+    from refit.stages.lib.config import load_recipe
+
+    path, workdir = trained
+    recipe = load_recipe(path)
+    base = tmp_path / "base-copy"  # the session's tiny model stays as it is
+    shutil.copytree(recipe.base_model.path, base)
+    recipe = recipe.model_copy(update={"base_model": recipe.base_model.model_copy(update={"path": str(base)})})
+
+    first = run_evaluate(recipe, workdir)
+    assert first["base_cached"] is False and first["scoring"]["device"] == "cpu"
+    assert first["scoring"]["models"] == {
+        "base": {"tasks_scored": 3, "tasks_cached": 0},  # one benchmark, two sources' validation documents
+        "candidate": {"tasks_scored": 3, "tasks_cached": 0},
+    }
+    cache = tmp_path / ".refit-cache"  # beside the workdir, where sweep variants and nightly runs find it
+    assert first["scoring"]["cache_dir"] == str(cache) and len(list((cache / "scores").glob("*.npz"))) == 3
+
+    second = run_evaluate(recipe, workdir, force=True)  # the next night, or another variant of the same base
+    assert second["base_cached"] is True
+    assert second["scoring"]["models"]["base"] == {"tasks_scored": 0, "tasks_cached": 3}  # the base was not scored
+    assert second["scoring"]["models"]["candidate"] == {"tasks_scored": 3, "tasks_cached": 0}
+    assert second["benchmarks"] == first["benchmarks"] and second["validation"] == first["validation"]
+
+    model = AutoModelForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1.5)  # another base: sharper predictions, other losses
+    model.save_pretrained(base)
+    third = run_evaluate(recipe, workdir, force=True)
+    assert third["base_cached"] is False and third["scoring"]["models"]["base"]["tasks_scored"] == 3
+    assert third["scoring"]["base_sha256"] != first["scoring"]["base_sha256"]
+    for name, source in third["validation"].items():
+        assert source["base_loss_per_token"] != first["validation"][name]["base_loss_per_token"]
+        assert source["candidate_loss_per_token"] == first["validation"][name]["candidate_loss_per_token"]
+
+
+def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path):
+    import hashlib
+    import os
+
+    from refit.stages.lib.file_hashes import directory_sha256, memoized_sha256
+
+    weights, memo = tmp_path / "model" / "weights.bin", tmp_path / "memo"
+    weights.parent.mkdir()
+    weights.write_bytes(b"a" * 1000)
+    original = memoized_sha256(weights, memo)
+    assert original == hashlib.sha256(b"a" * 1000).hexdigest()
+    stat = weights.stat()
+    weights.write_bytes(b"b" * 1000)  # same size, and the old mtime put back: the memo answers, the file is not read
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert memoized_sha256(weights, memo) == original
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # touched: read again
+    assert memoized_sha256(weights, memo) == hashlib.sha256(b"b" * 1000).hexdigest()
+    folder_digest = directory_sha256([weights.parent, weights.parent], memo)
+    (weights.parent / "config.json").write_text("{}")
+    assert directory_sha256([weights.parent], memo) != folder_digest
+
+
+def test_device_and_precision_follow_the_machine_unless_set(tiny_model_dir):
+    from refit.stages.lib.config import EvaluateSpec
+    from refit.stages.lib.scoring import ScoringSettings
+
+    auto = ScoringSettings.resolve(EvaluateSpec())
+    if torch.cuda.is_available():
+        assert auto.device == "cuda" and auto.dtype == ("bfloat16" if torch.cuda.is_bf16_supported() else "float32")
+    else:
+        assert (auto.device, auto.dtype) == ("cpu", "float32")
+        with pytest.raises(ValueError, match="evaluate.device is cuda"):
+            ScoringSettings.resolve(EvaluateSpec(device="cuda"))
+    bf16 = ScoringSettings.resolve(EvaluateSpec(device="cpu", precision="bf16"))
+    assert (bf16.device, bf16.dtype) == ("cpu", "bfloat16")
+    fp32 = Scorer(tiny_model_dir, tiny_model_dir, batch_size=4)
+    half = Scorer(tiny_model_dir, tiny_model_dir, batch_size=4, dtype="bfloat16")
+    assert half.model.dtype == torch.bfloat16
+    exact, rounded = (np.concatenate(s.choice_loglikelihoods(ITEMS)) for s in (fp32, half))
+    assert rounded == pytest.approx(exact, rel=0.03)  # bf16 weights and activations, fp32 softmax
+
+
+@pytest.mark.gpu
+def test_scoring_on_the_gpu_in_bf16_agrees_with_the_cpu(tiny_model_dir):
+    from refit.stages.lib.scoring import ScoringSettings, score_models
+
+    tasks = scoring_tasks()
+    results = {}
+    for device, dtype in (("cpu", "float32"), ("cuda", "bfloat16")):
+        settings = ScoringSettings(device, dtype, batch_size=4)
+        results[device] = score_models({"m": tiny_model_dir}, tiny_model_dir, tasks, settings)[0]["m"]
+    for key, scores in results["cpu"].items():
+        for name, values in scores.items():
+            assert results["cuda"][key][name] == pytest.approx(values, rel=0.03)

@@ -48,6 +48,24 @@ def kill_when(process: subprocess.Popen, ready, visible: Path, timeout: float = 
         time.sleep(0.005)
     process.send_signal(signal.SIGKILL)
     process.wait()
+    deadline = time.time() + 10  # its forked workers (datatrove's pool and manager, tokenize's pool) die with it
+    while stage_processes(visible.parent) and time.time() < deadline:
+        time.sleep(0.05)
+    assert stage_processes(visible.parent) == [], "forked workers outlived the killed stage"
+
+
+def stage_processes(workdir: Path) -> list[int]:
+    """Live processes running a refit stage on workdir (the stage's forked workers share its command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+            zombie = "State:\tZ" in (entry / "status").read_text()
+        except (OSError, NotADirectoryError):
+            continue
+        if b"refit.flows.cli" in cmdline and str(workdir).encode() in cmdline and not zombie:
+            found.append(int(entry.name))
+    return found
 
 
 @pytest.fixture

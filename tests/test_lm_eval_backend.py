@@ -13,9 +13,10 @@ import pytest
 import yaml
 from conftest import TEXT
 
-from refit.stages.evaluate import Scorer, context_length, mean_stderr
+from refit.stages.evaluate import choice_metrics, mean_stderr
 from refit.stages.lib import lm_eval_backend
 from refit.stages.lib.config import BenchmarkSpec
+from refit.stages.lib.scoring import Scorer, context_length
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
 
@@ -54,7 +55,7 @@ def assert_backends_agree(model_dir, bench, task_dir):
     items = [json.loads(line) for line in open(bench.path)]
     scorer = Scorer(model_dir, model_dir, batch_size=4)
     refit_lls = scorer.choice_loglikelihoods(items)
-    refit = scorer.score_benchmark(items)
+    refit = choice_metrics(items, refit_lls)
     harness = lm_eval_backend.score_benchmarks(
         model_dir,
         model_dir,

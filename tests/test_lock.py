@@ -65,3 +65,25 @@ def test_wait_queues_behind_the_holder(tmp_path):
     started = time.time()
     with workdir_lock(tmp_path, "second", wait=True, poll=0.1):
         assert holder.poll() is not None and time.time() - started >= 0.9
+
+
+def test_the_busy_message_names_the_live_child_when_the_holder_died(tmp_path):
+    code = (
+        "import subprocess, sys, time; from refit.stages.lib.lock import held_locks, record_lock_holder, workdir_lock\n"
+        "with workdir_lock(sys.argv[1], 'refit run demo'):\n"  # a child keeps the lock, as the training launcher does
+        "    child = subprocess.Popen(['sleep', '600'], pass_fds=held_locks())\n"
+        "    record_lock_holder(child.pid)\n"
+        "    print(child.pid, flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with pytest.raises(WorkdirBusy, match=rf"refit run demo \(pid {child}, started by pid {holder.pid}, which has"):
+            with workdir_lock(tmp_path, "the rerun"):
+                pass
+    finally:
+        os.kill(child, signal.SIGKILL)
+    with workdir_lock(tmp_path, "the rerun", wait=True, poll=0.05):  # the child's death releases it
+        pass

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,9 +17,10 @@ from test_train import prepare
 
 from refit.stages.lib.config import RecipeError, load_recipe
 from refit.stages.lib.markers import read_marker
-from refit.stages.lib.sweep import SweepError, parse_grid, plan_variants, prepare_variant, set_field
+from refit.stages.lib.sweep import SweepError, check_grid, parse_grid, plan_variants, prepare_variant, set_field
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_grid_values_are_typed_and_bad_keys_are_refused(tiny_model_dir):
@@ -28,6 +33,25 @@ def test_grid_values_are_typed_and_bad_keys_are_refused(tiny_model_dir):
         parse_grid(["schedule.max_lr"])
     with pytest.raises(SweepError, match="no field 'lr_belw'"):
         set_field({"mixture": {"phases": [{}, {"lr_below": 0.2}]}}, "mixture.phases.1.lr_belw", 0.5)
+
+
+def test_a_list_index_and_a_key_that_read_alike_are_not_confused(tiny_model_dir):
+    data = {"mixture": {"phases": [{"name": "general", "weights": {"0": 1.0, "new": 1.0}}]}}  # a source named 0
+    set_field(data, "mixture.phases.0.weights.0", 3.0)
+    assert data == {"mixture": {"phases": [{"name": "general", "weights": {"0": 3.0, "new": 1.0}}]}}
+
+
+def test_a_typo_in_a_grid_key_stops_the_sweep_before_anything_runs(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    with pytest.raises(SweepError, match=r"--grid train\.micro_batch_sise: the recipe has no field 'micro_batch_sise'"):
+        check_grid(load_recipe(path), ["schedule.max_lr=3e-3,1e-3", "train.micro_batch_sise=1,2"])
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    command = ["sweep", str(path), "--workdir", str(workdir), "--grid", "train.micro_batch_sise=1,2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "refit.flows.cli", *command], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "micro_batch_sise" in result.stderr and "Traceback" not in result.stderr
+    assert "temporary server" not in result.stderr and not (workdir / "curate").exists()
 
 
 def test_variants_are_complete_recipes_validated_with_the_field_named(tmp_path, tiny_model_dir):

@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from test_curate import LEGACY, NEW, make_recipe, write_jsonl
 from transformers import AutoTokenizer
 
 from refit.flows.cli import main as refit
-from refit.stages.curate import curated_files, run_curate
+from refit.stages.curate import curated_files, curated_texts, run_curate
 from refit.stages.lib.config import load_recipe
 from refit.stages.lib.markers import MARKER, StageNotReady, file_sha256
 from refit.stages.lib.schedule import schedule_for
@@ -170,3 +174,76 @@ def test_a_batch_that_adds_nothing_to_a_source_tokenizes(curated, tmp_path):
     assert [p.name for p in curated_files(workdir, "old", "train")] == ["train-0001.parquet", "train-0002.parquet"]
     tokens = run_tokenize(recipe, workdir)["sources"]
     assert tokens["old"]["rows"] == json.loads((workdir / "tokenize" / "old" / "index.json").read_text())["rows"] > 0
+
+
+def test_curated_texts_reads_the_rows_asked_in_record_batches(tmp_path):
+    path = tmp_path / "train-0001.parquet"
+    texts = [f"document {i}" for i in range(50)]
+    pq.write_table(pa.table({"id": [str(i) for i in range(50)], "text": texts}), path, row_group_size=7)
+    for start, stop in [(0, 50), (5, 23), (14, 15), (49, 50), (20, 20)]:
+        batches = [b.to_pylist() for b in curated_texts(path, 4, start, stop)]
+        assert [t for b in batches for t in b] == texts[start:stop] and all(len(b) <= 4 for b in batches)
+    assert [t for b in curated_texts(path, 1000) for t in b.to_pylist()] == texts
+
+
+def test_shards_are_identical_whatever_the_record_batch_size(curated):
+    recipe, workdir, _ = curated
+    run_tokenize(recipe, workdir)  # batch_size 512: each curated file in one record batch
+    whole = {p.name + p.parent.name: p.read_bytes() for p in (workdir / "tokenize").rglob("shard-*.arrow")}
+    small = recipe.model_copy(update={"tokenize": recipe.tokenize.model_copy(update={"batch_size": 4})})
+    assert len(pq.read_table(curated_files(workdir, "new", "train")[0])) > 4 * 4  # many record batches
+    run_tokenize(small, workdir, force=True)
+    assert {p.name + p.parent.name: p.read_bytes() for p in (workdir / "tokenize").rglob("shard-*.arrow")} == whole
+
+
+MEMORY_PROBE = """
+import os
+import sys
+from pathlib import Path
+import pyarrow as pa
+from refit.stages import tokenize
+from refit.stages.audit import contamination_gate
+from refit.stages.lib.config import load_recipe
+reader, runs = sys.argv[1], sys.argv[2:]
+for recipe, workdir in zip(map(load_recipe, runs[::2]), map(Path, runs[1::2])):
+    if reader == "tokenize":
+        tokenize._init_worker(str(recipe.tokenizer), os.getppid())
+        jobs = tokenize.plan_jobs(recipe, workdir, workdir / "tokenize.tmp", "probe")
+        tokenize.write_shard(jobs[-1], recipe.tokenize.seq_len, recipe.tokenize.batch_size, {})
+    else:
+        contamination_gate(recipe, workdir, {"sources": {"docs": {"drawn_sequences": 1}}})
+    print(pa.default_memory_pool().max_memory())  # the peak so far
+"""
+
+
+def arrow_peaks(reader: str, tmp_path: Path, tokenizer: Path, sizes: tuple[int, ...]) -> list[int]:
+    """The peak Arrow memory of a fresh process running reader ("tokenize" or the audit's
+    "contamination" gate) over curated files of random 4 KiB documents of each size (MiB) in turn."""
+    runs = []
+    for mebibytes in sizes:
+        folder = tmp_path / f"{mebibytes}mib"
+        letters = np.random.default_rng(mebibytes).integers(97, 123, size=mebibytes * 2**20, dtype=np.uint8)
+        letters[::64] = ord(" ")  # long words: the contamination gate's n-grams stay quick
+        text = letters.tobytes().decode()
+        starts = range(0, len(text), 4096)
+        (folder / "wd" / "curate" / "docs").mkdir(parents=True)
+        pq.write_table(
+            pa.table({"id": [str(i) for i in starts], "text": [text[i : i + 4096] for i in starts]}),
+            folder / "wd" / "curate" / "docs" / "train-0001.parquet",
+        )
+        write_jsonl(folder / "data" / "d.jsonl", [{"id": "x", "text": "unused"}])
+        recipe = make_recipe(
+            folder,
+            [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}],
+            sections={"tokenizer": str(tokenizer), "tokenize": {"seq_len": 64, "rows_per_shard": 100}},
+        )
+        runs += [str(recipe), str(folder / "wd")]
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, reader, *runs], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    return [int(line) for line in probe.stdout.split()]
+
+
+def test_tokenize_memory_does_not_grow_with_the_curated_file(tmp_path, tiny_tokenizer_dir):
+    small, large = arrow_peaks("tokenize", tmp_path, tiny_tokenizer_dir, (8, 64))
+    # reading whole files, the peak grew with the text (2.5 bytes a byte: 24 -> 136 MiB); record batches keep it flat
+    assert large - small < 8 * 2**20, f"Arrow peak {small / 2**20:.1f} MiB at 8 MiB of text, {large / 2**20:.1f} at 64"

@@ -3,9 +3,9 @@ SIGKILL and rerun gives bitwise the same run; 2 gloo processes match 1; NaN stop
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,10 +20,12 @@ from transformers import AutoModelForCausalLM
 
 from refit.stages.curate import run_curate
 from refit.stages.lib.config import load_recipe
+from refit.stages.lib.lock import workdir_lock
 from refit.stages.lib.markers import file_sha256, read_marker
+from refit.stages.lib.train_loop import record_failure
 from refit.stages.mix import run_mix
 from refit.stages.tokenize import run_tokenize
-from refit.stages.train import TrainingError, run_train
+from refit.stages.train import FAILURE, TrainingError, run_train
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -101,9 +103,10 @@ def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
     assert run_train(load_recipe(path), workdir) == report  # done: not trained again
 
 
-def kill_at_step(path: Path, workdir: Path, step: int, *options: str) -> None:
-    """Run the stage in a subprocess and SIGKILL it and its training processes (their own
-    session) once `step` is logged: a machine crash, as far as the workdir can tell."""
+def kill_at_step(path: Path, workdir: Path, step: int, *options: str, whole_group: bool = True) -> None:
+    """Run the stage in a subprocess and SIGKILL its process group (or the stage process
+    alone) once `step` is logged: a machine crash, as far as the workdir can tell. The
+    training processes, in sessions of their own, must die with it."""
     process = subprocess.Popen(
         [sys.executable, "-m", "refit.flows.cli", "stage", "train", str(path), "--workdir", str(workdir), *options],
         cwd=REPO,
@@ -116,11 +119,15 @@ def kill_at_step(path: Path, workdir: Path, step: int, *options: str) -> None:
     while not (log.exists() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines())):
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.002)
-    os.killpg(process.pid, signal.SIGKILL)
-    for pid in training_processes(workdir):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGKILL)
     process.wait()
+    deadline = time.time() + 10
+    while training_processes(workdir) and time.time() < deadline:
+        time.sleep(0.05)
+    assert training_processes(workdir) == [], "training processes outlived the killed stage"
 
 
 def test_sigkill_before_and_after_the_switch_resumes_bitwise(tmp_path, tiny_model_dir):
@@ -236,6 +243,42 @@ def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_
     while training_processes(workdir) and time.time() < deadline:
         time.sleep(0.1)
     assert training_processes(workdir) == []
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_both_ranks_die_with_a_killed_stage_process_and_free_the_workdir(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=2)
+    kill_at_step(path, workdir, 0, whole_group=False)  # the stage process alone, as `kill -9 PID` does
+    with workdir_lock(workdir, "the rerun"):
+        pass
+
+
+def test_only_the_first_failing_rank_leaves_its_reason(tmp_path):
+    record_failure(tmp_path / FAILURE, RuntimeError("rank 1: out of memory"))
+    record_failure(tmp_path / FAILURE, RuntimeError("rank 0: connection closed by peer"))
+    assert (tmp_path / FAILURE).read_text() == "RuntimeError: rank 1: out of memory\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [FAILURE]
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_a_base_model_that_needs_its_own_code_is_refused_in_one_line(tmp_path, tiny_model_dir):
+    base = tmp_path / "custom-base"
+    shutil.copytree(tiny_model_dir, base)
+    config = json.loads((base / "config.json").read_text())
+    config |= {"model_type": "refit_custom", "auto_map": {"AutoConfig": "custom.Config"}}
+    (base / "config.json").write_text(json.dumps(config))
+    (base / "custom.py").write_text("raise SystemExit('the custom code ran')\n")
+    path, workdir = prepare(tmp_path, base)
+    result = subprocess.run(
+        [sys.executable, "-m", "refit.flows.cli", "stage", "train", str(path), "--workdir", str(workdir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {base} needs its own Python code to load")
+    assert "base_model.trust_remote_code is false" in result.stderr
+    assert not training_processes(workdir) and not (workdir / "train.tmp").exists()
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["gpt2"], indirect=True)

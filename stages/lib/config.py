@@ -22,6 +22,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -72,7 +73,17 @@ def _resolve_path(value: Any, info: ValidationInfo) -> Any:
     return value if resolved is None else resolved
 
 
+def _not_a_relative_folder(name: str) -> str:
+    """`.` and `..` pass the character check but name the folder itself or its parent."""
+    if name in (".", ".."):
+        meaning = "the folder itself" if name == "." else "the parent folder"
+        raise ValueError(f"{name!r} cannot be a name: as a folder name it means {meaning}")
+    return name
+
+
 TokenCount = Annotated[int, BeforeValidator(_parse_count), Field(gt=0)]
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_relative_folder)]
+"""A name that becomes a folder or file name: letters, digits, _ . -, and neither `.` nor `..`."""
 RecipePath = Annotated[str, BeforeValidator(_resolve_path)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
@@ -115,7 +126,7 @@ class BaseModelSpec(Section):
 
 
 class SourceSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Short name used in weights, shard folders and reports (letters, digits, _ . -)."""
     paths: list[RecipePath] = Field(min_length=1)
     """Files or glob patterns (** allowed) of this source; each must match at least one file."""
@@ -196,13 +207,13 @@ class TokenizeSpec(Section):
     rows_per_shard: int = Field(default=8192, ge=1)
     """Packed sequences per Arrow shard."""
     batch_size: int = Field(default=512, ge=1)
-    """Documents per call of the fast tokenizer."""
+    """Documents per record batch read from the curated Parquet files and per call of the fast tokenizer."""
     workers: int = Field(default=2, ge=1)
     """Parallel tokenizer worker processes."""
 
 
 class PhaseSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Name of the phase in logs and reports."""
     weights: dict[str, float] = Field(min_length=1)
     """Share of this phase's sequences per source name; normalised to sum to 1."""
@@ -291,7 +302,7 @@ class TrainSpec(Section):
 
 
 class BenchmarkSpec(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Name in reports."""
     path: RecipePath
     """JSONL with {"id", "query", "choices", "gold"}; choices start with a space."""
@@ -316,6 +327,18 @@ class EvaluateSpec(Section):
     """At most this many held-out documents per source for validation loss."""
     batch_size: int = Field(default=16, ge=1)
     """Sequences per forward pass when scoring."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where models are scored. auto: CUDA when this machine has a GPU, else the CPU."""
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
+    """auto: bf16 on a GPU that supports it, else fp32 (always fp32 on the CPU)."""
+    num_processes: int = Field(default=1, ge=1)
+    """Processes scoring data-parallel, started with torchrun: one GPU each, or CPU processes
+    over gloo. Each scores every N-th request; the results are the same as with one."""
+    cache_dir: RecipePath | None = None
+    """Folder where the base model's scores are kept across runs, keyed by the base's weights,
+    what is scored, the scorer's version and the device settings. Default:
+    `.refit-cache/` beside the workdir (in its parent folder), shared by the sweep's variants
+    and by every nightly run of the recipe."""
     prefix_eos: bool = False
     """Prepend the EOS token to each benchmark query, for models pretrained on documents that
     each start after an EOS (as Refit packs them). Off: the query's own tokens only, as
@@ -349,7 +372,7 @@ class GatesSpec(Section):
 class PublishSpec(Section):
     registry: RecipePath = "registry"
     """Local folder or fsspec URL under which <model_name>/vNNNN/ versions are written."""
-    model_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]+$")
+    model_name: Name | None = None
     """Name of the model in the registry. Default: the recipe name."""
     license: str = "apache-2.0"
     """License identifier written into the model card."""
@@ -378,7 +401,7 @@ class SweepSpec(Section):
 
 
 class Recipe(Section):
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    name: Name
     """Run name: names the workdir, the Prefect flow runs and the published model."""
     description: str = ""
     """Free text for the model card."""

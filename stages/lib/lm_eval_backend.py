@@ -3,11 +3,11 @@
 For each benchmark file this writes a local harness task definition (YAML) that reads the
 JSONL as it is (`dataset_path: json`), asks for the log-likelihood of every choice after the
 query, and counts `acc` and `acc_norm` (by characters) as Refit's own scorer does. The
-harness then runs in-process and offline on the same checkpoint directory, in fp32 on the
-same device, with the same batch size. `target_delimiter` is empty because Refit's choices
-already start with a space, and the harness's default `add_bos_token` (the tokenizer's own
-special tokens) is kept, which Refit's scorer follows, so the harness scores exactly the
-tokens Refit scores.
+harness then runs in-process and offline on the same checkpoint directory, on the same
+device, in the same dtype and with the same batch size as Refit's scorer.
+`target_delimiter` is empty because Refit's choices already start with a space, and the
+harness's default `add_bos_token` (the tokenizer's own special tokens) is kept, which
+Refit's scorer follows, so the harness scores exactly the tokens Refit scores.
 
 The harness is optional: `pip install 'refit[lm-eval]'`.
 """
@@ -75,10 +75,12 @@ def score_benchmarks(
     max_length: int | None = None,
     trust_remote_code: bool = False,
     device: str = "cpu",
+    dtype: str = "float32",
 ) -> dict[str, dict]:
-    """Score every benchmark with the harness, one model. Per benchmark, in the file's item order:
+    """Score every benchmark with the harness, one model, on device ("cpu", "cuda") in dtype (a
+    torch dtype name, as Refit's `ScoringSettings`). Per benchmark, in the file's item order:
     `acc` and `acc_norm` (0/1 per item, the harness's own per-item decisions, the shape of
-    `Scorer.score_benchmark`), `loglikelihoods` (one array of choice log-likelihoods per item),
+    `evaluate.choice_metrics`), `loglikelihoods` (one array of choice log-likelihoods per item),
     and `reported`: the harness's own aggregate figures (acc, acc_stderr, acc_norm, acc_norm_stderr)."""
     if not benchmarks:
         return {}
@@ -87,7 +89,7 @@ def score_benchmarks(
     model_args = {
         "pretrained": str(model_dir),
         "tokenizer": str(tokenizer_dir),
-        "dtype": "float32",
+        "dtype": dtype,
         "trust_remote_code": trust_remote_code,
     }
     if max_length:

@@ -3,7 +3,9 @@
 Two runs interleaving on one workdir (a nightly refresh and a hand rerun, say) could swap
 outputs under each other. The lock is `flock`-based, so the kernel releases it when the
 holder dies, even by SIGKILL: a crashed run never leaves a stale lock behind. The file
-names the holder, for the message the second run prints.
+names the holder, for the message the second run prints: the run, and every process that
+holds the lock (a child passed the lock, like the training launcher, keeps it until it
+exits), so that the message names a live one even when the run itself has just died.
 """
 
 from __future__ import annotations
@@ -25,16 +27,31 @@ class WorkdirBusy(RuntimeError):
     """Another run holds the workdir."""
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
 def _holder(path: Path) -> str:
     try:
         info = json.loads(path.read_text() or "{}")
     except (OSError, ValueError):
         return "another run"
     started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
-    return f"{info.get('what', 'another run')} (pid {info.get('pid')} on {info.get('host')}, since {started})"
+    pids = info.get("pids") or [None]  # none yet: the holder is between taking the lock and writing this
+    live = [pid for pid in pids if pid and _alive(pid)] if info.get("host") == socket.gethostname() else pids
+    who = f"pid {(live or pids)[0]}"
+    if live and live[0] != pids[0]:  # the run died; a child it passed the lock to has not yet
+        who += f", started by pid {pids[0]}, which has exited"
+    return f"{info.get('what', 'another run')} ({who} on {info.get('host')}, since {started})"
 
 
-_held: set[int] = set()  # lock descriptors held by this process
+_held: dict[int, dict] = {}  # lock descriptor held by this process -> the holder record in its file
 
 
 def _drop_inherited() -> None:
@@ -54,41 +71,68 @@ def held_locks() -> tuple[int, ...]:
     return tuple(sorted(_held))
 
 
+def record_lock_holder(pid: int) -> None:
+    """Name `pid` (a child that was passed `held_locks()`) as a holder of every lock this
+    process holds: if this process dies first, the busy message names the child."""
+    for fd, record in _held.items():
+        record["pids"].append(pid)
+        _write(fd, json.dumps(record))
+
+
 def _write(fd: int, text: str) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, text.encode(), 0)
+
+
+def _acquire(fd: int, workdir: Path, wait: bool, poll: float) -> None:
+    path = workdir / LOCK_FILE
+    announced = False
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if not wait:
+                raise WorkdirBusy(
+                    f"{workdir} is in use by {_holder(path)}; nothing was changed. Wait for it to "
+                    f"finish, or rerun with --wait to queue behind it."
+                ) from None
+            if not announced:
+                print(f"waiting for {_holder(path)} to release {workdir}", file=sys.stderr, flush=True)
+                announced = True
+            time.sleep(poll)
+
+
+def _open(workdir: Path) -> int:
+    workdir.mkdir(parents=True, exist_ok=True)
+    return os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+def check_workdir_free(workdir: Path, wait: bool = False, poll: float = 1.0) -> None:
+    """Raise WorkdirBusy (or wait) now if another run holds the workdir, without holding it:
+    for a caller about to start something slow (a Prefect server) before its run takes the lock."""
+    fd = _open(Path(workdir))
+    try:
+        _acquire(fd, Path(workdir), wait, poll)
+    finally:
+        os.close(fd)  # releases the lock if it was taken
 
 
 @contextlib.contextmanager
 def workdir_lock(workdir: Path, what: str, wait: bool = False, poll: float = 1.0) -> Iterator[None]:
     """Hold the workdir for `what`; if another run holds it, wait for it or raise WorkdirBusy."""
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _open(workdir)
     try:
-        announced = False
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not wait:
-                    raise WorkdirBusy(
-                        f"{workdir} is in use by {_holder(path)}; nothing was changed. Wait for it to "
-                        f"finish, or rerun with --wait to queue behind it."
-                    ) from None
-                if not announced:
-                    print(f"waiting for {_holder(path)} to release {workdir}", file=sys.stderr, flush=True)
-                    announced = True
-                time.sleep(poll)
-        _held.add(fd)
-        _write(fd, json.dumps({"what": what, "pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}))
+        _acquire(fd, workdir, wait, poll)
+        record = {"what": what, "pids": [os.getpid()], "host": socket.gethostname(), "started": time.time()}
+        _held[fd] = record
+        _write(fd, json.dumps(record))
         try:
             yield
         finally:
             _write(fd, "")
-            _held.discard(fd)
+            _held.pop(fd, None)
             fcntl.flock(fd, fcntl.LOCK_UN)
     finally:
         os.close(fd)

@@ -30,6 +30,7 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.pipeline.readers import JsonlReader
 
 from refit.stages.lib.config import MinHashSpec
+from refit.stages.lib.lifeline import forked_workers_follow_parent
 from refit.stages.lib.minhash import FastMinhashSignature
 
 log = logging.getLogger(__name__)
@@ -38,15 +39,17 @@ EARLIER_BATCH = -1  # priority of a cluster member that lives in the index of an
 
 def _run(pipeline: list, tasks: int, workers: int, logs: Path) -> None:
     # fork, not datatrove's default forkserver: workers then start without re-importing
-    # datatrove and spaCy, which costs more than the work itself on small batches
-    LocalPipelineExecutor(
-        pipeline=pipeline,
-        tasks=tasks,
-        workers=min(workers, tasks),
-        logging_dir=str(logs),
-        skip_completed=False,
-        start_method="fork",
-    ).run()
+    # datatrove and spaCy, which costs more than the work itself on small batches. Its pool
+    # and manager must die with this process and obey SIGTERM (lifeline.py).
+    with forked_workers_follow_parent():
+        LocalPipelineExecutor(
+            pipeline=pipeline,
+            tasks=tasks,
+            workers=min(workers, tasks),
+            logging_dir=str(logs),
+            skip_completed=False,
+            start_method="fork",
+        ).run()
 
 
 def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:

@@ -25,6 +25,7 @@ import yaml
 from refit.stages import mix, train
 from refit.stages.audit import accuracy_gates, contamination_gate, health_gate, loss_gates
 from refit.stages.lib.config import VARIANT_GATES, Recipe, load_recipe
+from refit.stages.lib.markers import write_text_atomic
 from refit.stages.lib.scores import METRICS, judged_scores
 
 SWEEPABLE = ("schedule.", "mixture.", "train.")
@@ -73,6 +74,18 @@ def parse_grid(specs: list[str]) -> dict[str, list]:
     return grid
 
 
+def check_grid(recipe: Recipe, specs: list[str]) -> dict[str, list]:
+    """The parsed grid, every key checked against the recipe's fields before anything runs: a
+    typo fails the sweep at once (SweepError naming the key), not after the shared stages."""
+    grid = parse_grid(specs)
+    for key, values in grid.items():
+        try:
+            set_field(recipe.model_dump(mode="json"), key, values[0])
+        except SweepError as error:
+            raise SweepError(f"--grid {error}") from None
+    return grid
+
+
 def _slug(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "", f"{value:g}" if isinstance(value, float) else str(value))
 
@@ -118,9 +131,9 @@ def plan_variants(recipe: Recipe, grid: dict[str, list]) -> list[Variant]:
 
 def set_field(data: dict, dotted: str, value: Any) -> None:
     """Set a dotted recipe path (list items by index) in a recipe dict; the field must exist."""
-    *parents, last = dotted.split(".")
+    parts = dotted.split(".")
     node: Any = data
-    for part in [*parents, last]:
+    for depth, part in enumerate(parts):
         key: Any = int(part) if isinstance(node, list) and part.isdigit() else part
         exists = (
             (0 <= key < len(node))
@@ -129,7 +142,7 @@ def set_field(data: dict, dotted: str, value: Any) -> None:
         )
         if not exists:
             raise SweepError(f"{dotted}: the recipe has no field {part!r} there")
-        if part is last:
+        if depth == len(parts) - 1:
             node[key] = value
         else:
             node = node[key]
@@ -169,7 +182,7 @@ def prepare_variant(
     data["name"] = f"{recipe.name}-{variant.name}"  # its own artifacts and flow run names
     data["train"]["devices"] = devices
     path = variant_dir / "recipe.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    write_text_atomic(path, yaml.safe_dump(data, sort_keys=False))
     return load_recipe(path)
 
 
@@ -405,7 +418,9 @@ def plot_accuracy_vs_compute(rows: list[dict], out: Path) -> None:
     ax.set_title("Pilot sweep: accuracy against compute (squares: baselines)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    tmp = out.with_name(out.name + ".tmp")
+    fig.savefig(tmp, dpi=110, format="png")
+    os.replace(tmp, out)
     plt.close(fig)
 
 
@@ -423,10 +438,10 @@ def write_results(
     sweep_dir = Path(sweep_dir)
     required = required_gates(recipe)
     plot_accuracy_vs_compute(rows, sweep_dir / "accuracy_vs_compute.png")
-    (sweep_dir / "results.md").write_text(results_markdown(rows, winner, reason, budget_fraction, required))
+    write_text_atomic(sweep_dir / "results.md", results_markdown(rows, winner, reason, budget_fraction, required))
     best = sweep_dir / f"{recipe.name}.best.yaml"
     if winner is not None:
-        best.write_text(best_recipe_text(recipe, winner, reason, workdir))
+        write_text_atomic(best, best_recipe_text(recipe, winner, reason, workdir))
     else:
         best.unlink(missing_ok=True)
     summary = {
@@ -438,5 +453,5 @@ def write_results(
         "reason": reason,
         "best_recipe": str(best) if winner else None,
     }
-    (sweep_dir / "results.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    write_text_atomic(sweep_dir / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -20,7 +21,8 @@ import torch
 from accelerate import Accelerator
 
 from refit.stages.lib.config import Recipe, dump_recipe
-from refit.stages.lib.markers import MARKER, read_marker, write_json_atomic
+from refit.stages.lib.lifeline import die_with_launcher
+from refit.stages.lib.markers import MARKER, read_marker, write_json_atomic, write_text_atomic
 from refit.stages.lib.sampler import Sampler
 from refit.stages.lib.schedule import Schedule
 
@@ -143,7 +145,7 @@ def train(train_dir: Path) -> None:
             for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
             if json.loads(line)["step"] < state["step"]
         ]
-        metrics_path.write_text("".join(line + "\n" for line in kept))
+        write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
     per_rank = range(acc.process_index, manifest["sequences_per_step"], acc.num_processes)
     micro = recipe.train.micro_batch_size
     chunks = [per_rank[i : i + micro] for i in range(0, len(per_rank), micro)]
@@ -225,11 +227,25 @@ def train(train_dir: Path) -> None:
     acc.end_training()
 
 
+def record_failure(path: Path, error: BaseException) -> None:
+    """Leave why training stopped at path, for run_train (the launcher's exit code cannot say).
+    Only the first failing rank's reason is kept: the others mostly fail because it did. The
+    file appears whole (a hard link to a complete file: atomic, and refused if it exists)."""
+    mine = path.with_name(f"{path.name}.{os.getpid()}")
+    mine.write_text(f"{type(error).__name__}: {error}\n")
+    try:
+        os.link(mine, path)
+    except FileExistsError:
+        pass
+    finally:
+        mine.unlink()
+
+
 if __name__ == "__main__":
+    die_with_launcher()  # no training process outlives its launcher (lifeline.py)
     try:
         train(Path(sys.argv[1]))
-    except Exception as error:  # the launcher's exit code cannot say why: leave the reason for run_train
+    except Exception as error:
         job_dir = Path(sys.argv[1])
-        failure = json.loads((job_dir / "job.json").read_text())["failure"]
-        (job_dir / failure).write_text(f"{type(error).__name__}: {error}\n")
+        record_failure(job_dir / json.loads((job_dir / "job.json").read_text())["failure"], error)
         raise
