@@ -23,7 +23,7 @@ from pathlib import Path
 
 from refit.stages.audit import AuditFailed
 from refit.stages.curate import CurationError
-from refit.stages.lib.config import Recipe, RecipeError, load_recipe
+from refit.stages.lib.config import Recipe, RecipeError, load_recipe, missing_pretraining_facts
 from refit.stages.lib.lock import WorkdirBusy, check_workdir_free, workdir_lock
 from refit.stages.lib.markers import StageNotReady
 from refit.stages.lib.remote_code import RemoteCodeRefused
@@ -68,6 +68,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     print(f"{args.recipe}: valid")
     print(describe(recipe))
+    if note := missing_pretraining_facts(recipe):
+        print(f"note: {note}")
     return 0
 
 
@@ -121,9 +123,9 @@ def run_refresh(recipe_path: Path, workdir: Path | None, force: list[str], wait:
         result = refresh(
             recipe=str(Path(recipe_path).resolve()), workdir=str(workdir), force=force, wait=wait, eval_backend=backend
         )
-    except AuditFailed:
+    except AuditFailed:  # the verdict, every gate with its reason, is the whole message
         print(format_audit(workdir)[1])
-        raise
+        return 1
     print("\nstages: " + ", ".join(f"{stage} {state.lower()}" for stage, state in result["stages"].items()))
     print(format_audit(workdir)[1])
     return 0
@@ -273,6 +275,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+STAGE_FAILURES = (
+    CurationError,
+    StageNotReady,
+    TrainingError,
+    FloatingPointError,
+    AuditFailed,
+    PublishRefused,
+    WorkdirBusy,
+    RemoteCodeRefused,
+)  # a stage's verdict, said in one message: exit code 1 and no traceback
+
+
+class _VerdictWithoutTraceback(logging.Filter):
+    """Prefect logs a failed flow or task run with its traceback; for a stage's verdict the
+    message says it all, so the record keeps its message and loses the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], STAGE_FAILURES):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+VERDICT_FILTER = _VerdictWithoutTraceback()
+
+
 class _RunFormatter(logging.Formatter):
     """Names the Prefect task or flow run a record comes from (else the logger)."""
 
@@ -289,6 +316,8 @@ def main(argv: list[str] | None = None) -> int:
     # the embedded server's usage telemetry: off unless the user turns it on (it logs an error
     # on every start where the network is closed)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(VERDICT_FILTER)
     if not args.verbose:
         from loguru import logger
 
@@ -301,16 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, SweepError) as error:
         print(error, file=sys.stderr)
         return 2
-    except (
-        CurationError,
-        StageNotReady,
-        TrainingError,
-        FloatingPointError,
-        AuditFailed,
-        PublishRefused,
-        WorkdirBusy,
-        RemoteCodeRefused,
-    ) as error:
+    except STAGE_FAILURES as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
 

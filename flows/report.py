@@ -14,19 +14,37 @@ def _pm(value: float, error: float | None) -> str:
     return f"{value * 100:.1f}" + (f" +- {error * 100:.1f}" if error is not None else "")
 
 
-def format_evaluation(report: dict) -> str:
-    """Base against candidate: accuracy per benchmark (points) and validation loss per source."""
-    lines = ["", f"{'benchmark':<16}{'domain':<8}{'items':>6}{'base acc':>16}{'candidate acc':>16}{'difference':>16}"]
-    rows = [(name, b["domain"], b["items"], b["acc"]) for name, b in report["benchmarks"].items()]
-    if report["average_acc"]:
-        rows.append(("average", "", sum(b["items"] for b in report["benchmarks"].values()), report["average_acc"]))
-    for name, domain, items, acc in rows:
-        lines.append(
-            f"{name:<16}{domain:<8}{items:>6}{_pm(acc['base'], acc['base_stderr']):>16}"
-            f"{_pm(acc['candidate'], acc['candidate_stderr']):>16}{_pm(acc['delta'], acc['delta_stderr']):>16}"
-        )
+def format_evaluation(scores: dict, validation: dict) -> str:
+    """Base against candidate: both metrics per benchmark in points, the counted one (the gates'
+    and the average's) marked *, its weight, the weighted averages; validation loss per source."""
+    lines = [
+        "",
+        f"{'benchmark':<16}{'domain':<8}{'items':>6}  {'metric':<10}{'weight':>6}"
+        f"{'base':>16}{'candidate':>16}{'difference':>16}",
+    ]
+    for name, b in scores["benchmarks"].items():
+        for n, metric in enumerate(("acc", "acc_norm")):
+            figure, mark = b[metric], "*" if metric == b["metric"] else " "
+            head = f"{name:<16}{b['domain']:<8}{b['items']:>6}" if n == 0 else " " * 30
+            weight = f"{b['weight']:g}" if metric == b["metric"] else ""
+            lines.append(
+                f"{head}  {metric + mark:<10}{weight:>6}{_pm(figure['base'], figure['base_stderr']):>16}"
+                f"{_pm(figure['candidate'], figure['candidate_stderr']):>16}"
+                f"{_pm(figure['delta'], figure['delta_stderr']):>16}"
+            )
+    averages = [("average*", "counted", scores["average"])]
+    averages += [(f"average {m}", m, scores[f"average_{m}"]) for m in ("acc", "acc_norm")]
+    for label, metric, figure in averages:
+        if figure:
+            lines.append(
+                f"{label:<30}  {metric:<10}{'':>6}{_pm(figure['base'], figure['base_stderr']):>16}"
+                f"{_pm(figure['candidate'], figure['candidate_stderr']):>16}"
+                f"{_pm(figure['delta'], figure['delta_stderr']):>16}"
+            )
+    if scores["benchmarks"]:
+        lines.append("(* the metric the gates count; averages weighted by each benchmark's weight)")
     lines += ["", f"{'validation':<16}{'role':<8}{'docs':>6}{'base loss':>16}{'candidate loss':>16}{'bits/byte':>16}"]
-    for name, v in report["validation"].items():
+    for name, v in validation.items():
         lines.append(
             f"{name:<16}{v['role']:<8}{v['docs']:>6}{v['base_loss_per_token']:>16.3f}{v['candidate_loss_per_token']:>16.3f}"
             f"{v['base_bits_per_byte']:>8.3f} -> {v['candidate_bits_per_byte']:.3f}"
@@ -42,7 +60,9 @@ def format_audit(workdir: Path) -> tuple[bool, str]:
     width = max(len(g["name"]) for g in report["gates"])
     lines += [f"  {'pass' if g['passed'] else 'FAIL'}  {g['name']:<{width}}  {g['reason']}" for g in report["gates"]]
     if evaluate.report_path(workdir).is_file():
-        lines.append(format_evaluation(evaluate.read_report(workdir)))
+        lines.append(format_evaluation(report["scores"], evaluate.read_report(workdir)["validation"]))
+    if report.get("warnings"):
+        lines += ["", "warnings:"] + [f"  - {warning}" for warning in report["warnings"]]
     cost = report["cost"]
     lines += [
         "",

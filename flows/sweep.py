@@ -24,6 +24,8 @@ from refit.stages.lib.config import Recipe, RecipeError, load_recipe
 from refit.stages.lib.lock import workdir_lock
 from refit.stages.lib.sweep import (
     SHARED_STAGES,
+    SWEEP_DIR,
+    SweepError,
     Variant,
     check_grid,
     choose_winner,
@@ -51,6 +53,11 @@ def sweep(recipe: str, grid: list[str], budget_fraction: float | None = None, wo
     """Every combination of the grid plus two baselines, at budget_fraction of the recipe's
     tokens (default: the recipe's sweep.budget_fraction); writes `<workdir>/sweep/`."""
     loaded, workdir_path = prepare_run(recipe, workdir)
+    if workdir_path.name == SWEEP_DIR:  # its variants and results would land in sweep/sweep/
+        raise SweepError(
+            f"workdir {workdir_path} is a sweep folder: give the run's workdir ({workdir_path.parent}); "
+            f"the sweep writes into its {SWEEP_DIR}/"
+        )
     fraction = budget_fraction or loaded.sweep.budget_fraction
     logger = get_run_logger()
     with workdir_lock(workdir_path, f"sweep of {loaded.name} (flow run {flow_run.name})"):
@@ -73,9 +80,9 @@ def sweep(recipe: str, grid: list[str], budget_fraction: float | None = None, wo
                 future.result()
         rows = [done[variant.name] for variant in variants]
         winner, reason = choose_winner(loaded, rows)
-        summary = write_results(workdir_path / "sweep", loaded, rows, winner, reason, fraction)
+        summary = write_results(workdir_path / SWEEP_DIR, loaded, rows, winner, reason, fraction, workdir_path)
     logger.info("%s", f"winner: {reason}" if winner else f"no winner: {reason}")
-    sweep_artifacts(loaded.name, workdir_path / "sweep", rows)
+    sweep_artifacts(loaded.name, workdir_path / SWEEP_DIR, rows)
     return summary
 
 
@@ -90,7 +97,10 @@ def _run_variant(recipe: Recipe, variant: Variant, workdir: Path, fraction: floa
         get_run_logger().warning("variant %s failed: %s", variant.name, state.message)
         return failed_row(variant, state.message or "failed")
     reports = state.result()
-    return result_row(variant_recipe, variant, reports["train"], reports["evaluate"])
+    row = result_row(variant_recipe, variant, reports["train"], reports["evaluate"], Path(variant_recipe.workdir))
+    for warning in row["warnings"]:
+        get_run_logger().warning("variant %s: %s", variant.name, warning)
+    return row
 
 
 def sweep_artifacts(name: str, sweep_dir: Path, rows: list[dict]) -> None:
@@ -104,7 +114,8 @@ def sweep_artifacts(name: str, sweep_dir: Path, rows: list[dict]) -> None:
             "variant": r["variant"],
             "status": r["status"],
             "settings": r["description"],
-            "average_acc": r.get("average_acc"),
+            "score": r.get("score"),
+            "gates": "" if r["status"] != "ok" else ", ".join(r["failed_gates"]) or "all pass",
             "device_hours": r.get("device_hours"),
             "error": r.get("error", ""),
         }

@@ -30,6 +30,7 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.scores import judged_scores, previous_average
 from refit.stages.lib.text import benchmark_ngrams, word_ngrams
 
 FOLDER = "audit"
@@ -42,17 +43,39 @@ class AuditFailed(RuntimeError):
     """The candidate must not ship; the message lists every failed gate."""
 
 
-def gate(name: str, passed: bool, value, threshold, reason: str) -> dict:
-    return {"name": name, "passed": bool(passed), "value": value, "threshold": threshold, "reason": reason}
+def gate(name: str, passed: bool, value, threshold, reason: str, **detail) -> dict:
+    return {"name": name, "passed": bool(passed), "value": value, "threshold": threshold, "reason": reason, **detail}
 
 
 def _sigma(error: float | None, sigmas: float) -> float:
     return 0.0 if error is None else sigmas * error
 
 
+def _figure(entry: dict) -> str:
+    change = f"delta {entry['delta']:+.4f} +- {entry['delta_stderr'] or 0:.4f}"
+    return f"{entry['base']:.4f} -> {entry['candidate']:.4f} ({change})"
+
+
+def _drivers(scores: dict, sigmas: float) -> list[str]:
+    """The benchmarks behind the average's difference: those counted in it that move its way
+    beyond noise on their own, the largest share first."""
+    contributions = scores["contributions"]
+    direction = 1 if scores["average"]["delta"] >= 0 else -1
+    return [
+        n
+        for n in sorted(contributions, key=lambda n: -direction * contributions[n])
+        if direction * contributions[n] > 0
+        and (counted := scores["benchmarks"][n][scores["benchmarks"][n]["metric"]])["delta"] * direction
+        > _sigma(counted["delta_stderr"], sigmas)
+    ]
+
+
 def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> list[dict]:
+    """Average gain, above the previous version, per-benchmark regression: each on the metric
+    and weight the recipe counts for each benchmark (stages/lib/scores.py)."""
     g, gates = recipe.gates, []
-    average = evaluation["average_acc"]
+    scores = judged_scores(recipe, evaluation)
+    average = scores["average"]
     if average is None:
         return [
             gate(
@@ -64,42 +87,50 @@ def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> l
             )
         ]
     margin = _sigma(average["delta_stderr"], g.noise_sigmas)
+    drivers = _drivers(scores, g.noise_sigmas)
+    counted = ", ".join(
+        f"{n} {b['metric']} x{b['weight']:g} ({100 * scores['contributions'][n]:+.1f})"
+        for n, b in scores["benchmarks"].items()
+    )
     gates.append(
         gate(
             "average_accuracy_gain",
             average["delta"] - margin > g.min_average_gain,
             average["delta"],
             g.min_average_gain,
-            f"average accuracy {average['base']:.4f} -> {average['candidate']:.4f} "
-            f"(delta {average['delta']:+.4f} +- {average['delta_stderr'] or 0:.4f}); must exceed "
-            f"{g.min_average_gain:+.4f} by {g.noise_sigmas:g} standard errors",
+            f"weighted average accuracy {_figure(average)}; must exceed {g.min_average_gain:+.4f} by "
+            f"{g.noise_sigmas:g} standard errors; "
+            + (f"driven by {', '.join(drivers)}" if drivers else "no benchmark moved beyond noise on its own")
+            + "; counted (metric x weight, "
+            f"points of the average's difference): {counted}",
+            drivers=drivers,
         )
     )
-    if previous is not None and previous.get("average_acc"):
-        prior = previous["average_acc"]["candidate"]
-        error = previous["average_acc"].get("candidate_stderr")
-        bar = prior - _sigma(error, g.noise_sigmas)
+    if previous is not None and (prior_average := previous_average(scores, previous)) is not None:
+        prior = prior_average["candidate"]
+        bar = prior - _sigma(prior_average["candidate_stderr"], g.noise_sigmas)
         gates.append(
             gate(
                 "above_previous_version",
                 average["candidate"] >= bar,
                 average["candidate"],
                 prior,
-                f"average accuracy {average['candidate']:.4f} against the previous published version's "
-                f"{prior:.4f} (fails only if lower by more than {g.noise_sigmas:g} standard errors)",
+                f"weighted average accuracy {average['candidate']:.4f} against the previous published version's "
+                f"{prior:.4f} on the same metrics and weights (fails only if lower by more than "
+                f"{g.noise_sigmas:g} standard errors)",
             )
         )
-    for name, bench in evaluation["benchmarks"].items():
-        acc = bench["acc"]
-        worst = acc["delta"] + _sigma(acc["delta_stderr"], g.noise_sigmas)
+    for name, bench in scores["benchmarks"].items():
+        counted, other = bench[bench["metric"]], "acc" if bench["metric"] == "acc_norm" else "acc_norm"
+        worst = counted["delta"] + _sigma(counted["delta_stderr"], g.noise_sigmas)
         gates.append(
             gate(
                 f"benchmark_regression:{name}",
                 worst >= -g.max_benchmark_drop,
-                acc["delta"],
+                counted["delta"],
                 -g.max_benchmark_drop,
-                f"{name} accuracy {acc['base']:.4f} -> {acc['candidate']:.4f} (delta {acc['delta']:+.4f} +- "
-                f"{acc['delta_stderr'] or 0:.4f}); fails if below {-g.max_benchmark_drop:+.4f} beyond "
+                f"{name} {bench['metric']} {_figure(counted)} ({bench['metric_reason']}; {other} "
+                f"{_figure(bench[other])}); fails if below {-g.max_benchmark_drop:+.4f} beyond "
                 f"{g.noise_sigmas:g} standard errors",
             )
         )
@@ -137,6 +168,34 @@ def loss_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
                 )
             )
     return gates
+
+
+def validation_warnings(recipe: Recipe, evaluation: dict) -> list[str]:
+    """Validation sets too small for the loss gates to mean much: fewer tokens than
+    curate.min_validation_tokens, or (legacy) a noise margin over half the forgetting limit."""
+    g, warnings = recipe.gates, []
+    for name, v in evaluation["validation"].items():
+        if v["role"] not in ("legacy", "new"):
+            continue
+        problems = []
+        if v["tokens"] < recipe.curate.min_validation_tokens:
+            problems.append(f"{v['tokens']:,} tokens, fewer than curate.min_validation_tokens")
+        margin = _sigma(v["loss"]["delta_stderr"], g.noise_sigmas) / v["loss"]["base"]
+        if v["role"] == "legacy" and margin > g.max_legacy_loss_increase / 2:
+            problems.append(
+                f"{g.noise_sigmas:g} standard errors of the loss difference are {margin:.1%} of the loss, over half "
+                f"the {g.max_legacy_loss_increase:.0%} forgetting limit: forgetting near it is not told from noise"
+            )
+        if problems:
+            capped = v.get("held_out_docs", v["docs"]) > v["docs"]
+            warnings.append(
+                f"validation set {name} ({v['role']}, {v['docs']} documents"
+                + (f" of {v['held_out_docs']} held out: evaluate.validation_docs caps it" if capped else "")
+                + "): "
+                + "; ".join(problems)
+                + "; hold out more text (sources[].validation_paths or curate.min_validation_tokens)"
+            )
+    return warnings
 
 
 def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
@@ -254,7 +313,7 @@ def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) 
             "assumption": "same model at this run's measured tokens/s per device",
         }
         report["refit_over_scratch_compute"] = train["tokens"] / pretraining
-    average = evaluation.get("average_acc")
+    average = judged_scores(recipe, evaluation)["average"]
     if average and hours > 0:
         report["accuracy_points_per_device_hour"] = 100 * average["delta"] / hours
     return report
@@ -264,6 +323,10 @@ def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None 
     section = {
         "gates": recipe.gates.model_dump(mode="json"),
         "cost": recipe.cost.model_dump(mode="json"),
+        "validation_tokens": recipe.curate.min_validation_tokens,  # for its warnings
+        "counted": [
+            b.model_dump(mode="json", include={"name", "metric", "weight"}) for b in recipe.evaluate.benchmarks
+        ],
         "previous": previous_eval,
     }
     upstream = [stage.STAGE.produced(workdir, "audit") for stage in (mix, train, evaluate)]
@@ -303,6 +366,8 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             "passed": all(g["passed"] for g in gates),
             "gates": gates,
             "failed": [g["reason"] for g in gates if not g["passed"]],
+            "scores": judged_scores(recipe, evaluation),
+            "warnings": manifest.get("warnings", []) + validation_warnings(recipe, evaluation),
             "cost": cost_report(recipe, trained, evaluation, parameters),
             "lineage": record,
             "candidate": str(train.final_model(workdir)),

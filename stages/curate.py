@@ -32,7 +32,7 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from refit.stages.lib.config import Recipe, SourceSpec
+from refit.stages.lib.config import CurateSpec, Recipe, SourceSpec
 from refit.stages.lib.contract import Stage
 from refit.stages.lib.file_hashes import memoized_sha256
 from refit.stages.lib.markers import (
@@ -46,7 +46,7 @@ from refit.stages.lib.markers import (
 )
 from refit.stages.lib.paths import inside
 from refit.stages.lib.records import Record, read_records
-from refit.stages.lib.text import benchmark_ngrams, word_ngrams
+from refit.stages.lib.text import WORD, benchmark_ngrams
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -66,10 +66,10 @@ class CurationError(RuntimeError):
     """The stage failed; the previous curated output is untouched."""
 
 
-def source_files(source: SourceSpec) -> list[Path]:
-    return sorted(
-        {Path(p) for pattern in source.paths for p in glob.glob(pattern, recursive=True) if Path(p).is_file()}
-    )
+def source_files(source: SourceSpec, patterns: list[str] | None = None) -> list[Path]:
+    """The files matching a source's paths (or the patterns given, e.g. its validation_paths)."""
+    patterns = source.paths if patterns is None else patterns
+    return sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True) if Path(p).is_file()})
 
 
 def _settings(recipe: Recipe) -> dict:
@@ -80,6 +80,7 @@ def _settings(recipe: Recipe) -> dict:
         "curate": recipe.curate.model_dump(mode="json"),
         "sources": sources,
         "benchmarks": benchmarks,
+        "validation_files": _validation_listing(recipe),
         "code": code_version(__name__),
     }  # batches curated by other code are not extended, but redone
 
@@ -111,9 +112,91 @@ def input_fingerprint(recipe: Recipe, workdir: Path | None = None) -> str:
     return _fingerprint(_settings(recipe), _listing(recipe, workdir))
 
 
-def _in_validation(doc_id: str, fraction: float) -> bool:
-    bucket = int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
-    return bucket < fraction
+def _bucket(doc_id: str) -> float:
+    """A document's place in [0, 1) for the hash split: a pure function of its id."""
+    return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
+
+
+def hash_split(
+    docs: list[tuple[str, str]], spec: CurateSpec, held_chars: int = 0
+) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, validation): documents in id-hash order are held out while their bucket is below
+    validation_fraction, then further ones until the source's validation set (held_chars from
+    earlier batches included) reaches min_validation_tokens x chars_per_token characters,
+    within max_validation_fraction of this batch's characters. validation_fraction 0: none."""
+    if spec.validation_fraction == 0:
+        return docs, []
+    target = spec.min_validation_tokens * spec.chars_per_token - held_chars
+    limit = spec.max_validation_fraction * sum(len(text) for _, text in docs)
+    chosen, taken = set(), 0
+    for doc_id, text in sorted(docs, key=lambda doc: _bucket(doc[0])):
+        if _bucket(doc_id) < spec.validation_fraction or (taken < target and taken + len(text) <= limit):
+            chosen.add(doc_id)
+            taken += len(text)
+    return [d for d in docs if d[0] not in chosen], [d for d in docs if d[0] in chosen]
+
+
+def _validation_listing(recipe: Recipe) -> dict:
+    """The explicit validation files of each source that has them (part of the settings: a change starts over)."""
+    return {
+        s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s, s.validation_paths)]
+        for s in recipe.sources
+        if s.validation_paths
+    }
+
+
+def _read_validation(source: SourceSpec, spec: CurateSpec, db: sqlite3.Connection, out: Path) -> None:
+    """A source's explicit validation files as validation-0000.parquet, bad records quarantined;
+    their texts are registered so that a training copy is removed as an exact duplicate."""
+    docs, quarantined = [], []
+    for path in source_files(source, source.validation_paths):
+        for record in read_records(path, source, spec):
+            if record.reason is not None:
+                quarantined.append(record.quarantine_row(source.name))
+                continue
+            db.execute(
+                "INSERT OR IGNORE INTO texts VALUES (?, ?, ?)",
+                (hashlib.sha256(record.text.encode()).hexdigest(), source.name, f"validation:{record.doc_id}"),
+            )
+            docs.append((record.doc_id, record.text))
+    _write_parquet(out / source.name / "validation-0000.parquet", docs)
+    _write_jsonl(out / "quarantine" / source.name / "validation.jsonl", quarantined)
+
+
+def _validation_texts(folder: Path, source: str) -> list[str]:
+    """The validation documents of a source in a curate folder (final or staging), every batch."""
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(folder) / source).glob("validation-*.parquet"))
+    return [text for f in files for text in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+
+
+def _validation_summary(folder: Path, source: SourceSpec, spec: CurateSpec) -> tuple[dict, str | None]:
+    """The source's whole validation set (every batch): size, estimated tokens, and a warning
+    when it is below min_validation_tokens."""
+    texts = _validation_texts(folder, source.name)
+    chars = sum(len(t) for t in texts)
+    tokens = int(chars / spec.chars_per_token)
+    summary = {
+        "split": "files" if source.validation_paths else "hash",
+        "docs": len(texts),
+        "chars": chars,
+        "estimated_tokens": tokens,
+        "token_estimate": f"characters / curate.chars_per_token ({spec.chars_per_token:g})",
+    }
+    warning = None
+    if tokens < spec.min_validation_tokens and (source.validation_paths or spec.validation_fraction > 0):
+        warning = (
+            f"{source.name}: validation set of {len(texts)} documents, about {tokens:,} tokens, is below "
+            f"curate.min_validation_tokens {spec.min_validation_tokens:,}: its loss has a large standard error; "
+            + (
+                "add documents to its validation_paths"
+                if source.validation_paths
+                else f"the hash split stopped at max_validation_fraction {spec.max_validation_fraction:g}: give the "
+                "source validation_paths or more data"
+            )
+        )
+    return summary, warning
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -175,6 +258,38 @@ def _claim_id(db: sqlite3.Connection, source: str, record: Record) -> None:
         )
 
 
+def decontaminate(
+    doc_id: str, text: str, contamination: dict[tuple[str, ...], str], spec: CurateSpec
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(documents kept, benchmark items hit). Clean text comes back whole. A contaminated one is
+    dropped (decontaminate: document) or cut (span): every n-gram window shared with a benchmark
+    item goes, with decontaminate_margin words each side, and the text between the cuts is kept
+    as documents `<id>#clean<k>` (pieces shorter than min_chars go too)."""
+    n = spec.decontaminate_ngram
+    words = list(WORD.finditer(text))
+    lowered = [w.group().lower() for w in words]
+    starts = [i for i in range(len(words) - n + 1) if tuple(lowered[i : i + n]) in contamination]
+    if not starts:
+        return [(doc_id, text)], []
+    hits = list(dict.fromkeys(contamination[tuple(lowered[i : i + n])] for i in starts))
+    if spec.decontaminate == "document":
+        return [], hits
+    cuts: list[list[int]] = []  # word ranges [first, last) to remove, merged
+    for i in starts:
+        first, last = max(0, i - spec.decontaminate_margin), min(len(words), i + n + spec.decontaminate_margin)
+        if cuts and first <= cuts[-1][1]:
+            cuts[-1][1] = max(cuts[-1][1], last)
+        else:
+            cuts.append([first, last])
+    pieces, start = [], 0
+    for first, last in cuts:
+        pieces.append(text[start : words[first].start()].strip())
+        start = words[last - 1].end()
+    pieces.append(text[start:].strip())
+    kept = [piece for piece in pieces if len(piece) >= spec.min_chars]
+    return [(f"{doc_id}#clean{k}", piece) for k, piece in enumerate(kept)], hits
+
+
 def _screen_source(
     recipe: Recipe,
     source: SourceSpec,
@@ -182,8 +297,8 @@ def _screen_source(
     db: sqlite3.Connection,
     contamination: dict[tuple[str, ...], str],
 ) -> dict:
-    """Read a source's new files: quarantine bad records, drop exact duplicates and
-    contaminated documents; fail if too many records are bad. Returns the clean documents."""
+    """Read a source's new files: quarantine bad records, drop exact duplicates, decontaminate;
+    fail if too many records are bad. Returns the clean documents."""
     spec = recipe.curate
     files, copies = _new_files(db, source, listed)
     counts: Counter[str] = Counter()
@@ -200,20 +315,23 @@ def _screen_source(
                 counts[f"quarantined:{record.reason}"] += 1
                 quarantined.append(record.quarantine_row(source.name))
                 continue
+            counts["chars"] += len(record.text)
             digest = hashlib.sha256(record.text.encode()).hexdigest()
             first = db.execute("SELECT source, id FROM texts WHERE hash=?", (digest,)).fetchone()
             if first is not None:
                 removed.append({"id": record.doc_id, "reason": "exact_duplicate", "of": f"{first[0]}:{first[1]}"})
                 continue
             db.execute("INSERT INTO texts VALUES (?, ?, ?)", (digest, source.name, record.doc_id))
-            hit = next(
-                (contamination[g] for g in word_ngrams(record.text, spec.decontaminate_ngram) if g in contamination),
-                None,
-            )
-            if hit is not None:
-                removed.append({"id": record.doc_id, "reason": "contaminated", "of": hit})
-                continue
-            clean.append((record.doc_id, record.text))
+            pieces, hits = decontaminate(record.doc_id, record.text, contamination, spec)
+            if hits:
+                cut = len(record.text) - sum(len(text) for _, text in pieces)
+                counts["contaminated_docs"] += 1
+                counts["contaminated_chars"] += cut
+                reason = "contaminated" if spec.decontaminate == "document" else "contaminated_span"
+                removed.append(
+                    {"id": record.doc_id, "reason": reason, "of": hits[0], "chars": cut, "pieces": len(pieces)}
+                )
+            clean.extend(pieces)
     bad = sum(v for k, v in counts.items() if k.startswith("quarantined:"))
     bad_fraction = bad / counts["records"] if counts["records"] else 0.0
     if bad_fraction > spec.max_bad_fraction:
@@ -242,11 +360,13 @@ def _write_source(
     out: Path,
     db: sqlite3.Connection,
     batch: int,
-    validation_fraction: float,
+    spec: CurateSpec,
 ) -> dict:
     """Write one source's batch (train/validation Parquet, quarantine, removed) and its report."""
-    validation = [d for d in kept if _in_validation(d[0], validation_fraction)]
-    train = [d for d in kept if not _in_validation(d[0], validation_fraction)]
+    if source.validation_paths:  # held out by the recipe's files, not by hash
+        train, validation = kept, []
+    else:
+        train, validation = hash_split(kept, spec, sum(map(len, _validation_texts(out, source.name))))
     removed = screened["removed"]
     _write_parquet(inside(out, source.name, f"train-{batch:04d}.parquet"), train)
     _write_parquet(inside(out, source.name, f"validation-{batch:04d}.parquet"), validation)
@@ -263,7 +383,10 @@ def _write_source(
         "quarantined": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined:")},
         "bad_fraction": round(screened["bad_fraction"], 6),
         "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
-        "contaminated_ids": [r["id"] for r in removed if r["reason"] == "contaminated"],
+        "contaminated_ids": [r["id"] for r in removed if r["reason"].startswith("contaminated")],
+        "contaminated_docs": counts["contaminated_docs"],
+        "contaminated_chars": counts["contaminated_chars"],
+        "contaminated_char_fraction": round(counts["contaminated_chars"] / max(counts["chars"], 1), 6),
         "train_docs": len(train),
         "validation_docs": len(validation),
         "train_chars": sum(len(t) for _, t in train),
@@ -353,6 +476,9 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
             batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
             contamination = benchmark_ngrams(recipe.evaluate.benchmarks, recipe.curate.decontaminate_ngram)
             sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
+            for source in sources if batch == 1 else ():  # explicit validation sets: read once, before training text
+                if source.validation_paths:
+                    _read_validation(source, recipe.curate, db, out)
             screened = {}
             for source in sources:  # every source is screened before the (costlier) dedupe
                 log.info("curate: reading %s (batch %d)", source.name, batch)
@@ -360,10 +486,16 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
             kept = _near_dedup_all(screened, sources, out, batch, recipe)
             report_sources = {
                 source.name: _write_source(
-                    source, screened[source.name], kept[source.name], out, db, batch, recipe.curate.validation_fraction
+                    source, screened[source.name], kept[source.name], out, db, batch, recipe.curate
                 )
                 for source in sources
             }
+            warnings = []
+            for source in sources:
+                report_sources[source.name]["validation"], warning = _validation_summary(out, source, recipe.curate)
+                warnings += [warning] if warning else []
+                if warning:
+                    log.warning("curate: %s", warning)
             db.commit()
         shutil.rmtree(out / "work", ignore_errors=True)
         report = {
@@ -371,6 +503,7 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
             "batch": batch,
             "incremental": incremental,
             "sources": report_sources,
+            "warnings": warnings,
             "seconds": round(time.time() - started, 2),
         }
         write_json_atomic(out / "report.json", report)

@@ -4,9 +4,16 @@ source's held-out documents.
 Benchmarks are multiple choice, JSONL {"id", "query", "choices", "gold"} with choices
 starting with a space, scored as lm-evaluation-harness scores them: the log-likelihood of
 each choice's tokens given the query; `acc` picks the highest, `acc_norm` the highest per
-character of the choice. Validation loss (nats per token) and bits per byte per source
-show forgetting of the legacy data and learning of the new. Every figure has a standard
-error, and every base-candidate difference a paired one (same items, same documents).
+character of the choice. Both are reported; which one the audit counts is the recipe's
+(stages/lib/scores.py), helped by the longest choice in tokens recorded here.
+
+The query is encoded as the harness encodes it by default: with the tokenizer's own special
+tokens (a BOS for tokenizers that add one, such as Llama's; nothing for GPT-2 style byte-level
+BPE), no EOS. `evaluate.prefix_eos` puts an EOS before each query instead, for models
+pretrained on documents that start after an EOS (as Refit packs them). Validation loss
+(nats per token) and bits per byte per source show forgetting of the legacy data and
+learning of the new; there every document is predicted after an EOS. Every figure has a
+standard error, and every base-candidate difference a paired one (same items, same documents).
 
 Two backends score the benchmarks: "refit" (Refit's `Scorer`, stages/lib/scoring.py) and
 "lm-eval" (the same checkpoints through lm-evaluation-harness on the same device and dtype,
@@ -74,11 +81,10 @@ def choice_metrics(items: list[dict], loglikelihoods: list[np.ndarray]) -> dict[
     return {"acc": acc, "acc_norm": acc_norm}
 
 
-def _validation_texts(workdir: Path, source: str, limit: int) -> list[str]:
+def _validation_texts(workdir: Path, source: str) -> list[str]:
     import pyarrow.parquet as pq
 
-    texts = [t for f in curated_files(workdir, source, "validation") for t in pq.read_table(f)["text"].to_pylist()]
-    return texts[:limit]
+    return [t for f in curated_files(workdir, source, "validation") for t in pq.read_table(f)["text"].to_pylist()]
 
 
 def _ratio(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float | None]:
@@ -148,10 +154,13 @@ def evaluate_models(
     task_dir, else a temporary folder)."""
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
+    if backend == "lm-eval" and recipe.evaluate.prefix_eos:
+        raise ValueError("evaluate.prefix_eos is not supported by the lm-eval backend: score with --backend refit")
     settings = ScoringSettings.resolve(recipe.evaluate, recipe.base_model.trust_remote_code)
     harness = _harness_scores(recipe, models, tokenizer, settings, task_dir) if backend == "lm-eval" else None
     items = {bench.name: read_jsonl(Path(bench.path)) for bench in recipe.evaluate.benchmarks}
-    texts = {s.name: _validation_texts(workdir, s.name, recipe.evaluate.validation_docs) for s in recipe.sources}
+    held_out = {s.name: _validation_texts(workdir, s.name) for s in recipe.sources}
+    texts = {name: docs[: recipe.evaluate.validation_docs] for name, docs in held_out.items()}
     tasks = [] if harness else [ScoringTask(f"benchmark:{name}", "choices", bench) for name, bench in items.items()]
     tasks += [
         ScoringTask(f"validation:{name}", "documents", docs, recipe.tokenize.seq_len)
@@ -160,8 +169,10 @@ def evaluate_models(
     ]
     cache = ScoreCache(base_cache_dir(recipe, workdir), [models["base"], tokenizer], settings)
     scored, summary = score_models(models, tokenizer, tasks, settings, caches={"base": cache})
+    from transformers import AutoTokenizer
+
+    encode = AutoTokenizer.from_pretrained(tokenizer)  # each choice's own tokens pick the default metric
     benchmarks = {}
-    per_item_acc = {"base": [], "candidate": []}
     for bench in recipe.evaluate.benchmarks:
         if harness is not None:
             scores = {name: harness[name][bench.name] for name in models}
@@ -174,26 +185,15 @@ def evaluate_models(
         benchmarks[bench.name] = {
             "domain": bench.domain,
             "items": len(scores["base"]["acc"]),
+            "longest_choice_tokens": max(
+                (
+                    len(encode(c, add_special_tokens=False)["input_ids"])
+                    for i in items[bench.name]
+                    for c in i["choices"]
+                ),
+                default=0,
+            ),
             **{metric: _compare(scores["base"][metric], scores["candidate"][metric]) for metric in ("acc", "acc_norm")},
-        }
-        for name in per_item_acc:
-            per_item_acc[name].append(scores[name]["acc"])
-    average = None
-    if benchmarks:  # the unweighted mean of benchmark accuracies, with the stderr of that mean
-        means = {name: float(np.mean([a.mean() for a in accs])) for name, accs in per_item_acc.items()}
-
-        def stderr_of_average(per_benchmark: list[np.ndarray]) -> float | None:
-            errors = [mean_stderr(values)[1] for values in per_benchmark]
-            return None if None in errors else math.sqrt(sum(e * e for e in errors)) / len(errors)
-
-        pairs = [c - b for b, c in zip(per_item_acc["base"], per_item_acc["candidate"])]
-        average = {
-            "base": means["base"],
-            "base_stderr": stderr_of_average(per_item_acc["base"]),
-            "candidate": means["candidate"],
-            "candidate_stderr": stderr_of_average(per_item_acc["candidate"]),
-            "delta": means["candidate"] - means["base"],
-            "delta_stderr": stderr_of_average(pairs),
         }
     validation = {}
     for source in recipe.sources:
@@ -206,6 +206,7 @@ def evaluate_models(
         entry = {
             "role": source.role,
             "docs": len(texts[source.name]),
+            "held_out_docs": len(held_out[source.name]),
             "tokens": int(tokens.sum()),
             "loss": loss,
             "base_loss_per_token": loss["base"],
@@ -223,7 +224,6 @@ def evaluate_models(
     return {
         "backend": backend,
         "benchmarks": benchmarks,
-        "average_acc": average,
         "validation": validation,
         "base_model": str(recipe.base_model.path),
         "candidate_model": str(candidate_dir),
@@ -239,9 +239,17 @@ def evaluate_models(
 
 def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> str:
     settings = ScoringSettings.resolve(recipe.evaluate, recipe.base_model.trust_remote_code)
-    section = {  # the device as resolved (what "auto" means here); not how many processes, nor the cache
+    section = {  # the device as resolved (what "auto" means here); not how many processes, nor the cache;
+        # nor what the audit counts (metric, weight): that changes no score, only the audit reruns
         "evaluate": recipe.evaluate.model_dump(
-            mode="json", exclude={"device", "precision", "num_processes", "cache_dir"}
+            mode="json",
+            exclude={
+                "device": True,
+                "precision": True,
+                "num_processes": True,
+                "cache_dir": True,
+                "benchmarks": {"__all__": {"metric", "weight"}},
+            },
         ),
         "scoring": settings.numerics(),
         "base": str(recipe.base_model.path),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from refit.stages.lib.schedule import Schedule, schedule_for, tokens_per_step
 FOLDER = "mix"
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
+
+log = logging.getLogger(__name__)
 
 
 def shard_table(workdir: Path) -> dict[str, dict]:
@@ -158,6 +161,8 @@ def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
         return read_manifest(workdir)
     started = time.time()
     manifest = build_manifest(recipe, workdir)
+    for warning in manifest["warnings"]:  # also in the audit report and the run's summary
+        log.warning("mix: %s", warning)
     with staged_output(final) as out:
         write_json_atomic(out / MANIFEST, manifest)
         write_marker(out, "mix", expected, started, code_version(__name__), {"manifest_sha256": manifest["sha256"]})

@@ -211,7 +211,7 @@ def _check_audit(workdir: Path) -> dict:
     return report
 
 
-def model_card(recipe: Recipe, report: dict, evaluation: dict, manifest: dict) -> str:
+def model_card(recipe: Recipe, report: dict, manifest: dict) -> str:
     results = [
         {
             "task": {"type": "multiple-choice", "name": "multiple-choice"},
@@ -225,7 +225,7 @@ def model_card(recipe: Recipe, report: dict, evaluation: dict, manifest: dict) -
                 },
             ],
         }
-        for name, b in evaluation["benchmarks"].items()
+        for name, b in report["scores"]["benchmarks"].items()
     ]
     metadata = {
         "license": recipe.publish.license,
@@ -241,9 +241,11 @@ def model_card(recipe: Recipe, report: dict, evaluation: dict, manifest: dict) -
     )
     gates = "\n".join(f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {g['reason']} |" for g in report["gates"])
     rows = "\n".join(
-        f"| {name} | {b['domain']} | {100 * b['acc']['base']:.1f} | {100 * b['acc']['candidate']:.1f} | "
-        f"{100 * b['acc']['delta']:+.1f} +- {100 * (b['acc']['delta_stderr'] or 0):.1f} |"
-        for name, b in evaluation["benchmarks"].items()
+        f"| {name} | {b['domain']} | {metric}{' (counted)' if metric == b['metric'] else ''} | "
+        f"{100 * b[metric]['base']:.1f} | {100 * b[metric]['candidate']:.1f} | "
+        f"{100 * b[metric]['delta']:+.1f} +- {100 * (b[metric]['delta_stderr'] or 0):.1f} |"
+        for name, b in report["scores"]["benchmarks"].items()
+        for metric in ("acc", "acc_norm")
     )
     cost = report["cost"]
     prose = f"""# {recipe.model_name}
@@ -271,8 +273,11 @@ Data phases, each later one triggered by the learning rate: {phases}.
 
 ## Results (base against this model)
 
-| benchmark | domain | base | this model | difference |
-|---|---|---|---|---|
+Accuracy in points, difference with its paired standard error. The audit counts, per benchmark,
+the metric marked "counted" (acc: highest log-likelihood; acc_norm: highest per character).
+
+| benchmark | domain | metric | base | this model | difference |
+|---|---|---|---|---|---|
 {rows}
 
 ## Audit gates
@@ -371,12 +376,12 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
                 workdir, expected, _report(weights_identity, record["version"], record["path"], True)
             )
     version = registry.claim(weights_identity)
-    evaluation, manifest = evaluate.read_report(workdir), mix.read_manifest(workdir)
+    manifest = mix.read_manifest(workdir)
     files: dict[str, bytes | Path] = {p.name: p for p in sorted(train.final_model(workdir).iterdir()) if p.is_file()}
     files.update({f"audit/{p.name}": p for p in sorted(audit.STAGE.output(workdir).iterdir()) if p.is_file()})
     files["manifest.json"] = mix.manifest_path(workdir)
     files["eval_report.json"] = evaluate.report_path(workdir)
-    files["README.md"] = model_card(recipe, report, evaluation, manifest).encode()
+    files["README.md"] = model_card(recipe, report, manifest).encode()
     base_model, base_version = published_origin(recipe.base_model.path)
     files[RECORD] = json.dumps(
         {

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
@@ -19,9 +20,11 @@ from refit.stages.audit import (
     lineage_gate,
     loss_gates,
     run_audit,
+    validation_warnings,
 )
-from refit.stages.evaluate import run_evaluate
+from refit.stages.evaluate import _compare, run_evaluate
 from refit.stages.lib.config import load_recipe
+from refit.stages.lib.scores import chosen_metric, judged_scores
 
 
 def side(base, candidate, delta_stderr, stderr=0.01):
@@ -35,10 +38,13 @@ def side(base, candidate, delta_stderr, stderr=0.01):
     }
 
 
-def evaluation(avg, benches, validation):
+def evaluation(benches, validation, longest_choice_tokens=3):
+    """An evaluate report: each benchmark's figures given for both metrics alike."""
     return {
-        "average_acc": avg,
-        "benchmarks": {k: {"domain": "new", "items": 100, "acc": v} for k, v in benches.items()},
+        "benchmarks": {
+            k: {"domain": "new", "items": 100, "longest_choice_tokens": longest_choice_tokens, "acc": v, "acc_norm": v}
+            for k, v in benches.items()
+        },
         "validation": validation,
     }
 
@@ -55,22 +61,82 @@ def recipe(tmp_path):
 
 def test_improvements_must_clear_the_noise_and_regressions_must_exceed_it(recipe):
     # +3 points with stderr 1: clears 0 by 2 sigma. +1.5 with stderr 1: within noise, not shown.
-    assert accuracy_gates(recipe, evaluation(side(0.3, 0.33, 0.01), {}, {}), None)[0]["passed"]
-    assert not accuracy_gates(recipe, evaluation(side(0.3, 0.315, 0.01), {}, {}), None)[0]["passed"]
+    assert accuracy_gates(recipe, evaluation({"b": side(0.3, 0.33, 0.01)}, {}), None)[0]["passed"]
+    assert not accuracy_gates(recipe, evaluation({"b": side(0.3, 0.315, 0.01)}, {}), None)[0]["passed"]
     # a benchmark down 3 points with stderr 1 (2 sigma reaches -1) does not prove a drop beyond 2 points...
-    gates = accuracy_gates(recipe, evaluation(side(0.3, 0.35, 0.01), {"b": side(0.5, 0.47, 0.01)}, {}), None)
+    gates = accuracy_gates(recipe, evaluation({"b": side(0.5, 0.47, 0.01)}, {}), None)
     assert gates[1]["name"] == "benchmark_regression:b" and gates[1]["passed"]
     # ...down 6 points with stderr 1 does
-    gates = accuracy_gates(recipe, evaluation(side(0.3, 0.35, 0.01), {"b": side(0.5, 0.44, 0.01)}, {}), None)
+    gates = accuracy_gates(recipe, evaluation({"b": side(0.5, 0.44, 0.01)}, {}), None)
     assert not gates[1]["passed"] and "beyond 2 standard errors" in gates[1]["reason"]
     legacy = {"role": "legacy", "loss": side(2.0, 2.2, 0.02)}  # +10%, stderr 1%: forgetting shown
     new = {"role": "new", "loss": side(4.0, 3.99, 0.02)}  # down 0.01, stderr 0.02: learning not shown
-    gates = {g["name"]: g for g in loss_gates(recipe, evaluation(None, {}, {"old": legacy, "new": new}))}
+    gates = {g["name"]: g for g in loss_gates(recipe, evaluation({}, {"old": legacy, "new": new}))}
     assert not gates["forgetting:old"]["passed"] and gates["forgetting:old"]["value"] == pytest.approx(0.10)
     assert not gates["new_domain_learned:new"]["passed"]
-    previous = {"average_acc": side(0.3, 0.40, 0.01)}
-    gates = accuracy_gates(recipe, evaluation(side(0.3, 0.35, 0.01), {}, {}), previous)
-    assert gates[1]["name"] == "above_previous_version" and not gates[1]["passed"]
+    # the previous version is compared on this run's metric: its acc_norm, not its acc
+    previous = evaluation({"b": side(0.3, 0.40, 0.01)}, {})
+    previous["benchmarks"]["b"]["acc"] = side(0.3, 0.30, 0.01)
+    gates = accuracy_gates(recipe, evaluation({"b": side(0.3, 0.35, 0.01)}, {}), previous)
+    assert gates[1]["name"] == "above_previous_version" and not gates[1]["passed"] and gates[1]["threshold"] == 0.40
+
+
+def per_item(items: int, right: int, up: int, down: int) -> tuple[np.ndarray, np.ndarray]:
+    """Base and candidate correctness per item: `right` of `items` right for the base; the
+    candidate gets `up` of the base's wrong ones right and `down` of its right ones wrong."""
+    base = np.zeros(items)
+    base[:right] = 1
+    candidate = base.copy()
+    candidate[right : right + up] = 1
+    candidate[:down] = 0
+    return base, candidate
+
+
+def planted(up_acc: int, down_acc: int, up_norm: int, down_norm: int, domain="new", items=1000, right=350, longest=3):
+    return {
+        "domain": domain,
+        "items": items,
+        "longest_choice_tokens": longest,
+        "acc": _compare(*per_item(items, right, up_acc, down_acc)),
+        "acc_norm": _compare(*per_item(items, right, up_norm, down_norm)),
+    }
+
+
+def test_acc_norm_learning_on_the_new_cloze_passes_the_gain_gate_naming_what_drove_it(tmp_path, recipe):
+    """The issue's run: on the new-domain cloze benchmark acc_norm rises 10 points and acc 1.8,
+    two 65-item QA sets stay at chance, the legacy cloze loses half a point."""
+    report = {
+        "benchmarks": {
+            "sql_cloze": planted(60, 42, 150, 50),
+            "sql_qa": planted(1, 1, 1, 1, items=65, right=16),
+            "sql_commands": planted(1, 1, 1, 1, items=65, right=16),
+            "python_cloze": planted(7, 10, 7, 10, domain="legacy", items=750, right=300),
+        },
+        "validation": {},
+    }
+    benchmarks = [{"name": name, "path": "data/old.jsonl", "domain": "new"} for name in report["benchmarks"]]
+    by_default = load_recipe(write(tmp_path, {**BASE, "evaluate": {"benchmarks": benchmarks}}))
+    gain = accuracy_gates(by_default, report, None)[0]
+    assert gain["passed"] and gain["value"] == pytest.approx((0.10 - 0.004) / 4)
+    assert gain["drivers"] == ["sql_cloze"] and "driven by sql_cloze;" in gain["reason"]
+    assert "sql_cloze acc_norm x1 (+2.5)" in gain["reason"]
+    # the same run counted by unnormalised accuracy: +0.35 points on average, within noise
+    as_acc = [{**b, "metric": "acc"} for b in benchmarks]
+    gain = accuracy_gates(load_recipe(write(tmp_path, {**BASE, "evaluate": {"benchmarks": as_acc}})), report, None)[0]
+    assert not gain["passed"] and gain["value"] == pytest.approx((0.018 - 0.004) / 4)
+    # weights: the QA sets at chance not counted in the average (still gated for regression)
+    weighted = [{**b, "weight": 0} if b["name"] in ("sql_qa", "sql_commands") else b for b in benchmarks]
+    gates = accuracy_gates(load_recipe(write(tmp_path, {**BASE, "evaluate": {"benchmarks": weighted}})), report, None)
+    assert gates[0]["value"] == pytest.approx((0.10 - 0.004) / 2) and gates[0]["passed"]
+    assert {g["name"] for g in gates[1:]} == {f"benchmark_regression:{n}" for n in report["benchmarks"]}
+    scores = judged_scores(by_default, report)
+    assert scores["average_acc"]["delta"] == pytest.approx((0.018 - 0.004) / 4)  # both metrics shown
+    assert scores["benchmarks"]["sql_cloze"]["metric_reason"] == "default: choices of up to 3 tokens"
+
+
+def test_default_metric_follows_the_choices_length_in_tokens():
+    assert chosen_metric(None, 1) == ("acc", "default: every choice is one token")
+    assert chosen_metric(None, 4)[0] == "acc_norm" and chosen_metric("acc", 4) == ("acc", "set by the recipe")
 
 
 @pytest.mark.slow
@@ -162,6 +228,17 @@ def test_lineage_fails_on_a_shard_that_does_not_match_its_manifest_or_a_missing_
         and "train_fingerprint" in gate["reason"]
         and "shards match the manifest: False" in (gate["reason"])
     )
+
+
+def test_validation_sets_too_small_for_the_loss_gates_are_warned_about(recipe):
+    small = {"role": "legacy", "docs": 8, "held_out_docs": 8, "tokens": 42_000, "loss": side(5.0, 5.1, 0.08)}
+    large = {"role": "new", "docs": 200, "held_out_docs": 900, "tokens": 150_000, "loss": side(5.0, 4.0, 0.01)}
+    (warning,) = validation_warnings(recipe, evaluation({}, {"python": small, "postgres": large}))
+    assert warning.startswith("validation set python (legacy, 8 documents): 42,000 tokens, fewer than")
+    assert "3.2% of the loss, over half the 5% forgetting limit" in warning
+    large["tokens"] = 50_000
+    (warning,) = validation_warnings(recipe, evaluation({}, {"p": large}))
+    assert "of 900 held out: evaluate.validation_docs caps it" in warning
 
 
 def test_contamination_gate_memory_does_not_grow_with_the_curated_text(tmp_path, tiny_tokenizer_dir):

@@ -270,11 +270,28 @@ def test_yaml_syntax_error_gives_its_line(layout):
 
 def test_cli_validate_exit_codes(layout, capsys):
     assert refit(["validate", str(write(layout, BASE))]) == 0
-    assert "valid" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "valid" in out  # BASE gives only pretraining_min_lr: how to give the others is explained
+    assert "note: the base model's pretraining_max_lr, pretraining_tokens are unknown" in out
+    assert "refit_pretraining.json" in out and "pretraining_tokens: 1T" in out
     bad = edit(colour="blue", sources__0__paths=["data/none.jsonl"])
     assert refit(["validate", str(write(layout, bad))]) == 2
     err = capsys.readouterr().err
     assert "2 problems" in err and "colour (line" in err and "sources[0].paths[0] (line" in err
+
+
+def test_new_settings_are_checked_with_the_field_named(layout):
+    weightless = edit(evaluate={"benchmarks": [{"name": "b", "path": "data/old.jsonl", "domain": "new", "weight": 0}]})
+    assert problems(layout, weightless)["evaluate.benchmarks"][1].startswith("every weight is 0")
+    wrong = edit(
+        evaluate={"benchmarks": [{"name": "b", "path": "data/old.jsonl", "domain": "new", "metric": "f1"}]},
+        curate={"decontaminate": "line"},
+        sweep={"must_pass": ["lineage"]},
+        sources__0__validation_paths=["held/*.jsonl"],
+    )
+    found = problems(layout, wrong)
+    assert {"evaluate.benchmarks[0].metric", "curate.decontaminate", "sweep.must_pass[0]"} <= set(found)
+    assert "matches no file" in found["sources[0].validation_paths[0]"][1]
 
 
 def test_bundled_recipes_validate_without_the_base_model():

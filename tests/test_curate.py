@@ -262,13 +262,44 @@ def test_contaminated_documents_are_removed_and_listed(tmp_path):
         }
     )
     write_jsonl(tmp_path / "data" / "d.jsonl", docs)
-    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}]))
+    recipe = load_recipe(
+        make_recipe(tmp_path, [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}], decontaminate="document")
+    )
     report = run_curate(recipe, tmp_path / "wd")
     assert report["sources"]["docs"]["contaminated_ids"] == ["leak"]
+    assert report["sources"]["docs"]["contaminated_chars"] == len(docs[-1]["text"])
     removed = [
         json.loads(line) for line in (tmp_path / "wd/curate/removed/docs/batch-0001.jsonl").read_text().splitlines()
     ]
-    assert removed == [{"id": "leak", "reason": "contaminated", "of": "b:q1"}]
+    assert removed == [
+        {"id": "leak", "reason": "contaminated", "of": "b:q1", "chars": len(docs[-1]["text"]), "pieces": 0}
+    ]
+
+
+def test_span_decontamination_keeps_the_rest_of_a_document_sharing_one_ngram(tmp_path):
+    """A long page quoting one benchmark sentence loses that sentence and a margin, not the page."""
+    before, after = NEW[0]["text"], NEW[1]["text"]
+    leak = "The quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat."
+    page = f"{before}\n\n{leak}\n\n{after}"
+    write_jsonl(tmp_path / "data" / "d.jsonl", [{"id": "page", "text": page}])
+    recipe = load_recipe(
+        make_recipe(
+            tmp_path,
+            [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}],
+            validation_fraction=0.0,
+            decontaminate_margin=2,
+        )
+    )
+    report = run_curate(recipe, tmp_path / "wd")["sources"]["docs"]
+    kept = pq.read_table(curated_files(tmp_path / "wd", "docs", "train")[0]).to_pylist()
+    assert [d["id"] for d in kept] == ["page#clean0", "page#clean1"]
+    words = before.split()
+    assert kept[0]["text"].split() == words[:-2]  # the margin: the last two words before the shared 13-gram go too
+    assert kept[1]["text"].split()[-20:] == after.split()[-20:]
+    assert report["contaminated_ids"] == ["page"] and report["contaminated_docs"] == 1
+    assert 0 < report["contaminated_chars"] == len(page) - len(kept[0]["text"]) - len(kept[1]["text"]) < len(page) / 4
+    for doc in kept:  # nothing left that the audit would find
+        assert not word_ngrams(doc["text"], 13) & word_ngrams(leak, 13)
 
 
 def test_validation_split_is_deterministic_by_id(tmp_path):
@@ -284,6 +315,40 @@ def test_validation_split_is_deterministic_by_id(tmp_path):
         for w in (tmp_path / "a", tmp_path / "b")
     ]
     assert split[0] == split[1] and 3 <= len(split[0]) <= 20
+
+
+def test_hash_split_holds_out_enough_tokens_per_source_and_warns_when_it_cannot(tmp_path):
+    docs = [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:60])]
+    write_jsonl(tmp_path / "data" / "d.jsonl", docs)
+    total = sum(len(d["text"]) for d in docs)
+    source = [{"name": "docs", "paths": ["data/d.jsonl"], "role": "legacy"}]
+    enough = dict(validation_fraction=0.01, min_validation_tokens=total // 40, chars_per_token=2.0)
+    report = run_curate(load_recipe(make_recipe(tmp_path, source, **enough)), tmp_path / "a")
+    held = report["sources"]["docs"]["validation"]
+    assert held["split"] == "hash" and held["chars"] >= total / 20 and held["estimated_tokens"] >= total // 40
+    assert held["chars"] <= 0.1 * total and not report["warnings"]  # within max_validation_fraction
+    assert held["docs"] == report["sources"]["docs"]["validation_docs"] > 0.01 * 60
+    short = dict(validation_fraction=0.01, min_validation_tokens=total, max_validation_fraction=0.2)
+    report = run_curate(load_recipe(make_recipe(tmp_path, source, **short)), tmp_path / "b")
+    assert report["sources"]["docs"]["validation"]["chars"] <= 0.2 * total
+    (warning,) = report["warnings"]
+    assert warning.startswith("docs: validation set of") and "below curate.min_validation_tokens" in warning
+
+
+def test_explicit_validation_files_replace_the_hash_split_and_their_copies_leave_training(tmp_path):
+    docs = [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])]
+    write_jsonl(tmp_path / "data" / "d.jsonl", docs)
+    held_out = [{"id": f"v{i}", "text": d["text"]} for i, d in enumerate(LEGACY[20:25])]
+    write_jsonl(tmp_path / "heldout" / "v.jsonl", [*held_out, {"id": "v-bad", "text": 3}])
+    write_jsonl(tmp_path / "data" / "d2.jsonl", [{"id": "copy", "text": held_out[0]["text"]}])  # trained on: no
+    source = {"name": "docs", "paths": ["data/d*.jsonl"], "validation_paths": ["heldout/*.jsonl"], "role": "legacy"}
+    report = run_curate(load_recipe(make_recipe(tmp_path, [source])), tmp_path / "wd")
+    validation = pq.read_table(curated_files(tmp_path / "wd", "docs", "validation")[0]).to_pylist()
+    assert [d["id"] for d in validation] == [f"v{i}" for i in range(5)]
+    assert report["sources"]["docs"]["validation"]["split"] == "files"
+    counts = report["sources"]["docs"]
+    assert counts["train_docs"] == 20 and counts["removed"] == {"exact_duplicate": 1}
+    assert [q["reason"] for q in quarantine(tmp_path / "wd", "docs")] == ["text_not_string"]
 
 
 def test_incremental_rerun_processes_only_new_files_against_everything_seen(tmp_path):

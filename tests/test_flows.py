@@ -230,6 +230,29 @@ def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_m
     assert "FAILED" in markdown and "| average_accuracy_gain | **no** |" in markdown
     assert not (tmp_path / "registry").exists()
     assert flow_runs("refit-refresh")[0].state.is_failed()
+    # from the command line: the verdict last, exit code 1, and Prefect's log of the failure without a traceback
+    # (stdout redirected by hand: a capture fixture's stream, closed after the test, would stay in Prefect's
+    # console handler if the run set it up)
+    import contextlib
+    import io
+    import logging
+
+    from refit.flows.cli import main as refit
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("prefect.flow_runs").addHandler(handler)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            assert refit(["run", str(path), "--workdir", str(workdir)]) == 1
+    finally:
+        logging.getLogger("prefect.flow_runs").removeHandler(handler)
+    out = printed.getvalue()
+    assert "audit of t: FAILED" in out and out.rstrip().endswith(f"full report: {workdir / 'audit' / 'report.md'}")
+    failures = [r for r in records if "Encountered exception" in r.getMessage()]
+    assert failures and all(r.exc_info is None for r in failures) and "Traceback" not in out
 
 
 def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_dir):

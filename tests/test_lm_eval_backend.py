@@ -49,20 +49,20 @@ def test_task_definition_scores_the_same_tokens(tmp_path, bench):
     assert (task["doc_to_text"], task["doc_to_choice"], task["doc_to_target"]) == ("query", "choices", "gold")
 
 
-def test_both_backends_give_the_same_scores_on_the_same_model(tmp_path, tiny_model_dir, bench):
+def assert_backends_agree(model_dir, bench, task_dir):
     from transformers import AutoConfig
 
     items = [json.loads(line) for line in open(bench.path)]
-    scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=4)
+    scorer = Scorer(model_dir, model_dir, batch_size=4)
     refit_lls = scorer.choice_loglikelihoods(items)
     refit = choice_metrics(items, refit_lls)
     harness = lm_eval_backend.score_benchmarks(
-        tiny_model_dir,
-        tiny_model_dir,
+        model_dir,
+        model_dir,
         [bench],
         batch_size=4,
-        task_dir=tmp_path / "tasks",
-        max_length=context_length(AutoConfig.from_pretrained(tiny_model_dir)),
+        task_dir=task_dir,
+        max_length=context_length(AutoConfig.from_pretrained(model_dir)),
     )["tiny_mc"]
 
     for ours, theirs in zip(refit_lls, harness["loglikelihoods"]):  # every choice of every item
@@ -75,6 +75,39 @@ def test_both_backends_give_the_same_scores_on_the_same_model(tmp_path, tiny_mod
         mean, stderr = mean_stderr(refit[metric])
         assert reported[metric] == pytest.approx(mean) and reported[f"{metric}_stderr"] == pytest.approx(stderr)
     assert 0 < reported["acc_stderr"] < 1 / math.sqrt(len(items))
+    return refit_lls
+
+
+def test_both_backends_give_the_same_scores_on_the_same_model(tmp_path, tiny_model_dir, bench):
+    assert_backends_agree(tiny_model_dir, bench, tmp_path / "tasks")
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_a_tokenizer_that_adds_bos_gets_it_on_each_query_in_both_backends(tmp_path, tiny_model_dir, bench):
+    """lm-evaluation-harness's default is the tokenizer's own special tokens: a BOS before the
+    query for tokenizers that add one (Llama's do). Refit follows it; prefix_eos adds an EOS."""
+    import shutil
+
+    from tokenizers import Tokenizer, processors
+    from transformers import AutoTokenizer
+
+    with_bos = tmp_path / "model-bos"
+    shutil.copytree(tiny_model_dir, with_bos)
+    eos = AutoTokenizer.from_pretrained(tiny_model_dir).eos_token
+    tokenizer = Tokenizer.from_file(str(with_bos / "tokenizer.json"))
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{eos} $A", special_tokens=[(eos, tokenizer.token_to_id(eos))]
+    )
+    tokenizer.save(str(with_bos / "tokenizer.json"))
+    encode = AutoTokenizer.from_pretrained(with_bos)
+    assert encode("SELECT name")["input_ids"][0] == encode.eos_token_id  # it adds one
+    with_prefix = assert_backends_agree(with_bos, bench, tmp_path / "tasks")
+    items = [json.loads(line) for line in open(bench.path)]
+    plain = Scorer(tiny_model_dir, tiny_model_dir, batch_size=4)
+    assert not np.allclose(plain.choice_loglikelihoods(items)[0], with_prefix[0])  # the BOS changed the scores
+    prefixed = Scorer(tiny_model_dir, tiny_model_dir, batch_size=4, prefix_eos=True)  # evaluate.prefix_eos
+    for ours, bos_first in zip(prefixed.choice_loglikelihoods(items), with_prefix):
+        assert ours == pytest.approx(bos_first, abs=1e-4)  # here BOS is EOS: the same tokens
 
 
 def test_missing_harness_is_a_clear_error(monkeypatch, tmp_path, bench):

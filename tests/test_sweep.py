@@ -88,10 +88,11 @@ def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner
     for name in ("max_lr0.003", "baseline-legacy-only", "baseline-no-switch"):
         assert rows[name]["status"] == "ok" and rows[name]["tokens"] == 10 * 4 * 32  # half of 20 steps
     assert rows["baseline-no-switch"]["switches"] == [] and rows["max_lr0.003"]["switches"]
-    assert summary["winner"] == "max_lr0.003" and "pass forgetting" in summary["reason"]
+    assert summary["winner"] == "max_lr0.003" and "pass every required gate" in summary["reason"]
     best = load_recipe(summary["best_recipe"])  # a complete recipe for the full run
     assert best.schedule.max_lr == 3e-3 and best.schedule.total_tokens == load_recipe(path).schedule.total_tokens
-    assert yaml.safe_load(open(summary["best_recipe"]))["workdir"] == str(load_recipe(path).workdir)
+    assert yaml.safe_load(open(summary["best_recipe"]))["workdir"] == str(workdir.resolve())  # the sweep's
+    assert rows["max_lr0.003"]["gates"]["contamination"] and rows["max_lr0.003"]["gates"]["training_health"]
     markdown = (workdir / "sweep" / "results.md").read_text()
     assert "FAILED" in markdown and "**(winner)**" in markdown and "baseline-legacy-only" in markdown
     assert (workdir / "sweep" / "accuracy_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
@@ -106,31 +107,69 @@ def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner
     assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(windows.values(), 2))  # concurrent
 
 
+def _row(name, acc, forgetting_ok=True, kind="grid", gain_ok=True):
+    return {
+        "variant": name,
+        "kind": kind,
+        "status": "ok",
+        "description": name,
+        "score": acc,
+        "score_stderr": 0.013,
+        "score_gain": acc - 0.3,
+        "average_by_metric": {"acc": acc - 0.01, "acc_norm": acc},
+        "benchmarks": {"b": {"metric": "acc_norm", "acc": acc - 0.01, "acc_norm": acc}},
+        "legacy_loss": {"old": 5.0},
+        "new_loss": {"new": 4.0},
+        "tokens": 1280,
+        "train_seconds": 10.0,
+        "eval_seconds": 1.0,
+        "device_hours": 0.01,
+        "gates": {"forgetting:old": forgetting_ok, "benchmark_regression:b": True, "average_accuracy_gain": gain_ok},
+    }
+
+
 def test_the_winner_passes_the_required_gates_and_a_lead_within_noise_is_said(tmp_path, tiny_model_dir):
     from refit.stages.lib.sweep import choose_winner
 
     path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     recipe = load_recipe(path)
-
-    def row(name, acc, forgetting_ok=True, kind="grid"):
-        return {
-            "variant": name,
-            "kind": kind,
-            "status": "ok",
-            "description": name,
-            "average_acc": acc,
-            "average_acc_stderr": 0.013,
-            "average_gain": acc - 0.3,
-            "device_hours": 0.01,
-            "gates": {"forgetting:old": forgetting_ok, "benchmark_regression:b": True},
-        }
-
     winner, reason = choose_winner(
         recipe,
-        [row("a", 0.328), row("b", 0.327), row("c", 0.40, forgetting_ok=False), row("legacy", 0.305, kind="baseline")],
+        [
+            _row("a", 0.328),
+            _row("b", 0.327),
+            _row("c", 0.40, forgetting_ok=False),
+            _row("d", 0.45, gain_ok=False),  # by default every gate counts, the gain gate too
+            _row("legacy", 0.305, kind="baseline"),
+        ],
     )
-    assert winner["variant"] == "a" and "2 of 3 grid variants that pass forgetting" in reason
+    assert winner["variant"] == "a" and "2 of 4 grid variants that pass every required gate" in reason
     assert "lead over b (0.1 points) is within noise" in reason
-    winner, reason = choose_winner(recipe, [row("a", 0.40), row("b", 0.30)])
+    winner, reason = choose_winner(recipe, [_row("a", 0.40), _row("b", 0.30)])
     assert winner["variant"] == "a" and "within noise" not in reason
-    assert choose_winner(recipe, [row("c", 0.40, forgetting_ok=False)]) == (None, "no grid variant passed forgetting")
+    narrowed = recipe.model_copy(update={"sweep": recipe.sweep.model_copy(update={"must_pass": ["forgetting"]})})
+    assert choose_winner(narrowed, [_row("d", 0.45, gain_ok=False)])[0]["variant"] == "d"  # narrowed explicitly
+
+
+def test_a_sweep_where_no_variant_passes_says_so_and_writes_no_best_recipe(tmp_path, tiny_model_dir):
+    from refit.stages.lib.sweep import choose_winner, write_results
+
+    path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    recipe = load_recipe(path)
+    sweep_dir = workdir / "sweep"
+    sweep_dir.mkdir(parents=True)
+    (sweep_dir / f"{recipe.name}.best.yaml").write_text("# an earlier sweep's winner\n")
+    rows = [_row("a", 0.40, forgetting_ok=False), _row("b", 0.45, gain_ok=False)]
+    rows[0]["warnings"] = ["source old is drawn 6.8 times (more than mixture.max_epochs 4)"]
+    winner, reason = choose_winner(recipe, rows)
+    assert winner is None and reason.startswith("no grid variant passed every required gate")
+    assert "a failed forgetting:old" in reason and "b failed average_accuracy_gain" in reason
+    summary = write_results(sweep_dir, recipe, rows, winner, reason, 0.25, workdir)
+    assert summary["winner"] is None and summary["best_recipe"] is None
+    assert not (sweep_dir / f"{recipe.name}.best.yaml").exists()  # the earlier winner is not left to mislead
+    markdown = (sweep_dir / "results.md").read_text()
+    assert markdown.startswith("# Pilot sweep at 25% of the token budget (1,280 tokens per variant)")
+    assert "**No winner:** no grid variant passed" in markdown
+    assert "FAIL: **forgetting:old**" in markdown and "FAIL: **average_accuracy_gain**" in markdown
+    assert "| b (acc_norm) |" in markdown and "avg acc_norm" in markdown
+    assert "- a: source old is drawn 6.8 times" in markdown  # the mix's warnings travel with the results

@@ -38,6 +38,15 @@ Loc = tuple[str | int, ...]
 PRETRAINING_RECORD = "refit_pretraining.json"  # written beside a base checkpoint by its pretraining
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
+# the audit gates a pilot-sweep variant is judged on (all but lineage and above_previous_version)
+VARIANT_GATES = (
+    "average_accuracy_gain",
+    "benchmark_regression",
+    "forgetting",
+    "new_domain_learned",
+    "contamination",
+    "training_health",
+)
 
 
 def _parse_count(value: Any) -> Any:
@@ -130,6 +139,10 @@ class SourceSpec(Section):
     role: Literal["legacy", "new", "qa"]
     """legacy: data like the base model's pretraining (forgetting is measured on it);
     new: the new domain to learn; qa: QA-formatted data for the late phase."""
+    validation_paths: list[RecipePath] = []
+    """Files or globs of this source's held-out validation documents (same format and fields),
+    used instead of a hash split of `paths`. For a legacy source give text of the base's domain
+    that the base never saw in pretraining: loss on memorised text understates forgetting."""
 
 
 class MinHashSpec(Section):
@@ -157,9 +170,27 @@ class CurateSpec(Section):
     minhash: MinHashSpec = MinHashSpec()
     """Near-duplicate detection settings (datatrove MinHash)."""
     decontaminate_ngram: int = Field(default=13, ge=1)
-    """Training documents sharing an n-gram of normalised words with a benchmark item are removed."""
+    """Length of the word n-grams (lower-cased) compared with the benchmark items."""
+    decontaminate: Literal["document", "span"] = "span"
+    """span: cut out only the text of each n-gram shared with a benchmark item, plus
+    decontaminate_margin words on each side, and keep the pieces before and after it as
+    documents of their own; document: remove the whole document."""
+    decontaminate_margin: int = Field(default=50, ge=0)
+    """Words removed on each side of a contaminated n-gram window (decontaminate: span)."""
     validation_fraction: float = Field(default=0.02, ge=0, lt=1)
-    """Fraction of each source held out by id hash for validation loss (forgetting)."""
+    """Least fraction of each source held out by id hash for validation loss (sources without
+    validation_paths). 0 holds nothing out (then min_validation_tokens does not apply)."""
+    min_validation_tokens: TokenCount = 100_000
+    """With the hash split, more documents are held out, in id-hash order, until each source's
+    validation set reaches this many tokens (estimated before tokenization as characters /
+    chars_per_token), taking at most max_validation_fraction of the source's characters. The
+    audit warns when a validation set, counted by the tokenizer, is smaller."""
+    max_validation_fraction: Fraction = 0.1
+    """Most of a source's characters held out to reach min_validation_tokens (validation_fraction
+    is held out regardless)."""
+    chars_per_token: float = Field(default=4.0, gt=0)
+    """Characters per token for the estimate above (English prose under a BPE of 32k-128k tokens
+    is about 4; code and small vocabularies are fewer)."""
     workers: int = Field(default=2, ge=1)
     """Parallel worker processes of the datatrove executor."""
 
@@ -324,6 +355,16 @@ class BenchmarkSpec(Section):
     """JSONL with {"id", "query", "choices", "gold"}; choices start with a space."""
     domain: Literal["legacy", "new"]
     """Whether it measures retention of the legacy domain or learning of the new one."""
+    metric: Literal["acc", "acc_norm"] | None = None
+    """What the gates, the sweep and the reports count for this benchmark: acc (the choice with
+    the highest log-likelihood) or acc_norm (highest log-likelihood per character). Default,
+    decided from the data as OLMES and the lm-eval leaderboards do: acc_norm when some choice is
+    more than one token under the model's tokenizer (longer choices would lose on total
+    log-likelihood for their length alone), acc when every choice is a single token."""
+    weight: float = Field(default=1.0, ge=0)
+    """Weight in the average the gain gate and the sweep use (0: not counted there; the
+    benchmark is still gated for regression). A benchmark sitting at chance adds noise, not
+    signal, to the average: weigh it down."""
 
 
 class EvaluateSpec(Section):
@@ -345,6 +386,17 @@ class EvaluateSpec(Section):
     what is scored, the scorer's version and the device settings. Default:
     `.refit-cache/` beside the workdir (in its parent folder), shared by the sweep's variants
     and by every nightly run of the recipe."""
+    prefix_eos: bool = False
+    """Prepend the EOS token to each benchmark query, for models pretrained on documents that
+    each start after an EOS (as Refit packs them). Off: the query's own tokens only, as
+    lm-evaluation-harness scores by default (no BOS/EOS added); validation loss always predicts
+    a document's first token after EOS."""
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> EvaluateSpec:
+        if self.benchmarks and not any(b.weight > 0 for b in self.benchmarks):
+            _raise_if(self, [_problem(("benchmarks",), "every weight is 0: at least one benchmark must count")])
+        return self
 
 
 class GatesSpec(Section):
@@ -386,8 +438,10 @@ class SweepSpec(Section):
     select: Literal["average_accuracy", "accuracy_per_device_hour"] = "average_accuracy"
     """What the winning variant maximises: average benchmark accuracy, or its gain over the
     base per device-hour of training."""
-    must_pass: list[Literal["forgetting", "benchmark_regression", "new_domain_learned"]] = ["forgetting"]
-    """Audit gates (noise-aware, thresholds from `gates`) a variant must pass to win."""
+    must_pass: list[Literal[VARIANT_GATES]] | None = None
+    """Audit gates (noise-aware, thresholds from `gates`) a variant must pass to win. Default:
+    every gate the audit applies that a pilot variant can be judged on (all but lineage and
+    above_previous_version, which concern a published full run); a list narrows it."""
     devices: int = Field(default=1, ge=1)
     """Devices the sweep may use at once: variants train concurrently, each on
     train.num_processes devices of its own (1: one variant after another)."""
@@ -509,7 +563,11 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
     problems += _duplicates(_read(data, "evaluate", "benchmarks"), "name", ("evaluate", "benchmarks"), "benchmark name")
     if _read(data, "schedule", "max_lr") is None:
         problems.append(
-            _problem(("schedule", "max_lr"), "required: set it, or set base_model.pretraining_min_lr to default to it")
+            _problem(
+                ("schedule", "max_lr"),
+                "required: set it, or give the base's final pretraining LR as base_model.pretraining_min_lr "
+                f"(or in {PRETRAINING_RECORD} beside the checkpoint) to default to it",
+            )
         )
     sources = list(dict.fromkeys(name for s in data.get("sources") or [] if isinstance(name := _read(s, "name"), str)))
     decay = _setting(data, ScheduleSpec, "schedule", "decay")
@@ -582,6 +640,28 @@ def _pretraining_record(path: str, info: ValidationInfo) -> dict[str, Any]:
     return {key: record[key] for key in keys if key in record}
 
 
+def missing_pretraining_facts(recipe: Recipe) -> str | None:
+    """How to give the base model's pretraining facts that neither the recipe nor the
+    checkpoint's refit_pretraining.json states; None when all are known."""
+    keys = ("pretraining_min_lr", "pretraining_max_lr", "pretraining_tokens")
+    missing = [key for key in keys if getattr(recipe.base_model, key) is None]
+    if not missing:
+        return None
+    record = Path(recipe.base_model.path) / PRETRAINING_RECORD
+    return (
+        f"the base model's {', '.join(missing)} are unknown: they set the default schedule.max_lr (the paper "
+        "starts at the final pretraining LR) and the cost comparison with retraining from scratch. Give them "
+        "in the recipe:\n"
+        "    base_model:\n"
+        "      pretraining_min_lr: 3.0e-4     # final LR of the base's pretraining schedule\n"
+        "      pretraining_max_lr: 3.0e-3     # its peak LR\n"
+        "      pretraining_tokens: 1T         # tokens it was pretrained on (2e6, 2M, 1.5B and 1T all read)\n"
+        f"or once for every recipe using this base, in {record}:\n"
+        '    {"pretraining_min_lr": 3.0e-4, "pretraining_max_lr": 3.0e-3, "pretraining_tokens": 1000000000000}\n'
+        "(model cards and papers usually state them; the values above are only examples)"
+    )
+
+
 def default_mixture(sources: list[Any]) -> dict[str, Any]:
     """The paper's two phases built from source roles (see MixtureSpec.phases)."""
     roles: dict[str, list[str]] = {"legacy": [], "new": [], "qa": []}
@@ -649,11 +729,12 @@ def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]
 
     problems: list[tuple[Loc, str]] = []
     for i, source in entries("sources"):
-        patterns = source.get("paths")
-        for j, pattern in enumerate(patterns if isinstance(patterns, list) else []):
-            path = resolved(pattern)
-            if path is not None and not glob.glob(str(path), recursive=True):
-                problems.append((("sources", i, "paths", j), f"matches no file: {path}"))
+        for key in ("paths", "validation_paths"):
+            patterns = source.get(key)
+            for j, pattern in enumerate(patterns if isinstance(patterns, list) else []):
+                path = resolved(pattern)
+                if path is not None and not glob.glob(str(path), recursive=True):
+                    problems.append((("sources", i, key, j), f"matches no file: {path}"))
     base = resolved((data.get("base_model") or {}).get("path") if isinstance(data.get("base_model"), dict) else None)
     if base is not None and not (base / "config.json").is_file():
         problems.append((("base_model", "path"), f"no Hugging Face checkpoint (config.json) at {base}"))

@@ -5,8 +5,9 @@ JSONL as it is (`dataset_path: json`), asks for the log-likelihood of every choi
 query, and counts `acc` and `acc_norm` (by characters) as Refit's own scorer does. The
 harness then runs in-process and offline on the same checkpoint directory, on the same
 device, in the same dtype and with the same batch size as Refit's scorer.
-`target_delimiter` is empty because Refit's choices already start with a space, and no BOS
-token is added, so the harness scores exactly the tokens Refit scores.
+`target_delimiter` is empty because Refit's choices already start with a space, and the
+harness's default `add_bos_token` (the tokenizer's own special tokens) is kept, which
+Refit's scorer follows, so the harness scores exactly the tokens Refit scores.
 
 The harness is optional: `pip install 'refit[lm-eval]'`.
 """
@@ -89,7 +90,6 @@ def score_benchmarks(
         "pretrained": str(model_dir),
         "tokenizer": str(tokenizer_dir),
         "dtype": dtype,
-        "add_bos_token": False,
         "trust_remote_code": trust_remote_code,
     }
     if max_length:

@@ -66,6 +66,7 @@ class ScoringSettings:
     batch_size: int
     num_processes: int = 1
     trust_remote_code: bool = False
+    prefix_eos: bool = False  # an EOS before each benchmark query (evaluate.prefix_eos)
 
     @classmethod
     def resolve(cls, evaluate, trust_remote_code: bool = False) -> ScoringSettings:
@@ -87,11 +88,16 @@ class ScoringSettings:
         if precision == "auto":
             precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         dtype = {"bf16": "bfloat16", "fp32": "float32"}[precision]
-        return cls(device, dtype, evaluate.batch_size, evaluate.num_processes, trust_remote_code)
+        return cls(device, dtype, evaluate.batch_size, evaluate.num_processes, trust_remote_code, evaluate.prefix_eos)
 
     def numerics(self) -> dict:
         """The settings that change the scores (not how many processes share the work)."""
-        return {"device": self.device, "dtype": self.dtype, "batch_size": self.batch_size}
+        return {
+            "device": self.device,
+            "dtype": self.dtype,
+            "batch_size": self.batch_size,
+            "prefix_eos": self.prefix_eos,
+        }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,6 +148,7 @@ class Scorer:
         trust_remote_code: bool = False,
         device: str = "cpu",
         dtype: str = "float32",
+        prefix_eos: bool = False,
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -158,6 +165,7 @@ class Scorer:
             **placement,
         ).eval()
         self.batch_size = batch_size
+        self.prefix_eos = prefix_eos
         self.max_len = context_length(self.model.config)
         self.slices_logits = "logits_to_keep" in inspect.signature(self.model.forward).parameters
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
@@ -233,15 +241,18 @@ class Scorer:
         return [results[i] for i in range(len(requests))]
 
     def choice_loglikelihoods(self, items: list[dict]) -> list[np.ndarray]:
-        """Per item, the log-likelihood of each choice's tokens given the query."""
+        """Per item, the log-likelihood of each choice's tokens given the query, encoded as
+        lm-evaluation-harness encodes it by default: with the tokenizer's own special tokens (a
+        BOS for tokenizers that add one), and an EOS first with prefix_eos."""
         texts = [item["query"] for item in items] + [item["query"] + c for item in items for c in item["choices"]]
-        encoded = iter(self.tokenizer(texts, add_special_tokens=False)["input_ids"]) if texts else iter(())
+        encoded = iter(self.tokenizer(texts)["input_ids"]) if texts else iter(())
+        prefix = [self.tokenizer.eos_token_id] if self.prefix_eos else []
         contexts = [next(encoded) for _ in items]
         requests = []
         for item, context in zip(items, contexts):
             for _ in item["choices"]:
                 whole = next(encoded)
-                requests.append((context, whole[len(context) :] or whole[-1:]))
+                requests.append((prefix + context, whole[len(context) :] or whole[-1:]))
         sums = iter([values.sum() for values in self.continuation_logprobs(requests)])
         return [np.array([next(sums) for _ in item["choices"]]) for item in items]
 
@@ -277,7 +288,15 @@ class Scorer:
 def _score_one_model(
     model_dir: Path, tokenizer_dir: Path, tasks: list[ScoringTask], settings: ScoringSettings, device: str
 ) -> dict[str, Scores]:
-    scorer = Scorer(model_dir, tokenizer_dir, settings.batch_size, settings.trust_remote_code, device, settings.dtype)
+    scorer = Scorer(
+        model_dir,
+        tokenizer_dir,
+        settings.batch_size,
+        settings.trust_remote_code,
+        device,
+        settings.dtype,
+        settings.prefix_eos,
+    )
     try:
         return {task.key: scorer.score(task) for task in tasks}
     finally:

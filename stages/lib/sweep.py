@@ -22,12 +22,15 @@ from typing import Any
 
 import yaml
 
-from refit.stages.audit import accuracy_gates, loss_gates
-from refit.stages.lib.config import Recipe, load_recipe
+from refit.stages import mix, train
+from refit.stages.audit import accuracy_gates, contamination_gate, health_gate, loss_gates
+from refit.stages.lib.config import VARIANT_GATES, Recipe, load_recipe
 from refit.stages.lib.markers import write_text_atomic
+from refit.stages.lib.scores import METRICS, judged_scores
 
 SWEEPABLE = ("schedule.", "mixture.", "train.")
 SHARED_STAGES = ("curate", "tokenize")
+SWEEP_DIR = "sweep"  # <workdir>/sweep/: one folder per variant, and the results
 
 
 class SweepError(ValueError):
@@ -170,7 +173,7 @@ def prepare_variant(
     """Write the variant's recipe in `<workdir>/sweep/<variant>/`, link the shared data, and
     validate it (RecipeError names a contradicting field, e.g. a switch threshold out of order)."""
     shared = Path(workdir).resolve()
-    variant_dir = shared / "sweep" / variant.name
+    variant_dir = shared / SWEEP_DIR / variant.name
     variant_dir.mkdir(parents=True, exist_ok=True)
     for stage in SHARED_STAGES:
         if not (variant_dir / stage).is_symlink():
@@ -183,30 +186,50 @@ def prepare_variant(
     return load_recipe(path)
 
 
-def result_row(recipe: Recipe, variant: Variant, train: dict, evaluation: dict) -> dict:
-    """One line of the results table, with the gates the winner rule can require."""
-    gates = [*accuracy_gates(recipe, evaluation, None), *loss_gates(recipe, evaluation)]
+def variant_gates(recipe: Recipe, workdir: Path, evaluation: dict, manifest: dict) -> list[dict]:
+    """The audit's gates that a pilot variant can be judged on, computed as the audit computes
+    them: all but lineage and above_previous_version, which concern a published full run."""
+    return [
+        *accuracy_gates(recipe, evaluation, None),
+        *loss_gates(recipe, evaluation),
+        contamination_gate(recipe, Path(workdir), manifest),
+        health_gate(recipe, train.read_metrics(Path(workdir))),
+    ]
+
+
+def result_row(recipe: Recipe, variant: Variant, trained: dict, evaluation: dict, workdir: Path) -> dict:
+    """One line of the results table: the score the audit counts (weighted average of each
+    benchmark's counted metric), both metrics, losses, cost and every gate's verdict."""
+    manifest = mix.read_manifest(Path(workdir))
+    gates = variant_gates(recipe, workdir, evaluation, manifest)
+    scores = judged_scores(recipe, evaluation)
     validation = evaluation["validation"]
-    hours = train["seconds"] * train["processes"] / 3600
-    average = evaluation["average_acc"]
+    hours = trained["seconds"] * trained["processes"] / 3600
+    average = scores["average"]
     return {
         "variant": variant.name,
         "kind": variant.kind,
         "description": variant.description,
         "status": "ok",
         "overrides": variant.overrides,
-        "average_acc": average["candidate"] if average else None,
-        "average_acc_stderr": average["candidate_stderr"] if average else None,
-        "average_gain": average["delta"] if average else None,
-        "benchmarks": {name: b["acc"]["candidate"] for name, b in evaluation["benchmarks"].items()},
+        "score": average["candidate"] if average else None,
+        "score_stderr": average["candidate_stderr"] if average else None,
+        "score_gain": average["delta"] if average else None,
+        "average_by_metric": {m: (scores[f"average_{m}"] or {}).get("candidate") for m in METRICS},
+        "benchmarks": {
+            name: {"metric": b["metric"], **{m: b[m]["candidate"] for m in METRICS}}
+            for name, b in scores["benchmarks"].items()
+        },
         "legacy_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "legacy"},
         "new_loss": {n: v["candidate_loss_per_token"] for n, v in validation.items() if v["role"] == "new"},
-        "tokens": train["tokens"],
-        "train_seconds": train["seconds"],
+        "tokens": trained["tokens"],
+        "train_seconds": trained["seconds"],
         "eval_seconds": evaluation.get("seconds"),
         "device_hours": hours,
-        "switches": train["switches"],
+        "switches": trained["switches"],
         "gates": {g["name"]: g["passed"] for g in gates},
+        "failed_gates": {g["name"]: g["reason"] for g in gates if not g["passed"]},
+        "warnings": manifest.get("warnings", []),
     }
 
 
@@ -221,38 +244,45 @@ def failed_row(variant: Variant, error: str) -> dict:
     }
 
 
-def _failed_gates(row: dict, must_pass: list[str]) -> list[str]:
+def required_gates(recipe: Recipe) -> list[str]:
+    """The gate families a winner must pass: the recipe's sweep.must_pass, else all a variant has."""
+    return list(recipe.sweep.must_pass if recipe.sweep.must_pass is not None else VARIANT_GATES)
+
+
+def failed_required(row: dict, required: list[str]) -> list[str]:
     """The required gates this variant failed (a gate family fails if any of its gates does)."""
-    return [name for name, passed in row["gates"].items() if not passed and name.split(":")[0] in must_pass]
+    return [name for name, passed in row["gates"].items() if not passed and name.split(":")[0] in required]
 
 
 def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
     """The grid variant the recipe's rule prefers, and why (baselines are references, not candidates)."""
-    rule = recipe.sweep
-    measured = [r for r in rows if r["kind"] == "grid" and r["status"] == "ok" and r["average_acc"] is not None]
-    eligible = [r for r in measured if not _failed_gates(r, rule.must_pass)]
+    rule, required = recipe.sweep, required_gates(recipe)
+    measured = [r for r in rows if r["kind"] == "grid" and r["status"] == "ok" and r["score"] is not None]
+    eligible = [r for r in measured if not failed_required(r, required)]
+    gates_named = "every required gate (" + ", ".join(required) + ")"
     if not eligible:
         if measured:
-            return None, f"no grid variant passed {', '.join(rule.must_pass)}"
+            failures = "; ".join(f"{r['variant']} failed {', '.join(failed_required(r, required))}" for r in measured)
+            return None, f"no grid variant passed {gates_named}: {failures}"
         finished = any(r["kind"] == "grid" and r["status"] == "ok" for r in rows)
         return None, "the recipe has no benchmarks to compare variants on" if finished else "no grid variant finished"
     score = (
-        (lambda r: r["average_acc"])
+        (lambda r: r["score"])
         if rule.select == "average_accuracy"
-        else (lambda r: r["average_gain"] / max(r["device_hours"], 1e-12))
+        else (lambda r: r["score_gain"] / max(r["device_hours"], 1e-12))
     )
     winner = max(eligible, key=score)
     reason = (
         f"{winner['variant']} ({winner['description']}) has the best "
-        f"{'average accuracy' if rule.select == 'average_accuracy' else 'accuracy gain per device-hour'} "
-        f"({100 * winner['average_acc']:.1f} +- {100 * (winner['average_acc_stderr'] or 0):.1f} points) among the "
-        f"{len(eligible)} of {len(measured)} grid variants that pass {', '.join(rule.must_pass)}"
+        f"{'weighted average accuracy' if rule.select == 'average_accuracy' else 'accuracy gain per device-hour'} "
+        f"({100 * winner['score']:.1f} +- {100 * (winner['score_stderr'] or 0):.1f} points, counted metrics) among "
+        f"the {len(eligible)} of {len(measured)} grid variants that pass {gates_named}"
     )
     runners_up = sorted((r for r in eligible if r is not winner), key=score, reverse=True)
     if runners_up and rule.select == "average_accuracy":
         second = runners_up[0]
-        lead = winner["average_acc"] - second["average_acc"]
-        error = math.hypot(winner["average_acc_stderr"] or 0, second["average_acc_stderr"] or 0)
+        lead = winner["score"] - second["score"]
+        error = math.hypot(winner["score_stderr"] or 0, second["score_stderr"] or 0)
         if lead <= recipe.gates.noise_sigmas * error:
             reason += (
                 f"; its lead over {second['variant']} ({100 * lead:.1f} points) is within noise "
@@ -262,20 +292,17 @@ def choose_winner(recipe: Recipe, rows: list[dict]) -> tuple[dict | None, str]:
     beaten_by = [
         r["variant"]
         for r in rows
-        if r["kind"] == "baseline"
-        and r["status"] == "ok"
-        and r["average_acc"] is not None
-        and r["average_acc"] > winner["average_acc"]
+        if r["kind"] == "baseline" and r["status"] == "ok" and r["score"] is not None and r["score"] > winner["score"]
     ]
     if beaten_by:
         reason += f"; note: baseline(s) {', '.join(beaten_by)} scored higher"
     return winner, reason
 
 
-def best_recipe_text(recipe: Recipe, winner: dict, reason: str) -> str:
-    """The winning settings as a complete recipe for the full run (full budget, the recipe's
+def best_recipe_text(recipe: Recipe, winner: dict, reason: str, workdir: Path) -> str:
+    """The winning settings as a complete recipe for the full run (full budget, the sweep's
     workdir, so it reuses the curated and tokenized data)."""
-    data = variant_recipe(recipe, winner["overrides"], None, 1.0)
+    data = variant_recipe(recipe, winner["overrides"], Path(workdir), 1.0)
     header = f"# Chosen by `refit sweep` of {recipe.name}: {reason}.\n"
     return header + yaml.safe_dump(data, sort_keys=False)
 
@@ -284,22 +311,41 @@ def _percent(value: float | None) -> str:
     return "" if value is None else f"{100 * value:.1f}"
 
 
-def results_markdown(rows: list[dict], winner: dict | None, reason: str, budget_fraction: float) -> str:
-    benchmarks = sorted({b for r in rows if r["status"] == "ok" for b in r["benchmarks"]})
+def _gate_cell(row: dict, required: list[str]) -> str:
+    """'pass (N gates)' or the failed gates, required ones in bold."""
+    failed = [name for name, passed in row["gates"].items() if not passed]
+    if not failed:
+        return f"pass ({len(row['gates'])} gates)"
+    return "FAIL: " + ", ".join(f"**{n}**" if n.split(":")[0] in required else n for n in failed)
+
+
+def results_markdown(
+    rows: list[dict], winner: dict | None, reason: str, budget_fraction: float, required: list[str]
+) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    metrics = {name: b["metric"] for r in ok for name, b in r["benchmarks"].items()}
+    benchmarks = sorted(metrics)
     head = [
         "variant",
         "settings",
         "status",
+        "score",
         "avg acc",
-        *benchmarks,
+        "avg acc_norm",
+        *[f"{b} ({metrics[b]})" for b in benchmarks],
         "legacy loss",
         "new loss",
+        "gates",
         "tokens",
         "wall s",
         "device-hours",
     ]
+    tokens = {r["tokens"] for r in ok}
     lines = [
-        f"# Pilot sweep at {budget_fraction:g} of the token budget",
+        f"# Pilot sweep at {100 * budget_fraction:g}% of the token budget"
+        + (f" ({tokens.pop():,} tokens per variant)" if len(tokens) == 1 else ""),
+        "",
+        f"**Winner:** {reason}." if winner else f"**No winner:** {reason}. No best recipe was written.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),
@@ -315,21 +361,28 @@ def results_markdown(rows: list[dict], winner: dict | None, reason: str, budget_
             r["variant"] + mark,
             r["description"],
             "ok",
-            f"{_percent(r['average_acc'])} +- {_percent(r['average_acc_stderr'] or 0)}",
-            *[_percent(r["benchmarks"].get(b)) for b in benchmarks],
+            f"{_percent(r['score'])} +- {_percent(r['score_stderr'] or 0)}",
+            _percent(r["average_by_metric"]["acc"]),
+            _percent(r["average_by_metric"]["acc_norm"]),
+            *[_percent(r["benchmarks"][b][metrics[b]]) if b in r["benchmarks"] else "" for b in benchmarks],
             ", ".join(f"{v:.3f}" for v in r["legacy_loss"].values()),
             ", ".join(f"{v:.3f}" for v in r["new_loss"].values()),
+            _gate_cell(r, required),
             f"{r['tokens']:,}",
             f"{r['train_seconds'] + (r['eval_seconds'] or 0):.0f}",
             f"{r['device_hours']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    warned = [(r["variant"], w) for r in ok for w in r.get("warnings", [])]
+    if warned:
+        lines += ["", "Warnings (data mix):", ""] + [f"- {variant}: {warning}" for variant, warning in warned]
     lines += [
         "",
-        f"**Winner:** {reason}." if winner else f"**No winner:** {reason}.",
-        "",
-        "Accuracies in points with standard errors; losses in nats per token on held-out documents; wall "
-        "time is training plus evaluation; device-hours count training only.",
+        "Score: the weighted average of each benchmark's counted metric (named in its column), as the audit's "
+        "gain gate counts it, in points with its standard error; avg acc and avg acc_norm: the same weights, "
+        "one metric everywhere. Gates: the audit's, computed per variant at this budget; a winner must pass "
+        f"those in bold ({', '.join(required)}). Losses in nats per token on held-out documents; wall time is "
+        "training plus evaluation; device-hours count training only.",
         "",
         "![accuracy against compute](accuracy_vs_compute.png)",
     ]
@@ -343,25 +396,25 @@ def plot_accuracy_vs_compute(rows: list[dict], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in (r for r in rows if r["status"] == "ok" and r["average_acc"] is not None):
+    for r in (r for r in rows if r["status"] == "ok" and r["score"] is not None):
         marker, color = ("s", "tab:gray") if r["kind"] == "baseline" else ("o", "tab:blue")
         ax.errorbar(
             r["device_hours"],
-            100 * r["average_acc"],
-            yerr=100 * (r["average_acc_stderr"] or 0),
+            100 * r["score"],
+            yerr=100 * (r["score_stderr"] or 0),
             fmt=marker,
             color=color,
             capsize=3,
         )
         ax.annotate(
             r["variant"],
-            (r["device_hours"], 100 * r["average_acc"]),
+            (r["device_hours"], 100 * r["score"]),
             fontsize=7,
             xytext=(4, 3),
             textcoords="offset points",
         )
     ax.set_xlabel("training device-hours")
-    ax.set_ylabel("average accuracy (points)")
+    ax.set_ylabel("score: weighted average accuracy, counted metrics (points)")
     ax.set_title("Pilot sweep: accuracy against compute (squares: baselines)")
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -372,23 +425,33 @@ def plot_accuracy_vs_compute(rows: list[dict], out: Path) -> None:
 
 
 def write_results(
-    sweep_dir: Path, recipe: Recipe, rows: list[dict], winner: dict | None, reason: str, budget_fraction: float
+    sweep_dir: Path,
+    recipe: Recipe,
+    rows: list[dict],
+    winner: dict | None,
+    reason: str,
+    budget_fraction: float,
+    workdir: Path,
 ) -> dict:
-    """results.json, results.md, accuracy_vs_compute.png and, with a winner, <name>.best.yaml."""
+    """results.json, results.md, accuracy_vs_compute.png and, with a winner, <name>.best.yaml
+    (without one, a best recipe of an earlier sweep is removed: it would name a loser)."""
     sweep_dir = Path(sweep_dir)
+    required = required_gates(recipe)
     plot_accuracy_vs_compute(rows, sweep_dir / "accuracy_vs_compute.png")
-    write_text_atomic(sweep_dir / "results.md", results_markdown(rows, winner, reason, budget_fraction))
-    best = None
+    write_text_atomic(sweep_dir / "results.md", results_markdown(rows, winner, reason, budget_fraction, required))
+    best = sweep_dir / f"{recipe.name}.best.yaml"
     if winner is not None:
-        best = sweep_dir / f"{recipe.name}.best.yaml"
-        write_text_atomic(best, best_recipe_text(recipe, winner, reason))
+        write_text_atomic(best, best_recipe_text(recipe, winner, reason, workdir))
+    else:
+        best.unlink(missing_ok=True)
     summary = {
         "recipe": recipe.name,
         "budget_fraction": budget_fraction,
+        "required_gates": required,
         "rows": rows,
         "winner": winner["variant"] if winner else None,
         "reason": reason,
-        "best_recipe": str(best) if best else None,
+        "best_recipe": str(best) if winner else None,
     }
     write_text_atomic(sweep_dir / "results.json", json.dumps(summary, indent=2, default=str) + "\n")
     return summary
