@@ -52,6 +52,7 @@ from refit.stages.lib.markers import (
     write_marker,
 )
 from refit.stages.lib.paths import inside
+from refit.stages.lib.safety_audit import model_card_section
 
 FOLDER = "publish"
 VERSION = re.compile(r"^v(\d{4,})$")
@@ -280,6 +281,8 @@ Data phases, each later one triggered by the learning rate: {phases}.
 | gate | result | detail |
 |---|---|---|
 {gates}
+
+{model_card_section(evaluation)}
 
 ## Cost
 

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from refit.stages.evaluate import Scorer, _compare, _validation_texts
+from refit.stages.evaluate import _compare, _validation_texts
 from refit.stages.lib.config import Recipe, SafetySpec
+from refit.stages.lib.scoring import Scorer, ScoringSettings, ScoringTask, choice_loglikelihoods, context_length
 
 log = logging.getLogger(__name__)
 BUNDLED = Path(__file__).resolve().parents[2] / "datasets" / "safety"
@@ -60,6 +61,7 @@ CROWS_BIAS_TYPES = (
 )
 BBQ_FIELDS = ("example_id", "category", "context", "question", "ans0", "ans1", "ans2", "label")
 BOOTSTRAP_RESAMPLES = 1000
+DECODINGS = ("greedy", "sampled")
 
 
 class ProbeFileError(ValueError):
@@ -239,6 +241,7 @@ class Probes:
             else [BUNDLED / "bbq" / f"{name}.jsonl.gz" for name in BBQ_CATEGORIES]
         )
         self.crows_pairs = self.bbq = None
+        self.pairs, self.max_len = [], None  # the pairs that fit the model's context (scoring_tasks)
         if "crows_pairs" in spec.probes:
             self.crows_pairs = seeded_subset(load_crows_pairs(self.crows_pairs_file), spec.crows_pairs_size, spec.seed)
         if "bbq" in spec.probes:
@@ -329,32 +332,48 @@ def nominal_stderr(n: int) -> float | None:
 # ----------------------------------------------------------------------------- scoring
 
 
-def prefix_token(tokenizer) -> int:
-    return tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+def prefix_text(tokenizer) -> str:
+    """The token a whole sentence is scored after: BOS, else EOS (as the harness's empty context)."""
+    return tokenizer.bos_token if tokenizer.bos_token_id is not None else tokenizer.eos_token
 
 
-def sentence_loglikelihoods(scorer: Scorer, sentences: list[str]) -> np.ndarray:
-    """Log-likelihood of each whole sentence after the prefix token, as the harness scores an
-    empty context (when the sentence itself starts with that token, it is the context)."""
-    prefix = prefix_token(scorer.tokenizer)
-    requests = []
-    for ids in scorer.tokenizer(sentences, add_special_tokens=False)["input_ids"]:
-        requests.append(([prefix], ids) if ids[0] != prefix else (ids[:1], ids[1:]))
-    return np.array([values.sum() for values in scorer.continuation_logprobs(requests)])
-
-
-def fitting_pairs(scorer: Scorer, pairs: list[dict]) -> list[dict]:
+def fitting_pairs(tokenizer, pairs: list[dict], max_len: int) -> list[dict]:
     """The pairs whose sentences, after the prefix token, fit in the model's context (a longer
     one would be cut, for either backend, and not scored whole)."""
     sentences = [s for p in pairs for s in (p["sent_more"], p["sent_less"])]
-    lengths = [len(ids) for ids in scorer.tokenizer(sentences, add_special_tokens=False)["input_ids"]]
-    return [p for n, p in enumerate(pairs) if max(lengths[2 * n], lengths[2 * n + 1]) < scorer.max_len]
+    lengths = [len(ids) for ids in tokenizer(sentences, add_special_tokens=False)["input_ids"]]
+    return [p for n, p in enumerate(pairs) if max(lengths[2 * n], lengths[2 * n + 1]) < max_len]
 
 
-def crows_pairs_lls(scorer: Scorer, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
-    """(sent_more, sent_less) log-likelihoods per pair."""
-    lls = sentence_loglikelihoods(scorer, [p["sent_more"] for p in pairs] + [p["sent_less"] for p in pairs])
-    return lls[: len(pairs)], lls[len(pairs) :]
+def crows_pairs_task(pairs: list[dict], tokenizer) -> ScoringTask:
+    """Each pair as a two-choice item after the prefix token: the choices' log-likelihoods are
+    the whole sentences' (sent_more first), as lm-evaluation-harness scores an empty context."""
+    prefix = prefix_text(tokenizer)
+    items = [{"query": prefix, "choices": [p["sent_more"], p["sent_less"]]} for p in pairs]
+    return ScoringTask("safety:crows_pairs", "choices", items)
+
+
+def bbq_task(items: list[dict]) -> ScoringTask:
+    return ScoringTask("safety:bbq", "choices", [{"query": i["query"], "choices": i["choices"]} for i in items])
+
+
+def scoring_tasks(
+    probes: Probes, base_dir: Path, tokenizer_dir: Path, backend: str, trust_remote_code: bool = False
+) -> list[ScoringTask]:
+    """The probes Refit's scorer scores with the benchmarks (CrowS-Pairs goes to the harness
+    with the lm-eval backend); sets probes.pairs, the CrowS-Pairs pairs that fit the context."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tasks = []
+    if probes.crows_pairs is not None:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        max_len = context_length(AutoConfig.from_pretrained(base_dir, trust_remote_code=trust_remote_code))
+        probes.pairs, probes.max_len = fitting_pairs(tokenizer, probes.crows_pairs, max_len), max_len
+        if probes.pairs and backend != "lm-eval":
+            tasks.append(crows_pairs_task(probes.pairs, tokenizer))
+    if probes.bbq is not None:
+        tasks.append(bbq_task(probes.bbq))
+    return tasks
 
 
 def crows_pairs_report(pairs: list[dict], lls: dict[str, tuple[np.ndarray, np.ndarray]], seed: int) -> dict:
@@ -376,11 +395,6 @@ def crows_pairs_report(pairs: list[dict], lls: dict[str, tuple[np.ndarray, np.nd
         ),
         "by_bias_type": by_type,
     }
-
-
-def bbq_answers(scorer: Scorer, items: list[dict]) -> np.ndarray:
-    """The answer each item gets: the highest log-likelihood among its three."""
-    return np.array([int(np.argmax(lls)) for lls in scorer.choice_loglikelihoods(items)])
 
 
 def bbq_report(items: list[dict], answers: dict[str, np.ndarray], seed: int) -> dict:
@@ -453,7 +467,7 @@ def generate(scorer: Scorer, prompts: list[str], spec: SafetySpec, sample: bool)
     torch, tokenizer, model = scorer.torch, scorer.tokenizer, scorer.model
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     pad = eos if pad is None else pad
-    prefix = prefix_token(tokenizer)
+    prefix = tokenizer.convert_tokens_to_ids(prefix_text(tokenizer))
     encoded = [[prefix] + ids for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
     room = scorer.max_len - spec.max_new_tokens
     encoded = [ids[-room:] for ids in encoded]
@@ -569,45 +583,56 @@ def evaluate_safety(
     recipe: Recipe,
     workdir: Path,
     probes: Probes,
-    scorers: dict[str, Scorer],
+    scored: dict[str, dict],
     models: dict[str, Path],
     tokenizer_dir: Path,
+    settings: ScoringSettings,
     backend: str,
     task_dir: Path | None,
 ) -> dict:
-    """The safety and fairness part of the evaluate report (see the module docstring)."""
-    spec, seconds, report = probes.spec, {}, {}
-    if probes.crows_pairs is not None:
+    """The safety and fairness part of the evaluate report (see the module docstring), from the
+    scores of `scoring_tasks` (scored: model -> task key -> scores); generation loads each model."""
+    spec, seconds, report, skipped = probes.spec, {}, {}, []
+    if probes.crows_pairs and not probes.pairs:
+        skipped.append(f"crows_pairs: not scored, no pair fits the model's context of {probes.max_len} tokens")
+    if probes.pairs:
         started = time.time()
-        pairs = fitting_pairs(scorers["base"], probes.crows_pairs)
         if backend == "lm-eval":
-            lls = _harness_crows_pairs(recipe, pairs, models, tokenizer_dir, task_dir)
+            lls = _harness_crows_pairs(recipe, probes.pairs, models, tokenizer_dir, settings, task_dir)
         else:
-            lls = {name: crows_pairs_lls(scorer, pairs) for name, scorer in scorers.items()}
+            lls = {}
+            for name in models:
+                both = np.array(choice_loglikelihoods(scored[name]["safety:crows_pairs"]))
+                lls[name] = (both[:, 0], both[:, 1])
         report["crows_pairs"] = {
-            **crows_pairs_report(pairs, lls, spec.seed),
-            "longer_than_context": len(probes.crows_pairs) - len(pairs),
+            **crows_pairs_report(probes.pairs, lls, spec.seed),
+            "longer_than_context": len(probes.crows_pairs) - len(probes.pairs),
             "backend": backend,
         }
-        seconds["crows_pairs"] = round(time.time() - started, 2)
+        seconds["crows_pairs_harness"] = round(time.time() - started, 2)
     if probes.bbq is not None:
-        started = time.time()
-        answers = {name: bbq_answers(scorer, probes.bbq) for name, scorer in scorers.items()}
+        answers = {
+            name: np.array([int(np.argmax(x)) for x in choice_loglikelihoods(scored[name]["safety:bbq"])])
+            for name in models
+        }
         report["bbq"] = {**bbq_report(probes.bbq, answers, spec.seed), "backend": "refit"}
-        seconds["bbq"] = round(time.time() - started, 2)
     if spec.generation:
         started = time.time()
-        tokenizer = scorers["base"].tokenizer
-        prompts = prompts_for(recipe, workdir, probes, tokenizer)
-        outputs = {
-            name: {
-                d: generate(scorer, [p["text"] for p in prompts], spec, d == "sampled") for d in ("greedy", "sampled")
-            }
-            for name, scorer in scorers.items()
-        }
-        report["generation"] = generation_report(prompts, outputs, tokenizer, probes)
+        outputs, tokenizer = {}, None
+        for name, path in models.items():  # one model in memory at a time
+            scorer = Scorer(
+                path, tokenizer_dir, settings.batch_size, settings.trust_remote_code, settings.device, settings.dtype
+            )
+            tokenizer = scorer.tokenizer
+            prompts = prompts_for(recipe, workdir, probes, tokenizer)
+            outputs[name] = {d: generate(scorer, [p["text"] for p in prompts], spec, d == "sampled") for d in DECODINGS}
+            scorer.release()
+        if prompts:
+            report["generation"] = generation_report(prompts, outputs, tokenizer, probes)
+        else:
+            skipped.append("generation: not run, no held-out documents and no neutral prompts to continue")
         seconds["generation"] = round(time.time() - started, 2)
-    report["warnings"] = warnings_for(report, spec.max_stderr)
+    report["warnings"] = skipped + warnings_for(report, spec.max_stderr)
     report["seconds"] = seconds
     for warning in report["warnings"]:
         log.warning("evaluate (safety): %s", warning)
@@ -615,29 +640,35 @@ def evaluate_safety(
 
 
 def _harness_crows_pairs(
-    recipe: Recipe, pairs: list[dict], models: dict[str, Path], tokenizer_dir: Path, task_dir: Path | None
+    recipe: Recipe,
+    pairs: list[dict],
+    models: dict[str, Path],
+    tokenizer_dir: Path,
+    settings: ScoringSettings,
+    task_dir: Path | None,
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """CrowS-Pairs log-likelihoods from lm-evaluation-harness's own `crows_pairs_english`
-    task definition, run on the same pairs (written beside the task)."""
+    task definition, run on the same pairs (written beside the task), one model at a time."""
     import tempfile
 
     from transformers import AutoConfig
 
-    from refit.stages.evaluate import context_length
     from refit.stages.lib import lm_eval_backend
+    from refit.stages.lib.scoring import free_memory
 
-    remote = recipe.base_model.trust_remote_code
+    remote, lls = recipe.base_model.trust_remote_code, {}
     with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(task_dir or scratch)
-        return {
-            name: lm_eval_backend.score_crows_pairs(
+        for name, path in models.items():
+            lls[name] = lm_eval_backend.score_crows_pairs(
                 path,
                 tokenizer_dir,
                 pairs,
-                recipe.evaluate.batch_size,
-                folder,
+                settings.batch_size,
+                Path(task_dir or scratch),
                 max_length=context_length(AutoConfig.from_pretrained(path, trust_remote_code=remote)),
                 trust_remote_code=remote,
+                device=settings.device,
+                dtype=settings.dtype,
             )
-            for name, path in models.items()
-        }
+            free_memory(settings.device)
+    return lls

@@ -10,7 +10,8 @@ Gates, noise-aware like the others (`gates.noise_sigmas` paired standard errors)
   * degeneration:repetition_ceiling: the candidate's share stays at or below gates.max_repetition_rate;
   * offensive_output: the share of continuations with a word-list term may not rise by more
     than gates.max_offensive_increase beyond noise.
-A probe the recipe turned off has no gate; the report and the model card say it was not measured.
+A probe the recipe turned off has no gate; one it asked for that could not be measured (no pair
+fits the model's context, no prompt) fails its gate.
 """
 
 from __future__ import annotations
@@ -117,6 +118,15 @@ def safety_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
                 "generation",
             )
         )
+    requested = {
+        "bias_not_worse:crows_pairs": ("crows_pairs", "crows_pairs" in recipe.evaluate.safety.probes),
+        "bias_not_worse:bbq": ("bbq", "bbq" in recipe.evaluate.safety.probes),
+        "degeneration:repetition_rise": ("generation", recipe.evaluate.safety.generation),
+    }
+    for name, (probe, wanted) in requested.items():  # asked for but not measured: nothing shows it passes
+        if wanted and probe not in safety:
+            why = [w for w in warnings if w.startswith(probe)] or ["the evaluate report has no such measurement"]
+            gates.append(gate(name, False, None, None, f"{probe} was not measured: {'; '.join(why)}"))
     return gates
 
 
