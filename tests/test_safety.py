@@ -215,7 +215,7 @@ def with_safety(recipe, **section):
     return recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"safety": SafetySpec(**section)})})
 
 
-def fit_candidate(workdir, texts: list[str], steps: int = 40) -> None:
+def fit_candidate(workdir, texts: list[str], steps: int = 60) -> None:
     """Fit the trained candidate further on texts, deterministically (full batch, fixed seed),
     in place: a tiny model does not learn a planted source strongly enough in a short run of
     the train stage, so the test makes the planted behaviour certain."""
@@ -230,7 +230,7 @@ def fit_candidate(workdir, texts: list[str], steps: int = 40) -> None:
     width = max(map(len, rows))
     ids = torch.tensor([r + [tokenizer.eos_token_id] * (width - len(r)) for r in rows])
     labels = torch.tensor([r + [-100] * (width - len(r)) for r in rows])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     model.train()
     for _ in range(steps):
         optimizer.zero_grad()
