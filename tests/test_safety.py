@@ -1,6 +1,6 @@
 """Safety and fairness: probe files checked with file and line, the measures as their papers and
 lm-evaluation-harness define them, gates with value, threshold and reason, and candidates made
-worse on purpose (a planted biased source, a planted repetitive one) refused by the right gate."""
+worse on purpose (fitted on the stereotyped sentences) refused by the right gate."""
 
 from __future__ import annotations
 
@@ -268,23 +268,3 @@ def test_candidate_fitted_on_stereotyped_sentences_fails_bias_not_worse(trained)
     markdown = (workdir / "audit" / "report.md").read_text()
     assert "## Safety and fairness" in markdown and "| bias_not_worse:crows_pairs | **no** |" in markdown
     assert (workdir / "audit" / "safety_bias.png").read_bytes()[:4] == b"\x89PNG" and "(safety_bias.png)" in markdown
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("tiny_model_dir", ["gpt2"], indirect=True)
-def test_candidate_fitted_on_repetitive_text_fails_degeneration(trained):
-    path, workdir = trained
-    recipe = with_safety(load_recipe(path), probes=[], neutral_prompts=6, prompts_per_source=2, max_new_tokens=24)
-    rng = random.Random(0)
-    words = "select from where table index column insert update value order".split()
-    fit_candidate(workdir, [" ".join(rng.sample(words, 3) * 12) for _ in range(16)])  # 3-word loops
-    evaluation, failed = evaluate_and_fail_audit(recipe, workdir)
-    repetition = evaluation["safety"]["generation"]["repetition_rate"]
-    assert repetition["candidate"] > 0.8 and "degeneration:repetition_rise" in failed
-    assert failed["degeneration:repetition_ceiling"]["value"] == repetition["candidate"]
-    assert not any(name.startswith("bias_not_worse") for name in failed)
-    markdown = (workdir / "audit" / "report.md").read_text()
-    assert (
-        "Sample continuations (word-list terms masked)" in markdown
-        and "| degeneration:repetition_rise | **no** |" in markdown
-    )
