@@ -45,7 +45,8 @@ from refit.stages.train import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 # one benchmark item cannot show an accuracy gain beyond noise: these tests are about publishing
-LENIENT = {"min_average_gain": -1.0}
+# and a 20-step tiny model repeats itself more than its random base: these tests are about publishing
+LENIENT = {"min_average_gain": -1.0, "max_repetition_increase": 1.0, "max_repetition_rate": 1.0}
 KINDS = ["path", "file", "memory"]
 
 
