@@ -14,7 +14,7 @@ def _pm(value: float, error: float | None) -> str:
     return f"{value * 100:.1f}" + (f" +- {error * 100:.1f}" if error is not None else "")
 
 
-def format_evaluation(scores: dict, validation: dict) -> str:
+def format_evaluation(scores: dict, validation: dict, safety: dict | None = None) -> str:
     """Base against candidate: both metrics per benchmark in points, the counted one (the gates'
     and the average's) marked *, its weight, the weighted averages; validation loss per source."""
     lines = [
@@ -49,7 +49,43 @@ def format_evaluation(scores: dict, validation: dict) -> str:
             f"{name:<16}{v['role']:<8}{v['docs']:>6}{v['base_loss_per_token']:>16.3f}{v['candidate_loss_per_token']:>16.3f}"
             f"{v['base_bits_per_byte']:>8.3f} -> {v['candidate_bits_per_byte']:.3f}"
         )
-    return "\n".join(lines)
+    return "\n".join(lines + format_safety(safety))
+
+
+def format_safety(safety: dict | None) -> list[str]:
+    """The safety and fairness probes, base against candidate, in points with standard errors."""
+    if not safety:
+        return []
+    rows = []
+    if "crows_pairs" in safety:
+        rows.append(
+            (
+                f"CrowS-Pairs % stereotype ({safety['crows_pairs']['pairs']})",
+                safety["crows_pairs"]["percent_stereotype"],
+            )
+        )
+    if "bbq" in safety:
+        bbq = safety["bbq"]
+        rows += [
+            (f"BBQ acc ambiguous ({bbq['ambiguous']})", bbq["accuracy_ambiguous"]),
+            (f"BBQ acc disambig. ({bbq['disambiguated']})", bbq["accuracy_disambiguated"]),
+            ("BBQ s_AMB", bbq["s_amb"]),
+            ("BBQ s_DIS", bbq["s_dis"]),
+        ]
+    if "generation" in safety:
+        generation = safety["generation"]
+        rows += [
+            (f"repeated 4-grams ({generation['continuations']})", generation["repetition_rate"]),
+            ("empty continuations", generation["empty_share"]),
+            ("word-list hits", generation["word_list_rate"]),
+        ]
+    lines = ["", f"{'safety and fairness':<34}{'base':>16}{'candidate':>16}{'difference':>16}"]
+    for name, v in rows:
+        lines.append(
+            f"{name:<34}{_pm(v['base'], v['base_stderr']):>16}{_pm(v['candidate'], v['candidate_stderr']):>16}"
+            f"{_pm(v['delta'], v['delta_stderr']):>16}"
+        )
+    return lines + [f"warning: {w}" for w in safety.get("warnings", [])]
 
 
 def format_audit(workdir: Path) -> tuple[bool, str]:
@@ -60,7 +96,8 @@ def format_audit(workdir: Path) -> tuple[bool, str]:
     width = max(len(g["name"]) for g in report["gates"])
     lines += [f"  {'pass' if g['passed'] else 'FAIL'}  {g['name']:<{width}}  {g['reason']}" for g in report["gates"]]
     if evaluate.report_path(workdir).is_file():
-        lines.append(format_evaluation(report["scores"], evaluate.read_report(workdir)["validation"]))
+        evaluation = evaluate.read_report(workdir)
+        lines.append(format_evaluation(report["scores"], evaluation["validation"], evaluation.get("safety")))
     if report.get("warnings"):
         lines += ["", "warnings:"] + [f"  - {warning}" for warning in report["warnings"]]
     cost = report["cost"]

@@ -336,6 +336,7 @@ def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None 
 def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> dict:
     """Write audit/report.json and audit/report.md with plots; raise AuditFailed if a gate fails."""
     from refit.stages.lib.audit_report import write_report
+    from refit.stages.lib.safety_audit import safety_gates
 
     workdir = Path(workdir)
     final = workdir / FOLDER
@@ -350,6 +351,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
         gates = [
             *accuracy_gates(recipe, evaluation, previous_eval),
             *loss_gates(recipe, evaluation),
+            *safety_gates(recipe, evaluation),
             contamination_gate(recipe, workdir, manifest),
             health_gate(recipe, metrics),
             lineage_gate(record),

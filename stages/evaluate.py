@@ -152,6 +152,9 @@ def evaluate_models(
     """The report comparing the base model and the candidate. Writes only caches: the base's
     scores (see `base_cache_dir`) and, for the lm-eval backend, its task definitions (into
     task_dir, else a temporary folder)."""
+    from refit.stages.lib import safety
+
+    probes = safety.Probes(recipe.evaluate.safety)  # a malformed probe file fails before any model loads
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
     if backend == "lm-eval" and recipe.evaluate.prefix_eos:
@@ -167,6 +170,7 @@ def evaluate_models(
         for name, docs in texts.items()
         if docs
     ]
+    tasks += safety.scoring_tasks(probes, models["base"], tokenizer, backend, recipe.base_model.trust_remote_code)
     cache = ScoreCache(base_cache_dir(recipe, workdir), [models["base"], tokenizer], settings)
     scored, summary = score_models(models, tokenizer, tasks, settings, caches={"base": cache})
     from transformers import AutoTokenizer
@@ -225,6 +229,9 @@ def evaluate_models(
         "backend": backend,
         "benchmarks": benchmarks,
         "validation": validation,
+        "safety": safety.evaluate_safety(
+            recipe, workdir, probes, scored, models, tokenizer, settings, backend, task_dir
+        ),
         "base_model": str(recipe.base_model.path),
         "candidate_model": str(candidate_dir),
         "base_cached": summary["base"]["tasks_scored"] == 0 and harness is None,

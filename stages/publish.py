@@ -52,6 +52,7 @@ from refit.stages.lib.markers import (
     write_marker,
 )
 from refit.stages.lib.paths import inside
+from refit.stages.lib.safety_audit import model_card_section
 
 FOLDER = "publish"
 VERSION = re.compile(r"^v(\d{4,})$")
@@ -211,7 +212,7 @@ def _check_audit(workdir: Path) -> dict:
     return report
 
 
-def model_card(recipe: Recipe, report: dict, manifest: dict) -> str:
+def model_card(recipe: Recipe, report: dict, manifest: dict, evaluation: dict) -> str:
     results = [
         {
             "task": {"type": "multiple-choice", "name": "multiple-choice"},
@@ -285,6 +286,8 @@ the metric marked "counted" (acc: highest log-likelihood; acc_norm: highest per 
 | gate | result | detail |
 |---|---|---|
 {gates}
+
+{model_card_section(evaluation)}
 
 ## Cost
 
@@ -381,7 +384,7 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     files.update({f"audit/{p.name}": p for p in sorted(audit.STAGE.output(workdir).iterdir()) if p.is_file()})
     files["manifest.json"] = mix.manifest_path(workdir)
     files["eval_report.json"] = evaluate.report_path(workdir)
-    files["README.md"] = model_card(recipe, report, manifest).encode()
+    files["README.md"] = model_card(recipe, report, manifest, evaluate.read_report(workdir)).encode()
     base_model, base_version = published_origin(recipe.base_model.path)
     files[RECORD] = json.dumps(
         {

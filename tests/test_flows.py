@@ -29,7 +29,8 @@ pytestmark = [
     pytest.mark.usefixtures("prefect_harness"),
 ]
 REPO = Path(__file__).resolve().parent.parent
-LENIENT = {"min_average_gain": -1.0}  # one benchmark item cannot show a gain beyond noise
+# one benchmark item cannot show a gain beyond noise, and a 20-step tiny model repeats itself more than its base
+LENIENT = {"min_average_gain": -1.0, "max_repetition_increase": 1.0, "max_repetition_rate": 1.0}
 
 
 def refresh(path: Path, workdir: Path, **kwargs) -> dict:

@@ -16,7 +16,7 @@ from conftest import TEXT
 from refit.stages.evaluate import choice_metrics, mean_stderr
 from refit.stages.lib import lm_eval_backend
 from refit.stages.lib.config import BenchmarkSpec
-from refit.stages.lib.scoring import Scorer, context_length
+from refit.stages.lib.scoring import Scorer, choice_loglikelihoods, context_length
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
 
@@ -110,6 +110,33 @@ def test_a_tokenizer_that_adds_bos_gets_it_on_each_query_in_both_backends(tmp_pa
         assert ours == pytest.approx(bos_first, abs=1e-4)  # here BOS is EOS: the same tokens
 
 
+def test_both_backends_give_the_same_percent_stereotype_on_crows_pairs(tmp_path, tiny_model_dir):
+    from transformers import AutoConfig
+
+    from refit.stages.lib import safety
+    from refit.stages.lib.config import SafetySpec
+
+    scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=8)
+    spec = SafetySpec(probes=["crows_pairs"], crows_pairs_size=60, generation=False)
+    pairs = safety.fitting_pairs(scorer.tokenizer, safety.Probes(spec).crows_pairs, scorer.max_len)
+    both = np.array(choice_loglikelihoods(scorer.score(safety.crows_pairs_task(pairs, scorer.tokenizer))))
+    ours = both[:, 0], both[:, 1]
+    theirs = lm_eval_backend.score_crows_pairs(
+        tiny_model_dir,
+        tiny_model_dir,
+        pairs,
+        batch_size=8,
+        task_dir=tmp_path / "tasks",
+        max_length=context_length(AutoConfig.from_pretrained(tiny_model_dir)),
+    )
+    for mine, harness in zip(ours, theirs):  # sent_more, then sent_less: every sentence
+        assert mine == pytest.approx(harness, abs=1e-4)
+    assert np.array_equal(ours[0] > ours[1], theirs[0] > theirs[1])  # the same pairs count as stereotyped
+    assert len(pairs) > 40 and 0 < np.mean(ours[0] > ours[1]) < 1
+    task = yaml.safe_load((tmp_path / "tasks" / "refit_crows_pairs_english.yaml").read_text())
+    assert task["include"].endswith("crows_pairs/crows_pairs_english.yaml")  # the harness's own definition
+
+
 def test_missing_harness_is_a_clear_error(monkeypatch, tmp_path, bench):
     import sys
 
@@ -140,6 +167,10 @@ def test_stage_backend_is_recorded_and_part_of_the_fingerprint(trained):
     assert (
         theirs["validation"] and theirs["validation"] == ours["validation"]
     )  # validation loss: Refit's own either way
+    crows = {name: report["safety"]["crows_pairs"] for name, report in (("refit", ours), ("lm-eval", theirs))}
+    assert crows["lm-eval"]["backend"] == "lm-eval" and crows["lm-eval"]["pairs"] == crows["refit"]["pairs"]
+    assert crows["lm-eval"]["percent_stereotype"] == pytest.approx(crows["refit"]["percent_stereotype"])
+    assert (workdir / "eval" / "lm_eval_tasks" / "refit_crows_pairs_english.yaml").is_file()
     assert run_evaluate(recipe, workdir, backend="lm-eval") == theirs  # done: reused
     with pytest.raises(ValueError, match="unknown evaluation backend"):
         run_evaluate(recipe, workdir, backend="lm_eval")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -44,7 +45,8 @@ from refit.stages.train import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 # one benchmark item cannot show an accuracy gain beyond noise: these tests are about publishing
-LENIENT = {"min_average_gain": -1.0}
+# and a 20-step tiny model repeats itself more than its random base: these tests are about publishing
+LENIENT = {"min_average_gain": -1.0, "max_repetition_increase": 1.0, "max_repetition_rate": 1.0}
 KINDS = ["path", "file", "memory"]
 
 
@@ -168,6 +170,12 @@ def test_model_card_reads_back_with_huggingface_hub(audited, tmp_path):
         assert results[metric].dataset_name == "b"
         assert results[metric].metric_value == round(100 * evaluation["benchmarks"]["b"][metric]["candidate"], 2)
     assert "## Audit gates" in card.text and "## Intended use" in card.text and "## Cost" in card.text
+    section = card.text.split("## Bias, Risks, and Limitations", 1)[1].split("\n## ", 1)[0]
+    crows = evaluation["safety"]["crows_pairs"]["percent_stereotype"]
+    assert f"CrowS-Pairs percent stereotype ({evaluation['safety']['crows_pairs']['pairs']} pairs" in section
+    assert f"{100 * crows['base']:.1f} +- {100 * crows['base_stderr']:.1f} -> {100 * crows['candidate']:.1f}" in section
+    assert "BBQ" in section and "US-English" in section and "noisy and invalid pairs" in section
+    assert not re.search(r"\bfair\b", card.text, re.IGNORECASE)  # measured against the base, never called fair
 
 
 # A real `run_publish` in a subprocess that SIGKILLs itself the moment it opens the named file

@@ -44,12 +44,20 @@ def prepare(
     gates: dict | None = None,
     steps: int = 20,
     run_data_stages: bool = True,
+    new_texts: list[str] | None = None,
+    safety: dict | None = None,
     **train,
 ) -> tuple[Path, Path]:
+    """A two-source recipe (old: legacy, new: new; new_texts replace the new documents), data
+    stages run; safety: the recipe's evaluate.safety section."""
     write_jsonl(
         tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])]
     )
-    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:20])])
+    new_texts = new_texts or [d["text"] for d in NEW[:20]]
+    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": t} for i, t in enumerate(new_texts)])
+    if safety is None:  # small probes: tests of other stages only need them to run
+        safety = {"crows_pairs_size": 40, "bbq_size": 40, "neutral_prompts": 4, "prompts_per_source": 2}
+    evaluate = {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}], "safety": safety}
     path = make_recipe(
         tmp_path,
         [
@@ -68,6 +76,7 @@ def prepare(
             "schedule": {"total_tokens": steps * 4 * 32},
             "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
             "gates": gates or {},
+            "evaluate": evaluate,
             "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"},
         },
         validation_fraction=validation_fraction,

@@ -43,6 +43,7 @@ def _plot_bars(
     candidate: list[float],
     errors: tuple[list, list] | None,
     ylabel: str,
+    reference: float | None = None,
 ) -> str:
     import matplotlib
 
@@ -63,6 +64,8 @@ def _plot_bars(
         label="candidate",
         color="tab:green",
     )
+    if reference is not None:
+        axis.axhline(reference, color="black", linewidth=0.8, linestyle=":")
     axis.set_xticks(list(x), labels)
     axis.set_ylabel(ylabel)
     axis.legend()
@@ -167,6 +170,9 @@ def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict],
         f"{v['base_bits_per_byte']:.3f} | {v['candidate_bits_per_byte']:.3f} |"
         for k, v in validation.items()
     ]
+    from refit.stages.lib.safety_audit import safety_section  # lazily: it imports this module
+
+    lines += safety_section(out, evaluation)
     train = report["train"]
     switches = ", ".join(f"{s['phase']} at step {s['step']} (LR {s['lr']:.2e})" for s in train["switches"]) or "none"
     lines += [

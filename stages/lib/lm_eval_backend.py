@@ -14,6 +14,7 @@ The harness is optional: `pip install 'refit[lm-eval]'`.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -66,6 +67,38 @@ def _import_harness():
     return lm_eval, TaskManager
 
 
+def _evaluate(
+    model_dir: Path,
+    tokenizer_dir: Path,
+    tasks: list[str],
+    batch_size: int,
+    task_dir: Path,
+    max_length: int | None,
+    trust_remote_code: bool,
+    device: str,
+    dtype: str,
+) -> dict:
+    """The harness's output for local tasks in task_dir, one model, with its default special tokens."""
+    lm_eval, TaskManager = _import_harness()
+    model_args = {
+        "pretrained": str(model_dir),
+        "tokenizer": str(tokenizer_dir),
+        "dtype": dtype,
+        "trust_remote_code": trust_remote_code,
+    }
+    if max_length:
+        model_args["max_length"] = max_length
+    return lm_eval.simple_evaluate(
+        model="hf",
+        model_args=model_args,
+        tasks=tasks,
+        device=device,
+        batch_size=batch_size,
+        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        log_samples=True,
+    )
+
+
 def score_benchmarks(
     model_dir: Path,
     tokenizer_dir: Path,
@@ -84,24 +117,17 @@ def score_benchmarks(
     and `reported`: the harness's own aggregate figures (acc, acc_stderr, acc_norm, acc_norm_stderr)."""
     if not benchmarks:
         return {}
-    lm_eval, TaskManager = _import_harness()
     write_tasks(benchmarks, task_dir)
-    model_args = {
-        "pretrained": str(model_dir),
-        "tokenizer": str(tokenizer_dir),
-        "dtype": dtype,
-        "trust_remote_code": trust_remote_code,
-    }
-    if max_length:
-        model_args["max_length"] = max_length
-    output = lm_eval.simple_evaluate(
-        model="hf",
-        model_args=model_args,
-        tasks=[task_name(b) for b in benchmarks],
-        device=device,
-        batch_size=batch_size,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
-        log_samples=True,
+    output = _evaluate(
+        model_dir,
+        tokenizer_dir,
+        [task_name(b) for b in benchmarks],
+        batch_size,
+        task_dir,
+        max_length,
+        trust_remote_code,
+        device,
+        dtype,
     )
     scores = {}
     for bench in benchmarks:
@@ -127,3 +153,56 @@ def score_benchmarks(
             model_dir,
         )
     return scores
+
+
+CROWS_PAIRS_TASK = "refit_crows_pairs_english"
+
+
+def crows_pairs_task(data_file: Path) -> dict:
+    """The harness's own `crows_pairs_english` (its choices, its `process_results`: a pair is
+    stereotyped when sent_more scores higher) on a local JSONL of pairs instead of the hub copy."""
+    import lm_eval
+
+    harness_task = Path(lm_eval.__file__).parent / "tasks" / "crows_pairs" / "crows_pairs_english.yaml"
+    return {
+        "include": str(harness_task),
+        "task": CROWS_PAIRS_TASK,
+        "tag": [],
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": {"test": str(Path(data_file).resolve())}},
+    }
+
+
+def score_crows_pairs(
+    model_dir: Path,
+    tokenizer_dir: Path,
+    pairs: list[dict],
+    batch_size: int,
+    task_dir: Path,
+    max_length: int | None = None,
+    trust_remote_code: bool = False,
+    device: str = "cpu",
+    dtype: str = "float32",
+) -> tuple[np.ndarray, np.ndarray]:
+    """(sent_more, sent_less) log-likelihoods of each pair, in order, from the harness."""
+    _import_harness()
+    task_dir = Path(task_dir)
+    task_dir.mkdir(parents=True, exist_ok=True)
+    data_file = task_dir / f"{CROWS_PAIRS_TASK}.jsonl"
+    data_file.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    (task_dir / f"{CROWS_PAIRS_TASK}.yaml").write_text(yaml.safe_dump(crows_pairs_task(data_file), sort_keys=False))
+    output = _evaluate(
+        model_dir, tokenizer_dir, [CROWS_PAIRS_TASK], batch_size, task_dir, max_length, trust_remote_code, device, dtype
+    )
+    samples = sorted(output["samples"][CROWS_PAIRS_TASK], key=lambda s: s["doc_id"])
+    if [s["doc"]["id"] for s in samples] != [pair["id"] for pair in pairs]:
+        raise RuntimeError("lm-eval scored other CrowS-Pairs pairs than it was given")
+    lls = np.array([[ll for ll, _ in s["filtered_resps"]] for s in samples], dtype=np.float64)
+    log.info(
+        "evaluate (lm-eval): crows_pairs_english pct_stereotype %.4f on %d pairs of %s",
+        output["results"][CROWS_PAIRS_TASK]["pct_stereotype,none"],
+        len(pairs),
+        model_dir,
+    )
+    return lls[:, 0], lls[:, 1]
