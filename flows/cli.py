@@ -6,6 +6,7 @@
     refit plan RECIPE                       run the data stages as needed and print the mixture plan
     refit report WORKDIR                    the audit verdict, gates, accuracy and cost of a workdir
     refit sweep RECIPE --grid KEY=V1,V2     pilot-sweep recipe knobs at a fraction of the budget, with baselines
+    refit sweep RECIPE --search tpe --trials N   the same as a Bayesian search (Optuna TPE, pruned, resumable)
     refit serve RECIPE [--cron EXPR]        serve the nightly refresh and per-stage rerun deployments
     refit demo                              build the demo base model if missing, then refresh it
 
@@ -150,20 +151,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from refit.flows.sweep import sweep
     from refit.flows.temporary_server import start_temporary_server
-    from refit.stages.lib.sweep import check_grid
+    from refit.stages.lib.sweep import SweepError, check_grid
 
     recipe = load_recipe(args.recipe)
-    check_grid(recipe, args.grid)  # a bad --grid exits 2 before any server starts or stage runs
+    if args.search:  # a bad command line exits 2 before any server starts or stage runs
+        if args.grid or not args.trials:
+            raise SweepError("--search tpe takes --trials N (at least 1) and no --grid")
+        from refit.stages.lib.search import space
+
+        space(recipe)
+    else:
+        if not args.grid or args.trials:
+            raise SweepError("give --grid KEY=V1,V2,... (a grid) or --search tpe --trials N")
+        check_grid(recipe, args.grid)
     check_workdir_free(Path(args.workdir or recipe.workdir))
     start_temporary_server()
-    summary = sweep(
+    common = dict(
         recipe=str(args.recipe.resolve()),
-        grid=args.grid,
         budget_fraction=args.budget_fraction,
         workdir=str(args.workdir) if args.workdir else None,
     )
+    if args.search:
+        from refit.flows.search import search
+
+        summary = search(trials=args.trials, **common)
+    else:
+        from refit.flows.sweep import sweep
+
+        summary = sweep(grid=args.grid, **common)
     sweep_dir = Path(args.workdir or recipe.workdir) / "sweep"
     print((sweep_dir / "results.md").read_text())
     print(f"best recipe: {summary['best_recipe']}" if summary["winner"] else "no winner")
@@ -253,10 +269,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--grid",
         action="append",
-        required=True,
         metavar="KEY=V1,V2,...",
         help="a recipe field and its values, e.g. schedule.max_lr=3e-3,1e-3 or mixture.phases.1.lr_below=0.5,0.2",
     )
+    sweep.add_argument(
+        "--search",
+        choices=("tpe",),
+        help="instead of a grid, a Bayesian search (Optuna TPE, pruned) over the recipe's sweep.search space",
+    )
+    sweep.add_argument("--trials", type=int, help="with --search: trials to run (a rerun resumes the study)")
     sweep.add_argument(
         "--budget-fraction",
         type=float,
