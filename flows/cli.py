@@ -1,5 +1,7 @@
 """The `refit` command line.
 
+    refit init --template NAME OUT.yaml --base PATH --legacy GLOB --new GLOB [--qa GLOB]
+                                            write a complete, commented recipe for one's own data
     refit validate RECIPE                   check a recipe; every problem listed with its field and line
     refit run RECIPE [--force STAGE ...]    the refresh flow on Prefect: every stage, cached when unchanged
     refit stage STAGE RECIPE [--force]      one stage (curate ... publish) as a plain function
@@ -29,6 +31,7 @@ from refit.stages.lib.lock import WorkdirBusy, check_workdir_free, workdir_lock
 from refit.stages.lib.markers import StageNotReady
 from refit.stages.lib.remote_code import RemoteCodeRefused
 from refit.stages.lib.sweep import SweepError
+from refit.stages.lib.templates import TEMPLATES, render
 from refit.stages.publish import PublishRefused
 from refit.stages.registry import NAMES, STAGES
 from refit.stages.train import TrainingError
@@ -63,6 +66,25 @@ def describe(recipe: Recipe) -> str:
     lines.append("  evaluate  " + (", ".join(b.name for b in recipe.evaluate.benchmarks) or "validation loss only"))
     lines.append(f"  publish   {recipe.publish.registry}/{recipe.model_name}")
     return "\n".join(lines)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a template's recipe for the user's paths, then validate it like `refit validate`."""
+    import re
+
+    if args.out.exists() and not args.overwrite:
+        print(f"error: {args.out} exists (--overwrite to replace it)", file=sys.stderr)
+        return 2
+    name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", args.out.stem)
+    paths = {key: os.path.abspath(getattr(args, key)) for key in ("base", "legacy", "new")}
+    qa = os.path.abspath(args.qa) if args.qa else None
+    text = render(args.template, name, **paths, qa=qa, max_lr=args.max_lr, total_tokens=args.tokens)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out} from the {args.template} template")
+    recipe = load_recipe(args.out)  # an invalid result (a glob that matches nothing) exits 2, listing why
+    print(describe(recipe))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -237,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="refit",
         help="benchmark scorer: Refit's own, or lm-evaluation-harness (pip install 'refit[lm-eval]')",
     )
+    init = command("init", cmd_init, "write a complete, commented recipe from a template", recipe=False)
+    init.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="recipe template")
+    init.add_argument("out", type=Path, metavar="OUT.yaml", help="the recipe file to write")
+    init.add_argument("--base", required=True, help="the base checkpoint folder (Hugging Face format)")
+    init.add_argument("--legacy", required=True, help="file or glob of the legacy data (like the base's pretraining)")
+    init.add_argument("--new", required=True, help="file or glob of the new domain's data")
+    init.add_argument("--qa", help="file or glob of QA data for the late phase (optional)")
+    init.add_argument("--name", help="run name (default: OUT's file name)")
+    init.add_argument(
+        "--max-lr", type=float, help="initial LR (default: the base's pretraining minimum, from refit_pretraining.json)"
+    )
+    init.add_argument("--tokens", help="training tokens, e.g. 2B (default: the template's)")
+    init.add_argument("--overwrite", action="store_true", help="replace OUT.yaml if it exists")
     command("validate", cmd_validate, "check a recipe and list every problem")
     run = command("run", cmd_run, "run the refresh flow: every stage, cached when unchanged", workdir=True, wait=True)
     run.add_argument(
