@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NONE
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from refit.flows.artifacts import TrainingProgress, artifact_key, inline_images
+from refit.flows.artifacts import TrainingProgress, artifact_key
 from refit.flows.continuation import continue_from
 from refit.flows.refresh import prepare_run, run_name, run_stage
 from refit.flows.sweep import _run_variant, sweep_artifacts
@@ -134,12 +134,7 @@ def search(recipe: str, trials: int, budget_fraction: float | None = None, workd
         summary = write_sweep_results(sweep_dir, loaded, rows, winner, reason, fraction)
         plots = write_search_outputs(study, baselines, sweep_dir)
     logger.info("%s", f"winner: {reason}" if winner else f"no winner: {reason}")
-    sweep_artifacts(loaded.name, sweep_dir, rows)
-    create_markdown_artifact(
-        key=artifact_key("search", loaded.name),
-        markdown=inline_images((sweep_dir / "results.md").read_text(), sweep_dir),
-        description=f"TPE search of {loaded.name}",
-    )
+    sweep_artifacts(loaded.name, sweep_dir, rows)  # results.md, with the trials table and the plots, and the rows
     create_table_artifact(
         key=artifact_key("search-trials", loaded.name),
         table=[{"trial": t.number, "state": t.state.name, **t.params, "value": t.value} for t in study.trials],
