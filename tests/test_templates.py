@@ -93,8 +93,9 @@ def test_init_refuses_paths_that_match_nothing(tmp_path, tiny_model_dir, capsys)
 def test_quick_pilot_runs_tiny_data_through_every_stage(tmp_path, tiny_model_dir):
     paths = _data(tmp_path)
     out = tmp_path / "pilot.yaml"
-    assert _init(out, "quick-pilot", tiny_model_dir, paths, "--max-lr", "3e-3", "--tokens", str(12 * 4 * 32)) == 0
-    spec = yaml.safe_load(out.read_text())  # the tiny model's sizes; the rest is the template's
+    assert _init(out, "quick-pilot", tiny_model_dir, paths, "--max-lr", "3e-3") == 0
+    spec = yaml.safe_load(out.read_text())  # the tiny model's sizes and budget; the rest is the template's
+    spec["schedule"]["total_tokens"] = 12 * 4 * 32
     spec["tokenize"] = {"seq_len": 32, "workers": 1}
     spec["curate"]["workers"] = 1
     spec["train"].update(micro_batch_size=2, sequences_per_step=4, checkpoint_every=6)

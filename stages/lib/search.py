@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,7 +211,9 @@ def write_search_outputs(study: optuna.Study, baselines: list[dict], sweep_dir: 
             plots[name] = f"not drawn: {len(complete)} complete trial(s), need 2"
             continue
         try:
-            axes = draw(study)
+            with warnings.catch_warnings():  # "experimental" since Optuna 2.2; the PNG is what we keep
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                axes = draw(study)
         except (ValueError, RuntimeError) as error:  # e.g. every complete trial has the same value
             plots[name] = f"not drawn: {error}"
             continue
