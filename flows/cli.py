@@ -174,7 +174,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from refit.flows.temporary_server import start_temporary_server
-    from refit.stages.lib.sweep import SweepError, check_grid
+    from refit.stages.lib.sweep import check_grid
 
     recipe = load_recipe(args.recipe)
     if args.search:  # a bad command line exits 2 before any server starts or stage runs
