@@ -125,7 +125,7 @@ def search(recipe: str, trials: int, budget_fraction: float | None = None, workd
             if variant.kind == "baseline"
         ]
         study = open_study(loaded, sweep_dir)
-        if interrupted := requeue_interrupted(study):
+        if interrupted := requeue_interrupted(study, distributions):
             logger.info("resuming the study: trial(s) %s were interrupted and run again", interrupted)
         while trials_done(study) < trials:
             _run_trial(loaded, study, distributions, workdir_path, fraction)

@@ -116,10 +116,15 @@ def test_a_killed_search_resumes_and_does_not_rerun_finished_trials(prefect_harn
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
     process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, start_new_session=True)
     deadline = time.time() + 1200  # this machine may be shared and slow
-    while not ((states := _study_states(sweep_dir)) and states[0] == "COMPLETE" and states[-1] == "RUNNING"):
+    while not (
+        (states := _study_states(sweep_dir))
+        and states[0] == "COMPLETE"
+        and states[-1] == "RUNNING"
+        and list(sweep_dir.glob("tpe-*/train.tmp/metrics.jsonl"))  # the running trial is training
+    ):
         assert time.time() < deadline and process.poll() is None, "no trial was running after a finished one"
         time.sleep(0.5)
-    os.killpg(process.pid, signal.SIGKILL)  # mid-trial
+    os.killpg(process.pid, signal.SIGKILL)  # mid-training
     process.wait()
     killed = len(states) - 1
     first = sweep_dir / trial_dir_of(sweep_dir, 0)

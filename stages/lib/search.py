@@ -99,12 +99,13 @@ def open_study(recipe: Recipe, sweep_dir: Path) -> optuna.Study:
     )
 
 
-def requeue_interrupted(study: optuna.Study) -> list[int]:
-    """Trials left running by a killed search: marked failed and proposed again with the same
-    settings (so they resume from their checkpoints). Their numbers."""
+def requeue_interrupted(study: optuna.Study, distributions: dict[str, BaseDistribution]) -> list[int]:
+    """Trials left running by a killed search: marked failed and, when their settings were
+    all drawn, proposed again with them (so they resume from their checkpoints). Their numbers."""
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     for trial in stale:
-        study.enqueue_trial(trial.params, skip_if_exists=False)
+        if set(trial.params) == set(distributions):  # else killed while being proposed: nothing ran
+            study.enqueue_trial(trial.params, skip_if_exists=False)
         study.tell(trial.number, state=TrialState.FAIL)
     if stale:
         study.set_user_attr(INTERRUPTED, [*study.user_attrs.get(INTERRUPTED, []), *(t.number for t in stale)])
