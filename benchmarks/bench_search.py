@@ -42,17 +42,15 @@ def reach(rows: list[dict], target: dict, sigmas: float) -> tuple[float | None, 
     spent, reached = 0.0, None
     for row in rows:
         spent += _device_seconds(row)
-        if reached is None and row["status"] == "ok" and row["average_acc"] is not None:
-            error = math.hypot(row["average_acc_stderr"] or 0, target["average_acc_stderr"] or 0)
-            if target["average_acc"] - row["average_acc"] <= sigmas * error:
+        if reached is None and row["status"] == "ok" and row["score"] is not None:
+            error = math.hypot(row["score_stderr"] or 0, target["score_stderr"] or 0)
+            if target["score"] - row["score"] <= sigmas * error:
                 reached = spent
     return reached, spent
 
 
 def best(rows: list[dict]) -> dict:
-    return max(
-        (r for r in rows if r["status"] == "ok" and r["average_acc"] is not None), key=lambda r: r["average_acc"]
-    )
+    return max((r for r in rows if r["status"] == "ok" and r["score"] is not None), key=lambda r: r["score"])
 
 
 def main() -> None:
@@ -82,8 +80,8 @@ def main() -> None:
             "pruned": sum(r["status"] == "pruned" for r in rows),
             "best_variant": top["variant"],
             "best_settings": top["description"],
-            "best_average_acc": top["average_acc"],
-            "best_stderr": top["average_acc_stderr"],
+            "best_average_acc": top["score"],
+            "best_stderr": top["score_stderr"],
             "device_seconds_to_reach_grid_best": reached,
             "device_seconds_total": spent,
         }

@@ -34,7 +34,15 @@ from refit.stages.lib.search import (
     trials_done,
     write_search_outputs,
 )
-from refit.stages.lib.sweep import SHARED_STAGES, choose_winner, failed_row, plan_variants, prepare_variant, result_row
+from refit.stages.lib.sweep import (
+    SHARED_STAGES,
+    SWEEP_DIR,
+    choose_winner,
+    failed_row,
+    plan_variants,
+    prepare_variant,
+    result_row,
+)
 from refit.stages.lib.sweep import write_results as write_sweep_results
 from refit.stages.registry import STAGES, StageOptions
 from refit.stages.train import StopTraining
@@ -93,14 +101,14 @@ def _run_trial(recipe: Recipe, study, distributions, workdir: Path, fraction: fl
         )
         study.tell(trial, state=TrialState.PRUNED)
         return
-    row = result_row(variant_recipe, variant, trained, evaluation)
+    row = result_row(variant_recipe, variant, trained, evaluation, variant_dir)
     trial.set_user_attr(ROW, {**row, "device_seconds": row["device_hours"] * 3600})
-    if row["average_acc"] is None:
+    if row["score"] is None:
         study.tell(trial, state=TrialState.FAIL)
         return
-    study.tell(trial, row["average_acc"])
+    study.tell(trial, row["score"])
     logger.info(
-        "trial %d: average accuracy %.1f (best %.1f)", trial.number, 100 * row["average_acc"], 100 * study.best_value
+        "trial %d: weighted average accuracy %.1f (best %.1f)", trial.number, 100 * row["score"], 100 * study.best_value
     )
 
 
@@ -112,7 +120,7 @@ def search(recipe: str, trials: int, budget_fraction: float | None = None, workd
     loaded, workdir_path = prepare_run(recipe, workdir)
     fraction = budget_fraction or loaded.sweep.budget_fraction
     logger = get_run_logger()
-    sweep_dir = workdir_path / "sweep"
+    sweep_dir = workdir_path / SWEEP_DIR
     with workdir_lock(workdir_path, f"search of {loaded.name} (flow run {flow_run.name})"):
         loaded, why = continue_from(loaded, workdir_path)
         logger.info("%s", why)
@@ -131,7 +139,7 @@ def search(recipe: str, trials: int, budget_fraction: float | None = None, workd
             _run_trial(loaded, study, distributions, workdir_path, fraction)
         rows = [*trial_rows(study), *baselines]
         winner, reason = choose_winner(loaded, rows)
-        summary = write_sweep_results(sweep_dir, loaded, rows, winner, reason, fraction)
+        summary = write_sweep_results(sweep_dir, loaded, rows, winner, reason, fraction, workdir_path)
         plots = write_search_outputs(study, baselines, sweep_dir)
     logger.info("%s", f"winner: {reason}" if winner else f"no winner: {reason}")
     sweep_artifacts(loaded.name, sweep_dir, rows)  # results.md, with the trials table and the plots, and the rows

@@ -139,7 +139,7 @@ def test_a_killed_search_resumes_and_does_not_rerun_finished_trials(prefect_harn
     assert read_marker(first / "train")["finished"] == first_trained  # the finished trial was not retrained
     rows = {r["variant"]: r for r in summary["rows"]}
     assert {"baseline-legacy-only", "baseline-no-switch"} <= set(rows) and len(rows) == 5
-    assert summary["winner"] and "pass forgetting" in summary["reason"]
+    assert summary["winner"] and "pass every required gate" in summary["reason"]
     best = Path(summary["best_recipe"])
     assert best.read_text().startswith("# Chosen by `refit sweep`") and load_recipe(best).schedule.total_tokens == 2560
     for png in ("best_vs_compute.png", "slice.png", "accuracy_vs_compute.png"):

@@ -153,7 +153,7 @@ class CheckpointPruning:
 
 
 def best_vs_compute(study: optuna.Study) -> list[dict]:
-    """Trial by trial: cumulative device-seconds spent and the best average accuracy so far."""
+    """Trial by trial: cumulative device-seconds spent and the best weighted average accuracy so far."""
     spent, best, points = 0.0, None, []
     for trial in study.get_trials(deepcopy=False):
         row = trial.user_attrs.get(ROW)
@@ -179,11 +179,9 @@ def _plot_best_vs_compute(points: list[dict], baselines: list[dict], out: Path) 
         label="TPE",
     )
     for row in baselines:
-        if row["status"] == "ok" and row["average_acc"] is not None:
-            ax.axhline(100 * row["average_acc"], color="tab:gray", ls="--", lw=1)
-            ax.annotate(
-                row["variant"], (0, 100 * row["average_acc"]), fontsize=7, xytext=(2, 2), textcoords="offset points"
-            )
+        if row["status"] == "ok" and row["score"] is not None:
+            ax.axhline(100 * row["score"], color="tab:gray", ls="--", lw=1)
+            ax.annotate(row["variant"], (0, 100 * row["score"]), fontsize=7, xytext=(2, 2), textcoords="offset points")
     ax.set_xlabel("device-seconds spent by the search (training, pruned trials included)")
     ax.set_ylabel("best average accuracy so far (points)")
     ax.set_title("TPE search: best value against compute (dashed: baselines)")

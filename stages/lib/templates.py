@@ -9,7 +9,7 @@ recipe. The output is validated by `refit init` itself before it is kept.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from refit.stages.lib.config import PRETRAINING_RECORD
@@ -25,7 +25,6 @@ class Template:
     lr_below_range: tuple[float, float] = (0.05, 0.5)  # the TPE search's range of it
     decay: str = "cosine"
     max_legacy_loss_increase: float = 0.05
-    must_pass: list[str] = field(default_factory=lambda: ["forgetting"])
     budget_fraction: float = 0.25
 
 
@@ -50,7 +49,6 @@ TEMPLATES = {
         total_tokens="1B",
         general=(0.3, 0.7),
         max_legacy_loss_increase=0.02,
-        must_pass=["forgetting", "new_domain_learned"],
     ),
     "quick-pilot": Template(
         "a small budget for a first look: the paper's recipe on 20M tokens, swept at half of that",
@@ -172,7 +170,7 @@ def render(
         "",
         "sweep:",
         f"  budget_fraction: {spec.budget_fraction:g}  # share of total_tokens per pilot variant (`refit sweep`)",
-        f"  must_pass: [{', '.join(spec.must_pass)}]  # gates a variant must pass to win the sweep",
+        "  # must_pass: [forgetting]  # gates a variant must win with (default: every gate it can be judged on)",
         "  search:  # the space of `refit sweep --search tpe --trials N`",
         "    # max_lr: [1.0e-4, 1.0e-3]  # log-scale range of max_lr (default: max_lr/3 to 3 x max_lr)",
         "    min_lr_ratio: [0.003, 0.1]  # log-scale range of min_lr_ratio (paper: 0.01)",
