@@ -1,11 +1,14 @@
 """The `refit` command line.
 
+    refit init --template NAME OUT.yaml --base PATH --legacy GLOB --new GLOB [--qa GLOB]
+                                            write a complete, commented recipe for one's own data
     refit validate RECIPE                   check a recipe; every problem listed with its field and line
     refit run RECIPE [--force STAGE ...]    the refresh flow on Prefect: every stage, cached when unchanged
     refit stage STAGE RECIPE [--force]      one stage (curate ... publish) as a plain function
     refit plan RECIPE                       run the data stages as needed and print the mixture plan
     refit report WORKDIR                    the audit verdict, gates, accuracy and cost of a workdir
     refit sweep RECIPE --grid KEY=V1,V2     pilot-sweep recipe knobs at a fraction of the budget, with baselines
+    refit sweep RECIPE --search tpe --trials N   the same as a Bayesian search (Optuna TPE, pruned, resumable)
     refit serve RECIPE [--cron EXPR]        serve the nightly refresh and per-stage rerun deployments
     refit demo                              build the demo base model if missing, then refresh it
 
@@ -28,6 +31,7 @@ from refit.stages.lib.lock import WorkdirBusy, check_workdir_free, workdir_lock
 from refit.stages.lib.markers import StageNotReady
 from refit.stages.lib.remote_code import RemoteCodeRefused
 from refit.stages.lib.sweep import SweepError
+from refit.stages.lib.templates import TEMPLATES, render
 from refit.stages.publish import PublishRefused
 from refit.stages.registry import NAMES, STAGES
 from refit.stages.train import TrainingError
@@ -62,6 +66,25 @@ def describe(recipe: Recipe) -> str:
     lines.append("  evaluate  " + (", ".join(b.name for b in recipe.evaluate.benchmarks) or "validation loss only"))
     lines.append(f"  publish   {recipe.publish.registry}/{recipe.model_name}")
     return "\n".join(lines)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Write a template's recipe for the user's paths, then validate it like `refit validate`."""
+    import re
+
+    if args.out.exists() and not args.overwrite:
+        print(f"error: {args.out} exists (--overwrite to replace it)", file=sys.stderr)
+        return 2
+    name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", args.out.stem)
+    paths = {key: os.path.abspath(getattr(args, key)) for key in ("base", "legacy", "new")}
+    qa = os.path.abspath(args.qa) if args.qa else None
+    text = render(args.template, name, **paths, qa=qa, max_lr=args.max_lr, total_tokens=args.tokens)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out} from the {args.template} template")
+    recipe = load_recipe(args.out)  # an invalid result (a glob that matches nothing) exits 2, listing why
+    print(describe(recipe))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
@@ -150,20 +173,35 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from refit.flows.sweep import sweep
     from refit.flows.temporary_server import start_temporary_server
     from refit.stages.lib.sweep import check_grid
 
     recipe = load_recipe(args.recipe)
-    check_grid(recipe, args.grid)  # a bad --grid exits 2 before any server starts or stage runs
+    if args.search:  # a bad command line exits 2 before any server starts or stage runs
+        if args.grid or not args.trials:
+            raise SweepError("--search tpe takes --trials N (at least 1) and no --grid")
+        from refit.stages.lib.search import space
+
+        space(recipe)
+    else:
+        if not args.grid or args.trials:
+            raise SweepError("give --grid KEY=V1,V2,... (a grid) or --search tpe --trials N")
+        check_grid(recipe, args.grid)
     check_workdir_free(Path(args.workdir or recipe.workdir))
     start_temporary_server()
-    summary = sweep(
+    common = dict(
         recipe=str(args.recipe.resolve()),
-        grid=args.grid,
         budget_fraction=args.budget_fraction,
         workdir=str(args.workdir) if args.workdir else None,
     )
+    if args.search:
+        from refit.flows.search import search
+
+        summary = search(trials=args.trials, **common)
+    else:
+        from refit.flows.sweep import sweep
+
+        summary = sweep(grid=args.grid, **common)
     sweep_dir = Path(args.workdir or recipe.workdir) / "sweep"
     print((sweep_dir / "results.md").read_text())
     print(f"best recipe: {summary['best_recipe']}" if summary["winner"] else "no winner")
@@ -221,6 +259,19 @@ def build_parser() -> argparse.ArgumentParser:
         default="refit",
         help="benchmark scorer: Refit's own, or lm-evaluation-harness (pip install 'refit[lm-eval]')",
     )
+    init = command("init", cmd_init, "write a complete, commented recipe from a template", recipe=False)
+    init.add_argument("--template", required=True, choices=sorted(TEMPLATES), help="recipe template")
+    init.add_argument("out", type=Path, metavar="OUT.yaml", help="the recipe file to write")
+    init.add_argument("--base", required=True, help="the base checkpoint folder (Hugging Face format)")
+    init.add_argument("--legacy", required=True, help="file or glob of the legacy data (like the base's pretraining)")
+    init.add_argument("--new", required=True, help="file or glob of the new domain's data")
+    init.add_argument("--qa", help="file or glob of QA data for the late phase (optional)")
+    init.add_argument("--name", help="run name (default: OUT's file name)")
+    init.add_argument(
+        "--max-lr", type=float, help="initial LR (default: the base's pretraining minimum, from refit_pretraining.json)"
+    )
+    init.add_argument("--tokens", help="training tokens, e.g. 2B (default: the template's)")
+    init.add_argument("--overwrite", action="store_true", help="replace OUT.yaml if it exists")
     command("validate", cmd_validate, "check a recipe and list every problem")
     run = command("run", cmd_run, "run the refresh flow: every stage, cached when unchanged", workdir=True, wait=True)
     run.add_argument(
@@ -253,10 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument(
         "--grid",
         action="append",
-        required=True,
         metavar="KEY=V1,V2,...",
         help="a recipe field and its values, e.g. schedule.max_lr=3e-3,1e-3 or mixture.phases.1.lr_below=0.5,0.2",
     )
+    sweep.add_argument(
+        "--search",
+        choices=("tpe",),
+        help="instead of a grid, a Bayesian search (Optuna TPE, pruned) over the recipe's sweep.search space",
+    )
+    sweep.add_argument("--trials", type=int, help="with --search: trials to run (a rerun resumes the study)")
     sweep.add_argument(
         "--budget-fraction",
         type=float,

@@ -64,6 +64,11 @@ class TrainingError(RuntimeError):
     """The training processes failed; the latest complete checkpoint is kept."""
 
 
+class StopTraining(Exception):
+    """Raised by an on_progress callback to stop the training processes (the pilot search
+    prunes a trial); the checkpoints stay in the staging folder."""
+
+
 def _metrics(train_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines()]
 
@@ -261,6 +266,8 @@ def _wait(
             try:
                 if complete:
                     on_progress(json.loads(complete[-1]))
+            except StopTraining:
+                raise
             except Exception as error:  # progress is best effort; training is not
                 log.warning("train: progress report failed: %s", error)
         if code is not None:

@@ -487,6 +487,52 @@ class CostSpec(Section):
     """Peak FLOP/s of one device, for model FLOPs utilisation. Default: detected when known."""
 
 
+Range = tuple[float, float]
+
+
+class SearchSpec(Section):
+    """The space and settings of `refit sweep --search tpe`: each knob is searched over its range,
+    a null range keeps the recipe's value."""
+
+    max_lr: Range | None = None
+    """(low, high) of schedule.max_lr, searched on a log scale. Default: the recipe's max_lr / 3
+    to 3 x max_lr (the paper continues at the base's pretraining minimum LR)."""
+    min_lr_ratio: Range | None = (0.003, 0.1)
+    """(low, high) of schedule.min_lr_ratio, log scale: how far the LR decays (paper: 0.01)."""
+    decay: list[Literal["cosine", "linear", "wsd"]] = ["cosine"]
+    """Decay shapes to choose from (one: kept fixed; paper: cosine)."""
+    lr_below: Range | None = (0.05, 0.5)
+    """(low, high) of the last phase's switch threshold lr_below (paper: 0.2, the QA blend at
+    max_lr/5). A trial whose threshold is not above its min_lr_ratio fails validation."""
+    qa_share: Range | None = (0.05, 0.3)
+    """(low, high) of the QA sources' share of the last phase (paper: 0.1); the other sources
+    keep their proportions in the rest."""
+    startup_trials: int = Field(default=3, ge=1)
+    """Trials sampled at random before TPE models the results."""
+    seed: int = 0
+    """Seeds the TPE sampler: the same study proposes the same trials."""
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    """Stops a trial whose loss at a checkpoint is worse than the median of earlier trials at
+    that step (median), or by successive halving (hyperband); none: every trial runs out."""
+
+    @model_validator(mode="after")
+    def _ranges_valid(self) -> SearchSpec:
+        bounds = {"max_lr": (0, None), "min_lr_ratio": (0, 1), "lr_below": (0, 1), "qa_share": (0, 1)}
+        problems = []
+        for name, (floor, ceiling) in bounds.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            low, high = value
+            if not floor < low < high or (ceiling is not None and high > ceiling):
+                limit = f" and at most {ceiling}" if ceiling is not None else ""
+                problems.append(_problem((name,), f"({low}, {high}): need {floor} < low < high{limit}", list(value)))
+        if not self.decay:
+            problems.append(_problem(("decay",), "name at least one decay shape"))
+        _raise_if(self, problems)
+        return self
+
+
 class SweepSpec(Section):
     budget_fraction: float = Field(default=0.25, gt=0, le=1)
     """Share of schedule.total_tokens each pilot variant trains on (`refit sweep`)."""
@@ -500,6 +546,8 @@ class SweepSpec(Section):
     devices: int = Field(default=1, ge=1)
     """Devices the sweep may use at once: variants train concurrently, each on
     train.num_processes devices of its own (1: one variant after another)."""
+    search: SearchSpec = SearchSpec()
+    """The search space of `refit sweep --search tpe --trials N` (Optuna's TPE, with pruning)."""
 
 
 class Recipe(Section):

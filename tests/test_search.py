@@ -1,0 +1,165 @@
+"""TPE pilot search: the space from the recipe, trials as recipe variants, a pruned trial's
+training really stops, and a search killed mid-trial resumes without rerunning finished trials."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from test_curate import write_jsonl
+from test_train import REPO, metrics, prepare
+
+from refit.stages.lib.config import RecipeError, load_recipe
+from refit.stages.lib.lock import workdir_lock
+from refit.stages.lib.markers import read_marker
+from refit.stages.lib.search import CheckpointPruning, space, trial_overrides, trial_variant
+from refit.stages.lib.sweep import SweepError, prepare_variant
+from refit.stages.train import StopTraining, run_train
+
+pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+
+
+def _edit(path: Path, **sections) -> Path:
+    spec = yaml.safe_load(path.read_text())
+    spec.update(sections)
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def test_space_comes_from_the_recipe_and_qa_share_rescales_the_last_phase(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    with pytest.raises(SweepError, match="qa_share: the last phase needs QA"):
+        space(load_recipe(path))  # the tiny recipe has no QA source
+    write_jsonl(tmp_path / "data" / "qa.jsonl", [{"id": f"q{i}", "text": "Q: what? A: that. " * 5} for i in range(5)])
+    spec = yaml.safe_load(path.read_text())
+    spec["sources"].append({"name": "qa", "paths": ["data/qa.jsonl"], "role": "qa"})
+    spec["mixture"]["phases"][1]["weights"] = {"old": 1, "new": 3, "qa": 1}
+    spec["sweep"] = {"search": {"decay": ["cosine", "wsd"]}}
+    recipe = load_recipe(_edit(path, **spec))
+    dims = space(recipe)
+    assert set(dims) == {
+        "schedule.max_lr",
+        "schedule.min_lr_ratio",
+        "schedule.decay",
+        "mixture.phases.1.lr_below",
+        "qa_share",
+    }
+    assert dims["schedule.max_lr"].log and dims["schedule.max_lr"].low == pytest.approx(1e-3)  # 3e-3 / 3
+    params = {"schedule.max_lr": 2e-3, "mixture.phases.1.lr_below": 0.3, "qa_share": 0.2}
+    overrides = trial_overrides(recipe, params)
+    assert overrides["mixture.phases.1.weights"] == pytest.approx({"old": 0.2, "new": 0.6, "qa": 0.2})
+    variant = trial_variant(recipe, params)
+    assert variant.name == trial_variant(recipe, dict(reversed(params.items()))).name  # same settings, same workdir
+    made = prepare_variant(recipe, variant, workdir, 0.5)
+    assert made.schedule.max_lr == 2e-3 and made.phases[1].lr_below == 0.3 and made.phases[1].weights["qa"] == 0.2
+    bad = _edit(path, sweep={"search": {"lr_below": [0.5, 0.2], "max_lr": [0, 1e-3]}})
+    with pytest.raises(RecipeError, match=r"sweep\.search\.lr_below.*need 0 < low < high") as error:
+        load_recipe(bad)
+    assert "sweep.search.max_lr" in str(error.value)
+
+
+@pytest.mark.slow
+def test_a_pruned_trial_stops_its_training_processes(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, steps=400)
+    recipe = load_recipe(path)
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=-0.01))
+    trial = study.ask()  # minus any real loss is below -0.01: pruned at the first checkpoint
+    pruning = CheckpointPruning(trial, workdir / "train.tmp" / "metrics.jsonl", recipe.train.checkpoint_every)
+    with pytest.raises(StopTraining, match="pruned at step 4"):
+        run_train(recipe, workdir, on_progress=pruning)
+    steps = len(metrics(workdir, "train.tmp"))
+    assert trial.should_prune() and 4 <= steps < 400
+    time.sleep(3)
+    assert len(metrics(workdir, "train.tmp")) == steps  # nothing trains on
+    assert not (workdir / "train").exists()
+
+
+def _study_states(sweep_dir: Path) -> list[str]:
+    database = sweep_dir / "search.db"
+    if not database.is_file():
+        return []
+    try:
+        with sqlite3.connect(database) as db:
+            return [state for (state,) in db.execute("select state from trials order by number")]
+    except sqlite3.OperationalError:  # the tables are not made yet
+        return []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_killed_search_resumes_and_does_not_rerun_finished_trials(prefect_harness, tmp_path, tiny_model_dir):
+    from prefect.settings import PREFECT_API_URL
+
+    from refit.flows.search import search
+
+    path, workdir = prepare(
+        tmp_path,
+        tiny_model_dir,
+        validation_fraction=0.3,
+        run_data_stages=False,
+        gates={"min_average_gain": -1.0, "max_legacy_loss_increase": 10.0},
+    )
+    _edit(path, sweep={"search": {"qa_share": None, "startup_trials": 2, "pruner": "median"}})
+    sweep_dir = workdir / "sweep"
+    code = (
+        "from refit.flows.search import search; "
+        f"search(recipe={str(path)!r}, trials=3, budget_fraction=0.5, workdir={str(workdir)!r})"
+    )
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    process = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, start_new_session=True)
+    deadline = time.time() + 1200  # this machine may be shared and slow
+    while not (
+        (states := _study_states(sweep_dir))
+        and states[0] == "COMPLETE"
+        and states[-1] == "RUNNING"
+        and list(sweep_dir.glob("tpe-*/train.tmp/metrics.jsonl"))  # the running trial is training
+    ):
+        assert time.time() < deadline and process.poll() is None, "no trial was running after a finished one"
+        time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGKILL)  # mid-training
+    process.wait()
+    killed = len(states) - 1
+    first = sweep_dir / trial_dir_of(sweep_dir, 0)
+    first_trained = read_marker(first / "train")["finished"]
+    with workdir_lock(workdir, "test: wait for the killed run's trainer", wait=True):
+        pass
+
+    summary = search(recipe=str(path), trials=3, budget_fraction=0.5, workdir=str(workdir))
+    after = _study_states(sweep_dir)
+    assert after[:killed] == states[:killed] and after[killed] == "FAIL" and len(after) == 4
+    assert trial_dir_of(sweep_dir, killed + 1) == trial_dir_of(sweep_dir, killed)  # proposed again, same workdir
+    assert read_marker(first / "train")["finished"] == first_trained  # the finished trial was not retrained
+    rows = {r["variant"]: r for r in summary["rows"]}
+    assert {"baseline-legacy-only", "baseline-no-switch"} <= set(rows) and len(rows) == 5
+    assert summary["winner"] and "pass every required gate" in summary["reason"]
+    best = Path(summary["best_recipe"])
+    assert best.read_text().startswith("# Chosen by `refit sweep`") and load_recipe(best).schedule.total_tokens == 2560
+    for png in ("best_vs_compute.png", "slice.png", "accuracy_vs_compute.png"):
+        assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
+    assert "importances" in summary["plots"] and "## TPE trials" in (sweep_dir / "results.md").read_text()
+
+
+def trial_dir_of(sweep_dir: Path, number: int) -> str:
+    """The variant folder a trial ran in, from its results row or its parameters."""
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'search.db'}")
+    trial = study.trials[number]
+    recipe = load_recipe(sweep_dir.parent.parent / "recipe.yaml")
+    return trial_variant(recipe, trial.params).name
+
+
+def test_the_command_line_is_checked_before_anything_runs(tmp_path, tiny_model_dir, capsys):
+    from refit.flows.cli import main
+
+    path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    assert main(["sweep", str(path), "--search", "tpe"]) == 2
+    assert main(["sweep", str(path), "--grid", "schedule.max_lr=1e-3", "--trials", "3"]) == 2
+    assert main(["sweep", str(path), "--search", "tpe", "--trials", "3"]) == 2  # no QA source for qa_share
+    assert "qa_share" in capsys.readouterr().err and not workdir.exists()

@@ -1,0 +1,115 @@
+"""`refit init`: every template writes a complete, commented recipe that validates, with or
+without QA data and a pretraining record; quick-pilot runs tiny data through every stage."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from test_curate import LEGACY, NEW, write_jsonl
+from test_datasets import DATASETS, rows
+
+from refit.flows.cli import main
+from refit.stages.lib.config import PRETRAINING_RECORD, load_recipe
+from refit.stages.lib.templates import TEMPLATES
+from refit.stages.registry import STAGES
+
+pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+
+
+def _data(tmp_path: Path) -> dict[str, str]:
+    write_jsonl(
+        tmp_path / "data" / "legacy" / "a.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY)]
+    )
+    write_jsonl(tmp_path / "data" / "new" / "a.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW)])
+    qa = list(rows(DATASETS / "qa_docs.jsonl.gz"))[:40]
+    write_jsonl(tmp_path / "data" / "qa.jsonl", [{"id": f"q{i}", "text": d["text"]} for i, d in enumerate(qa)])
+    data = tmp_path / "data"
+    return {
+        "legacy": str(data / "legacy" / "*.jsonl"),
+        "new": str(data / "new" / "*.jsonl"),
+        "qa": str(data / "qa.jsonl"),
+    }
+
+
+def _init(out: Path, template: str, base: Path, paths: dict[str, str], *extra: str) -> int:
+    argv = ["init", "--template", template, str(out), "--base", str(base)]
+    for key, value in paths.items():
+        argv += [f"--{key}", value]
+    return main([*argv, *extra])
+
+
+@pytest.mark.parametrize("template", sorted(TEMPLATES))
+def test_every_template_writes_a_commented_recipe_that_validates(template, tmp_path, tiny_model_dir, capsys):
+    paths = _data(tmp_path)
+    out = tmp_path / "recipes" / f"{template}.yaml"
+    assert _init(out, template, tiny_model_dir, paths, "--max-lr", "1e-3") == 0
+    assert main(["validate", str(out)]) == 0
+    recipe = load_recipe(out)
+    assert recipe.name == template and recipe.schedule.max_lr == 1e-3
+    assert [s.role for s in recipe.sources] == ["legacy", "new", "qa"] and len(recipe.phases) == 2
+    for line in out.read_text().splitlines():  # every knob says what it does
+        if line.strip() and not line.lstrip().startswith("#") and not line.rstrip().endswith(":"):
+            assert " # " in line or line.lstrip().startswith(("- name:", "name:", "weights", "role")), line
+    text = out.read_text()
+    assert "(paper: max_lr/100)" in text and "(paper: no warmup)" in text
+    assert _init(out, template, tiny_model_dir, paths) == 2  # never overwrites silently
+
+    # without QA data: one phase, nothing to switch to or search; max_lr from the pretraining record
+    base = tmp_path / "base-with-record"
+    shutil.copytree(tiny_model_dir, base)
+    (base / PRETRAINING_RECORD).write_text(json.dumps({"pretraining_min_lr": 2e-4, "pretraining_max_lr": 2e-3}))
+    no_qa = {k: v for k, v in paths.items() if k != "qa"}
+    assert _init(tmp_path / "no-qa.yaml", template, base, no_qa) == 0
+    recipe = load_recipe(tmp_path / "no-qa.yaml")
+    assert recipe.schedule.max_lr == 2e-4 and len(recipe.phases) == 1 and recipe.sweep.search.lr_below is None
+    capsys.readouterr()
+
+
+def test_the_templates_differ_where_they_say(tmp_path, tiny_model_dir):
+    paths = _data(tmp_path)
+    recipes = {}
+    for template in TEMPLATES:
+        _init(tmp_path / f"{template}.yaml", template, tiny_model_dir, paths, "--max-lr", "1e-3")
+        recipes[template] = load_recipe(tmp_path / f"{template}.yaml")
+    paper, wsd, adapt, pilot = (recipes[t] for t in ("paper", "wsd", "domain-adapt", "quick-pilot"))
+    assert paper.schedule.decay == "cosine" and paper.phases[1].lr_below == 0.2 and paper.phases[1].weights["qa"] == 0.1
+    assert wsd.schedule.decay == "wsd" and wsd.phases[1].lr_below == 0.99  # the first decaying steps
+    assert adapt.phases[0].normalised()["new"] > paper.phases[0].normalised()["new"]
+    assert adapt.gates.max_legacy_loss_increase < paper.gates.max_legacy_loss_increase
+    assert pilot.schedule.total_tokens < paper.schedule.total_tokens
+
+
+def test_init_refuses_paths_that_match_nothing(tmp_path, tiny_model_dir, capsys):
+    paths = {**_data(tmp_path), "new": str(tmp_path / "nowhere" / "*.jsonl")}
+    assert _init(tmp_path / "r.yaml", "paper", tiny_model_dir, paths, "--max-lr", "1e-3") == 2
+    assert "sources[1].paths[0]" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_pilot_runs_tiny_data_through_every_stage(tmp_path, tiny_model_dir):
+    paths = _data(tmp_path)
+    out = tmp_path / "pilot.yaml"
+    assert _init(out, "quick-pilot", tiny_model_dir, paths, "--max-lr", "3e-3") == 0
+    spec = yaml.safe_load(out.read_text())  # the tiny model's sizes and budget; the rest is the template's
+    spec["schedule"]["total_tokens"] = 12 * 4 * 32
+    spec["tokenize"] = {"seq_len": 32, "workers": 1}
+    spec["curate"]["workers"] = 1
+    spec["train"].update(micro_batch_size=2, sequences_per_step=4, checkpoint_every=6)
+    bench = Path(__file__).resolve().parent.parent / "datasets" / "benchmarks" / "sql_cloze.jsonl"
+    spec["evaluate"] = {
+        "benchmarks": [{"name": "sql_cloze", "path": str(bench), "domain": "new"}],
+        "validation_docs": 20,
+    }
+    spec["gates"].update(min_average_gain=-1.0, max_benchmark_drop=1.0, max_legacy_loss_increase=10.0)
+    spec["gates"]["require_new_loss_decrease"] = False
+    spec["publish"] = {"registry": str(tmp_path / "registry")}
+    out.write_text(yaml.safe_dump(spec))
+    recipe = load_recipe(out)
+    workdir = tmp_path / "wd"
+    reports = {name: stage.run(recipe, workdir) for name, stage in STAGES.items()}
+    assert reports["train"]["steps"] == 12 and [s["phase"] for s in reports["train"]["switches"]] == ["qa"]
+    assert reports["audit"]["passed"] and (tmp_path / "registry" / "pilot" / "latest").exists()
