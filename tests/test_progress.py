@@ -7,6 +7,7 @@ import logging
 import re
 
 import pytest
+from test_evaluate import scoring_tasks
 from test_train import prepare
 
 from refit.stages import train
@@ -52,3 +53,20 @@ def test_training_output_has_progress_lines_with_an_eta_and_no_library_bars(
     assert len(lines) >= 2, caplog.messages
     assert any(m.group(3) != "?" and int(m.group(1)) < 24 for m in lines)  # an ETA while it runs
     assert lines[-1].group(1, 2, 3) == ("24", "24", "0:00:00")
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_scoring_logs_a_progress_line_per_set_and_no_loading_bars(tiny_model_dir, capfd, caplog):
+    from transformers.utils import logging as transformers_logging
+
+    from refit.stages.lib.scoring import ScoringSettings, score_models
+
+    transformers_logging.enable_progress_bar()  # as in a fresh process: the scorer must turn them off
+    caplog.set_level(logging.INFO, logger="refit")
+    capfd.readouterr()
+    models = {"base": tiny_model_dir, "candidate": tiny_model_dir}
+    score_models(models, tiny_model_dir, scoring_tasks(), ScoringSettings("cpu", "float32", batch_size=4))
+    assert "Loading weights" not in "".join(capfd.readouterr())
+    lines = [m for m in caplog.messages if m.startswith("evaluate: [")]
+    assert [re.search(r"\] (\d+/\d+) sets scored", m).group(1) for m in lines] == ["1/4", "2/4", "3/4", "4/4"]
+    assert lines[-1].endswith("ETA 0:00:00") and "ETA ?" not in lines[1]

@@ -316,7 +316,7 @@ def _score_one_model(
         scorer.release()
 
 
-def _progress(jobs: dict[str, tuple[Path, list[ScoringTask]]], logger: logging.Logger) -> Progress:
+def _progress(jobs: dict[str, tuple[Path, list]], logger: logging.Logger) -> Progress:
     """One progress line per task scored, over every model's tasks."""
     progress = Progress("evaluate", sum(len(pending) for _, pending in jobs.values()), "sets scored", logger, every=0)
     progress.update(0)
