@@ -5,7 +5,7 @@ STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 LINTED  := stages flows tests benchmarks datasets
 
-.PHONY: demo test lint install clean-runs
+.PHONY: demo test lint install browser clean-runs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check --quiet $(LINTED)
 
-test: lint
+# headless Chromium for the browser test (tests/test_ui.py), which is skipped where it cannot be installed
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
+		|| echo "chromium not installed (needs root and apt-get): the browser test will be skipped"
+
+test: lint browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 clean-runs:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import re
-import time
 from pathlib import Path
 
 from prefect.artifacts import (
@@ -15,7 +14,6 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.logging import get_run_logger
 
 from refit.stages import audit, mix
 
@@ -73,13 +71,11 @@ def published_artifact(name: str, report: dict) -> None:
 
 
 class TrainingProgress:
-    """Called by the train stage with each new metrics line: a progress artifact (made on the
-    first line, so a stage with nothing to do leaves none) and a log line every `log_every`
-    seconds (loss, LR, phase, tokens/s)."""
+    """Called by the train stage with each new metrics line: a progress artifact, made on the
+    first line, so a stage with nothing to do leaves none. (The stage logs progress lines.)"""
 
-    def __init__(self, name: str, workdir: Path, log_every: float = 15.0):
-        self.name, self.workdir, self.log_every, self.logged = name, workdir, log_every, 0.0
-        self.logger = get_run_logger()
+    def __init__(self, name: str, workdir: Path):
+        self.name, self.workdir = name, workdir
         self.artifact = None
 
     def __call__(self, line: dict) -> None:
@@ -97,15 +93,3 @@ class TrainingProgress:
             description=f"step {done}/{self.total_steps}, loss {line['loss']:.3f}, "
             f"LR {line['lr']:.2e}, phase {line['phase']}",
         )
-        if time.time() - self.logged >= self.log_every or done == self.total_steps:
-            self.logged = time.time()
-            self.logger.info(
-                "train: step %d/%d (%.0f%%) loss %.3f lr %.2e phase %s, %.0f tokens/s",
-                done,
-                self.total_steps,
-                100 * done / self.total_steps,
-                line["loss"],
-                line["lr"],
-                line["phase"],
-                line["tokens_per_s"],
-            )

@@ -11,6 +11,7 @@
     refit sweep RECIPE --search tpe --trials N   the same as a Bayesian search (Optuna TPE, pruned, resumable)
     refit serve RECIPE [--cron EXPR]        serve the nightly refresh and per-stage rerun deployments
     refit demo                              build the demo base model if missing, then refresh it
+    refit ui [--port N] [--stop]            start (or reuse) a Prefect server with its UI in the background
 
 Exit codes: 0 success, 1 a stage failed, 2 the recipe (or the command line) is invalid.
 """
@@ -133,25 +134,49 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def run_refresh(recipe_path: Path, workdir: Path | None, force: list[str], wait: bool, backend: str) -> int:
-    """The refresh flow (embedded Prefect server unless PREFECT_API_URL names one), then its verdict."""
+    """The refresh flow, recorded into the `refit ui` server when it runs (else on a temporary
+    one, unless PREFECT_API_URL names one), then its verdict and where to see it in the UI."""
+    from refit.flows.artifacts import artifact_key
     from refit.flows.refresh import refresh
     from refit.flows.report import format_audit
     from refit.flows.temporary_server import start_temporary_server
+    from refit.flows.ui import artifact_url, flow_run_url, recording_into
 
     recipe = load_recipe(recipe_path)  # invalid recipes exit 2 before any server starts
     workdir = Path(workdir or recipe.workdir).resolve()
     check_workdir_free(workdir, wait=wait)  # so is a busy workdir; the flow then takes the lock itself
-    start_temporary_server()
-    try:
-        result = refresh(
-            recipe=str(Path(recipe_path).resolve()), workdir=str(workdir), force=force, wait=wait, eval_backend=backend
+    with recording_into() as ui:
+        start_temporary_server()  # unless recording into a server that stays
+        state = refresh(
+            recipe=str(Path(recipe_path).resolve()),
+            workdir=str(workdir),
+            force=force,
+            wait=wait,
+            eval_backend=backend,
+            return_state=True,
         )
+        links = []
+        if ui is not None:
+            run_id = state.state_details.flow_run_id
+            links.append(f"flow run: {flow_run_url(ui, run_id)}")
+            audit_page = artifact_url(ui, run_id, artifact_key("audit", recipe.name))
+            if audit_page:
+                links.append(f"audit:    {audit_page}")
+    try:
+        result = state.result()  # a failed flow raises its error here
+        print("\nstages: " + ", ".join(f"{stage} {name.lower()}" for stage, name in result["stages"].items()))
+        print(format_audit(workdir)[1])
     except AuditFailed:  # the verdict, every gate with its reason, is the whole message
         print(format_audit(workdir)[1])
         return 1
-    print("\nstages: " + ", ".join(f"{stage} {state.lower()}" for stage, state in result["stages"].items()))
-    print(format_audit(workdir)[1])
+    finally:  # the flow run's logs say why it failed
+        print_links(links)
     return 0
+
+
+def print_links(links: list[str]) -> None:
+    if links:
+        print("\n".join(["in the Prefect UI:", *(f"  {link}" for link in links)]))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -174,6 +199,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     from refit.flows.temporary_server import start_temporary_server
+    from refit.flows.ui import flow_run_url, recording_into
     from refit.stages.lib.sweep import check_grid
 
     recipe = load_recipe(args.recipe)
@@ -188,24 +214,28 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             raise SweepError("give --grid KEY=V1,V2,... (a grid) or --search tpe --trials N")
         check_grid(recipe, args.grid)
     check_workdir_free(Path(args.workdir or recipe.workdir))
-    start_temporary_server()
     common = dict(
         recipe=str(args.recipe.resolve()),
         budget_fraction=args.budget_fraction,
         workdir=str(args.workdir) if args.workdir else None,
+        return_state=True,
     )
-    if args.search:
-        from refit.flows.search import search
+    with recording_into() as ui:
+        start_temporary_server()  # unless recording into a server that stays
+        if args.search:
+            from refit.flows.search import search
 
-        summary = search(trials=args.trials, **common)
-    else:
-        from refit.flows.sweep import sweep
+            state = search(trials=args.trials, **common)
+        else:
+            from refit.flows.sweep import sweep
 
-        summary = sweep(grid=args.grid, **common)
+            state = sweep(grid=args.grid, **common)
+    summary = state.result()
     sweep_dir = Path(args.workdir or recipe.workdir) / "sweep"
     print((sweep_dir / "results.md").read_text())
     print(f"best recipe: {summary['best_recipe']}" if summary["winner"] else "no winner")
     print(f"results: {sweep_dir / 'results.md'}, {sweep_dir / 'results.json'}, {sweep_dir / 'accuracy_vs_compute.png'}")
+    print_links([f"flow run: {flow_run_url(ui, state.state_details.flow_run_id)}"] if ui else [])
     return 0 if summary["winner"] else 1
 
 
@@ -234,8 +264,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"demo base model: pretraining it at {base} on {DEMO_LEGACY_CORPUS.name} (about 2 minutes on 2 cores)")
         build_demo_base(DEMO_LEGACY_CORPUS, base)
     print(describe(load_recipe(DEMO_RECIPE)))  # now with the base model's pretraining record
-    print("\nrunning the refresh flow on an embedded Prefect server (progress below)\n", flush=True)
+    print("\nrunning the refresh flow (progress below)\n", flush=True)
     return run_refresh(DEMO_RECIPE, None, [], wait=False, backend="refit")
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    from refit.flows.ui import UIError, start_server, stop_server
+
+    if args.stop:
+        print(stop_server())
+        return 0
+    try:
+        url, started = start_server(args.port)
+    except UIError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"{'started' if started else 'already running:'} the Prefect UI at {url}")
+    print("refit run, demo and sweep record into it while it runs; `refit ui --stop` stops it")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
         "build the demo base model if missing and run the refresh flow on the demo recipe",
         recipe=False,
     )
+    ui = command(
+        "ui",
+        cmd_ui,
+        "start a Prefect server with its UI in the background (or reuse it); runs record into it",
+        recipe=False,
+    )
+    ui.add_argument("--port", type=int, default=4200, help="port of a server this starts (default 4200)")
+    ui.add_argument("--stop", action="store_true", help="stop the server `refit ui` started")
     demo.add_argument("--rebuild-base", action="store_true", help="retrain the demo base model even if it exists")
     return parser
 
@@ -374,6 +428,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(VERDICT_FILTER)
+    # a temporary server's first start creates its database: more than Prefect's 20 s on a busy machine
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+    # progress is logged as lines (stages/lib/progress.py), also into the Prefect UI's run logs;
+    # no tqdm bar per checkpoint saved or model loaded, here and in the processes started from here
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "refit")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")  # `refit stage` runs no flow
     if not args.verbose:
         from loguru import logger
 

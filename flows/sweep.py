@@ -22,6 +22,7 @@ from refit.flows.continuation import continue_from
 from refit.flows.refresh import prepare_run, run_name, run_stage
 from refit.stages.lib.config import Recipe, RecipeError, load_recipe
 from refit.stages.lib.lock import workdir_lock
+from refit.stages.lib.progress import Progress
 from refit.stages.lib.sweep import (
     SHARED_STAGES,
     SWEEP_DIR,
@@ -68,12 +69,15 @@ def sweep(recipe: str, grid: list[str], budget_fraction: float | None = None, wo
             run_stage(stage, loaded, workdir_path)
         slots = device_slots(loaded)
         done: dict[str, dict] = {}
+        progress = Progress("sweep", len(variants), "variants", logger, every=0)
+        progress.update(0)
 
         def run_slot(slot: int) -> None:  # variant n trains on slot n % slots: the same devices on a rerun
             for number in range(slot, len(variants), len(slots)):
                 variant = variants[number]
                 logger.info("variant %d/%d: %s (%s)", number + 1, len(variants), variant.name, variant.description)
                 done[variant.name] = _run_variant(loaded, variant, workdir_path, fraction, slots[slot])
+                progress.update(len(done), f"{variant.name} {done[variant.name]['status']}")
 
         with ThreadPoolExecutor(len(slots)) as pool:  # each thread keeps the flow's context: variants stay subflows
             for future in [pool.submit(contextvars.copy_context().run, run_slot, slot) for slot in range(len(slots))]:

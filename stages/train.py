@@ -48,6 +48,7 @@ from refit.stages.lib.markers import (
     write_json_atomic,
     write_marker,
 )
+from refit.stages.lib.progress import Progress
 from refit.stages.lib.remote_code import check_loadable_config
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,8 @@ WORKER = "refit.stages.lib.train_loop"  # the training process, one per device
 JOB = "job.json"
 FAILURE = "failure.txt"  # why the training processes stopped, written by a failing rank
 FINAL_SHA256 = "final_sha256.json"  # sha256 of the exported weights, hashed as they were written
+POLL_SECONDS = 2.0  # how often the launcher reads the metrics log
+PROGRESS_SECONDS = 10.0  # at most one progress line this often
 
 
 class TrainingError(RuntimeError):
@@ -248,14 +251,16 @@ def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
 
 
 def _wait(
-    process: subprocess.Popen, metrics: Path, on_progress: Callable[[dict], None] | None, every: float = 2.0
+    process: subprocess.Popen, metrics: Path, total_steps: int, on_progress: Callable[[dict], None] | None
 ) -> int:
-    """Wait for the training processes, passing the newest metrics line to on_progress. A
-    progress report that fails (a half-written line, an unreachable UI) never stops training."""
+    """Wait for the training processes, logging a progress line with an ETA every few seconds
+    and passing the newest metrics line to on_progress. A progress report that fails (a
+    half-written line, an unreachable UI) never stops training."""
+    progress = Progress("train", total_steps, "steps", log, every=PROGRESS_SECONDS)
     offset = 0
     while True:
         code = process.poll()
-        if on_progress is not None and metrics.is_file():
+        if metrics.is_file():
             if metrics.stat().st_size < offset:  # a resumed run rewrote the log up to its checkpoint
                 offset = 0
             with open(metrics, "rb") as handle:
@@ -265,14 +270,19 @@ def _wait(
             offset += sum(len(line) for line in complete)
             try:
                 if complete:
-                    on_progress(json.loads(complete[-1]))
+                    line = json.loads(complete[-1])
+                    progress.update(
+                        line["step"] + 1, f"loss {line['loss']:.3f} lr {line['lr']:.2e} phase {line['phase']}"
+                    )
+                    if on_progress is not None:
+                        on_progress(line)
             except StopTraining:
                 raise
             except Exception as error:  # progress is best effort; training is not
                 log.warning("train: progress report failed: %s", error)
         if code is not None:
             return code
-        time.sleep(every)
+        time.sleep(POLL_SECONDS)
 
 
 def run_train(
@@ -324,13 +334,19 @@ def run_train(
     return read_report(workdir)
 
 
+def _total_steps(job_dir: Path) -> int:
+    """Steps of the run the job in job_dir trains, from its manifest."""
+    return json.loads(Path(json.loads((job_dir / JOB).read_text())["manifest"]).read_text())["total_steps"]
+
+
 def _run_processes(
     recipe: Recipe, job_dir: Path, on_progress: Callable[[dict], None] | None, machines: Machines
 ) -> None:
     """Run this machine's training processes on the job in job_dir until they finish."""
     command = launch_command(recipe.train.num_processes, job_dir, machines)
     log.info("train: %s", " ".join(command))
-    env = dict(os.environ)
+    # one checkpoint, one "Writing model shards" bar otherwise: the progress lines say enough
+    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **os.environ}
     if recipe.train.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, recipe.train.devices))
     # the launcher holds the workdir lock too, and is named as a holder: until it has died with
@@ -341,7 +357,7 @@ def _run_processes(
     relay = threading.Thread(target=_relay, args=(process.stderr, launcher_log), daemon=True)
     relay.start()
     try:
-        code = _wait(process, job_dir / "metrics.jsonl", on_progress)
+        code = _wait(process, job_dir / "metrics.jsonl", _total_steps(job_dir), on_progress)
     except BaseException:
         _stop(process)
         raise

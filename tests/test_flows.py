@@ -231,7 +231,8 @@ def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_m
     assert "FAILED" in markdown and "| average_accuracy_gain | **no** |" in markdown
     assert not (tmp_path / "registry").exists()
     assert flow_runs("refit-refresh")[0].state.is_failed()
-    # from the command line: the verdict last, exit code 1, and Prefect's log of the failure without a traceback
+    # from the command line: the verdict, then its links in the UI, exit code 1, and Prefect's log of the
+    # failure without a traceback
     # (stdout redirected by hand: a capture fixture's stream, closed after the test, would stay in Prefect's
     # console handler if the run set it up)
     import contextlib
@@ -251,7 +252,9 @@ def test_failing_gate_fails_the_flow_with_its_reasons_in_the_ui(tmp_path, tiny_m
     finally:
         logging.getLogger("prefect.flow_runs").removeHandler(handler)
     out = printed.getvalue()
-    assert "audit of t: FAILED" in out and out.rstrip().endswith(f"full report: {workdir / 'audit' / 'report.md'}")
+    assert "audit of t: FAILED" in out and f"full report: {workdir / 'audit' / 'report.md'}" in out
+    verdict_then_links = out[out.index("full report:") :].splitlines()[1:]  # then where it is in the UI
+    assert verdict_then_links[0] == "in the Prefect UI:" and verdict_then_links[-1].lstrip().startswith("audit:")
     failures = [r for r in records if "Encountered exception" in r.getMessage()]
     assert failures and all(r.exc_info is None for r in failures) and "Traceback" not in out
 

@@ -46,6 +46,7 @@ import numpy as np
 from refit.stages.lib import lifeline
 from refit.stages.lib.file_hashes import directory_sha256
 from refit.stages.lib.lock import held_locks, record_lock_holder
+from refit.stages.lib.progress import Progress
 
 log = logging.getLogger(__name__)
 Scores = dict[str, np.ndarray]
@@ -152,7 +153,9 @@ class Scorer:
     ):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as transformers_logging
 
+        transformers_logging.disable_progress_bar()  # a "Loading weights" bar per model otherwise
         self.torch = torch
         self.device = torch.device(device)
         self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -286,7 +289,12 @@ class Scorer:
 
 
 def _score_one_model(
-    model_dir: Path, tokenizer_dir: Path, tasks: list[ScoringTask], settings: ScoringSettings, device: str
+    model_dir: Path,
+    tokenizer_dir: Path,
+    tasks: list[ScoringTask],
+    settings: ScoringSettings,
+    device: str,
+    progress: Progress | None = None,
 ) -> dict[str, Scores]:
     scorer = Scorer(
         model_dir,
@@ -298,9 +306,21 @@ def _score_one_model(
         settings.prefix_eos,
     )
     try:
-        return {task.key: scorer.score(task) for task in tasks}
+        scores = {}
+        for task in tasks:
+            scores[task.key] = scorer.score(task)
+            if progress is not None:
+                progress.advance(f"{task.key} ({model_dir.name})")
+        return scores
     finally:
         scorer.release()
+
+
+def _progress(jobs: dict[str, tuple[Path, list]], logger: logging.Logger) -> Progress:
+    """One progress line per task scored, over every model's tasks."""
+    progress = Progress("evaluate", sum(len(pending) for _, pending in jobs.values()), "sets scored", logger, every=0)
+    progress.update(0)
+    return progress
 
 
 def scorer_version() -> str:
@@ -367,8 +387,9 @@ def score_models(
         to_score[name] = [task for task in tasks if task.key not in scores[name]]
     jobs = {name: (models[name], pending) for name, pending in to_score.items() if pending}
     if settings.num_processes == 1:
+        progress = _progress(jobs, log)
         fresh = {
-            name: _score_one_model(path, tokenizer_dir, pending, settings, settings.device)
+            name: _score_one_model(path, tokenizer_dir, pending, settings, settings.device, progress)
             for name, (path, pending) in jobs.items()
         }
     else:
@@ -458,10 +479,14 @@ def main(job_dir: Path) -> None:
         device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         torch.cuda.set_device(device)
     dist.init_process_group("gloo")  # only results are exchanged, as Python objects: gloo on GPUs too
+    progress = None
+    if dist.get_rank() == 0:  # rank 0's progress stands for all: each rank scores its share of every task
+        logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+        progress = _progress({m["name"]: (Path(m["path"]), m["tasks"]) for m in job["models"]}, log)
     try:
         for model in job["models"]:
             chosen = [tasks[i] for i in model["tasks"]]
-            scores = _score_one_model(Path(model["path"]), Path(job["tokenizer"]), chosen, settings, device)
+            scores = _score_one_model(Path(model["path"]), Path(job["tokenizer"]), chosen, settings, device, progress)
             if dist.get_rank() == 0:
                 arrays = {f"{i}.{name}": v for i, t in zip(model["tasks"], chosen) for name, v in scores[t.key].items()}
                 with open(job_dir / f"{model['name']}.npz", "wb") as handle:

@@ -447,11 +447,6 @@ def train(train_dir: Path) -> None:
             }
             with open(metrics_path, "a") as log:
                 log.write(json.dumps(line) + "\n")
-            acc.print(
-                f"step {step + 1}/{manifest['total_steps']} loss {mean_loss:.4f} lr {lr:.2e} "
-                f"phase {line['phase']} {line['tokens_per_s']:.0f} tok/s",
-                flush=True,
-            )
         if state["step"] % recipe.train.checkpoint_every == 0 or state["step"] == manifest["total_steps"]:
             save_checkpoint(
                 raw_model, raw_optimizer, state, train_dir, job["fingerprint"], recipe.train.keep_checkpoints
