@@ -43,7 +43,7 @@ import numpy as np  # noqa: E402
 from datatrove.data import Document  # noqa: E402
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature  # noqa: E402
 
-from refit.stages.lib.config import MinHashSpec  # noqa: E402
+from refit.stages.lib.config import CurateSpec, MinHashSpec  # noqa: E402
 from refit.stages.lib.minhash import FastMinhashSignature  # noqa: E402
 from refit.stages.lib.near_dedup import near_dedup  # noqa: E402
 from refit.stages.lib.text import word_ngrams  # noqa: E402
@@ -128,7 +128,9 @@ def predicted_pairs(docs: list[str], signatures: str, spec: MinHashSpec) -> set[
     """Pairs of documents put in one cluster by curate's near-dedupe with that signature step."""
     spec = spec.model_copy(update={"signatures": signatures})
     with tempfile.TemporaryDirectory() as tmp:
-        removed = near_dedup(docs, Path(tmp) / "work", Path(tmp) / "index", "batch", spec, workers=1)
+        removed = near_dedup(
+            docs, Path(tmp) / "work", Path(tmp) / "index", "batch", CurateSpec(minhash=spec, workers=1)
+        )
     clusters: dict[int, list[int]] = {}
     for duplicate, kept in removed.items():
         clusters.setdefault(kept, [kept]).append(duplicate)

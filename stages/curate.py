@@ -59,6 +59,7 @@ CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, sha256 TEXT, batch INT
 CREATE TABLE IF NOT EXISTS ids (source TEXT, id TEXT, file TEXT, line INTEGER, reason TEXT, PRIMARY KEY (source, id));
 CREATE TABLE IF NOT EXISTS texts (hash TEXT PRIMARY KEY, source TEXT, id TEXT);
 """
+EXECUTION_SETTINGS = {"executor", "ray", "slurm", "workers"}  # where the steps run: decisions do not depend on it
 HASH_MEMO = ".curate-hashes"  # in the workdir: the sha256 of each input file at its size and mtime
 
 
@@ -77,7 +78,7 @@ def _settings(recipe: Recipe) -> dict:
     benchmarks = {b.name: hashlib.sha256(Path(b.path).read_bytes()).hexdigest() for b in recipe.evaluate.benchmarks}
     sources = [s.model_dump(mode="json", exclude={"paths"}) for s in recipe.sources]
     return {
-        "curate": recipe.curate.model_dump(mode="json"),
+        "curate": recipe.curate.model_dump(mode="json", exclude=EXECUTION_SETTINGS),
         "sources": sources,
         "benchmarks": benchmarks,
         "validation_files": _validation_listing(recipe),
@@ -406,8 +407,7 @@ def _near_dedup_all(
         out / "work",
         out / "minhash-index",
         f"batch-{batch:04d}",
-        recipe.curate.minhash,
-        recipe.curate.workers,
+        recipe.curate,
     )
     kept: dict[str, list[tuple[str, str]]] = {source.name: [] for source in sources}
     for position, (name, doc) in enumerate(ordered):

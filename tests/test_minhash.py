@@ -10,7 +10,7 @@ from datatrove.io import get_datafolder
 from datatrove.pipeline.dedup.minhash import MinhashConfig, read_sigs
 from test_curate import LEGACY, NEW, edited, jaccard
 
-from refit.stages.lib.config import MinHashSpec
+from refit.stages.lib.config import CurateSpec
 from refit.stages.lib.minhash import FastMinhashSignature, unicode_words, words
 from refit.stages.lib.near_dedup import near_dedup
 
@@ -48,6 +48,6 @@ def test_planted_near_duplicates_are_found_and_unrelated_documents_kept(tmp_path
     assert all(jaccard(a, b) > 0.85 for a, b in zip(originals, copies))
     unrelated = [doc["text"] for doc in LEGACY[10:30] + NEW[10:30]]
     docs = originals + unrelated + copies
-    removed = near_dedup(docs, tmp_path / "work", tmp_path / "index", "batch-0001", MinHashSpec(), workers)
+    removed = near_dedup(docs, tmp_path / "work", tmp_path / "index", "batch-0001", CurateSpec(workers=workers))
     first_copy = len(originals) + len(unrelated)
     assert removed == {first_copy + i: i for i in range(len(originals))}

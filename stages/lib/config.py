@@ -158,6 +158,62 @@ class MinHashSpec(Section):
     Buckets and clusters are datatrove's either way."""
 
 
+class RaySpec(Section):
+    address: str | None = None
+    """Ray cluster to run on: "auto" (the one `ray start` set up on this machine), "HOST:PORT" or
+    "ray://HOST:PORT"; null starts a private local cluster with curate.workers CPUs for the run
+    and stops it afterwards. Every node needs Refit installed and the workdir at the same path."""
+    cpus_per_task: int = Field(default=1, ge=1)
+    """CPUs Ray reserves for each datatrove task."""
+    mem_per_cpu_gb: float = Field(default=2, gt=0)
+    """Memory (GB) Ray reserves per reserved CPU."""
+
+
+SBATCH_OPTIONS_SET_ELSEWHERE = {  # sbatch option -> what sets it
+    "partition": "curate.slurm.partition",
+    "time": "curate.slurm.time",
+    "cpus-per-task": "curate.slurm.cpus_per_task",
+    "mem-per-cpu": "curate.slurm.mem_per_cpu_gb",
+    "qos": "curate.slurm.qos",
+    "job-name": "curate (one job name per step)",
+    "array": "curate (one array task per datatrove task)",
+    "output": "curate (logs in the step's folder)",
+}
+
+
+class SlurmSpec(Section):
+    partition: str = Field(min_length=1)
+    """Slurm partition the datatrove job arrays are submitted to."""
+    time: str = Field(default="24:00:00", pattern=r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$")
+    """Time limit of each job ([D-]HH:MM:SS)."""
+    cpus_per_task: int = Field(default=1, ge=1)
+    """CPUs per datatrove task (sbatch --cpus-per-task)."""
+    mem_per_cpu_gb: int = Field(default=2, ge=1)
+    """Memory per CPU in GB (sbatch --mem-per-cpu)."""
+    qos: str | None = None
+    """Quality of service (sbatch --qos); null: the cluster's default."""
+    env_command: str | None = None
+    """Shell line that prepares each job's environment (e.g. `module load python; source
+    /shared/refit/.venv/bin/activate`); null: activate the virtual environment curate runs in."""
+    sbatch_args: dict[str, str | int] = {}
+    """Further sbatch options, without the leading dashes (e.g. {account: nlp, constraint: cpu});
+    the options set by the fields above are not allowed here."""
+    poll_seconds: int = Field(default=30, ge=1)
+    """How often curate checks whether the submitted jobs have finished."""
+
+    @model_validator(mode="after")
+    def _no_option_set_twice(self) -> SlurmSpec:
+        _raise_if(
+            self,
+            [
+                _problem(("sbatch_args", key), f"{key} is set by {SBATCH_OPTIONS_SET_ELSEWHERE[key.lstrip('-')]}")
+                for key in self.sbatch_args
+                if key.lstrip("-") in SBATCH_OPTIONS_SET_ELSEWHERE
+            ],
+        )
+        return self
+
+
 class CurateSpec(Section):
     min_chars: int = Field(default=50, ge=1)
     """Documents shorter than this (after normalisation) are quarantined as too short."""
@@ -192,12 +248,31 @@ class CurateSpec(Section):
     """Characters per token for the estimate above (English prose under a BPE of 32k-128k tokens
     is about 4; code and small vocabularies are fewer)."""
     workers: int = Field(default=2, ge=1)
-    """Parallel worker processes of the datatrove executor."""
+    """Parallel datatrove tasks at once (local processes, or Ray tasks; with Slurm, array jobs)."""
+    executor: Literal["local", "ray", "slurm"] = "local"
+    """Where curate's datatrove steps run: local (worker processes on this machine), ray
+    (curate.ray) or slurm (job arrays, curate.slurm). Decisions are the same on each."""
+    ray: RaySpec | None = None
+    """Ray settings, for executor ray (default: a private local cluster)."""
+    slurm: SlurmSpec | None = None
+    """Slurm settings, required for executor slurm."""
 
     @model_validator(mode="after")
     def _lengths_ordered(self) -> CurateSpec:
         if self.min_chars > self.max_chars:
             _raise_if(self, [_problem(("min_chars",), f"{self.min_chars} is above max_chars {self.max_chars}")])
+        return self
+
+    @model_validator(mode="after")
+    def _executor_settings_match(self) -> CurateSpec:
+        problems = [
+            _problem((name,), f"settings for executor {name}, but curate.executor is {self.executor}")
+            for name in ("ray", "slurm")
+            if getattr(self, name) is not None and self.executor != name
+        ]
+        if self.executor == "slurm" and self.slurm is None:
+            problems.append(_problem(("slurm",), "executor slurm needs curate.slurm (at least its partition)"))
+        _raise_if(self, problems)
         return self
 
 

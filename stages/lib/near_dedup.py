@@ -19,7 +19,6 @@ import struct
 from collections import defaultdict
 from pathlib import Path
 
-from datatrove.executor import LocalPipelineExecutor
 from datatrove.pipeline.dedup.minhash import (
     SENTINEL,
     MinhashConfig,
@@ -29,27 +28,12 @@ from datatrove.pipeline.dedup.minhash import (
 )
 from datatrove.pipeline.readers import JsonlReader
 
-from refit.stages.lib.config import MinHashSpec
-from refit.stages.lib.lifeline import forked_workers_follow_parent
+from refit.stages.lib.config import CurateSpec
+from refit.stages.lib.executors import Step, run_steps
 from refit.stages.lib.minhash import FastMinhashSignature
 
 log = logging.getLogger(__name__)
 EARLIER_BATCH = -1  # priority of a cluster member that lives in the index of an earlier batch
-
-
-def _run(pipeline: list, tasks: int, workers: int, logs: Path) -> None:
-    # fork, not datatrove's default forkserver: workers then start without re-importing
-    # datatrove and spaCy, which costs more than the work itself on small batches. Its pool
-    # and manager must die with this process and obey SIGTERM (lifeline.py).
-    with forked_workers_follow_parent():
-        LocalPipelineExecutor(
-            pipeline=pipeline,
-            tasks=tasks,
-            workers=min(workers, tasks),
-            logging_dir=str(logs),
-            skip_completed=False,
-            start_method="fork",
-        ).run()
 
 
 def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:
@@ -62,58 +46,43 @@ def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:
     return members
 
 
-def near_dedup(
-    docs: list[str], work: Path, index: Path, batch_name: str, spec: MinHashSpec, workers: int
-) -> dict[int, int]:
+def near_dedup(docs: list[str], work: Path, index: Path, batch_name: str, curate: CurateSpec) -> dict[int, int]:
     """Near-duplicates among docs (texts, in priority order): {removed position: kept position},
-    the kept position being EARLIER_BATCH when the match is in an earlier batch's index."""
+    the kept position being EARLIER_BATCH when the match is in an earlier batch's index. The
+    three datatrove steps run on curate.executor with curate.workers tasks at once."""
     if not docs:
         return {}
+    spec = curate.minhash
     config = MinhashConfig(n_grams=spec.ngram, num_buckets=spec.buckets, hashes_per_bucket=spec.hashes_per_bucket)
     signature_step = FastMinhashSignature if spec.signatures == "vectorised" else MinhashDedupSignature
     inputs = work / "input"
     inputs.mkdir(parents=True)
-    tasks = max(1, min(workers, len(docs)))
+    tasks = max(1, min(curate.workers, len(docs)))
     for rank in range(tasks):  # task r reads file r; position = rank + doc_index * tasks
         with open(inputs / f"{rank:05d}.jsonl", "w", encoding="utf-8") as out:
             for position in range(rank, len(docs), tasks):
                 out.write(json.dumps({"id": str(position), "text": docs[position]}) + "\n")
-    _run(
-        [
-            JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None),
-            signature_step(output_folder=str(work / "signatures"), config=config),
-        ],
-        tasks,
-        workers,
-        work / "logs/1",
+    reader = JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None)
+    signatures = signature_step(output_folder=str(work / "signatures"), config=config)
+    buckets = MinhashDedupBuckets(
+        input_folder=str(work / "signatures"),
+        output_folder=str(work / "buckets"),
+        config=config,
+        index_folder=str(index),
+        create_index_name=batch_name,
+        only_dedup_in_index=False,
     )
-    _run(
-        [
-            MinhashDedupBuckets(
-                input_folder=str(work / "signatures"),
-                output_folder=str(work / "buckets"),
-                config=config,
-                index_folder=str(index),
-                create_index_name=batch_name,
-                only_dedup_in_index=False,
-            )
-        ],
-        config.num_buckets,
-        workers,
-        work / "logs/2",
+    clusters = MinhashDedupCluster(
+        input_folder=str(work / "buckets"), output_folder=str(work / "clusters"), config=config, save_cluster_id=True
     )
-    _run(
+    run_steps(
         [
-            MinhashDedupCluster(
-                input_folder=str(work / "buckets"),
-                output_folder=str(work / "clusters"),
-                config=config,
-                save_cluster_id=True,
-            )
+            Step("signatures", [reader, signatures], tasks),
+            Step("buckets", [buckets], config.num_buckets),
+            Step("clusters", [clusters], 1),
         ],
-        1,
-        1,
-        work / "logs/3",
+        curate,
+        work / "logs",
     )
     removed: dict[int, int] = {}
     for members in _clusters(work / "clusters").values():
