@@ -60,8 +60,6 @@ def build_executors(steps: list[Step], spec: CurateSpec, logs: Path) -> list[Pip
                 pipeline=step.pipeline,
                 tasks=step.tasks,
                 workers=spec.workers,
-                # one Ray actor runs its share of the tasks: an actor per task costs seconds each
-                tasks_per_job=-(-step.tasks // spec.workers),
                 logging_dir=folder,
                 skip_completed=False,
                 cpus_per_task=ray.cpus_per_task,
