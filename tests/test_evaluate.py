@@ -220,16 +220,17 @@ def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_change
     first = run_evaluate(recipe, workdir)
     assert first["base_cached"] is False and first["scoring"]["device"] == "cpu"
     assert first["scoring"]["models"] == {
-        "base": {"tasks_scored": 3, "tasks_cached": 0},  # one benchmark, two sources' validation documents
-        "candidate": {"tasks_scored": 3, "tasks_cached": 0},
+        # one benchmark, two sources' validation documents, CrowS-Pairs and BBQ
+        "base": {"tasks_scored": 5, "tasks_cached": 0},
+        "candidate": {"tasks_scored": 5, "tasks_cached": 0},
     }
     cache = tmp_path / ".refit-cache"  # beside the workdir, where sweep variants and nightly runs find it
-    assert first["scoring"]["cache_dir"] == str(cache) and len(list((cache / "scores").glob("*.npz"))) == 3
+    assert first["scoring"]["cache_dir"] == str(cache) and len(list((cache / "scores").glob("*.npz"))) == 5
 
     second = run_evaluate(recipe, workdir, force=True)  # the next night, or another variant of the same base
     assert second["base_cached"] is True
-    assert second["scoring"]["models"]["base"] == {"tasks_scored": 0, "tasks_cached": 3}  # the base was not scored
-    assert second["scoring"]["models"]["candidate"] == {"tasks_scored": 3, "tasks_cached": 0}
+    assert second["scoring"]["models"]["base"] == {"tasks_scored": 0, "tasks_cached": 5}  # the base was not scored
+    assert second["scoring"]["models"]["candidate"] == {"tasks_scored": 5, "tasks_cached": 0}
     assert second["benchmarks"] == first["benchmarks"] and second["validation"] == first["validation"]
 
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -237,7 +238,7 @@ def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_change
         model.lm_head.weight.mul_(1.5)  # another base: sharper predictions, other losses
     model.save_pretrained(base)
     third = run_evaluate(recipe, workdir, force=True)
-    assert third["base_cached"] is False and third["scoring"]["models"]["base"]["tasks_scored"] == 3
+    assert third["base_cached"] is False and third["scoring"]["models"]["base"]["tasks_scored"] == 5
     assert third["scoring"]["base_sha256"] != first["scoring"]["base_sha256"]
     for name, source in third["validation"].items():
         assert source["base_loss_per_token"] != first["validation"][name]["base_loss_per_token"]
