@@ -224,6 +224,15 @@ def test_a_name_that_is_not_a_folder_of_its_own_is_rejected(layout, name, change
     assert expected in found[path][1]
 
 
+@pytest.mark.parametrize("name", ["quarantine", "removed", "work", "minhash-index"])
+def test_a_source_cannot_take_the_name_of_one_of_curates_own_folders(layout, name):
+    recipe = edit()
+    recipe["sources"][0]["name"] = name
+    found = problems(layout, recipe)
+    assert "sources[0].name" in found, found
+    assert "curate's own folders" in found["sources[0].name"][1]
+
+
 def test_all_problems_are_listed_at_once_with_yaml_lines(layout):
     text = textwrap.dedent("""\
         name: r1

@@ -125,8 +125,18 @@ class BaseModelSpec(Section):
         return self
 
 
+CURATE_FOLDERS = ("quarantine", "removed", "work", "minhash-index")
+"""Curate's own folders beside its per-source ones: no source may take these names."""
+
+
+def _not_a_curate_folder(name: str) -> str:
+    if name in CURATE_FOLDERS:
+        raise ValueError(f"{name!r} is the name of one of curate's own folders ({', '.join(CURATE_FOLDERS)})")
+    return name
+
+
 class SourceSpec(Section):
-    name: Name
+    name: Annotated[Name, AfterValidator(_not_a_curate_folder)]
     """Short name used in weights, shard folders and reports (letters, digits, _ . -)."""
     paths: list[RecipePath] = Field(min_length=1)
     """Files or glob patterns (** allowed) of this source; each must match at least one file."""
