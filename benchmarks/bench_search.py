@@ -5,7 +5,9 @@ device-seconds each spends to reach within noise of the grid's best.
         [--grid mixture.phases.1.lr_below=0.5,0.2,0.1 --grid schedule.max_lr=3e-3,1e-3]
 
 Both run on the demo recipe at the same budget, each in its own workdir under
-runs/bench-search/ (grid/ and tpe/), with the same two baselines. "Within noise" is the
+runs/bench-search/ (grid/ and tpe/), with the same two baselines. The safety probes are
+off (runs/bench-search/recipe.yaml): this compares accuracy against compute, and the
+probes would take most of each variant's time. "Within noise" is the
 sweep's own rule: a value v reaches the grid's best b when b - v <= gates.noise_sigmas x
 the unpaired standard error of the two. Device-seconds count training (seconds x
 processes) in the order the variants ran, pruned TPE trials included. Prints a table and
@@ -27,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from refit.flows.search import search  # noqa: E402
 from refit.flows.sweep import sweep  # noqa: E402
-from refit.stages.lib.config import load_recipe  # noqa: E402
+from refit.stages.lib.config import dump_recipe, load_recipe  # noqa: E402
+from refit.stages.lib.sweep import set_field  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "deployments" / "demo.yaml"
@@ -49,6 +52,18 @@ def reach(rows: list[dict], target: dict, sigmas: float) -> tuple[float | None, 
     return reached, spent
 
 
+def accuracy_only_recipe(out: Path) -> Path:
+    """The demo recipe, resolved, without the safety probes (bias sets and generation)."""
+    recipe = load_recipe(RECIPE)
+    data = recipe.model_dump(mode="json")
+    set_field(data, "evaluate.safety.probes", [])
+    set_field(data, "evaluate.safety.generation", False)
+    path = out / "recipe.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_recipe(recipe.model_validate(data)))
+    return path
+
+
 def best(rows: list[dict]) -> dict:
     return max((r for r in rows if r["status"] == "ok" and r["score"] is not None), key=lambda r: r["score"])
 
@@ -61,12 +76,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-search")
     args = parser.parse_args()
     grid = args.grid or ["mixture.phases.1.lr_below=0.5,0.2,0.1", "schedule.max_lr=3e-3,1e-3"]
-    sigmas = load_recipe(RECIPE).gates.noise_sigmas
+    recipe = accuracy_only_recipe(args.out)
+    sigmas = load_recipe(recipe).gates.noise_sigmas
     grid_summary = sweep(
-        recipe=str(RECIPE), grid=grid, budget_fraction=args.budget_fraction, workdir=str(args.out / "grid")
+        recipe=str(recipe), grid=grid, budget_fraction=args.budget_fraction, workdir=str(args.out / "grid")
     )
     tpe_summary = search(
-        recipe=str(RECIPE), trials=args.trials, budget_fraction=args.budget_fraction, workdir=str(args.out / "tpe")
+        recipe=str(recipe), trials=args.trials, budget_fraction=args.budget_fraction, workdir=str(args.out / "tpe")
     )
     grid_rows = [r for r in grid_summary["rows"] if r["kind"] == "grid"]
     tpe_rows = [r for r in tpe_summary["rows"] if r["variant"].startswith("tpe-")]

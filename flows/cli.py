@@ -159,7 +159,7 @@ def run_refresh(recipe_path: Path, workdir: Path | None, force: list[str], wait:
         if ui is not None:
             run_id = state.state_details.flow_run_id
             links.append(f"flow run: {flow_run_url(ui, run_id)}")
-            audit_page = artifact_url(ui, run_id, artifact_key("audit", recipe.name))
+            audit_page = artifact_url(ui, artifact_key("audit", recipe.name), run_id)
             if audit_page:
                 links.append(f"audit:    {audit_page}")
     try:
@@ -269,13 +269,20 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_ui(args: argparse.Namespace) -> int:
-    from refit.flows.ui import UIError, start_server, stop_server
+    from refit.flows.artifacts import artifact_key
+    from refit.flows.ui import UIError, artifact_url, screenshot, start_server, stop_server
 
     if args.stop:
         print(stop_server())
         return 0
     try:
         url, started = start_server(args.port)
+        if args.screenshot:
+            page = artifact_url(url, artifact_key("audit", args.recipe_name))
+            if page is None:
+                raise UIError(f"no audit report of a recipe named {args.recipe_name!r} is recorded at {url}")
+            screenshot(page, args.screenshot)
+            print(f"saved {args.screenshot}: {page}")
     except UIError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
@@ -381,6 +388,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ui.add_argument("--port", type=int, default=4200, help="port of a server this starts (default 4200)")
     ui.add_argument("--stop", action="store_true", help="stop the server `refit ui` started")
+    ui.add_argument("--screenshot", type=Path, help="save a PNG of the newest audit report's page (needs chromium)")
+    ui.add_argument("--recipe-name", default="demo", help="whose audit report --screenshot shows (default: demo)")
     demo.add_argument("--rebuild-base", action="store_true", help="retrain the demo base model even if it exists")
     return parser
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -181,13 +182,33 @@ def flow_run_url(ui: str, flow_run_id: str) -> str:
     return f"{ui}/runs/flow-run/{flow_run_id}"
 
 
-def artifact_url(ui: str, flow_run_id: str, key: str) -> str | None:
-    """The page of the artifact with this key made by this flow run (None if it made none)."""
+def artifact_url(ui: str, key: str, flow_run_id: str | None = None) -> str | None:
+    """The page of the newest artifact with this key, made by this flow run when one is named
+    (None if there is none)."""
+    artifacts = {"key": {"any_": [key]}}
+    if flow_run_id is not None:
+        artifacts["flow_run_id"] = {"any_": [str(flow_run_id)]}
     response = httpx.post(
-        f"{ui}/api/artifacts/filter",
-        json={"artifacts": {"key": {"any_": [key]}, "flow_run_id": {"any_": [str(flow_run_id)]}}},
-        timeout=30,
+        f"{ui}/api/artifacts/filter", json={"artifacts": artifacts, "sort": "CREATED_DESC", "limit": 1}, timeout=30
     )
     response.raise_for_status()
     found = response.json()
     return f"{ui}/artifacts/artifact/{found[0]['id']}" if found else None
+
+
+def browse(url: str, *options: str) -> str:
+    """Load a page in headless Chromium (Debian's `chromium`) and return its DOM once the UI's
+    scripts have run (virtual time lets the app's API calls finish)."""
+    browser = shutil.which("chromium")
+    if browser is None:
+        raise UIError("chromium is not installed (Debian: apt-get install chromium)")
+    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000", *options, url]
+    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
+
+
+def screenshot(url: str, path: Path) -> None:
+    """Save a PNG of the page at url, as a reviewer's browser shows it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    browse(url, f"--screenshot={path.resolve()}", "--window-size=1280,1600")
+    if path.read_bytes()[:8] != b"\x89PNG\r\n\x1a\n":
+        raise UIError(f"chromium wrote no PNG to {path}")

@@ -1,6 +1,6 @@
 """`refit ui`: a Prefect server that stays, runs recorded into it, and the audit artifact's page
-in a real browser (headless Chromium from Debian's `chromium` package). The screenshot it
-takes is the README's `docs/audit-artifact.png`."""
+in a real browser (headless Chromium from Debian's `chromium` package). It saves its
+screenshot as `docs/audit-artifact.png` (not tracked; the README shows the demo's)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ import pytest
 from test_flows import LENIENT  # a tiny model's gain and repetition are not what this test checks
 from test_train import prepare
 
+from refit.flows.ui import browse
+from refit.stages.lib.config import load_recipe
+
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "audit-artifact.png"
@@ -31,12 +34,6 @@ def chromium() -> str:
     if found is None:
         pytest.skip("no chromium, and it cannot be installed here (needs root and apt-get): apt-get install chromium")
     return found
-
-
-def browse(browser: str, url: str, *options: str) -> str:
-    """The page's DOM once its scripts have run (virtual time lets the app's API calls finish)."""
-    command = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=30000", *options, url]
-    return subprocess.run(command, capture_output=True, text=True, timeout=180, check=True).stdout
 
 
 def free_port() -> int:
@@ -72,7 +69,7 @@ def recorded_refreshes(url: str) -> int:
 
 
 def test_ui_stays_runs_record_into_it_and_the_audit_renders_in_a_browser(tmp_path, tiny_model_dir, refit_env):
-    browser = chromium()
+    chromium()
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, gates=LENIENT)
     before = refit(refit_env, "run", str(path), "--workdir", str(workdir))
     assert "recording on a temporary Prefect server" in before and "in the Prefect UI:" not in before
@@ -91,13 +88,14 @@ def test_ui_stays_runs_record_into_it_and_the_audit_renders_in_a_browser(tmp_pat
         audit_page = re.search(rf"audit: +({re.escape(url)}/artifacts/artifact/[0-9a-f-]{{36}})", out)
         assert audit_page, out
 
-        dom = browse(browser, audit_page.group(1), "--dump-dom")
+        dom = browse(audit_page.group(1), "--dump-dom")
         tables = re.findall(r"<table.*?</table>", dom, flags=re.S)
         assert any("forgetting:old" in t and "average_accuracy_gain" in t for t in tables), "no gates table"
         assert re.search(r'<img[^>]+src="data:image/png;base64,', dom), "no plot image on the page"
 
-        SCREENSHOT.parent.mkdir(exist_ok=True)
-        browse(browser, audit_page.group(1), f"--screenshot={SCREENSHOT}", "--window-size=1280,1600")
+        SCREENSHOT.unlink(missing_ok=True)
+        shot = refit(refit_env, "ui", "--screenshot", str(SCREENSHOT), "--recipe-name", load_recipe(path).name)
+        assert f"saved {SCREENSHOT}: {audit_page.group(1)}" in shot  # the newest audit is this run's
         assert SCREENSHOT.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         stopped = refit(refit_env, "ui", "--stop")
