@@ -66,7 +66,7 @@ def _plot_bars(
     )
     if reference is not None:
         axis.axhline(reference, color="black", linewidth=0.8, linestyle=":")
-    axis.set_xticks(list(x), labels)
+    axis.set_xticks(list(x), labels, rotation=20, ha="right")  # long benchmark names must not overlap
     axis.set_ylabel(ylabel)
     axis.legend()
     fig.tight_layout()
