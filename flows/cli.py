@@ -243,13 +243,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from prefect.client.schemas.schedules import CronSchedule
 
     from refit.flows.serve import serve_recipe
+    from refit.flows.ui import UIError, recording_into
 
     try:
         CronSchedule(cron=args.cron, timezone=args.timezone)
     except ValueError as error:
         print(f"error: --cron {args.cron!r} --timezone {args.timezone!r}: {error}", file=sys.stderr)
         return 2
-    serve_recipe(args.recipe, args.cron, args.timezone)
+    try:
+        with recording_into(start=True):  # scheduled runs need a server that stays, to be reviewed in its UI
+            serve_recipe(args.recipe, args.cron, args.timezone)
+    except UIError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

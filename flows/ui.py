@@ -157,10 +157,11 @@ def stop_server() -> str:
 
 
 @contextmanager
-def recording_into() -> Iterator[str | None]:
+def recording_into(start: bool = False) -> Iterator[str | None]:
     """Point Prefect at the server the runs inside should be recorded into, and say which: the
-    one PREFECT_API_URL names, else the `refit ui` server when it runs, else none (Prefect then
-    starts a temporary server for the run). Yields the UI URL of a server that stays, or None."""
+    one PREFECT_API_URL names, else the `refit ui` server when it runs (started first if `start`),
+    else none (Prefect then starts a temporary server for the run). Yields the UI URL of a
+    server that stays, or None."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     configured = PREFECT_API_URL.value()
@@ -169,6 +170,9 @@ def recording_into() -> Iterator[str | None]:
         yield configured.removesuffix("/").removesuffix("/api")
         return
     url = running_server()
+    if url is None and start:
+        url, _ = start_server()
+        print(f"started the Refit UI server at {url} (it stays up; `refit ui --stop` stops it)", flush=True)
     if url is None:
         print("recording on a temporary Prefect server (`refit ui` starts one that stays)", flush=True)
         yield None

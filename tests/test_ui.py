@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -68,6 +69,26 @@ def recorded_refreshes(url: str) -> int:
     return len(response.json())
 
 
+def served_deployments(env: dict, recipe: Path, url: str, log: Path, timeout: float = 120) -> int:
+    """Start `refit serve` on the recipe; the number of deployments it registered at url once
+    the nightly one is there (it is then stopped)."""
+    command = [sys.executable, "-m", "refit.flows.cli", "serve", str(recipe)]
+    with open(log, "w") as out:
+        process = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.time() + timeout
+        while time.time() < deadline and process.poll() is None:
+            names = [d["name"] for d in httpx.post(f"{url}/api/deployments/filter", json={}).json()]
+            if f"{load_recipe(recipe).name}-nightly" in names:
+                assert f"recording into the Refit UI server at {url}" in log.read_text()
+                return len(names)
+            time.sleep(1)
+        raise AssertionError(f"refit serve registered no nightly deployment at {url}:\n{log.read_text()}")
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
 def test_ui_stays_runs_record_into_it_and_the_audit_renders_in_a_browser(tmp_path, tiny_model_dir, refit_env):
     chromium()
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, gates=LENIENT)
@@ -92,6 +113,9 @@ def test_ui_stays_runs_record_into_it_and_the_audit_renders_in_a_browser(tmp_pat
         tables = re.findall(r"<table.*?</table>", dom, flags=re.S)
         assert any("forgetting:old" in t and "average_accuracy_gain" in t for t in tables), "no gates table"
         assert re.search(r'<img[^>]+src="data:image/png;base64,', dom), "no plot image on the page"
+
+        # `refit serve` serves into the server that stays
+        assert served_deployments(refit_env, path, url, tmp_path / "serve.log") >= 2
 
         SCREENSHOT.unlink(missing_ok=True)
         shot = refit(refit_env, "ui", "--screenshot", str(SCREENSHOT), "--recipe-name", load_recipe(path).name)
