@@ -173,6 +173,7 @@ def evaluate_models(
     tasks += safety.scoring_tasks(probes, models["base"], tokenizer, backend, recipe.base_model.trust_remote_code)
     cache = ScoreCache(base_cache_dir(recipe, workdir), [models["base"], tokenizer], settings)
     scored, summary = score_models(models, tokenizer, tasks, settings, caches={"base": cache})
+    pruned = cache.prune(recipe.evaluate.cache_max_age_days) if recipe.evaluate.cache_max_age_days else 0
     from transformers import AutoTokenizer
 
     encode = AutoTokenizer.from_pretrained(tokenizer)  # each choice's own tokens pick the default metric
@@ -240,6 +241,7 @@ def evaluate_models(
             "cache_dir": str(cache.folder),
             "base_sha256": cache.model_sha256,
             "models": summary,
+            "cache_entries_pruned": pruned,
         },
     }
 

@@ -4,6 +4,8 @@ validation loss and bits per byte; standard errors and paired differences."""
 from __future__ import annotations
 
 import math
+import os
+import time
 
 import numpy as np
 import pytest
@@ -227,8 +229,15 @@ def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_change
     cache = tmp_path / ".refit-cache"  # beside the workdir, where sweep variants and nightly runs find it
     assert first["scoring"]["cache_dir"] == str(cache) and len(list((cache / "scores").glob("*.npz"))) == 5
 
+    def age_cache(days: float) -> None:  # as if the cached scores were last used days ago
+        then = time.time() - days * 86400
+        for entry in (cache / "scores").glob("*.npz"):
+            os.utime(entry, (then, then))
+
+    age_cache(recipe.evaluate.cache_max_age_days + 1)
     second = run_evaluate(recipe, workdir, force=True)  # the next night, or another variant of the same base
     assert second["base_cached"] is True
+    assert second["scoring"]["cache_entries_pruned"] == 0  # read this run, so kept
     assert second["scoring"]["models"]["base"] == {"tasks_scored": 0, "tasks_cached": 5}  # the base was not scored
     assert second["scoring"]["models"]["candidate"] == {"tasks_scored": 5, "tasks_cached": 0}
     assert second["benchmarks"] == first["benchmarks"] and second["validation"] == first["validation"]
@@ -237,8 +246,11 @@ def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_change
     with torch.no_grad():
         model.lm_head.weight.mul_(1.5)  # another base: sharper predictions, other losses
     model.save_pretrained(base)
+    age_cache(recipe.evaluate.cache_max_age_days + 1)
     third = run_evaluate(recipe, workdir, force=True)
     assert third["base_cached"] is False and third["scoring"]["models"]["base"]["tasks_scored"] == 5
+    # the old base's scores were unused for longer than evaluate.cache_max_age_days: removed
+    assert third["scoring"]["cache_entries_pruned"] == 5 and len(list((cache / "scores").glob("*.npz"))) == 5
     assert third["scoring"]["base_sha256"] != first["scoring"]["base_sha256"]
     for name, source in third["validation"].items():
         assert source["base_loss_per_token"] != first["validation"][name]["base_loss_per_token"]

@@ -512,6 +512,10 @@ class EvaluateSpec(Section):
     what is scored, the scorer's version and the device settings. Default:
     `.refit-cache/` beside the workdir (in its parent folder), shared by the sweep's variants
     and by every nightly run of the recipe."""
+    cache_max_age_days: float = Field(default=30, ge=0)
+    """Cached scores neither read nor written for this many days are removed after each
+    evaluation (0: never). Nightly runs that continue from the newest version score a new
+    base each night; its scores are not read again once a newer base is in use."""
     prefix_eos: bool = False
     """Prepend the EOS token to each benchmark query, for models pretrained on documents that
     each start after an EOS (as Refit packs them). Off: the query's own tokens only, as

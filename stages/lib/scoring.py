@@ -38,6 +38,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import zipfile
 from pathlib import Path
 
@@ -348,7 +349,9 @@ class ScoreCache:
         path = self.path(task)
         try:
             with np.load(path, allow_pickle=False) as stored:
-                return {name: stored[name] for name in stored.files}
+                scores = {name: stored[name] for name in stored.files}
+            os.utime(path)  # in use: `prune` keeps it
+            return scores
         except FileNotFoundError:
             return None
         except (OSError, ValueError, zipfile.BadZipFile) as error:  # unreadable: score again, and replace it
@@ -362,6 +365,20 @@ class ScoreCache:
         with open(tmp, "wb") as handle:
             np.savez(handle, **scores)
         os.replace(tmp, path)
+
+    def prune(self, max_age_days: float) -> int:
+        """Remove every model's scores neither read nor written for max_age_days, so the folder
+        does not grow night after night with the scores of bases no later run uses again; the
+        number removed."""
+        cutoff, removed = time.time() - max_age_days * 86400, 0
+        for path in (self.folder / "scores").glob("*.npz"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:  # pruned by a concurrent run
+                pass
+        return removed
 
 
 def score_models(
