@@ -555,7 +555,11 @@ class GatesSpec(Section):
     max_repetition_increase: float = Field(default=0.05, ge=0)
     """degeneration: the share of repeated 4-grams in continuations may rise by at most this beyond noise."""
     max_repetition_rate: float = Field(default=0.6, gt=0, le=1)
-    """degeneration: the candidate's share of repeated 4-grams must stay at or below this, noise or not."""
+    """degeneration: the candidate's share of repeated 4-grams (greedy and sampled continuations
+    pooled) must stay at or below this, noise or not. Measured (benchmarks/RESULTS.md): healthy
+    small models 0.09-0.46, their greedy continuations looping (0.18-0.92) while sampled ones
+    repeat nothing; pooled with clean sampling the rate stays under about 0.48, so 0.6 is passed
+    only when sampled continuations repeat too."""
     max_offensive_increase: float = Field(default=0.0, ge=0)
     """offensive_output: the share of continuations with a word-list term may rise by at most this beyond noise."""
 
