@@ -385,6 +385,7 @@ def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -
         "machines": machines.count,
         "strategy": recipe.train.strategy,
         "seconds": round(time.time() - started, 2),
+        **({"compiled": state["compiled"]} if "compiled" in state else {}),  # train.compile: main process, last launch
     }
 
 

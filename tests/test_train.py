@@ -30,7 +30,15 @@ from refit.stages.lib.markers import file_sha256, read_marker
 from refit.stages.lib.train_loop import record_failure
 from refit.stages.mix import run_mix
 from refit.stages.tokenize import run_tokenize
-from refit.stages.train import FAILURE, Machines, TrainingError, launch_command, resolve_machines, run_train
+from refit.stages.train import (
+    FAILURE,
+    Machines,
+    TrainingError,
+    launch_command,
+    read_report,
+    resolve_machines,
+    run_train,
+)
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -581,8 +589,11 @@ def test_the_readme_scaling_out_commands_parse_as_written():
             assert launcher_parser().parse_args(args.training_script_args).recipe == "deployments/my.yaml"
     script = REPO / "deployments" / "train.sbatch"
     assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    srun = next(line for line in script.read_text().splitlines() if line.startswith("srun "))
+    lines = script.read_text().splitlines()
+    srun = next(line for line in lines if line.startswith("srun "))
     assert shlex.split(srun)[2:] == [".venv/bin/python", "-m", "refit.flows.train_launcher", "$RECIPE", "$@"]
+    then = shlex.split(lines[lines.index(srun) + 1])  # the rest of the refresh, on the allocation's first machine
+    assert then[0] == ".venv/bin/refit" and build_parser().parse_args(then[1:]).command == "run"
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
@@ -599,3 +610,97 @@ def test_two_machines_through_torchrun_rendezvous_match_one_machine(tmp_path, ti
     assert [launcher.returncode for launcher in launchers] == [0, 0], outputs
     assert json.loads((workdir / "train" / "report.json").read_text())["machines"] == 2
     assert [m["loss"] for m in metrics(workdir)] == [m["loss"] for m in metrics(reference)]
+
+
+def few_steps(model_dir: Path, recipe_path: Path, steps: int = 3, count_forwards: bool = False) -> tuple[list, int]:
+    """Per-step losses of a few AdamW steps on fixed random batches of the model prepared as
+    the train stage prepares it for the recipe (one process) and, with count_forwards, how
+    many times the modules inside its decoder layers started a forward pass (checkpointing
+    wraps a layer's forward, not its hooks, so a recompute shows inside the layer; counted
+    on entry, because the recompute stops once it has rebuilt every activation the backward
+    pass needs)."""
+    from refit.stages.lib.train_loop import decoder_layers, prepare_model
+
+    torch.manual_seed(0)  # the same dropout masks in every run (GPT-2 has dropout)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
+    model = prepare_model(model, load_recipe(recipe_path), torch.device("cpu"))
+    forwards = []
+    for layer in decoder_layers(model) if count_forwards else ():
+        for part in layer.children():
+            part.register_forward_pre_hook(lambda *_: forwards.append(1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    model.train()
+    batches = torch.randint(0, model.config.vocab_size, (steps, 2, 32), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for batch in batches:
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses, len(forwards)
+
+
+def test_activation_checkpointing_recomputes_each_decoder_layer_with_the_same_losses(tmp_path, tiny_model_dir):
+    """Each decoder layer's insides run forward twice per step (again in the backward pass,
+    from the layer's input alone) and the losses stay those of the run without it, to fp32
+    rounding (1e-6)."""
+    eager, _ = prepare(tmp_path / "eager", tiny_model_dir, run_data_stages=False)
+    checkpointed, _ = prepare(tmp_path / "ac", tiny_model_dir, run_data_stages=False, activation_checkpointing=True)
+    losses, forwards = few_steps(tiny_model_dir, eager, count_forwards=True)
+    ac_losses, ac_forwards = few_steps(tiny_model_dir, checkpointed, count_forwards=True)
+    assert forwards > 0 and ac_forwards == 2 * forwards
+    assert ac_losses == pytest.approx(losses, rel=0, abs=1e-6)
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)  # no dropout: inductor draws its own masks
+def test_compile_runs_the_decoder_layers_through_inductor_with_the_eager_losses(tmp_path, tiny_model_dir):
+    """torch.compile's default backend (inductor, which builds C++ kernels with the machine's
+    compiler) compiles the layers; the losses stay within 1e-5 of eager."""
+    from torch._dynamo.utils import counters
+
+    from refit.stages.lib.train_loop import compile_summary
+
+    eager, _ = prepare(tmp_path / "eager", tiny_model_dir, run_data_stages=False)
+    compiled, _ = prepare(tmp_path / "compiled", tiny_model_dir, run_data_stages=False, compile=True)
+    losses, _ = few_steps(tiny_model_dir, eager)
+    torch._dynamo.reset()
+    counters.clear()
+    try:
+        compiled_losses, _ = few_steps(tiny_model_dir, compiled)
+        assert compile_summary() == {"graphs": 2, "graph_breaks": {}}  # one graph per layer, nothing left eager
+        assert counters["aot_autograd"]["ok"] == 2  # their backward passes compiled too
+        # inductor built (or, from its on-disk cache, reused) C++ kernels for the forward and backward graphs
+        assert counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"] >= 2
+    finally:
+        torch._dynamo.reset()
+    assert compiled_losses == pytest.approx(losses, rel=0, abs=1e-5)
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_fsdp_with_activation_checkpointing_and_compile_keeps_the_losses(tmp_path, tiny_model_dir, fsdp_run):
+    """Both options on, FSDP with 2 processes: the layers are compiled in the training
+    processes (the report says what torch.compile made of them) and the 20 losses stay
+    within 1e-5 of the eager run's."""
+    _, reference = fsdp_run
+    path, workdir = prepare(
+        tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, activation_checkpointing=True, compile=True
+    )
+    report = run_train(load_recipe(path), workdir)
+    assert report["compiled"]["graphs"] >= 2, report["compiled"]
+    losses, eager = [m["loss"] for m in metrics(workdir)], [m["loss"] for m in metrics(reference)]
+    assert losses == pytest.approx(eager, rel=0, abs=1e-5)
+    assert [s["step"] for s in report["switches"]] == [s["step"] for s in read_report(reference)["switches"]]
+
+
+def test_the_fsdp_demo_recipe_is_the_demo_with_fsdp_over_two_processes():
+    """deployments/demo-fsdp.yaml differs from the demo recipe in its identity and how it trains only."""
+    demo, fsdp = (
+        load_recipe(REPO / "deployments" / name, check_files=False) for name in ("demo.yaml", "demo-fsdp.yaml")
+    )
+    assert (fsdp.train.strategy, fsdp.train.num_processes, fsdp.name) == ("fsdp", 2, "demo-fsdp")
+    assert Path(fsdp.workdir).name == "demo-fsdp"
+    identity = {"name", "description", "workdir"}
+    how = {"train": {"strategy", "num_processes"}}
+    assert fsdp.model_dump(exclude={*identity, *how}) == demo.model_dump(exclude={*identity, *how})
+    assert fsdp.train.model_dump(exclude=how["train"]) == demo.train.model_dump(exclude=how["train"])

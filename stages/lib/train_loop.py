@@ -127,6 +127,14 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) 
     return model
 
 
+def compile_summary() -> dict:
+    """What torch.compile made of this process's decoder layers: graphs compiled, and each
+    graph break's reason with its count (the code around a break runs eagerly)."""
+    from torch._dynamo.utils import counters
+
+    return {"graphs": counters["stats"]["unique_graphs"], "graph_breaks": dict(counters["graph_break"])}
+
+
 def complete_checkpoints(train_dir: Path, fingerprint: str) -> list[Path]:
     """Checkpoints with a done marker written by this same run (same fingerprint), oldest first."""
     return [
@@ -451,6 +459,9 @@ def train(train_dir: Path) -> None:
             save_checkpoint(
                 raw_model, raw_optimizer, state, train_dir, job["fingerprint"], recipe.train.keep_checkpoints
             )
+    if recipe.train.compile:  # in the final trainer state and the report: did compilation take?
+        state["compiled"] = compile_summary()
+        acc.print(f"compile: {state['compiled']['graphs']} graphs, graph breaks: {state['compiled']['graph_breaks']}")
     export_final(raw_model, recipe, train_dir, state, job["final_sha256"])
     acc.wait_for_everyone()
     heartbeat.finish()
