@@ -35,6 +35,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -140,6 +141,13 @@ def _harness_scores(
     return scores
 
 
+def scoring_settings(recipe: Recipe) -> ScoringSettings:
+    """The recipe's scoring settings; what evaluate leaves unset follows the training's
+    processes and devices on one machine (its machines as the train stage resolves them)."""
+    machines = train.resolve_machines(recipe.train, os.environ).count
+    return ScoringSettings.resolve(recipe.evaluate, recipe.base_model.trust_remote_code, recipe.train, machines)
+
+
 def base_cache_dir(recipe: Recipe, workdir: Path) -> Path:
     """evaluate.cache_dir, else `.refit-cache/` in the workdir's parent: a recipe's nightly runs
     (same workdir) and its sweep variants (workdirs side by side in `<workdir>/sweep/`) share it."""
@@ -159,7 +167,7 @@ def evaluate_models(
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
     if backend == "lm-eval" and recipe.evaluate.prefix_eos:
         raise ValueError("evaluate.prefix_eos is not supported by the lm-eval backend: score with --backend refit")
-    settings = ScoringSettings.resolve(recipe.evaluate, recipe.base_model.trust_remote_code)
+    settings = scoring_settings(recipe)
     harness = _harness_scores(recipe, models, tokenizer, settings, task_dir) if backend == "lm-eval" else None
     items = {bench.name: read_jsonl(Path(bench.path)) for bench in recipe.evaluate.benchmarks}
     held_out = {s.name: _validation_texts(workdir, s.name) for s in recipe.sources}
@@ -247,7 +255,7 @@ def evaluate_models(
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> str:
-    settings = ScoringSettings.resolve(recipe.evaluate, recipe.base_model.trust_remote_code)
+    settings = scoring_settings(recipe)
     section = {  # the device as resolved (what "auto" means here); not how many processes, nor the cache;
         # nor what the audit counts (metric, weight): that changes no score, only the audit reruns
         "evaluate": recipe.evaluate.model_dump(

@@ -205,6 +205,34 @@ def test_scoring_with_two_processes_equals_scoring_with_one(tiny_model_dir):
     assert two["docs"]["nll"] == pytest.approx(one["docs"]["nll"], abs=1e-5)
 
 
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_scoring_runs_in_as_many_processes_as_training_on_one_machine(tmp_path, tiny_model_dir, monkeypatch):
+    """evaluate.num_processes unset: the processes training runs on one machine (its machines
+    from the recipe or, as the train stage reads them, from Slurm's environment); set: its own."""
+    import yaml
+    from test_train import prepare, variant
+
+    from refit.stages.evaluate import scoring_settings
+    from refit.stages.lib.config import load_recipe
+
+    for name in ("SLURM_NNODES", "SLURM_NODEID", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False, micro_batch_size=1)
+    assert scoring_settings(load_recipe(path)).num_processes == 1  # the default train: one process
+    assert scoring_settings(load_recipe(variant(path, "two.yaml", num_processes=2))).num_processes == 2
+    machines = variant(path, "machines.yaml", num_processes=4, num_machines=2, main_process_ip="127.0.0.1")
+    assert scoring_settings(load_recipe(machines)).num_processes == 2
+    four = variant(path, "four.yaml", num_processes=4)
+    monkeypatch.setenv("SLURM_NNODES", "2")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    assert scoring_settings(load_recipe(four)).num_processes == 2  # 2 machines x 2 under Slurm
+    explicit = yaml.safe_load(four.read_text())
+    explicit["evaluate"]["num_processes"] = 3
+    (tmp_path / "explicit.yaml").write_text(yaml.safe_dump(explicit))
+    settings = scoring_settings(load_recipe(tmp_path / "explicit.yaml"))
+    assert (settings.num_processes, settings.device, settings.devices) == (3, "cpu", None)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_changes(trained, tmp_path):

@@ -504,9 +504,11 @@ class EvaluateSpec(Section):
     """Where models are scored. auto: CUDA when this machine has a GPU, else the CPU."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on a GPU that supports it, else fp32 (always fp32 on the CPU)."""
-    num_processes: int = Field(default=1, ge=1)
+    num_processes: int | None = Field(default=None, ge=1)
     """Processes scoring data-parallel, started with torchrun: one GPU each, or CPU processes
-    over gloo. Each scores every N-th request; the results are the same as with one."""
+    over gloo. Each scores every N-th request; the results are the same as with one. Default:
+    as many as training runs on one machine (train.num_processes over the machines), on the
+    same GPUs (train.devices) and at most as many as there are; 1 for the default train."""
     cache_dir: RecipePath | None = None
     """Folder where the base model's scores are kept across runs, keyed by the base's weights,
     what is scored, the scorer's version and the device settings. Default:

@@ -16,7 +16,9 @@ their original order. `score_models` loads one model at a time and frees it befo
 Data-parallel: with `evaluate.num_processes` N > 1, `torchrun --standalone` starts N workers
 (this module's `main`), one GPU each or CPU processes over gloo. Every worker builds the same
 rows, takes every N-th of them (longest first, so loads balance), and the per-request results
-are gathered in their original order; rank 0 writes them for the parent.
+are gathered in their original order; rank 0 writes them for the parent. Unset, N is what the
+training ran on one machine (train.num_processes over its machines), on its GPUs
+(train.devices): the processes and devices that trained the model score it.
 
 Cache: `ScoreCache` keeps one model's scores per task under the sha256 of its weights and
 tokenizer files (each file hashed once, see file_hashes.py), the task's content (a benchmark's
@@ -69,28 +71,38 @@ class ScoringSettings:
     num_processes: int = 1
     trust_remote_code: bool = False
     prefix_eos: bool = False  # an EOS before each benchmark query (evaluate.prefix_eos)
+    devices: tuple[int, ...] | None = None  # GPU ids to score on (train.devices); default: the first ones
 
     @classmethod
-    def resolve(cls, evaluate, trust_remote_code: bool = False) -> ScoringSettings:
-        """From the recipe's evaluate section; a device that is not there is an error naming the field."""
+    def resolve(cls, evaluate, trust_remote_code: bool = False, train=None, machines: int = 1) -> ScoringSettings:
+        """From the recipe's evaluate section and, for what it leaves unset, its train section
+        (trained over `machines` machines): scoring runs in as many processes as training ran on
+        one machine, on the same GPUs (train.devices). A device that is not there is an error
+        naming the field."""
         import torch
 
         device = evaluate.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
+        devices = tuple(train.devices) if train is not None and train.devices and device == "cuda" else None
+        processes = evaluate.num_processes
+        if processes is None:
+            processes = train.num_processes // machines if train is not None else 1
         if device == "cuda":
-            visible = torch.cuda.device_count()
+            visible = len(devices) if devices else torch.cuda.device_count()
             if not visible:
                 raise ValueError("evaluate.device is cuda, but this process sees no CUDA device")
-            if evaluate.num_processes > visible:
+            if evaluate.num_processes is None:
+                processes = min(processes, visible)  # as training, where this machine has the GPUs for it
+            elif processes > visible:
                 raise ValueError(
-                    f"evaluate.num_processes is {evaluate.num_processes}, but only {visible} CUDA device(s) are visible"
+                    f"evaluate.num_processes is {processes}, but only {visible} CUDA device(s) are visible"
                 )
         precision = evaluate.precision
         if precision == "auto":
             precision = "bf16" if device == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
         dtype = {"bf16": "bfloat16", "fp32": "float32"}[precision]
-        return cls(device, dtype, evaluate.batch_size, evaluate.num_processes, trust_remote_code, evaluate.prefix_eos)
+        return cls(device, dtype, evaluate.batch_size, processes, trust_remote_code, evaluate.prefix_eos, devices)
 
     def numerics(self) -> dict:
         """The settings that change the scores (not how many processes share the work)."""
@@ -405,8 +417,9 @@ def score_models(
     jobs = {name: (models[name], pending) for name, pending in to_score.items() if pending}
     if settings.num_processes == 1:
         progress = _progress(jobs, log)
+        device = f"cuda:{settings.devices[0]}" if settings.devices else settings.device
         fresh = {
-            name: _score_one_model(path, tokenizer_dir, pending, settings, settings.device, progress)
+            name: _score_one_model(path, tokenizer_dir, pending, settings, device, progress)
             for name, (path, pending) in jobs.items()
         }
     else:
@@ -458,6 +471,8 @@ def _score_in_workers(
         (job_dir / "job.json").write_text(json.dumps(job))
         threads = max(1, (os.cpu_count() or 1) // settings.num_processes)
         env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+        if settings.devices:  # worker r scores on the r-th of them (LOCAL_RANK), as training places its processes
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, settings.devices))
         command = launch_command(settings.num_processes, job_dir)
         log.info("evaluate: %s", " ".join(command))
         # its own session, so that an interrupted stage stops every worker; it holds the workdir lock too
