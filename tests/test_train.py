@@ -687,7 +687,8 @@ def test_fsdp_with_activation_checkpointing_and_compile_keeps_the_losses(tmp_pat
         tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, activation_checkpointing=True, compile=True
     )
     report = run_train(load_recipe(path), workdir)
-    assert report["compiled"]["graphs"] >= 2, report["compiled"]
+    # both layers share one graph here (FSDP's layers are traced with their parameters as inputs)
+    assert report["compiled"]["graphs"] >= 1 and report["compiled"]["graph_breaks"] == {}, report["compiled"]
     losses, eager = [m["loss"] for m in metrics(workdir)], [m["loss"] for m in metrics(reference)]
     assert losses == pytest.approx(eager, rel=0, abs=1e-5)
     assert [s["step"] for s in report["switches"]] == [s["step"] for s in read_report(reference)["switches"]]
