@@ -5,15 +5,16 @@ Writes under `<workdir>/curate/`:
   <source>/train-BBBB.parquet, <source>/validation-BBBB.parquet   clean docs (id, text) of batch BBBB
   quarantine/<source>/batch-BBBB.jsonl   bad records: source, file, line, id, reason, detail, excerpt
   removed/<source>/batch-BBBB.jsonl      good records removed: exact/near duplicate, contaminated
-  state.sqlite, minhash-index/           what has been seen, for incremental reruns
+  state.sqlite, exact-index/, minhash-index/   what has been seen (files, ids, texts), for incremental reruns
   report.json, _SUCCESS.json
 and `<workdir>/.curate-hashes/`: the sha256 of each input file at its size and mtime.
 
 A run processes only files whose content was not curated before (a batch); `force` starts
 over. Files are known by their content (sha256), not their mtime: a file copied again, or
-under another name, is not new data. The whole folder is rebuilt in `curate.tmp/` and
-swapped into place, so a failed run (bad data, a full disk) leaves the previous good
-output untouched.
+under another name, is not new data. Documents stream through files in `curate.tmp/work/`
+(stages/lib/curate_steps.py): memory does not hold a batch. The whole folder is rebuilt in
+`curate.tmp/` and swapped into place, so a failed run (bad data, a full disk) leaves the
+previous good output untouched.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ from refit.stages.lib.markers import (
 )
 from refit.stages.lib.paths import inside
 from refit.stages.lib.records import Record, read_records
-from refit.stages.lib.text import WORD, benchmark_ngrams
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -57,7 +57,6 @@ ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicat
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, sha256 TEXT, batch INTEGER, PRIMARY KEY (source, path));
 CREATE TABLE IF NOT EXISTS ids (source TEXT, id TEXT, file TEXT, line INTEGER, reason TEXT, PRIMARY KEY (source, id));
-CREATE TABLE IF NOT EXISTS texts (hash TEXT PRIMARY KEY, source TEXT, id TEXT);
 """
 EXECUTION_SETTINGS = {"executor", "ray", "slurm", "workers"}  # where the steps run: decisions do not depend on it
 HASH_MEMO = ".curate-hashes"  # in the workdir: the sha256 of each input file at its size and mtime
@@ -118,23 +117,62 @@ def _bucket(doc_id: str) -> float:
     return int.from_bytes(hashlib.sha256(doc_id.encode()).digest()[:8], "big") / 2**64
 
 
-def hash_split(
-    docs: list[tuple[str, str]], spec: CurateSpec, held_chars: int = 0
-) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
-    """(train, validation): documents in id-hash order are held out while their bucket is below
-    validation_fraction, then further ones until the source's validation set (held_chars from
-    earlier batches included) reaches min_validation_tokens x chars_per_token characters,
-    within max_validation_fraction of this batch's characters. validation_fraction 0: none."""
-    if spec.validation_fraction == 0:
-        return docs, []
-    target = spec.min_validation_tokens * spec.chars_per_token - held_chars
-    limit = spec.max_validation_fraction * sum(len(text) for _, text in docs)
-    chosen, taken = set(), 0
-    for doc_id, text in sorted(docs, key=lambda doc: _bucket(doc[0])):
-        if _bucket(doc_id) < spec.validation_fraction or (taken < target and taken + len(text) <= limit):
-            chosen.add(doc_id)
-            taken += len(text)
-    return [d for d in docs if d[0] not in chosen], [d for d in docs if d[0] in chosen]
+class HashSplit:
+    """Which of a source's kept documents are held out for validation: documents in id-hash
+    order are held out while their bucket is below validation_fraction, then further ones
+    until the source's validation set (held_chars from earlier batches included) reaches
+    min_validation_tokens x chars_per_token characters, within max_validation_fraction of
+    this batch's characters. validation_fraction 0: none.
+
+    Two passes over the documents, neither holding them: `count` sees each (its bucket, place
+    and length go to a Parquet spool), `choose` sorts the spool on disk (DuckDB) only when
+    the documents below validation_fraction fall short of the target, and reads it only until
+    the target is reached; `held_out` then answers for each document in the same order."""
+
+    def __init__(self, spool: Path, spec: CurateSpec, held_chars: int) -> None:
+        import pyarrow as pa
+
+        from refit.stages.lib.curate_steps import RowGroupWriter
+
+        self.spec, self.spool = spec, spool
+        self.target = spec.min_validation_tokens * spec.chars_per_token - held_chars
+        self.chars = self.below_fraction_chars = self.seen = self.answered = 0
+        self.extra: set[int] = set()  # places of the documents held out beyond the fraction: under target chars
+        schema = pa.schema([("bucket", pa.float64()), ("place", pa.int64()), ("chars", pa.int64())])
+        self.rest = RowGroupWriter(spool, schema)
+
+    def count(self, doc_id: str, chars: int) -> None:
+        bucket = _bucket(doc_id)
+        self.chars += chars
+        if bucket < self.spec.validation_fraction:
+            self.below_fraction_chars += chars
+        else:
+            self.rest.add(bucket, self.seen, chars)
+        self.seen += 1
+
+    def choose(self, threads: int) -> None:
+        from refit.stages.lib.curate_steps import duckdb_connection, quoted
+
+        self.rest.close()
+        taken, limit = self.below_fraction_chars, self.spec.max_validation_fraction * self.chars
+        if self.spec.validation_fraction == 0 or taken >= self.target or not self.rest.rows:
+            return
+        with closing(duckdb_connection(self.spool.with_suffix(".duckdb"), threads)) as db:
+            rows = db.execute(f"SELECT place, chars FROM read_parquet({quoted(self.spool)}) ORDER BY bucket, place")
+            while taken < self.target and (batch := rows.fetchmany(4096)):
+                for place, chars in batch:
+                    if taken >= self.target:
+                        break
+                    if taken + chars <= limit:
+                        self.extra.add(place)
+                        taken += chars
+
+    def held_out(self, doc_id: str) -> bool:
+        """Whether the next document (in the order `count` saw them) is held out."""
+        place, self.answered = self.answered, self.answered + 1
+        if self.spec.validation_fraction == 0:
+            return False
+        return _bucket(doc_id) < self.spec.validation_fraction or place in self.extra
 
 
 def _validation_listing(recipe: Recipe) -> dict:
@@ -146,41 +184,62 @@ def _validation_listing(recipe: Recipe) -> dict:
     }
 
 
-def _read_validation(source: SourceSpec, spec: CurateSpec, db: sqlite3.Connection, out: Path) -> None:
+def _read_validation(source: SourceSpec, spec: CurateSpec, out: Path, hashes) -> None:
     """A source's explicit validation files as validation-0000.parquet, bad records quarantined;
-    their texts are registered so that a training copy is removed as an exact duplicate."""
-    docs, quarantined = [], []
+    their text hashes go to `hashes` (the exact index of batch 0), so that a training copy is
+    removed as an exact duplicate."""
+    from refit.stages.lib.curate_steps import LazyJsonl, text_hash
+
+    documents = _curated_writer(out / source.name / "validation-0000.parquet")
+    quarantined = LazyJsonl(out / "quarantine" / source.name / "validation.jsonl")
     for path in source_files(source, source.validation_paths):
         for record in read_records(path, source, spec):
             if record.reason is not None:
-                quarantined.append(record.quarantine_row(source.name))
+                quarantined.write(record.quarantine_row(source.name))
                 continue
-            db.execute(
-                "INSERT OR IGNORE INTO texts VALUES (?, ?, ?)",
-                (hashlib.sha256(record.text.encode()).hexdigest(), source.name, f"validation:{record.doc_id}"),
-            )
-            docs.append((record.doc_id, record.text))
-    _write_parquet(out / source.name / "validation-0000.parquet", docs)
-    _write_jsonl(out / "quarantine" / source.name / "validation.jsonl", quarantined)
+            hashes.add(text_hash(record.text), hashes.rows, f"{source.name}:validation:{record.doc_id}")
+            documents.add(record.doc_id, record.text, chars=len(record.text))
+    documents.close()
+    quarantined.close()
 
 
-def _validation_texts(folder: Path, source: str) -> list[str]:
-    """The validation documents of a source in a curate folder (final or staging), every batch."""
+def _index_validation_files(sources: list[SourceSpec], spec: CurateSpec, out: Path) -> None:
+    """Every source's explicit validation files as its validation-0000.parquet; their texts
+    are the exact index of batch 0 (`exact-index/batch-0000.parquet`)."""
+    from refit.stages.lib.curate_steps import HASH_SCHEMA, RowGroupWriter, index_first_occurrences
+
+    work = out / "work" / "validation"
+    hashes = RowGroupWriter(work / "hashes.parquet", HASH_SCHEMA)
+    for source in sources:
+        if source.validation_paths:
+            _read_validation(source, spec, out, hashes)
+    hashes.close()
+    index_first_occurrences(work / "hashes.parquet", out / "exact-index" / "batch-0000.parquet", work)
+
+
+def _validation_size(folder: Path, source: str) -> tuple[int, int]:
+    """(documents, characters) of a source's validation set in a curate folder (final or
+    staging), every batch, read a record batch at a time."""
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    files = sorted((Path(folder) / source).glob("validation-*.parquet"))
-    return [text for f in files for text in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+    docs = chars = 0
+    for path in sorted((Path(folder) / source).glob("validation-*.parquet")):
+        parquet = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+        docs += parquet.metadata.num_rows
+        for batch in parquet.iter_batches(batch_size=4096, columns=["text"]):
+            chars += pc.sum(pc.utf8_length(batch.column(0))).as_py() or 0
+    return docs, chars
 
 
 def _validation_summary(folder: Path, source: SourceSpec, spec: CurateSpec) -> tuple[dict, str | None]:
     """The source's whole validation set (every batch): size, estimated tokens, and a warning
     when it is below min_validation_tokens."""
-    texts = _validation_texts(folder, source.name)
-    chars = sum(len(t) for t in texts)
+    docs, chars = _validation_size(folder, source.name)
     tokens = int(chars / spec.chars_per_token)
     summary = {
         "split": "files" if source.validation_paths else "hash",
-        "docs": len(texts),
+        "docs": docs,
         "chars": chars,
         "estimated_tokens": tokens,
         "token_estimate": f"characters / curate.chars_per_token ({spec.chars_per_token:g})",
@@ -188,7 +247,7 @@ def _validation_summary(folder: Path, source: SourceSpec, spec: CurateSpec) -> t
     warning = None
     if tokens < spec.min_validation_tokens and (source.validation_paths or spec.validation_fraction > 0):
         warning = (
-            f"{source.name}: validation set of {len(texts)} documents, about {tokens:,} tokens, is below "
+            f"{source.name}: validation set of {docs} documents, about {tokens:,} tokens, is below "
             f"curate.min_validation_tokens {spec.min_validation_tokens:,}: its loss has a large standard error; "
             + (
                 "add documents to its validation_paths"
@@ -200,21 +259,14 @@ def _validation_summary(folder: Path, source: SourceSpec, spec: CurateSpec) -> t
     return summary, warning
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    if rows:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "w", encoding="utf-8") as out:
-            out.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-
-
-def _write_parquet(path: Path, docs: list[tuple[str, str]]) -> None:
+def _curated_writer(path: Path):
+    """A curated Parquet file (id, text), written a row group at a time."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from refit.stages.lib.curate_steps import ROWS_PER_GROUP, RowGroupWriter
+
     schema = pa.schema([("id", pa.string()), ("text", pa.string())])  # typed even when empty
-    table = pa.table({"id": [d[0] for d in docs], "text": [d[1] for d in docs]}, schema=schema)
-    pq.write_table(table, path)
+    return RowGroupWriter(path, schema, ROWS_PER_GROUP)
 
 
 def _new_files(
@@ -259,53 +311,15 @@ def _claim_id(db: sqlite3.Connection, source: str, record: Record) -> None:
         )
 
 
-def decontaminate(
-    doc_id: str, text: str, contamination: dict[tuple[str, ...], str], spec: CurateSpec
-) -> tuple[list[tuple[str, str]], list[str]]:
-    """(documents kept, benchmark items hit). Clean text comes back whole. A contaminated one is
-    dropped (decontaminate: document) or cut (span): every n-gram window shared with a benchmark
-    item goes, with decontaminate_margin words each side, and the text between the cuts is kept
-    as documents `<id>#clean<k>` (pieces shorter than min_chars go too)."""
-    n = spec.decontaminate_ngram
-    words = list(WORD.finditer(text))
-    lowered = [w.group().lower() for w in words]
-    starts = [i for i in range(len(words) - n + 1) if tuple(lowered[i : i + n]) in contamination]
-    if not starts:
-        return [(doc_id, text)], []
-    hits = list(dict.fromkeys(contamination[tuple(lowered[i : i + n])] for i in starts))
-    if spec.decontaminate == "document":
-        return [], hits
-    cuts: list[list[int]] = []  # word ranges [first, last) to remove, merged
-    for i in starts:
-        first, last = max(0, i - spec.decontaminate_margin), min(len(words), i + n + spec.decontaminate_margin)
-        if cuts and first <= cuts[-1][1]:
-            cuts[-1][1] = max(cuts[-1][1], last)
-        else:
-            cuts.append([first, last])
-    pieces, start = [], 0
-    for first, last in cuts:
-        pieces.append(text[start : words[first].start()].strip())
-        start = words[last - 1].end()
-    pieces.append(text[start:].strip())
-    kept = [piece for piece in pieces if len(piece) >= spec.min_chars]
-    return [(f"{doc_id}#clean{k}", piece) for k, piece in enumerate(kept)], hits
+def _screen_source(recipe: Recipe, source: SourceSpec, listed: list[tuple[str, str]], db, spool, out, batch) -> dict:
+    """Read a source's new files: quarantine bad records (streamed to its quarantine file),
+    deal the clean documents into the spool; fail if too many records are bad."""
+    from refit.stages.lib.curate_steps import LazyJsonl
 
-
-def _screen_source(
-    recipe: Recipe,
-    source: SourceSpec,
-    listed: list[tuple[str, str]],
-    db: sqlite3.Connection,
-    contamination: dict[tuple[str, ...], str],
-) -> dict:
-    """Read a source's new files: quarantine bad records, drop exact duplicates, decontaminate;
-    fail if too many records are bad. Returns the clean documents."""
     spec = recipe.curate
     files, copies = _new_files(db, source, listed)
     counts: Counter[str] = Counter()
-    quarantined: list[dict] = []
-    removed: list[dict] = []
-    clean: list[tuple[str, str]] = []
+    quarantined = LazyJsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"))
     for path, _ in files:
         for record in read_records(Path(path), source, spec):
             counts["records"] += 1  # an unreadable file counts as one bad record
@@ -314,25 +328,11 @@ def _screen_source(
             _claim_id(db, source.name, record)
             if record.reason is not None:
                 counts[f"quarantined:{record.reason}"] += 1
-                quarantined.append(record.quarantine_row(source.name))
+                quarantined.write(record.quarantine_row(source.name))
                 continue
             counts["chars"] += len(record.text)
-            digest = hashlib.sha256(record.text.encode()).hexdigest()
-            first = db.execute("SELECT source, id FROM texts WHERE hash=?", (digest,)).fetchone()
-            if first is not None:
-                removed.append({"id": record.doc_id, "reason": "exact_duplicate", "of": f"{first[0]}:{first[1]}"})
-                continue
-            db.execute("INSERT INTO texts VALUES (?, ?, ?)", (digest, source.name, record.doc_id))
-            pieces, hits = decontaminate(record.doc_id, record.text, contamination, spec)
-            if hits:
-                cut = len(record.text) - sum(len(text) for _, text in pieces)
-                counts["contaminated_docs"] += 1
-                counts["contaminated_chars"] += cut
-                reason = "contaminated" if spec.decontaminate == "document" else "contaminated_span"
-                removed.append(
-                    {"id": record.doc_id, "reason": reason, "of": hits[0], "chars": cut, "pieces": len(pieces)}
-                )
-            clean.extend(pieces)
+            spool.add(source.name, record.doc_id, record.text)
+    quarantined.close()
     bad = sum(v for k, v in counts.items() if k.startswith("quarantined:"))
     bad_fraction = bad / counts["records"] if counts["records"] else 0.0
     if bad_fraction > spec.max_bad_fraction:
@@ -343,36 +343,78 @@ def _screen_source(
             + ", ".join(f"{reason} {n}" for reason, n in top)
             + "; previous curated output kept"
         )
-    return {
-        "files": files,
-        "copies": copies,
-        "counts": counts,
-        "bad_fraction": bad_fraction,
-        "quarantined": quarantined,
-        "removed": removed,
-        "clean": clean,
+    return {"files": files, "copies": copies, "counts": counts, "bad_fraction": bad_fraction}
+
+
+def _dedupe_and_write(sources: list[SourceSpec], tasks: int, out: Path, batch: int, recipe: Recipe) -> dict[str, dict]:
+    """Exact dedupe, decontamination and MinHash over the spooled documents of every source
+    (see curate_steps), then the kept ones streamed into each source's train/validation
+    Parquet files and the removed ones into its removed list, naming the document kept.
+    Returns, per source, what was removed and written."""
+    from datatrove.pipeline.readers import JsonlReader
+
+    from refit.stages.lib.curate_steps import CleanDocuments, LazyJsonl, find_exact_duplicates, merged
+    from refit.stages.lib.near_dedup import EARLIER_BATCH, near_dedup_feed
+
+    spec, work, name = recipe.curate, out / "work", f"batch-{batch:04d}"
+    removed = {s.name: LazyJsonl(inside(out / "removed", s.name, f"{name}.jsonl")) for s in sources}
+    result = {s.name: {"removed": Counter(), "contaminated_ids": [], "contaminated_chars": 0} for s in sources}
+    near: dict = {}
+    if tasks:
+        find_exact_duplicates(work, out / "exact-index", name, tasks, spec.workers)
+        feed = [
+            JsonlReader(str(work / "clean"), glob_pattern="*.jsonl", compression=None),
+            CleanDocuments(str(work), recipe.evaluate.benchmarks, spec),
+        ]
+        near = near_dedup_feed(feed, tasks, work, out / "minhash-index", name, spec)
+        for _, _, _, (_, source, row) in merged(work, "removed", tasks):
+            removed[source].write(row)
+            result[source]["removed"][row["reason"]] += 1
+            if row["reason"].startswith("contaminated"):
+                result[source]["contaminated_ids"].append(row["id"])
+                result[source]["contaminated_chars"] += row["chars"]
+    splits = {  # held-out chars of earlier batches are counted before this batch's file exists
+        s.name: HashSplit(work / "split" / f"{s.name}.parquet", spec, _validation_size(out, s.name)[1])
+        for s in sources
+        if not s.validation_paths  # held out by the recipe's files, not by hash
     }
+    originals = {kept for kept in near.values() if kept != EARLIER_BATCH}
+    names: dict = {}  # the "source:id" of each document kept in place of near-duplicates
+    for _, rank, index, (_, source, doc_id, text) in merged(work, "kept", tasks):
+        if (rank, index) in originals:  # comes before its duplicates: the kept one has the lowest position
+            names[rank, index] = f"{source}:{doc_id}"
+        if (rank, index) in near:
+            kept = near[rank, index]
+            of = "a document of an earlier batch" if kept == EARLIER_BATCH else names[kept]
+            removed[source].write({"id": doc_id, "reason": "near_duplicate", "of": of})
+            result[source]["removed"]["near_duplicate"] += 1
+        elif source in splits:
+            splits[source].count(doc_id, len(text))
+    for handle in removed.values():
+        handle.close()
+    for split in splits.values():
+        split.choose(spec.workers)
+    writers = {
+        (s.name, part): _curated_writer(inside(out, s.name, f"{part}-{batch:04d}.parquet"))
+        for s in sources
+        for part in ("train", "validation")
+    }
+    for _, rank, index, (_, source, doc_id, text) in merged(work, "kept", tasks):
+        if (rank, index) not in near:
+            part = "validation" if source in splits and splits[source].held_out(doc_id) else "train"
+            writers[source, part].add(doc_id, text, chars=len(text))
+    train_chars = Counter()
+    for (source, part), writer in writers.items():
+        writer.close()
+        result[source][f"{part}_docs"] = writer.rows
+        train_chars[source] += writer.chars if part == "train" else 0
+    for source, chars in train_chars.items():
+        result[source]["train_chars"] = chars
+    return result
 
 
-def _write_source(
-    source: SourceSpec,
-    screened: dict,
-    kept: list[tuple[str, str]],
-    out: Path,
-    db: sqlite3.Connection,
-    batch: int,
-    spec: CurateSpec,
-) -> dict:
-    """Write one source's batch (train/validation Parquet, quarantine, removed) and its report."""
-    if source.validation_paths:  # held out by the recipe's files, not by hash
-        train, validation = kept, []
-    else:
-        train, validation = hash_split(kept, spec, sum(map(len, _validation_texts(out, source.name))))
-    removed = screened["removed"]
-    _write_parquet(inside(out, source.name, f"train-{batch:04d}.parquet"), train)
-    _write_parquet(inside(out, source.name, f"validation-{batch:04d}.parquet"), validation)
-    _write_jsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"), screened["quarantined"])
-    _write_jsonl(inside(out / "removed", source.name, f"batch-{batch:04d}.jsonl"), removed)
+def _source_report(source: SourceSpec, screened: dict, written: dict, db: sqlite3.Connection, batch: int) -> dict:
+    """Record a source's files as curated in this batch; returns its report."""
     for path, sha256 in screened["files"] + screened["copies"]:
         db.execute("INSERT INTO files VALUES (?, ?, ?, ?)", (source.name, path, sha256, batch))
     counts = screened["counts"]
@@ -383,45 +425,15 @@ def _write_source(
         "split_parts": counts["split_parts"],
         "quarantined": {k.split(":", 1)[1]: v for k, v in sorted(counts.items()) if k.startswith("quarantined:")},
         "bad_fraction": round(screened["bad_fraction"], 6),
-        "removed": dict(sorted(Counter(r["reason"] for r in removed).items())),
-        "contaminated_ids": [r["id"] for r in removed if r["reason"].startswith("contaminated")],
-        "contaminated_docs": counts["contaminated_docs"],
-        "contaminated_chars": counts["contaminated_chars"],
-        "contaminated_char_fraction": round(counts["contaminated_chars"] / max(counts["chars"], 1), 6),
-        "train_docs": len(train),
-        "validation_docs": len(validation),
-        "train_chars": sum(len(t) for _, t in train),
+        "removed": dict(sorted(written["removed"].items())),
+        "contaminated_ids": written["contaminated_ids"],
+        "contaminated_docs": len(written["contaminated_ids"]),
+        "contaminated_chars": written["contaminated_chars"],
+        "contaminated_char_fraction": round(written["contaminated_chars"] / max(counts["chars"], 1), 6),
+        "train_docs": written["train_docs"],
+        "validation_docs": written["validation_docs"],
+        "train_chars": written["train_chars"],
     }
-
-
-def _near_dedup_all(
-    screened: dict[str, dict], sources: list[SourceSpec], out: Path, batch: int, recipe: Recipe
-) -> dict[str, list[tuple[str, str]]]:
-    """One MinHash pass over every source's clean documents in priority order; the removed
-    ones are added to each source's removed list, naming the document they duplicate."""
-    from refit.stages.lib.near_dedup import EARLIER_BATCH, near_dedup
-
-    ordered = [(source.name, doc) for source in sources for doc in screened[source.name]["clean"]]
-    duplicates = near_dedup(
-        [text for _, (_, text) in ordered],
-        out / "work",
-        out / "minhash-index",
-        f"batch-{batch:04d}",
-        recipe.curate,
-    )
-    kept: dict[str, list[tuple[str, str]]] = {source.name: [] for source in sources}
-    for position, (name, doc) in enumerate(ordered):
-        if position not in duplicates:
-            kept[name].append(doc)
-            continue
-        original = duplicates[position]
-        of = (
-            "a document of an earlier batch"
-            if original == EARLIER_BATCH
-            else f"{ordered[original][0]}:{ordered[original][1][0]}"
-        )
-        screened[name]["removed"].append({"id": doc[0], "reason": "near_duplicate", "of": of})
-    return kept
 
 
 def _disk_full(error: BaseException) -> bool:
@@ -464,6 +476,8 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
 
 
 def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: dict, expected: str) -> dict:
+    from refit.stages.lib.curate_steps import Spool
+
     started = time.time()
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     previous = read_marker(final)
@@ -474,22 +488,16 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
         with closing(sqlite3.connect(out / "state.sqlite")) as db:  # closed on failure too: the folder is removed
             db.executescript(SCHEMA)
             batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
-            contamination = benchmark_ngrams(recipe.evaluate.benchmarks, recipe.curate.decontaminate_ngram)
             sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
-            for source in sources if batch == 1 else ():  # explicit validation sets: read once, before training text
-                if source.validation_paths:
-                    _read_validation(source, recipe.curate, db, out)
+            if batch == 1 and any(source.validation_paths for source in sources):
+                _index_validation_files(sources, recipe.curate, out)  # read once, before training text
+            spool = Spool(out / "work", recipe.curate.workers)
             screened = {}
             for source in sources:  # every source is screened before the (costlier) dedupe
                 log.info("curate: reading %s (batch %d)", source.name, batch)
-                screened[source.name] = _screen_source(recipe, source, listing[source.name], db, contamination)
-            kept = _near_dedup_all(screened, sources, out, batch, recipe)
-            report_sources = {
-                source.name: _write_source(
-                    source, screened[source.name], kept[source.name], out, db, batch, recipe.curate
-                )
-                for source in sources
-            }
+                screened[source.name] = _screen_source(recipe, source, listing[source.name], db, spool, out, batch)
+            written = _dedupe_and_write(sources, spool.close(), out, batch, recipe)
+            report_sources = {s.name: _source_report(s, screened[s.name], written[s.name], db, batch) for s in sources}
             warnings = []
             for source in sources:
                 report_sources[source.name]["validation"], warning = _validation_summary(out, source, recipe.curate)

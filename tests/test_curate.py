@@ -599,3 +599,85 @@ def test_files_are_known_by_their_content_not_their_mtime(tmp_path, monkeypatch)
     write_jsonl(day1, [{"id": "a0", "text": NEW[12]["text"]}])
     with pytest.raises(CurationError, match=r"day1\.jsonl changed since it was curated; .* rerun with --force"):
         run_curate(recipe, workdir)
+
+
+def reference_hash_split(docs: list[tuple[str, str]], spec, held_chars: int) -> list[str]:
+    """The held-out ids as the split is defined, over a list in memory (what curate did before
+    it streamed): in id-hash order, below validation_fraction or while short of the target."""
+    from refit.stages.curate import _bucket
+
+    if spec.validation_fraction == 0:
+        return []
+    target = spec.min_validation_tokens * spec.chars_per_token - held_chars
+    limit = spec.max_validation_fraction * sum(len(text) for _, text in docs)
+    chosen, taken = set(), 0
+    for doc_id, text in sorted(docs, key=lambda doc: _bucket(doc[0])):
+        if _bucket(doc_id) < spec.validation_fraction or (taken < target and taken + len(text) <= limit):
+            chosen.add(doc_id)
+            taken += len(text)
+    return [doc_id for doc_id, _ in docs if doc_id in chosen]
+
+
+@pytest.mark.parametrize(
+    ("fraction", "min_tokens", "max_fraction", "held"),
+    [
+        (0.02, 10, 0.1, 0),
+        (0.02, 20_000, 0.1, 0),
+        (0.05, 20_000, 0.3, 9_000),
+        (0.0, 20_000, 0.1, 0),
+        (0.5, 10**6, 0.2, 0),
+    ],
+)
+def test_streamed_hash_split_holds_out_what_the_split_over_a_list_did(
+    tmp_path, fraction, min_tokens, max_fraction, held
+):
+    from refit.stages.curate import HashSplit
+    from refit.stages.lib.config import CurateSpec
+
+    rng = random.Random(3)
+    docs = [(f"doc{i}", "x" * rng.randint(50, 3000)) for i in range(2000)]
+    spec = CurateSpec(
+        validation_fraction=fraction, min_validation_tokens=min_tokens, max_validation_fraction=max_fraction
+    )
+    split = HashSplit(tmp_path / "split.parquet", spec, held)
+    for doc_id, text in docs:  # first pass: counted, not kept
+        split.count(doc_id, len(text))
+    split.choose(threads=2)
+    held_out = [doc_id for doc_id, _ in docs if split.held_out(doc_id)]
+    assert held_out == reference_hash_split(docs, spec, held)
+    assert bool(held_out) == (fraction > 0)
+
+
+def test_exact_duplicates_are_found_on_disk_within_a_batch_across_batches_and_against_validation_files(
+    tmp_path, monkeypatch
+):
+    from refit.stages.lib import curate_steps
+
+    monkeypatch.setattr(curate_steps, "ROWS_PER_GROUP", 4)  # several row groups in each curated file
+    docs = [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:12])]
+    docs += [{"id": "copy-of-a2", "text": NEW[2]["text"]}, {"id": "copy-of-v0", "text": LEGACY[30]["text"]}]
+    write_jsonl(tmp_path / "data" / "day1.jsonl", docs)
+    write_jsonl(tmp_path / "heldout" / "v.jsonl", [{"id": "v0", "text": LEGACY[30]["text"]}])
+    source = {"name": "docs", "paths": ["data/*.jsonl"], "validation_paths": ["heldout/*.jsonl"], "role": "new"}
+    recipe = load_recipe(make_recipe(tmp_path, [source], workers=2))
+    first = run_curate(recipe, tmp_path / "wd")["sources"]["docs"]
+    assert first["removed"] == {"exact_duplicate": 2} and first["train_docs"] == 12
+    (train,) = curated_files(tmp_path / "wd", "docs", "train")
+    assert pq.ParquetFile(train).num_row_groups == 3
+    assert pq.read_table(train)["id"].to_pylist() == [f"a{i}" for i in range(12)]  # input order, streamed
+    write_jsonl(
+        tmp_path / "data" / "day2.jsonl", [{"id": "b0", "text": NEW[5]["text"]}, {"id": "b1", "text": NEW[20]["text"]}]
+    )
+    second = run_curate(recipe, tmp_path / "wd")["sources"]["docs"]
+    assert second["removed"] == {"exact_duplicate": 1} and second["train_docs"] == 1
+    removed = [
+        json.loads(line)
+        for batch in (1, 2)
+        for line in (tmp_path / f"wd/curate/removed/docs/batch-{batch:04d}.jsonl").read_text().splitlines()
+    ]
+    assert removed == [
+        {"id": "copy-of-a2", "reason": "exact_duplicate", "of": "docs:a2"},
+        {"id": "copy-of-v0", "reason": "exact_duplicate", "of": "docs:validation:v0"},
+        {"id": "b0", "reason": "exact_duplicate", "of": "docs:a5"},
+    ]
+    assert not (tmp_path / "wd" / "curate" / "work").exists()  # the spools are gone with the run

@@ -27,7 +27,7 @@ def test_curate_refuses_a_source_named_dot_dot(tmp_path):
     write_jsonl(tmp_path / "data" / "docs.jsonl", [{"id": f"d{i}", "text": d["text"]} for i, d in enumerate(NEW[:5])])
     recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/docs.jsonl"], "role": "new"}]))
     escaping = recipe.model_copy(update={"sources": [recipe.sources[0].model_copy(update={"name": ".."})]})
-    with pytest.raises(PathEscape, match=r"'\.\./train-0001.parquet' would leave"):
+    with pytest.raises(PathEscape, match=r"'\.\./[\w.-]+' would leave"):
         run_curate(escaping, tmp_path / "wd")
     assert not list(tmp_path.rglob("*.parquet"))  # none in the workdir root, none anywhere
     with pytest.raises(PathEscape):

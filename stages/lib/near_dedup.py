@@ -19,6 +19,7 @@ import struct
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 from datatrove.pipeline.dedup.minhash import (
     SENTINEL,
     MinhashConfig,
@@ -29,6 +30,7 @@ from datatrove.pipeline.dedup.minhash import (
 from datatrove.pipeline.readers import JsonlReader
 
 from refit.stages.lib.config import CurateSpec
+from refit.stages.lib.curate_steps import piece_positions
 from refit.stages.lib.executors import Step, run_steps
 from refit.stages.lib.minhash import FastMinhashSignature
 
@@ -46,23 +48,17 @@ def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:
     return members
 
 
-def near_dedup(docs: list[str], work: Path, index: Path, batch_name: str, curate: CurateSpec) -> dict[int, int]:
-    """Near-duplicates among docs (texts, in priority order): {removed position: kept position},
-    the kept position being EARLIER_BATCH when the match is in an earlier batch's index. The
-    three datatrove steps run on curate.executor with curate.workers tasks at once."""
-    if not docs:
-        return {}
+def near_dedup_feed(
+    feed: list, tasks: int, work: Path, index: Path, batch_name: str, curate: CurateSpec
+) -> dict[tuple[int, int], tuple[int, int] | int]:
+    """Near-duplicates among the documents that the datatrove steps `feed` give each of `tasks`
+    tasks (see curate_steps: task r's documents, in priority order, and their positions in
+    `work/kept/RRRRR.positions`): {(task, index) removed: (task, index) kept}, the kept one
+    being EARLIER_BATCH when the match is in an earlier batch's index. The feed and the three
+    datatrove MinHash steps run on curate.executor with curate.workers tasks at once."""
     spec = curate.minhash
     config = MinhashConfig(n_grams=spec.ngram, num_buckets=spec.buckets, hashes_per_bucket=spec.hashes_per_bucket)
     signature_step = FastMinhashSignature if spec.signatures == "vectorised" else MinhashDedupSignature
-    inputs = work / "input"
-    inputs.mkdir(parents=True)
-    tasks = max(1, min(curate.workers, len(docs)))
-    for rank in range(tasks):  # task r reads file r; position = rank + doc_index * tasks
-        with open(inputs / f"{rank:05d}.jsonl", "w", encoding="utf-8") as out:
-            for position in range(rank, len(docs), tasks):
-                out.write(json.dumps({"id": str(position), "text": docs[position]}) + "\n")
-    reader = JsonlReader(str(inputs), glob_pattern="*.jsonl", compression=None)
     signatures = signature_step(output_folder=str(work / "signatures"), config=config)
     buckets = MinhashDedupBuckets(
         input_folder=str(work / "signatures"),
@@ -77,17 +73,45 @@ def near_dedup(docs: list[str], work: Path, index: Path, batch_name: str, curate
     )
     run_steps(
         [
-            Step("signatures", [reader, signatures], tasks),
+            Step("signatures", [*feed, signatures], tasks),
             Step("buckets", [buckets], config.num_buckets),
             Step("clusters", [clusters], 1),
         ],
         curate,
         work / "logs",
     )
-    removed: dict[int, int] = {}
+    positions = [piece_positions(work, rank) for rank in range(tasks)]
+
+    def priority(member: tuple[int, int]) -> tuple[int, int]:
+        rank, doc = member  # a task's pieces of one document are in order; positions are unique
+        return (EARLIER_BATCH, 0) if rank == SENTINEL else (int(positions[rank][doc]), doc)
+
+    removed: dict[tuple[int, int], tuple[int, int] | int] = {}
     for members in _clusters(work / "clusters").values():
-        positions = sorted(EARLIER_BATCH if rank == SENTINEL else rank + doc * tasks for rank, doc in members)
-        keep = positions[0]
-        removed.update({position: keep for position in positions[1:]})
-    log.info("%s: MinHash removed %d of %d documents", batch_name, len(removed), len(docs))
+        ordered = sorted(members, key=priority)
+        keep = EARLIER_BATCH if ordered[0][0] == SENTINEL else ordered[0]
+        removed.update({member: keep for member in ordered[1:]})
+    log.info("%s: MinHash removed %d of %d documents", batch_name, len(removed), sum(map(len, positions)))
     return removed
+
+
+def near_dedup(docs: list[str], work: Path, index: Path, batch_name: str, curate: CurateSpec) -> dict[int, int]:
+    """`near_dedup_feed` over a list of texts in priority order: {removed position: kept
+    position} (EARLIER_BATCH for a match in an earlier batch's index)."""
+    if not docs:
+        return {}
+    tasks = max(1, min(curate.workers, len(docs)))
+    (work / "input").mkdir(parents=True)
+    (work / "kept").mkdir()
+    for rank in range(tasks):  # task r reads file r: positions r, r + tasks, ...
+        with open(work / "input" / f"{rank:05d}.jsonl", "w", encoding="utf-8") as out:
+            for position in range(rank, len(docs), tasks):
+                out.write(json.dumps({"id": str(position), "text": docs[position]}) + "\n")
+        np.arange(rank, len(docs), tasks, dtype="<i8").tofile(work / "kept" / f"{rank:05d}.positions")
+    reader = JsonlReader(str(work / "input"), glob_pattern="*.jsonl", compression=None)
+    removed = near_dedup_feed([reader], tasks, work, index, batch_name, curate)
+
+    def position(member: tuple[int, int] | int) -> int:
+        return EARLIER_BATCH if member == EARLIER_BATCH else member[0] + member[1] * tasks
+
+    return {position(member): position(kept) for member, kept in removed.items()}

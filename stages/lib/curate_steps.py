@@ -1,0 +1,298 @@
+"""Curate's streaming parts: a batch's clean documents go through files, never a list in memory.
+
+1. Screening (curate.py) deals each clean document round robin into at most curate.workers
+   spool files (`work/clean/RRRRR.jsonl`: position p in file p % tasks, datatrove's JSONL
+   layout) and the sha256 of its text into a Parquet spool of (hash, position, name).
+2. `find_exact_duplicates`: one DuckDB query over that spool and the exact index of every
+   earlier batch and explicit validation file (`exact-index/*.parquet`, one file of first
+   occurrences each) finds every document whose text was seen before, naming the first one.
+   DuckDB's hash aggregate and join work in a database file and spill to disk past
+   DUCKDB_MEMORY, so memory does not grow with the batch. The result goes to one file per
+   task, in position order.
+3. `CleanDocuments`, a datatrove PipelineStep run in the same tasks as the MinHash signature
+   step on curate.executor: each task drops its exact duplicates, decontaminates the rest,
+   writes the removed documents with their reasons (`work/removed/RRRRR.jsonl`) and the
+   pieces kept (`work/kept/RRRRR.jsonl`, their positions in `RRRRR.positions`), and passes
+   the pieces on to the signatures, one at a time.
+4. `merged` reads the tasks' files back in position order for the Parquet writer.
+Decisions depend on positions only, so not on the executor or the number of tasks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import heapq
+import json
+import struct
+from collections.abc import Iterator
+from contextlib import closing
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+
+from refit.stages.lib.config import CurateSpec
+from refit.stages.lib.text import WORD, benchmark_ngrams
+
+DUCKDB_MEMORY = "64MB"  # beyond this DuckDB spills to disk (at 512MB its peak grew with the batch)
+ROWS_PER_GROUP = 2048  # rows of a curated Parquet row group (or fewer: MAX_GROUP_CHARS)
+MAX_GROUP_CHARS = 32 << 20  # characters buffered before a row group is written
+HASH_SCHEMA = pa.schema([("hash", pa.binary()), ("position", pa.int64()), ("name", pa.string())])
+POSITION = struct.Struct("<q")
+
+
+class RowGroupWriter:
+    """A Parquet file written as rows arrive, a row group at a time: memory holds one group."""
+
+    def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int = 65536) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.schema, self.rows_per_group = schema, rows_per_group
+        self.writer = pq.ParquetWriter(path, schema)
+        self.columns: list[list] = [[] for _ in schema]
+        self.rows = self.chars = self.buffered_chars = 0
+
+    def add(self, *row, chars: int = 0) -> None:
+        """One row; chars: its size in characters (rows are written before MAX_GROUP_CHARS are buffered)."""
+        for column, value in zip(self.columns, row, strict=True):
+            column.append(value)
+        self.rows += 1
+        self.chars += chars
+        self.buffered_chars += chars
+        if len(self.columns[0]) >= self.rows_per_group or self.buffered_chars >= MAX_GROUP_CHARS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.columns[0]:
+            self.writer.write_table(pa.table(self.columns, schema=self.schema))
+            self.columns, self.buffered_chars = [[] for _ in self.schema], 0
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+
+
+class LazyJsonl:
+    """A JSONL file created at its first row (no empty files)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path, self.handle, self.rows = path, None, 0
+
+    def write(self, row: dict) -> None:
+        if self.handle is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.handle = open(self.path, "w", encoding="utf-8")
+        self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.rows += 1
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+
+
+class Spool:
+    """The clean documents of a batch in priority order: dealt round robin into at most
+    `tasks` JSONL files that datatrove's JsonlReader reads (task r reads file r), their
+    text hashes into a Parquet spool for the exact dedupe."""
+
+    def __init__(self, work: Path, tasks: int) -> None:
+        self.folder = work / "clean"
+        self.folder.mkdir(parents=True)
+        self.tasks = tasks
+        self.files: list = []
+        self.count = 0
+        self.hashes = RowGroupWriter(work / "exact" / "hashes.parquet", HASH_SCHEMA)
+
+    def add(self, source: str, doc_id: str, text: str) -> None:
+        rank = self.count % self.tasks
+        if rank == len(self.files):
+            self.files.append(open(self.folder / f"{rank:05d}.jsonl", "w", encoding="utf-8"))
+        row = {"id": str(self.count), "text": text, "source": source, "doc": doc_id}
+        self.files[rank].write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.hashes.add(text_hash(text), self.count, f"{source}:{doc_id}")
+        self.count += 1
+
+    def close(self) -> int:
+        """Close the files; returns how many there are (the number of tasks)."""
+        for handle in self.files:
+            handle.close()
+        self.hashes.close()
+        return len(self.files)
+
+
+def text_hash(text: str) -> bytes:
+    return hashlib.sha256(text.encode()).digest()
+
+
+def quoted(path: Path) -> str:
+    return "'" + str(path).replace("'", "''") + "'"
+
+
+def duckdb_connection(database: Path, threads: int):
+    import duckdb
+
+    db = duckdb.connect(str(database))
+    db.execute(f"SET memory_limit='{DUCKDB_MEMORY}'")
+    db.execute(f"SET temp_directory={quoted(database.with_suffix('.spill'))}")
+    db.execute(f"SET threads={threads}")
+    return db
+
+
+def _earlier(index: Path) -> str:
+    files = sorted(index.glob("*.parquet"))
+    if not files:
+        return "SELECT NULL::BLOB AS hash, NULL::VARCHAR AS name WHERE false"
+    return f"SELECT hash, name FROM read_parquet([{', '.join(map(quoted, files))}])"
+
+
+def index_first_occurrences(hashes: Path, index_file: Path, work: Path) -> None:
+    """The exact index of a set of texts (hashes: a HASH_SCHEMA spool): each hash once, with
+    the name of its first occurrence."""
+    index_file.parent.mkdir(parents=True, exist_ok=True)
+    with closing(duckdb_connection(work / "index.duckdb", 1)) as db:
+        db.execute(
+            f"COPY (SELECT hash, arg_min(name, position) AS name FROM read_parquet({quoted(hashes)}) "
+            f"GROUP BY hash ORDER BY min(position)) TO {quoted(index_file)} (FORMAT parquet)"
+        )
+
+
+def find_exact_duplicates(work: Path, index: Path, batch_name: str, tasks: int, threads: int) -> int:
+    """Write, for each task r, `work/exact/RRRRR.jsonl`: [position, name of the first document
+    with that text] of each of its documents whose text came before (earlier in this batch, or
+    in the exact index), in position order. The batch's first occurrences of new texts become
+    `index/<batch_name>.parquet`. Returns the number of duplicates."""
+    index.mkdir(parents=True, exist_ok=True)
+    spool = quoted(work / "exact" / "hashes.parquet")
+    outputs = [open(work / "exact" / f"{rank:05d}.jsonl", "w", encoding="utf-8") for rank in range(tasks)]
+    count = 0
+    with closing(duckdb_connection(work / "exact" / "dedupe.duckdb", threads)) as db:
+        db.execute(f"CREATE VIEW new AS SELECT * FROM read_parquet({spool})")
+        db.execute(f"CREATE VIEW earlier AS {_earlier(index)}")
+        db.execute(
+            "CREATE TABLE firsts AS SELECT hash, min(position) AS position, arg_min(name, position) AS name "
+            "FROM new GROUP BY hash"
+        )
+        duplicates = db.execute(
+            "SELECT n.position, coalesce(e.name, f.name) FROM new n JOIN firsts f USING (hash) "
+            "LEFT JOIN earlier e USING (hash) WHERE e.hash IS NOT NULL OR n.position <> f.position "
+            "ORDER BY n.position"
+        )
+        while rows := duplicates.fetchmany(65536):
+            for position, name in rows:
+                outputs[position % tasks].write(json.dumps([position, name], ensure_ascii=False) + "\n")
+            count += len(rows)
+        db.execute("SET threads=1")  # one writer thread: the same bytes whatever curate.workers is
+        db.execute(
+            "COPY (SELECT hash, name FROM firsts f WHERE NOT EXISTS (SELECT 1 FROM earlier e WHERE e.hash = f.hash) "
+            f"ORDER BY position) TO {quoted(index / f'{batch_name}.parquet')} (FORMAT parquet)"
+        )
+    for handle in outputs:
+        handle.close()
+    return count
+
+
+def decontaminate(
+    doc_id: str, text: str, contamination: dict[tuple[str, ...], str], spec: CurateSpec
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """(documents kept, benchmark items hit). Clean text comes back whole. A contaminated one is
+    dropped (decontaminate: document) or cut (span): every n-gram window shared with a benchmark
+    item goes, with decontaminate_margin words each side, and the text between the cuts is kept
+    as documents `<id>#clean<k>` (pieces shorter than min_chars go too)."""
+    n = spec.decontaminate_ngram
+    words = list(WORD.finditer(text))
+    lowered = [w.group().lower() for w in words]
+    starts = [i for i in range(len(words) - n + 1) if tuple(lowered[i : i + n]) in contamination]
+    if not starts:
+        return [(doc_id, text)], []
+    hits = list(dict.fromkeys(contamination[tuple(lowered[i : i + n])] for i in starts))
+    if spec.decontaminate == "document":
+        return [], hits
+    cuts: list[list[int]] = []  # word ranges [first, last) to remove, merged
+    for i in starts:
+        first, last = max(0, i - spec.decontaminate_margin), min(len(words), i + n + spec.decontaminate_margin)
+        if cuts and first <= cuts[-1][1]:
+            cuts[-1][1] = max(cuts[-1][1], last)
+        else:
+            cuts.append([first, last])
+    pieces, start = [], 0
+    for first, last in cuts:
+        pieces.append(text[start : words[first].start()].strip())
+        start = words[last - 1].end()
+    pieces.append(text[start:].strip())
+    kept = [piece for piece in pieces if len(piece) >= spec.min_chars]
+    return [(f"{doc_id}#clean{k}", piece) for k, piece in enumerate(kept)], hits
+
+
+def _pairs(path: Path) -> Iterator[tuple[int, str]]:
+    with open(path, encoding="utf-8") as lines:
+        for line in lines:
+            position, name = json.loads(line)
+            yield position, name
+
+
+class CleanDocuments(PipelineStep):
+    """Task r of a batch: drop the exact duplicates `find_exact_duplicates` found among its
+    documents, decontaminate the others, write what was removed and why and the pieces kept
+    (see the module docstring), and pass the pieces on, in order."""
+
+    type = "🫂 - DEDUP"
+    name = "🧽 exact dedupe and decontamination"
+
+    def __init__(self, work: str, benchmarks: list, spec: CurateSpec) -> None:
+        super().__init__()
+        self.work, self.benchmarks, self.spec = Path(work), benchmarks, spec
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        contamination = benchmark_ngrams(self.benchmarks, self.spec.decontaminate_ngram)  # built in the task
+        name = f"{rank:05d}"
+        (self.work / "kept").mkdir(exist_ok=True)
+        (self.work / "removed").mkdir(exist_ok=True)
+        duplicates = _pairs(self.work / "exact" / f"{name}.jsonl")
+        duplicate = next(duplicates, None)
+        with (
+            open(self.work / "kept" / f"{name}.jsonl", "w", encoding="utf-8") as kept,
+            open(self.work / "kept" / f"{name}.positions", "wb") as positions,
+            open(self.work / "removed" / f"{name}.jsonl", "w", encoding="utf-8") as removed,
+        ):
+            for document in data:
+                position, source, doc_id = int(document.id), document.metadata["source"], document.metadata["doc"]
+                self.stat_update("documents")
+                if duplicate is not None and duplicate[0] == position:
+                    row = {"id": doc_id, "reason": "exact_duplicate", "of": duplicate[1]}
+                    removed.write(json.dumps([position, source, row], ensure_ascii=False) + "\n")
+                    self.stat_update("exact_duplicate")
+                    duplicate = next(duplicates, None)
+                    continue
+                pieces, hits = decontaminate(doc_id, document.text, contamination, self.spec)
+                if hits:
+                    cut = len(document.text) - sum(len(text) for _, text in pieces)
+                    reason = "contaminated" if self.spec.decontaminate == "document" else "contaminated_span"
+                    row = {"id": doc_id, "reason": reason, "of": hits[0], "chars": cut, "pieces": len(pieces)}
+                    removed.write(json.dumps([position, source, row], ensure_ascii=False) + "\n")
+                    self.stat_update(reason)
+                for piece_id, text in pieces:
+                    kept.write(json.dumps([position, source, piece_id, text], ensure_ascii=False) + "\n")
+                    positions.write(POSITION.pack(position))
+                    yield Document(text=text, id=document.id, metadata={"source": source, "doc": piece_id})
+
+
+def piece_positions(work: Path, rank: int) -> np.ndarray:
+    """The position of each piece task `rank` kept, by its index in the task (read from disk on demand)."""
+    path = work / "kept" / f"{rank:05d}.positions"
+    return np.memmap(path, dtype="<i8", mode="r") if path.stat().st_size else np.zeros(0, dtype="<i8")
+
+
+def _rows(path: Path, rank: int) -> Iterator[tuple[int, int, int, list]]:
+    with open(path, encoding="utf-8") as lines:
+        for index, line in enumerate(lines):
+            row = json.loads(line)
+            yield row[0], rank, index, row
+
+
+def merged(work: Path, kind: str, tasks: int) -> Iterator[tuple[int, int, int, list]]:
+    """(position, task, index in the task, row) of every row the tasks wrote to work/<kind>/,
+    in position order (a document's pieces in the order they were cut)."""
+    streams = [_rows(work / kind / f"{rank:05d}.jsonl", rank) for rank in range(tasks)]
+    return heapq.merge(*streams, key=lambda item: item[0])
