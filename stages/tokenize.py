@@ -6,7 +6,8 @@ when the vocabulary fits) and `index.json` with rows, tokens and sha256 per shar
 
 Each shard packs one contiguous run of documents of one curated file (documents joined
 by EOS; the last partial row is dropped, under seq_len tokens per shard), so shards are
-independent: worker processes write them in parallel, a shard is a pure function of its
+independent: datatrove tasks write them in parallel (`WriteShards`, on curate.executor:
+local processes, Ray or Slurm, tokenize.workers at once), a shard is a pure function of its
 input range, and a rerun (after a kill, or after curate added a batch) writes only the
 shards that are missing. Curated files are read in record batches of tokenize.batch_size
 documents, never whole, so memory does not grow with the size of a curated file.
@@ -18,19 +19,21 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
 
 from refit.stages import curate
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
-from refit.stages.lib.lifeline import follow_parent
+from refit.stages.lib.executors import Step, run_steps
 from refit.stages.lib.markers import (
     code_version,
     file_sha256,
@@ -111,11 +114,33 @@ def plan_jobs(recipe: Recipe, workdir: Path, out: Path, settings: str) -> list[S
     return jobs
 
 
-def _init_worker(path: str, stage_pid: int) -> None:
+def use_tokenizer(path: str) -> None:
+    """Load the tokenizer that `write_shard` uses in this process."""
     global _TOKENIZER
-    follow_parent(stage_pid)  # die with the stage; obey the pool's SIGTERM (lifeline.py)
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     _TOKENIZER = load_tokenizer(Path(path))
+
+
+class WriteShards(PipelineStep):
+    """Datatrove task r of tokenize: writes shard jobs r, r + tasks, ... (see `write_shard`).
+    Runs on curate.executor (local, Ray or Slurm) with tokenize.workers tasks at once."""
+
+    type = "🔢 - TOKENIZER"
+    name = "📦 tokenize and pack shards"
+
+    def __init__(self, jobs: list[ShardJob], tokenizer: str, seq_len: int, batch_size: int, metadata: dict) -> None:
+        super().__init__()
+        self.jobs, self.tokenizer, self.metadata = jobs, tokenizer, metadata
+        self.seq_len, self.batch_size = seq_len, batch_size
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        if world_size > 1:
+            os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
+        use_tokenizer(self.tokenizer)
+        for job in self.jobs[rank::world_size]:
+            write_shard(job, self.seq_len, self.batch_size, self.metadata)
+            log.info("tokenize: %s shard %d written", job.source, job.index)
+            self.stat_update("shards")
+        yield from ()
 
 
 def write_shard(job: ShardJob, seq_len: int, batch_size: int, metadata: dict[str, str]) -> dict:
@@ -206,15 +231,15 @@ def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expec
     done = {job: entry for job in jobs if (entry := _complete(job)) is not None}
     todo = [job for job in jobs if job not in done]
     log.info("tokenize: %d shards, %d already complete", len(jobs), len(done))
-    with ProcessPoolExecutor(
-        max_workers=max(1, min(recipe.tokenize.workers, len(todo))),
-        initializer=_init_worker,
-        initargs=(str(tok_dir), os.getpid()),
-    ) as pool:
-        futures = {job: pool.submit(write_shard, job, seq_len, recipe.tokenize.batch_size, metadata) for job in todo}
-        for n, (job, future) in enumerate(futures.items(), start=1):
-            done[job] = future.result()
-            log.info("tokenize: %s shard %d written (%d/%d)", job.source, job.index, n, len(todo))
+    if todo:
+        tasks = min(recipe.tokenize.workers, len(todo))
+        step = WriteShards(todo, str(tok_dir), seq_len, recipe.tokenize.batch_size, metadata)
+        where = recipe.curate.model_copy(update={"workers": recipe.tokenize.workers})  # curate.executor's settings
+        run_steps([Step("tokenize", [step], tasks)], where, tmp / "logs")
+        for job in todo:
+            done[job] = _complete(job)
+        log.info("tokenize: %d shards written", len(todo))
+    shutil.rmtree(tmp / "logs", ignore_errors=True)  # datatrove's, also a killed run's: not part of the output
     report = {"stage": "tokenize", **metadata, "seq_len": seq_len, "sources": {}}
     for source in recipe.sources:
         shards = [{k: v for k, v in done[j].items() if k != "job"} for j in jobs if j.source == source.name]

@@ -207,7 +207,7 @@ from refit.stages.lib.config import load_recipe
 reader, runs = sys.argv[1], sys.argv[2:]
 for recipe, workdir in zip(map(load_recipe, runs[::2]), map(Path, runs[1::2])):
     if reader == "tokenize":
-        tokenize._init_worker(str(recipe.tokenizer), os.getppid())
+        tokenize.use_tokenizer(str(recipe.tokenizer))
         jobs = tokenize.plan_jobs(recipe, workdir, workdir / "tokenize.tmp", "probe")
         tokenize.write_shard(jobs[-1], recipe.tokenize.seq_len, recipe.tokenize.batch_size, {})
     else:
@@ -247,3 +247,24 @@ def test_tokenize_memory_does_not_grow_with_the_curated_file(tmp_path, tiny_toke
     small, large = arrow_peaks("tokenize", tmp_path, tiny_tokenizer_dir, (8, 64))
     # reading whole files, the peak grew with the text (2.5 bytes a byte: 24 -> 136 MiB); record batches keep it flat
     assert large - small < 8 * 2**20, f"Arrow peak {small / 2**20:.1f} MiB at 8 MiB of text, {large / 2**20:.1f} at 64"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_shards_are_identical_on_one_or_two_local_workers_and_ray(curated):
+    """tokenize runs its shard jobs as datatrove tasks on curate.executor."""
+    ray = pytest.importorskip("ray", reason="the ray extra is part of dev: pip install -e '.[dev]'")
+    recipe, workdir, _ = curated
+    outputs = []
+    for executor, workers in (("local", 1), ("local", 2), ("ray", 2)):
+        where = recipe.model_copy(
+            update={
+                "curate": recipe.curate.model_copy(update={"executor": executor}),
+                "tokenize": recipe.tokenize.model_copy(update={"workers": workers}),
+            }
+        )
+        run_tokenize(where, workdir, force=True)
+        outputs.append({str(p.relative_to(workdir)): p.read_bytes() for p in (workdir / "tokenize").rglob("*.arrow")})
+        assert not (workdir / "tokenize" / "logs").exists()
+    assert len(outputs[0]) >= 4 and outputs[0] == outputs[1] == outputs[2]
+    assert not ray.is_initialized()
