@@ -1,7 +1,7 @@
 """curate and tokenize at growing input: peak memory, incremental cost, throughput against
 stock datatrove, and the Ray executor's overhead.
 
-    python benchmarks/bench_curate_scale.py [--mb 64] [--stock-mb 4] [--workers 2] [--ray]
+    python benchmarks/bench_curate_scale.py [--mb 64] [--stock-mb 4] [--workers 2] [--ray] [--skip-tokenize]
 
 Input: the legacy and new demo corpora (deployments/demo.yaml's first two sources) grown to
 --mb MB of JSONL by seeded perturbed copies (10-40% of the words of a random demo document
@@ -143,6 +143,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--ray", action="store_true", help="also curate the slice on a private local Ray cluster")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--skip-tokenize", action="store_true", help="measure curate's memory only")
     args = parser.parse_args()
     from refit.stages.lib.demo_base import train_tokenizer
 
@@ -184,11 +185,12 @@ def main() -> None:
             size = megabytes(sources)
             results[name, "curate"] = measure("curate", recipe, tmp / name / "wd")
             show(f"curate {name} ({size:.1f} MB)", results[name, "curate"])
-            results[name, "tokenize"] = measure("tokenize", recipe, tmp / name / "wd")
-            show(f"tokenize {name} ({size:.1f} MB)", results[name, "tokenize"])
+            if not args.skip_tokenize:
+                results[name, "tokenize"] = measure("tokenize", recipe, tmp / name / "wd")
+                show(f"tokenize {name} ({size:.1f} MB)", results[name, "tokenize"])
             results[name, "input"] = size
         print(f"input {results['whole', 'input'] / results['quarter', 'input']:.2f}x")
-        for stage in ("curate", "tokenize"):
+        for stage in ("curate",) if args.skip_tokenize else ("curate", "tokenize"):
             quarter, whole = results["quarter", stage], results["whole", stage]
             print(
                 f"{stage}: peak RSS {whole['peak_mb'] / quarter['peak_mb']:.2f}x "

@@ -131,3 +131,19 @@ def test_executor_contradictions_are_rejected_naming_the_field(tmp_path, curate,
     with pytest.raises(RecipeError) as error:
         load_recipe(path)
     assert field in str(error.value) and message in str(error.value)
+
+
+def test_decisions_are_identical_when_the_spool_deals_several_rounds_of_files(tmp_path, monkeypatch):
+    """A batch larger than DOCS_PER_ROUND documents is dealt into a new round of spool files
+    (and datatrove tasks) every DOCS_PER_ROUND, so no task's share grows with the batch."""
+    from refit.stages.lib import curate_steps
+
+    sources = _sources(tmp_path / "data")
+    outputs = {}
+    for name, workers, per_round in (("one-round", 2, 65536), ("rounds-1", 1, 7), ("rounds-3", 3, 7)):
+        monkeypatch.setattr(curate_steps, "DOCS_PER_ROUND", per_round)
+        (tmp_path / name).mkdir()
+        run_curate(load_recipe(make_recipe(tmp_path / name, sources, workers=workers)), tmp_path / name / "wd")
+        outputs[name] = _outputs(tmp_path / name / "wd")
+    assert outputs["rounds-1"] == outputs["one-round"] == outputs["rounds-3"]
+    assert [curate_steps.task_of(p, 3) for p in range(16)] == [0, 1, 2, 0, 1, 2, 0, 3, 4, 5, 3, 4, 5, 3, 6, 7]

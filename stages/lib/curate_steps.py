@@ -1,8 +1,9 @@
 """Curate's streaming parts: a batch's clean documents go through files, never a list in memory.
 
-1. Screening (curate.py) deals each clean document round robin into at most curate.workers
-   spool files (`work/clean/RRRRR.jsonl`: position p in file p % tasks, datatrove's JSONL
-   layout) and the sha256 of its text into a Parquet spool of (hash, position, name).
+1. Screening (curate.py) deals each clean document round robin into curate.workers spool
+   files (`work/clean/RRRRR.jsonl`, datatrove's JSONL layout; see `task_of`), a new round of
+   files every DOCS_PER_ROUND documents, so that no task's share grows with the batch, and
+   the sha256 of its text into a Parquet spool of (hash, position, name).
 2. `find_exact_duplicates`: one DuckDB query over that spool and the exact index of every
    earlier batch and explicit validation file (`exact-index/*.parquet`, one file of first
    occurrences each) finds every document whose text was seen before, naming the first one.
@@ -38,6 +39,7 @@ from refit.stages.lib.config import CurateSpec
 from refit.stages.lib.text import WORD, benchmark_ngrams
 
 DUCKDB_MEMORY = "64MB"  # beyond this DuckDB spills to disk (at 512MB its peak grew with the batch)
+DOCS_PER_ROUND = 65536  # documents dealt into one round of curate.workers spool files
 ROWS_PER_GROUP = 2048  # rows of a curated Parquet row group (or fewer: MAX_GROUP_CHARS)
 MAX_GROUP_CHARS = 32 << 20  # characters buffered before a row group is written
 HASH_SCHEMA = pa.schema([("hash", pa.binary()), ("position", pa.int64()), ("name", pa.string())])
@@ -92,22 +94,30 @@ class LazyJsonl:
             self.handle.close()
 
 
-class Spool:
-    """The clean documents of a batch in priority order: dealt round robin into at most
-    `tasks` JSONL files that datatrove's JsonlReader reads (task r reads file r), their
-    text hashes into a Parquet spool for the exact dedupe."""
+def task_of(position: int, workers: int) -> int:
+    """The spool file, and datatrove task, of the document at `position`: round robin over
+    `workers` files, a new round of files every DOCS_PER_ROUND documents."""
+    width = min(workers, DOCS_PER_ROUND)
+    round_, place = divmod(position, DOCS_PER_ROUND)
+    return round_ * width + place % width
 
-    def __init__(self, work: Path, tasks: int) -> None:
+
+class Spool:
+    """The clean documents of a batch in priority order, dealt into JSONL files that
+    datatrove's JsonlReader reads (task r reads file r; see `task_of`), their text hashes
+    into a Parquet spool for the exact dedupe."""
+
+    def __init__(self, work: Path, workers: int) -> None:
         self.folder = work / "clean"
         self.folder.mkdir(parents=True)
-        self.tasks = tasks
+        self.workers = workers
         self.files: list = []
         self.count = 0
         self.hashes = RowGroupWriter(work / "exact" / "hashes.parquet", HASH_SCHEMA)
 
     def add(self, source: str, doc_id: str, text: str) -> None:
-        rank = self.count % self.tasks
-        if rank == len(self.files):
+        rank = task_of(self.count, self.workers)
+        if rank == len(self.files):  # files are opened in rank order
             self.files.append(open(self.folder / f"{rank:05d}.jsonl", "w", encoding="utf-8"))
         row = {"id": str(self.count), "text": text, "source": source, "doc": doc_id}
         self.files[rank].write(json.dumps(row, ensure_ascii=False) + "\n")
@@ -158,16 +168,17 @@ def index_first_occurrences(hashes: Path, index_file: Path, work: Path) -> None:
         )
 
 
-def find_exact_duplicates(work: Path, index: Path, batch_name: str, tasks: int, threads: int) -> int:
-    """Write, for each task r, `work/exact/RRRRR.jsonl`: [position, name of the first document
-    with that text] of each of its documents whose text came before (earlier in this batch, or
-    in the exact index), in position order. The batch's first occurrences of new texts become
-    `index/<batch_name>.parquet`. Returns the number of duplicates."""
+def find_exact_duplicates(work: Path, index: Path, batch_name: str, tasks: int, workers: int) -> int:
+    """Write, for each of the spool's `tasks` (dealt over `workers`), `work/exact/RRRRR.jsonl`:
+    [position, name of the first document with that text] of each of its documents whose text
+    came before (earlier in this batch, or in the exact index), in position order. The batch's
+    first occurrences of new texts become `index/<batch_name>.parquet`. Returns the number of
+    duplicates."""
     index.mkdir(parents=True, exist_ok=True)
     spool = quoted(work / "exact" / "hashes.parquet")
     outputs = [open(work / "exact" / f"{rank:05d}.jsonl", "w", encoding="utf-8") for rank in range(tasks)]
     count = 0
-    with closing(duckdb_connection(work / "exact" / "dedupe.duckdb", threads)) as db:
+    with closing(duckdb_connection(work / "exact" / "dedupe.duckdb", workers)) as db:
         db.execute(f"CREATE VIEW new AS SELECT * FROM read_parquet({spool})")
         db.execute(f"CREATE VIEW earlier AS {_earlier(index)}")
         db.execute(
@@ -181,7 +192,7 @@ def find_exact_duplicates(work: Path, index: Path, batch_name: str, tasks: int, 
         )
         while rows := duplicates.fetchmany(65536):
             for position, name in rows:
-                outputs[position % tasks].write(json.dumps([position, name], ensure_ascii=False) + "\n")
+                outputs[task_of(position, workers)].write(json.dumps([position, name], ensure_ascii=False) + "\n")
             count += len(rows)
         db.execute("SET threads=1")  # one writer thread: the same bytes whatever curate.workers is
         db.execute(
