@@ -29,6 +29,13 @@ def pytest_collection_modifyitems(config, items):
                 item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def own_refit_home(tmp_path_factory) -> None:
+    """A `refit ui` server the developer runs (found through ~/.refit) must not receive the
+    tests' runs: they would record into it instead of on the temporary servers tested here."""
+    os.environ["REFIT_HOME"] = str(tmp_path_factory.mktemp("refit-home"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 300) trained here on a few sentences."""
