@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny tokenizers and causal LMs built in the test, never downloaded."""
+"""Shared fixtures and helpers: tiny tokenizers and causal LMs built in the test (never
+downloaded), the bundled data, recipes, prepared runs and probes that several test modules use.
+
+Fixtures are found by pytest; plain helpers and constants are imported as `from conftest
+import X`. Test modules never import from each other (test_suite_layout.py checks it).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +12,20 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"  # nothing may come from a hub, in any test
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import gzip  # noqa: E402
+import json  # noqa: E402
+import random  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+import yaml  # noqa: E402
+
+from refit.stages.lib.text import word_ngrams  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-TEXT = (
-    "Continued pretraining reuses a trained model. The learning rate decays along a cosine. "
-    "SELECT name FROM users WHERE id = 1; CREATE TABLE t (x integer); "
-    "def add(a, b):\n    return a + b\n"
-) * 20
+DATASETS = REPO / "datasets"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -34,6 +43,16 @@ def own_refit_home(tmp_path_factory) -> None:
     """A `refit ui` server the developer runs (found through ~/.refit) must not receive the
     tests' runs: they would record into it instead of on the temporary servers tested here."""
     os.environ["REFIT_HOME"] = str(tmp_path_factory.mktemp("refit-home"))
+
+
+# ----------------------------------------------------------------------------- tiny models
+# A tokenizer and 2-layer models built from a few sentences: every model test runs offline in seconds.
+
+TEXT = (
+    "Continued pretraining reuses a trained model. The learning rate decays along a cosine. "
+    "SELECT name FROM users WHERE id = 1; CREATE TABLE t (x integer); "
+    "def add(a, b):\n    return a + b\n"
+) * 20
 
 
 @pytest.fixture(scope="session")
@@ -86,18 +105,361 @@ def tiny_model_dir(request, tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return out
 
 
+# ----------------------------------------------------------------------------- bundled data
+# Real documents from datasets/: LEGACY and NEW are 40 documents each that barely overlap, so
+# that each test plants its own duplicates and near-duplicates.
+
+
+def rows(path: Path) -> list[dict]:
+    """The records of a JSONL file, gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def distinct(docs: list[dict], count: int) -> list[dict]:
+    """Real documents sharing few word 5-grams with each other (the bundled corpora hold
+    some near-duplicates of their own, which would blur what each test plants)."""
+    chosen, seen = [], set()
+    for doc in docs:
+        grams = word_ngrams(doc["text"], 5)
+        if 1200 < len(doc["text"]) < 3000 and len(grams & seen) < 0.1 * len(grams):
+            chosen.append(doc)
+            seen |= grams
+        if len(chosen) == count:
+            return chosen
+    raise AssertionError("not enough distinct documents")
+
+
+LEGACY = distinct(rows(DATASETS / "legacy_python_docs.jsonl.gz"), 40)
+NEW = distinct(rows(DATASETS / "new_postgres_docs.jsonl.gz"), 40)
+
+
+def jaccard(a: str, b: str) -> float:
+    x, y = word_ngrams(a, 5), word_ngrams(b, 5)
+    return len(x & y) / len(x | y)
+
+
+def edited(text: str, seed: int) -> str:
+    """A copy with words replaced one at a time until its word 5-gram Jaccard falls to ~0.9."""
+    rng = random.Random(seed)
+    words = text.split(" ")
+    for i in rng.sample(range(len(words)), len(words)):
+        words[i] = "edited"
+        if jaccard(text, " ".join(words)) < 0.9:
+            break
+    copy = " ".join(words)
+    assert 0.85 < jaccard(text, copy) < 0.9
+    return copy
+
+
+# ----------------------------------------------------------------------------- recipes and inputs
+# BASE_RECIPE and write_recipe: a minimal recipe for schema and gate tests (no real data);
+# make_recipe: a runnable one over files the test writes with write_jsonl.
+
+BASE_RECIPE = {
+    "name": "r1",
+    "base_model": {"path": "base", "pretraining_min_lr": 3e-4},
+    "sources": [
+        {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+        {"name": "new", "paths": ["data/*.jsonl"], "role": "new"},
+        {"name": "qa", "paths": ["data/qa.jsonl"], "role": "qa"},
+    ],
+    "schedule": {"total_tokens": "2M"},
+}
+
+
+def write_recipe(folder: Path, recipe: dict | str) -> Path:
+    path = folder / "recipe.yaml"
+    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def write_jsonl(path: Path, lines: list, opener=open) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with opener(path, "wb") as out:
+        for line in lines:
+            out.write(line if isinstance(line, bytes) else (json.dumps(line) + "\n").encode())
+    return path
+
+
+def make_recipe(tmp_path: Path, sources: list[dict], sections: dict | None = None, **curate) -> Path:
+    (tmp_path / "base").mkdir(exist_ok=True)
+    (tmp_path / "base" / "config.json").write_text("{}")
+    bench = tmp_path / "bench.jsonl"
+    bench.write_text(
+        json.dumps(
+            {
+                "id": "q1",
+                "query": "The quick brown fox jumps over the lazy dog while the cat",
+                "choices": [" sleeps on the warm mat", " runs"],
+                "gold": 0,
+            }
+        )
+        + "\n"
+    )
+    recipe = {
+        "name": "t",
+        "base_model": {"path": "base", "pretraining_min_lr": 1e-3},
+        "sources": sources,
+        "curate": {"workers": 1, "min_chars": 20, "validation_fraction": 0.1, **curate},
+        "schedule": {"total_tokens": 100000},
+        "tokenize": {"seq_len": 64},
+        "train": {"micro_batch_size": 2, "sequences_per_step": 4},
+        "evaluate": {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}]},
+        **(sections or {}),
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+# ----------------------------------------------------------------------------- prepared runs
+# Tiny two-source runs with the stages before the one under test already done.
+
+# one benchmark item cannot show a gain beyond noise, and a 20-step tiny model repeats itself more than its base
+LENIENT = {"min_average_gain": -1.0, "max_repetition_increase": 1.0, "max_repetition_rate": 1.0}
+
+
+def prepare(
+    tmp_path: Path,
+    model_dir: Path,
+    max_lr: float = 3e-3,
+    validation_fraction: float = 0.0,
+    gates: dict | None = None,
+    steps: int = 20,
+    run_data_stages: bool = True,
+    new_texts: list[str] | None = None,
+    safety: dict | None = None,
+    **train,
+) -> tuple[Path, Path]:
+    """A two-source recipe (old: legacy, new: new; new_texts replace the new documents), data
+    stages run; safety: the recipe's evaluate.safety section."""
+    from refit.stages.curate import run_curate
+    from refit.stages.lib.config import load_recipe
+    from refit.stages.mix import run_mix
+    from refit.stages.tokenize import run_tokenize
+
+    write_jsonl(
+        tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])]
+    )
+    new_texts = new_texts or [d["text"] for d in NEW[:20]]
+    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": t} for i, t in enumerate(new_texts)])
+    if safety is None:  # small probes: tests of other stages only need them to run
+        safety = {"crows_pairs_size": 40, "bbq_size": 40, "neutral_prompts": 4, "prompts_per_source": 2}
+    evaluate = {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}], "safety": safety}
+    path = make_recipe(
+        tmp_path,
+        [
+            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
+        ],
+        sections={
+            "base_model": {"path": str(model_dir), "pretraining_min_lr": max_lr},
+            "tokenize": {"seq_len": 32, "workers": 1},
+            "mixture": {
+                "phases": [
+                    {"name": "general", "weights": {"old": 1, "new": 1}},
+                    {"name": "late", "lr_below": 0.5, "weights": {"old": 1, "new": 3}},
+                ]
+            },
+            "schedule": {"total_tokens": steps * 4 * 32},
+            "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
+            "gates": gates or {},
+            "evaluate": evaluate,
+            "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"},
+        },
+        validation_fraction=validation_fraction,
+    )
+    recipe = load_recipe(path)
+    workdir = tmp_path / "wd"
+    for stage in (run_curate, run_tokenize, run_mix) if run_data_stages else ():
+        stage(recipe, workdir)
+    return path, workdir
+
+
+def train_variant(path: Path, name: str, **train) -> Path:
+    """A copy of the recipe beside it (same relative paths) with other train settings."""
+    data = yaml.safe_load(path.read_text())
+    data["train"].update(train)
+    out = path.with_name(name)
+    out.write_text(yaml.safe_dump(data))
+    return out
+
+
 @pytest.fixture
 def trained(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
     """(recipe path, workdir) of a tiny run trained through the train stage, with 30% of the
     documents held out, ready for evaluate and audit."""
-    from test_train import prepare
-
     from refit.stages.lib.config import load_recipe
     from refit.stages.train import run_train
 
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
     run_train(load_recipe(path), workdir)
     return path, workdir
+
+
+@pytest.fixture
+def curated(tmp_path, tiny_tokenizer_dir):
+    """(recipe, workdir, recipe path) of two curated sources of 30 documents each, nothing held
+    out, ready for tokenize (4 shards of 40 rows, 2 workers) and mix."""
+    from refit.stages.curate import run_curate
+    from refit.stages.lib.config import load_recipe
+
+    write_jsonl(
+        tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:30])]
+    )
+    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:30])])
+    path = make_recipe(
+        tmp_path,
+        [
+            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
+        ],
+        sections={
+            "tokenizer": str(tiny_tokenizer_dir),
+            "tokenize": {"seq_len": 64, "rows_per_shard": 40, "workers": 2},
+            "mixture": {
+                "phases": [
+                    {"name": "general", "weights": {"old": 1, "new": 1}},
+                    {"name": "qa", "lr_below": 0.2, "weights": {"old": 1, "new": 3}},
+                ]
+            },
+        },
+        validation_fraction=0.0,
+    )
+    recipe = load_recipe(path)
+    run_curate(recipe, tmp_path / "wd")
+    return recipe, tmp_path / "wd", path
+
+
+def metrics(workdir: Path, folder: str = "train") -> list[dict]:
+    """The per-step log of a finished run (train/), or of one in progress or failed (train.tmp/)."""
+    return [json.loads(line) for line in (workdir / folder / "metrics.jsonl").read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------------- processes
+# What runs outside the test's process: training ranks, servers' ports, and a lock held by another process.
+
+
+def training_processes(workdir: Path) -> list[int]:
+    """PIDs of live processes whose command line names this workdir (the stage's children)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if "refit.stages.lib.train_loop" in cmdline and str(workdir) in cmdline and "State:\tZ" not in status:
+                pids.append(int(entry.name))
+    return pids
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on (now)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+HOLD_LOCK = (
+    "import sys, time; from refit.stages.lib.lock import workdir_lock\n"
+    "with workdir_lock(sys.argv[1], 'refit run demo'):\n    print('held', flush=True); time.sleep(600)"
+)
+
+
+def hold_lock(workdir: Path) -> subprocess.Popen:
+    """Another process holding the workdir's lock as `refit run demo`, until it is killed."""
+    process = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout.readline().strip() == "held"
+    return process
+
+
+# ----------------------------------------------------------------------------- scoring
+# Multiple-choice items and documents for the scorer, in the tiny tokenizer's words.
+
+
+def make_items(n: int = 36, seed: int = 0) -> list[dict]:
+    """Multiple-choice items in the tiny tokenizer's words; choices of 1 to 6 words, so that
+    accuracy by total log-likelihood and by log-likelihood per character disagree."""
+    words = sorted(set(TEXT.split()))
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        query = " ".join(rng.choices(words, k=rng.randint(3, 12)))
+        choices = [" " + " ".join(rng.choices(words, k=k)) for k in rng.sample([1, 2, 4, 6], 4)]
+        items.append({"id": f"item-{i}", "query": query, "choices": choices, "gold": i % 4})
+    return items
+
+
+def scoring_tasks() -> list:
+    """A benchmark of 24 items and 9 documents of different lengths, as evaluate's scorer takes them."""
+    from refit.stages.lib.scoring import ScoringTask
+
+    texts = [TEXT[i * 97 : i * 97 + 50 + 40 * i] for i in range(9)]  # 9 documents of different lengths
+    return [ScoringTask("bench", "choices", make_items(24)), ScoringTask("docs", "documents", texts, seq_len=16)]
+
+
+# ----------------------------------------------------------------------------- memory probes
+
+MEMORY_PROBE = """
+import os
+import sys
+from pathlib import Path
+import pyarrow as pa
+from refit.stages import tokenize
+from refit.stages.audit import contamination_gate
+from refit.stages.lib.config import load_recipe
+reader, runs = sys.argv[1], sys.argv[2:]
+for recipe, workdir in zip(map(load_recipe, runs[::2]), map(Path, runs[1::2])):
+    if reader == "tokenize":
+        tokenize.use_tokenizer(str(recipe.tokenizer))
+        jobs = tokenize.plan_jobs(recipe, workdir, workdir / "tokenize.tmp", "probe")
+        tokenize.write_shard(jobs[-1], recipe.tokenize.seq_len, recipe.tokenize.batch_size, {})
+    else:
+        contamination_gate(recipe, workdir, {"sources": {"docs": {"drawn_sequences": 1}}})
+    print(pa.default_memory_pool().max_memory())  # the peak so far
+"""
+
+
+def arrow_peaks(reader: str, tmp_path: Path, tokenizer: Path, sizes: tuple[int, ...]) -> list[int]:
+    """The peak Arrow memory of a fresh process running reader ("tokenize" or the audit's
+    "contamination" gate) over curated files of random 4 KiB documents of each size (MiB) in turn."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    runs = []
+    for mebibytes in sizes:
+        folder = tmp_path / f"{mebibytes}mib"
+        letters = np.random.default_rng(mebibytes).integers(97, 123, size=mebibytes * 2**20, dtype=np.uint8)
+        letters[::64] = ord(" ")  # long words: the contamination gate's n-grams stay quick
+        text = letters.tobytes().decode()
+        starts = range(0, len(text), 4096)
+        (folder / "wd" / "curate" / "docs").mkdir(parents=True)
+        pq.write_table(
+            pa.table({"id": [str(i) for i in starts], "text": [text[i : i + 4096] for i in starts]}),
+            folder / "wd" / "curate" / "docs" / "train-0001.parquet",
+        )
+        write_jsonl(folder / "data" / "d.jsonl", [{"id": "x", "text": "unused"}])
+        recipe = make_recipe(
+            folder,
+            [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}],
+            sections={"tokenizer": str(tokenizer), "tokenize": {"seq_len": 64, "rows_per_shard": 100}},
+        )
+        runs += [str(recipe), str(folder / "wd")]
+    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, reader, *runs], capture_output=True, text=True)
+    assert probe.returncode == 0, probe.stderr
+    return [int(line) for line in probe.stdout.split()]
+
+
+# ----------------------------------------------------------------------------- Prefect
 
 
 @pytest.fixture(scope="session")

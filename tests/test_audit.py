@@ -8,9 +8,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import BASE_RECIPE, arrow_peaks, write_recipe
 from safetensors.torch import load_file, save_file
-from test_config import BASE, write
-from test_tokenize_mix import arrow_peaks
 
 from refit.stages.audit import (
     AuditFailed,
@@ -56,7 +55,7 @@ def recipe(tmp_path):
     for name in ("old", "new", "qa"):
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / f"{name}.jsonl").write_text("{}\n")
-    return load_recipe(write(tmp_path, BASE))
+    return load_recipe(write_recipe(tmp_path, BASE_RECIPE))
 
 
 def test_improvements_must_clear_the_noise_and_regressions_must_exceed_it(recipe):
@@ -115,18 +114,22 @@ def test_acc_norm_learning_on_the_new_cloze_passes_the_gain_gate_naming_what_dro
         "validation": {},
     }
     benchmarks = [{"name": name, "path": "data/old.jsonl", "domain": "new"} for name in report["benchmarks"]]
-    by_default = load_recipe(write(tmp_path, {**BASE, "evaluate": {"benchmarks": benchmarks}}))
+    by_default = load_recipe(write_recipe(tmp_path, {**BASE_RECIPE, "evaluate": {"benchmarks": benchmarks}}))
     gain = accuracy_gates(by_default, report, None)[0]
     assert gain["passed"] and gain["value"] == pytest.approx((0.10 - 0.004) / 4)
     assert gain["drivers"] == ["sql_cloze"] and "driven by sql_cloze;" in gain["reason"]
     assert "sql_cloze acc_norm x1 (+2.5)" in gain["reason"]
     # the same run counted by unnormalised accuracy: +0.35 points on average, within noise
     as_acc = [{**b, "metric": "acc"} for b in benchmarks]
-    gain = accuracy_gates(load_recipe(write(tmp_path, {**BASE, "evaluate": {"benchmarks": as_acc}})), report, None)[0]
+    gain = accuracy_gates(
+        load_recipe(write_recipe(tmp_path, {**BASE_RECIPE, "evaluate": {"benchmarks": as_acc}})), report, None
+    )[0]
     assert not gain["passed"] and gain["value"] == pytest.approx((0.018 - 0.004) / 4)
     # weights: the QA sets at chance not counted in the average (still gated for regression)
     weighted = [{**b, "weight": 0} if b["name"] in ("sql_qa", "sql_commands") else b for b in benchmarks]
-    gates = accuracy_gates(load_recipe(write(tmp_path, {**BASE, "evaluate": {"benchmarks": weighted}})), report, None)
+    gates = accuracy_gates(
+        load_recipe(write_recipe(tmp_path, {**BASE_RECIPE, "evaluate": {"benchmarks": weighted}})), report, None
+    )
     assert gates[0]["value"] == pytest.approx((0.10 - 0.004) / 2) and gates[0]["passed"]
     assert {g["name"] for g in gates[1:]} == {f"benchmark_regression:{n}" for n in report["benchmarks"]}
     scores = judged_scores(by_default, report)

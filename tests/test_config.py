@@ -7,7 +7,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import yaml
+from conftest import BASE_RECIPE, write_recipe
 from pydantic import ValidationError
 
 from refit.flows.cli import main as refit
@@ -25,32 +25,14 @@ def layout(tmp_path: Path) -> Path:
     return tmp_path
 
 
-BASE = {
-    "name": "r1",
-    "base_model": {"path": "base", "pretraining_min_lr": 3e-4},
-    "sources": [
-        {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-        {"name": "new", "paths": ["data/*.jsonl"], "role": "new"},
-        {"name": "qa", "paths": ["data/qa.jsonl"], "role": "qa"},
-    ],
-    "schedule": {"total_tokens": "2M"},
-}
-
-
-def write(folder: Path, recipe: dict | str) -> Path:
-    path = folder / "recipe.yaml"
-    path.write_text(recipe if isinstance(recipe, str) else yaml.safe_dump(recipe, sort_keys=False))
-    return path
-
-
 def problems(folder: Path, recipe: dict | str) -> dict[str, tuple[int | None, str]]:
     with pytest.raises(RecipeError) as caught:
-        load_recipe(write(folder, recipe))
+        load_recipe(write_recipe(folder, recipe))
     return {path: (line, message) for path, line, message in caught.value.problems}
 
 
 def edit(**changes) -> dict:
-    recipe = json.loads(json.dumps(BASE))
+    recipe = json.loads(json.dumps(BASE_RECIPE))
     for dotted, value in changes.items():
         *parents, leaf = dotted.split("__")
         node = recipe
@@ -61,7 +43,7 @@ def edit(**changes) -> dict:
 
 
 def test_defaults_follow_the_paper(layout):
-    recipe = load_recipe(write(layout, BASE))
+    recipe = load_recipe(write_recipe(layout, BASE_RECIPE))
     assert recipe.schedule.max_lr == 3e-4  # the base model's pretraining minimum LR
     assert recipe.schedule.warmup_fraction == 0 and recipe.schedule.decay == "cosine"
     assert recipe.schedule.min_lr_ratio == 0.01
@@ -88,7 +70,7 @@ def test_every_field_is_documented():
 
 
 def test_recipe_is_frozen(layout):
-    recipe = load_recipe(write(layout, BASE))
+    recipe = load_recipe(write_recipe(layout, BASE_RECIPE))
     with pytest.raises(ValidationError):
         recipe.schedule.max_lr = 1.0
 
@@ -97,7 +79,7 @@ def test_max_lr_defaults_from_the_pretraining_record(layout):
     (layout / "base" / PRETRAINING_RECORD).write_text(
         json.dumps({"pretraining_min_lr": 1e-4, "pretraining_tokens": 5000})
     )
-    recipe = load_recipe(write(layout, edit(base_model={"path": "base"})))
+    recipe = load_recipe(write_recipe(layout, edit(base_model={"path": "base"})))
     assert recipe.schedule.max_lr == 1e-4 and recipe.base_model.pretraining_tokens == 5000
 
 
@@ -278,13 +260,13 @@ def test_yaml_syntax_error_gives_its_line(layout):
 
 
 def test_cli_validate_exit_codes(layout, capsys):
-    assert refit(["validate", str(write(layout, BASE))]) == 0
+    assert refit(["validate", str(write_recipe(layout, BASE_RECIPE))]) == 0
     out = capsys.readouterr().out
-    assert "valid" in out  # BASE gives only pretraining_min_lr: how to give the others is explained
+    assert "valid" in out  # BASE_RECIPE gives only pretraining_min_lr: how to give the others is explained
     assert "note: the base model's pretraining_max_lr, pretraining_tokens are unknown" in out
     assert "refit_pretraining.json" in out and "pretraining_tokens: 1T" in out
     bad = edit(colour="blue", sources__0__paths=["data/none.jsonl"])
-    assert refit(["validate", str(write(layout, bad))]) == 2
+    assert refit(["validate", str(write_recipe(layout, bad))]) == 2
     err = capsys.readouterr().err
     assert "2 problems" in err and "colour (line" in err and "sources[0].paths[0] (line" in err
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import REPO
 
 from refit.stages.lib.markers import (
     MARKER,
@@ -20,8 +21,6 @@ from refit.stages.lib.markers import (
     write_marker,
 )
 from refit.stages.registry import NAMES, PIPELINE, STAGES, StageOptions, depending_on, downstream
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_registry_lists_the_seven_stages_in_an_order_that_respects_what_they_read():

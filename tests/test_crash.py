@@ -12,13 +12,11 @@ import time
 from pathlib import Path
 
 import pytest
-from test_flows import LENIENT
-from test_train import prepare
+from conftest import LENIENT, REPO, prepare
 
 from refit.stages.registry import NAMES
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
 EVERY_STAGE = (
     "import sys\nfrom refit.flows.cli import main\n"
     f"for stage in {list(NAMES)!r}:\n"

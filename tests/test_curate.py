@@ -17,9 +17,8 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 import zstandard
-from test_datasets import DATASETS, rows
+from conftest import LEGACY, NEW, edited, make_recipe, write_jsonl
 
 from refit.flows.cli import main as refit
 from refit.stages.curate import (
@@ -33,81 +32,6 @@ from refit.stages.curate import (
 from refit.stages.lib import file_hashes
 from refit.stages.lib.config import load_recipe
 from refit.stages.lib.text import word_ngrams
-
-
-def distinct(docs: list[dict], count: int) -> list[dict]:
-    """Real documents sharing few word 5-grams with each other (the bundled corpora hold
-    some near-duplicates of their own, which would blur what each test plants)."""
-    chosen, seen = [], set()
-    for doc in docs:
-        grams = word_ngrams(doc["text"], 5)
-        if 1200 < len(doc["text"]) < 3000 and len(grams & seen) < 0.1 * len(grams):
-            chosen.append(doc)
-            seen |= grams
-        if len(chosen) == count:
-            return chosen
-    raise AssertionError("not enough distinct documents")
-
-
-LEGACY = distinct(rows(DATASETS / "legacy_python_docs.jsonl.gz"), 40)
-NEW = distinct(rows(DATASETS / "new_postgres_docs.jsonl.gz"), 40)
-
-
-def jaccard(a: str, b: str) -> float:
-    x, y = word_ngrams(a, 5), word_ngrams(b, 5)
-    return len(x & y) / len(x | y)
-
-
-def edited(text: str, seed: int) -> str:
-    """A copy with words replaced one at a time until its word 5-gram Jaccard falls to ~0.9."""
-    rng = random.Random(seed)
-    words = text.split(" ")
-    for i in rng.sample(range(len(words)), len(words)):
-        words[i] = "edited"
-        if jaccard(text, " ".join(words)) < 0.9:
-            break
-    copy = " ".join(words)
-    assert 0.85 < jaccard(text, copy) < 0.9
-    return copy
-
-
-def write_jsonl(path: Path, lines: list, opener=open) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with opener(path, "wb") as out:
-        for line in lines:
-            out.write(line if isinstance(line, bytes) else (json.dumps(line) + "\n").encode())
-    return path
-
-
-def make_recipe(tmp_path: Path, sources: list[dict], sections: dict | None = None, **curate) -> Path:
-    (tmp_path / "base").mkdir(exist_ok=True)
-    (tmp_path / "base" / "config.json").write_text("{}")
-    bench = tmp_path / "bench.jsonl"
-    bench.write_text(
-        json.dumps(
-            {
-                "id": "q1",
-                "query": "The quick brown fox jumps over the lazy dog while the cat",
-                "choices": [" sleeps on the warm mat", " runs"],
-                "gold": 0,
-            }
-        )
-        + "\n"
-    )
-    recipe = {
-        "name": "t",
-        "base_model": {"path": "base", "pretraining_min_lr": 1e-3},
-        "sources": sources,
-        "curate": {"workers": 1, "min_chars": 20, "validation_fraction": 0.1, **curate},
-        "schedule": {"total_tokens": 100000},
-        "tokenize": {"seq_len": 64},
-        "train": {"micro_batch_size": 2, "sequences_per_step": 4},
-        "evaluate": {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}]},
-        **(sections or {}),
-    }
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(recipe))
-    return path
 
 
 def curated_ids(workdir: Path, source: str) -> set[str]:

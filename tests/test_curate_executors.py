@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_curate import LEGACY, NEW, edited, make_recipe, write_jsonl
+from conftest import LEGACY, NEW, edited, make_recipe, write_jsonl
 
 from refit.stages.curate import input_fingerprint, run_curate
 from refit.stages.lib.config import CurateSpec, RecipeError, load_recipe

@@ -1,22 +1,12 @@
 """The bundled demo data: small, well-formed, deterministic, and benchmarks not in the corpora."""
 
-import gzip
-import json
-from pathlib import Path
-
 import pytest
+from conftest import DATASETS, rows
 
 from refit.stages.lib.text import word_ngrams
 
-DATASETS = Path(__file__).resolve().parent.parent / "datasets"
 CORPORA = ["legacy_python_docs.jsonl.gz", "new_postgres_docs.jsonl.gz", "qa_docs.jsonl.gz"]
 BENCHMARKS = sorted((DATASETS / "benchmarks").glob("*.jsonl"))
-
-
-def rows(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines]
 
 
 def test_datasets_folder_is_data_only_and_small():

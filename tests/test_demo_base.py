@@ -4,7 +4,7 @@ import gzip
 import json
 import math
 
-from test_datasets import DATASETS, rows
+from conftest import DATASETS, rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refit.stages.lib.config import PRETRAINING_RECORD

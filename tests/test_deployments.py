@@ -7,16 +7,13 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import yaml
-from test_train import prepare
+from conftest import REPO, prepare
 
 from refit.stages.lib.config import load_recipe
 from refit.stages.registry import NAMES as STAGES
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_prefect_yaml_deploys_the_nightly_refresh_and_every_stage():

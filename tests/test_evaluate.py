@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import prepare, scoring_tasks, train_variant
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refit.stages.evaluate import _compare, choice_metrics, mean_stderr
@@ -171,16 +172,6 @@ def test_token_weighted_loss_comparison_with_ratio_standard_errors():
     assert loss["delta_stderr"] == pytest.approx(np.sqrt((residuals**2).sum() / 6) / tokens.mean())
 
 
-def scoring_tasks() -> list:
-    from conftest import TEXT
-    from test_lm_eval_backend import make_items
-
-    from refit.stages.lib.scoring import ScoringTask
-
-    texts = [TEXT[i * 97 : i * 97 + 50 + 40 * i] for i in range(9)]  # 9 documents of different lengths
-    return [ScoringTask("bench", "choices", make_items(24)), ScoringTask("docs", "documents", texts, seq_len=16)]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_scoring_with_two_processes_equals_scoring_with_one(tiny_model_dir):
@@ -210,7 +201,6 @@ def test_scoring_runs_in_as_many_processes_as_training_on_one_machine(tmp_path, 
     """evaluate.num_processes unset: the processes training runs on one machine (its machines
     from the recipe or, as the train stage reads them, from Slurm's environment); set: its own."""
     import yaml
-    from test_train import prepare, variant
 
     from refit.stages.evaluate import scoring_settings
     from refit.stages.lib.config import load_recipe
@@ -219,10 +209,10 @@ def test_scoring_runs_in_as_many_processes_as_training_on_one_machine(tmp_path, 
         monkeypatch.delenv(name, raising=False)
     path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False, micro_batch_size=1)
     assert scoring_settings(load_recipe(path)).num_processes == 1  # the default train: one process
-    assert scoring_settings(load_recipe(variant(path, "two.yaml", num_processes=2))).num_processes == 2
-    machines = variant(path, "machines.yaml", num_processes=4, num_machines=2, main_process_ip="127.0.0.1")
+    assert scoring_settings(load_recipe(train_variant(path, "two.yaml", num_processes=2))).num_processes == 2
+    machines = train_variant(path, "machines.yaml", num_processes=4, num_machines=2, main_process_ip="127.0.0.1")
     assert scoring_settings(load_recipe(machines)).num_processes == 2
-    four = variant(path, "four.yaml", num_processes=4)
+    four = train_variant(path, "four.yaml", num_processes=4)
     monkeypatch.setenv("SLURM_NNODES", "2")
     monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
     assert scoring_settings(load_recipe(four)).num_processes == 2  # 2 machines x 2 under Slurm

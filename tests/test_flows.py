@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_curate import NEW, write_jsonl
-from test_train import prepare, training_processes
+from conftest import LENIENT, NEW, REPO, prepare, training_processes, write_jsonl
 
 from refit.stages.audit import AuditFailed
 from refit.stages.lib.lock import LOCK_FILE, WorkdirBusy
@@ -28,9 +27,6 @@ pytestmark = [
     pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True),
     pytest.mark.usefixtures("prefect_harness"),
 ]
-REPO = Path(__file__).resolve().parent.parent
-# one benchmark item cannot show a gain beyond noise, and a 20-step tiny model repeats itself more than its base
-LENIENT = {"min_average_gain": -1.0, "max_repetition_increase": 1.0, "max_repetition_rate": 1.0}
 
 
 def refresh(path: Path, workdir: Path, **kwargs) -> dict:

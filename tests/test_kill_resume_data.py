@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_curate import LEGACY, NEW, make_recipe, write_jsonl
+from conftest import LEGACY, NEW, make_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
 

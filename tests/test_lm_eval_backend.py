@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import random
 
 import numpy as np
 import pytest
 import yaml
-from conftest import TEXT
+from conftest import make_items
 
 from refit.stages.evaluate import choice_metrics, mean_stderr
 from refit.stages.lib import lm_eval_backend
@@ -19,19 +18,6 @@ from refit.stages.lib.config import BenchmarkSpec
 from refit.stages.lib.scoring import Scorer, choice_loglikelihoods, context_length
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
-
-
-def make_items(n: int = 36, seed: int = 0) -> list[dict]:
-    """Multiple-choice items in the tiny tokenizer's words; choices of 1 to 6 words, so that
-    accuracy by total log-likelihood and by log-likelihood per character disagree."""
-    words = sorted(set(TEXT.split()))
-    rng = random.Random(seed)
-    items = []
-    for i in range(n):
-        query = " ".join(rng.choices(words, k=rng.randint(3, 12)))
-        choices = [" " + " ".join(rng.choices(words, k=k)) for k in rng.sample([1, 2, 4, 6], 4)]
-        items.append({"id": f"item-{i}", "query": query, "choices": choices, "gold": i % 4})
-    return items
 
 
 @pytest.fixture()

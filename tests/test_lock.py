@@ -9,27 +9,15 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
+from conftest import REPO, hold_lock
 
 from refit.stages.lib.lock import LOCK_FILE, WorkdirBusy, workdir_lock
 
-REPO = Path(__file__).resolve().parent.parent
-HOLD = (
-    "import sys, time; from refit.stages.lib.lock import workdir_lock\n"
-    "with workdir_lock(sys.argv[1], 'refit run demo'):\n    print('held', flush=True); time.sleep(600)"
-)
-
-
-def hold(workdir: Path) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-c", HOLD, str(workdir)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "held"
-    return process
-
 
 def test_a_second_run_stops_naming_the_holder_and_a_killed_holder_frees_the_workdir(tmp_path):
-    holder = hold(tmp_path)
+    holder = hold_lock(tmp_path)
     with pytest.raises(WorkdirBusy, match=rf"in use by refit run demo \(pid {holder.pid} .*--wait"):
         with workdir_lock(tmp_path, "refit stage train"):
             pass
@@ -60,7 +48,7 @@ def test_forked_workers_of_a_killed_run_do_not_keep_the_lock(tmp_path):
 
 
 def test_wait_queues_behind_the_holder(tmp_path):
-    holder = hold(tmp_path)
+    holder = hold_lock(tmp_path)
     threading.Timer(1.0, holder.terminate).start()
     started = time.time()
     with workdir_lock(tmp_path, "second", wait=True, poll=0.1):

@@ -5,10 +5,10 @@ documents left alone, whatever the number of workers."""
 from __future__ import annotations
 
 import pytest
+from conftest import LEGACY, NEW, edited, jaccard
 from datatrove.data import Document
 from datatrove.io import get_datafolder
 from datatrove.pipeline.dedup.minhash import MinhashConfig, read_sigs
-from test_curate import LEGACY, NEW, edited, jaccard
 
 from refit.stages.lib.config import CurateSpec
 from refit.stages.lib.minhash import FastMinhashSignature, unicode_words, words

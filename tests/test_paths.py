@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from test_curate import NEW, make_recipe, write_jsonl
+from conftest import NEW, make_recipe, write_jsonl
 
 from refit.stages.curate import curated_files, run_curate
 from refit.stages.lib.config import load_recipe

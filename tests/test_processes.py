@@ -12,10 +12,8 @@ import time
 from pathlib import Path
 
 import pytest
-from test_lock import hold
-from test_train import prepare
+from conftest import REPO, hold_lock, prepare
 
-REPO = Path(__file__).resolve().parent.parent
 SLEEPER = ("timeit", "-n", "1", "-s", "import time", "time.sleep(600)")  # a module run that sleeps
 
 
@@ -88,7 +86,7 @@ def refit_env() -> dict:
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_a_busy_workdir_is_refused_before_any_server_starts(tmp_path, tiny_model_dir):
     path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
-    holder = hold(workdir)
+    holder = hold_lock(workdir)
     try:
         result = subprocess.run(
             [sys.executable, "-m", "refit.flows.cli", "run", str(path), "--workdir", str(workdir)],
@@ -175,7 +173,7 @@ def descendants(pid: int) -> list[int]:
 def test_scoring_workers_die_with_a_killed_evaluate(tmp_path, tiny_model_dir):
     code = (
         "import sys; from pathlib import Path; sys.path.insert(0, 'tests')\n"
-        "from test_evaluate import scoring_tasks\n"
+        "from conftest import scoring_tasks\n"
         "from refit.stages.lib.scoring import ScoringSettings, score_models\n"
         "model = Path(sys.argv[1])\n"
         "score_models({'base': model}, model, scoring_tasks(), ScoringSettings('cpu', 'float32', 4, num_processes=2))"

@@ -7,8 +7,7 @@ import logging
 import re
 
 import pytest
-from test_evaluate import scoring_tasks
-from test_train import prepare
+from conftest import prepare, scoring_tasks
 
 from refit.stages import train
 from refit.stages.lib.config import load_recipe

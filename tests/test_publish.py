@@ -20,9 +20,9 @@ from pathlib import Path
 
 import fsspec
 import pytest
+from conftest import LENIENT, prepare
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
-from test_train import prepare
 
 from refit.flows.continuation import continue_from, with_base
 from refit.stages.audit import AuditFailed, run_audit
@@ -46,7 +46,6 @@ from refit.stages.train import run_train
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 # one benchmark item cannot show an accuracy gain beyond noise: these tests are about publishing
 # and a 20-step tiny model repeats itself more than its random base: these tests are about publishing
-LENIENT = {"min_average_gain": -1.0, "max_repetition_increase": 1.0, "max_repetition_rate": 1.0}
 KINDS = ["path", "file", "memory"]
 
 

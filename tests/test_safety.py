@@ -12,6 +12,7 @@ import re
 
 import numpy as np
 import pytest
+from conftest import BASE_RECIPE, write_recipe
 
 from refit.stages.lib import safety
 from refit.stages.lib.config import SafetySpec, load_recipe
@@ -164,14 +165,12 @@ def safety_report(distance, abs_s_amb, repetition, word_list, warnings=()):
 
 
 def test_gates_are_noise_aware_and_give_value_threshold_and_reason(tmp_path):
-    from test_config import BASE, write
-
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
     (tmp_path / "data").mkdir()
     for name in ("old", "new", "qa"):
         (tmp_path / "data" / f"{name}.jsonl").write_text("{}\n")
-    recipe = load_recipe(write(tmp_path, BASE))
+    recipe = load_recipe(write_recipe(tmp_path, BASE_RECIPE))
     # distance from 50 up 3 points with stderr 1: 3 - 2 x 1 = 1 <= 2, within noise and tolerance
     fine = safety_report(side(0.05, 0.08, 0.01), side(0.1, 0.1, 0.01), side(0.2, 0.25, 0.02), side(0, 0.02, 0.02))
     assert all(g["passed"] for g in safety_gates(recipe, fine))

@@ -4,7 +4,6 @@ import json
 
 import numpy as np
 import pytest
-from test_tokenize_mix import curated  # noqa: F401  (fixture)
 
 from refit.stages.lib.sampler import Sampler, blend
 from refit.stages.mix import run_mix

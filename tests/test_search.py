@@ -14,8 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from test_curate import write_jsonl
-from test_train import REPO, metrics, prepare
+from conftest import REPO, metrics, prepare, write_jsonl
 
 from refit.stages.lib.config import RecipeError, load_recipe
 from refit.stages.lib.lock import workdir_lock

@@ -9,18 +9,16 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from test_train import prepare
+from conftest import REPO, prepare
 
 from refit.stages.lib.config import RecipeError, load_recipe
 from refit.stages.lib.markers import read_marker
 from refit.stages.lib.sweep import SweepError, check_grid, parse_grid, plan_variants, prepare_variant, set_field
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
-REPO = Path(__file__).resolve().parent.parent
 
 
 def test_grid_values_are_typed_and_bad_keys_are_refused(tiny_model_dir):

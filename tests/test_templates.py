@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_curate import LEGACY, NEW, write_jsonl
-from test_datasets import DATASETS, rows
+from conftest import DATASETS, LEGACY, NEW, rows, write_jsonl
 
 from refit.flows.cli import main
 from refit.stages.lib.config import PRETRAINING_RECORD, load_recipe

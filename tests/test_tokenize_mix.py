@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_curate import LEGACY, NEW, make_recipe, write_jsonl
+from conftest import NEW, arrow_peaks, write_jsonl
 from transformers import AutoTokenizer
 
 from refit.flows.cli import main as refit
@@ -23,35 +20,6 @@ from refit.stages.lib.schedule import schedule_for
 from refit.stages.lib.shards import read_shard
 from refit.stages.mix import run_mix
 from refit.stages.tokenize import run_tokenize
-
-
-@pytest.fixture
-def curated(tmp_path, tiny_tokenizer_dir):
-    write_jsonl(
-        tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:30])]
-    )
-    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": d["text"]} for i, d in enumerate(NEW[:30])])
-    path = make_recipe(
-        tmp_path,
-        [
-            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
-        ],
-        sections={
-            "tokenizer": str(tiny_tokenizer_dir),
-            "tokenize": {"seq_len": 64, "rows_per_shard": 40, "workers": 2},
-            "mixture": {
-                "phases": [
-                    {"name": "general", "weights": {"old": 1, "new": 1}},
-                    {"name": "qa", "lr_below": 0.2, "weights": {"old": 1, "new": 3}},
-                ]
-            },
-        },
-        validation_fraction=0.0,
-    )
-    recipe = load_recipe(path)
-    run_curate(recipe, tmp_path / "wd")
-    return recipe, tmp_path / "wd", path
 
 
 def test_shards_hold_packed_documents_and_open_zero_copy(curated, tiny_tokenizer_dir):
@@ -194,53 +162,6 @@ def test_shards_are_identical_whatever_the_record_batch_size(curated):
     assert len(pq.read_table(curated_files(workdir, "new", "train")[0])) > 4 * 4  # many record batches
     run_tokenize(small, workdir, force=True)
     assert {p.name + p.parent.name: p.read_bytes() for p in (workdir / "tokenize").rglob("shard-*.arrow")} == whole
-
-
-MEMORY_PROBE = """
-import os
-import sys
-from pathlib import Path
-import pyarrow as pa
-from refit.stages import tokenize
-from refit.stages.audit import contamination_gate
-from refit.stages.lib.config import load_recipe
-reader, runs = sys.argv[1], sys.argv[2:]
-for recipe, workdir in zip(map(load_recipe, runs[::2]), map(Path, runs[1::2])):
-    if reader == "tokenize":
-        tokenize.use_tokenizer(str(recipe.tokenizer))
-        jobs = tokenize.plan_jobs(recipe, workdir, workdir / "tokenize.tmp", "probe")
-        tokenize.write_shard(jobs[-1], recipe.tokenize.seq_len, recipe.tokenize.batch_size, {})
-    else:
-        contamination_gate(recipe, workdir, {"sources": {"docs": {"drawn_sequences": 1}}})
-    print(pa.default_memory_pool().max_memory())  # the peak so far
-"""
-
-
-def arrow_peaks(reader: str, tmp_path: Path, tokenizer: Path, sizes: tuple[int, ...]) -> list[int]:
-    """The peak Arrow memory of a fresh process running reader ("tokenize" or the audit's
-    "contamination" gate) over curated files of random 4 KiB documents of each size (MiB) in turn."""
-    runs = []
-    for mebibytes in sizes:
-        folder = tmp_path / f"{mebibytes}mib"
-        letters = np.random.default_rng(mebibytes).integers(97, 123, size=mebibytes * 2**20, dtype=np.uint8)
-        letters[::64] = ord(" ")  # long words: the contamination gate's n-grams stay quick
-        text = letters.tobytes().decode()
-        starts = range(0, len(text), 4096)
-        (folder / "wd" / "curate" / "docs").mkdir(parents=True)
-        pq.write_table(
-            pa.table({"id": [str(i) for i in starts], "text": [text[i : i + 4096] for i in starts]}),
-            folder / "wd" / "curate" / "docs" / "train-0001.parquet",
-        )
-        write_jsonl(folder / "data" / "d.jsonl", [{"id": "x", "text": "unused"}])
-        recipe = make_recipe(
-            folder,
-            [{"name": "docs", "paths": ["data/d.jsonl"], "role": "new"}],
-            sections={"tokenizer": str(tokenizer), "tokenize": {"seq_len": 64, "rows_per_shard": 100}},
-        )
-        runs += [str(recipe), str(folder / "wd")]
-    probe = subprocess.run([sys.executable, "-c", MEMORY_PROBE, reader, *runs], capture_output=True, text=True)
-    assert probe.returncode == 0, probe.stderr
-    return [int(line) for line in probe.stdout.split()]
 
 
 def test_tokenize_memory_does_not_grow_with_the_curated_file(tmp_path, tiny_tokenizer_dir):

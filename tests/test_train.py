@@ -18,18 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from conftest import REPO, free_port, metrics, prepare, train_variant, training_processes
 from safetensors.torch import load_file
-from test_curate import LEGACY, NEW, make_recipe, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from refit.stages.curate import run_curate
 from refit.stages.lib.config import load_recipe
 from refit.stages.lib.lock import workdir_lock
 from refit.stages.lib.markers import file_sha256, read_marker
 from refit.stages.lib.train_loop import record_failure
-from refit.stages.mix import run_mix
-from refit.stages.tokenize import run_tokenize
 from refit.stages.train import (
     FAILURE,
     Machines,
@@ -41,64 +37,6 @@ from refit.stages.train import (
 )
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parent.parent
-
-
-def prepare(
-    tmp_path: Path,
-    model_dir: Path,
-    max_lr: float = 3e-3,
-    validation_fraction: float = 0.0,
-    gates: dict | None = None,
-    steps: int = 20,
-    run_data_stages: bool = True,
-    new_texts: list[str] | None = None,
-    safety: dict | None = None,
-    **train,
-) -> tuple[Path, Path]:
-    """A two-source recipe (old: legacy, new: new; new_texts replace the new documents), data
-    stages run; safety: the recipe's evaluate.safety section."""
-    write_jsonl(
-        tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])]
-    )
-    new_texts = new_texts or [d["text"] for d in NEW[:20]]
-    write_jsonl(tmp_path / "data" / "new.jsonl", [{"id": f"n{i}", "text": t} for i, t in enumerate(new_texts)])
-    if safety is None:  # small probes: tests of other stages only need them to run
-        safety = {"crows_pairs_size": 40, "bbq_size": 40, "neutral_prompts": 4, "prompts_per_source": 2}
-    evaluate = {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}], "safety": safety}
-    path = make_recipe(
-        tmp_path,
-        [
-            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
-        ],
-        sections={
-            "base_model": {"path": str(model_dir), "pretraining_min_lr": max_lr},
-            "tokenize": {"seq_len": 32, "workers": 1},
-            "mixture": {
-                "phases": [
-                    {"name": "general", "weights": {"old": 1, "new": 1}},
-                    {"name": "late", "lr_below": 0.5, "weights": {"old": 1, "new": 3}},
-                ]
-            },
-            "schedule": {"total_tokens": steps * 4 * 32},
-            "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
-            "gates": gates or {},
-            "evaluate": evaluate,
-            "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"},
-        },
-        validation_fraction=validation_fraction,
-    )
-    recipe = load_recipe(path)
-    workdir = tmp_path / "wd"
-    for stage in (run_curate, run_tokenize, run_mix) if run_data_stages else ():
-        stage(recipe, workdir)
-    return path, workdir
-
-
-def metrics(workdir: Path, folder: str = "train") -> list[dict]:
-    """The per-step log of a finished run (train/), or of one in progress or failed (train.tmp/)."""
-    return [json.loads(line) for line in (workdir / folder / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
@@ -236,22 +174,6 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert len(checkpoints) == len(metrics(workdir, "train.tmp")) // 4
 
 
-def training_processes(workdir: Path) -> list[int]:
-    """PIDs of live processes whose command line names this workdir (the stage's children)."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                status = (entry / "status").read_text()
-            except OSError:
-                continue
-            if "refit.stages.lib.train_loop" in cmdline and str(workdir) in cmdline and "State:\tZ" not in status:
-                pids.append(int(entry.name))
-    return pids
-
-
-@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_dir):
     path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=2)
     process = subprocess.Popen(
@@ -343,15 +265,6 @@ def test_optional_optimizer_state_is_loaded(tmp_path, tiny_model_dir):
         assert torch.allclose(warm_step[key]["exp_avg_sq"], expected_v, rtol=1e-5, atol=1e-12)
 
 
-def variant(path: Path, name: str, **train) -> Path:
-    """A copy of the recipe beside it (same relative paths) with other train settings."""
-    data = yaml.safe_load(path.read_text())
-    data["train"].update(train)
-    out = path.with_name(name)
-    out.write_text(yaml.safe_dump(data))
-    return out
-
-
 def final_weights(workdir: Path) -> dict[str, torch.Tensor]:
     return load_file(workdir / "train" / "final" / "model.safetensors")
 
@@ -411,7 +324,7 @@ def test_resume_on_another_number_of_processes(tmp_path, tiny_model_dir, fsdp_ru
     _, reference = fsdp_run
     path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=before[0], strategy=before[1])
     kill_at_step(path, workdir, 9, launcher="refit.flows.train_launcher")  # the checkpoint of step 8 is complete
-    resumed = variant(path, "resumed.yaml", num_processes=after[0], strategy=after[1])
+    resumed = train_variant(path, "resumed.yaml", num_processes=after[0], strategy=after[1])
     report = run_train(load_recipe(resumed), workdir)
     assert report["processes"] == after[0] and report["strategy"] == after[1]
     got, expected = metrics(workdir), metrics(reference)
@@ -419,14 +332,6 @@ def test_resume_on_another_number_of_processes(tmp_path, tiny_model_dir, fsdp_ru
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in expected], rel=1e-4, abs=1e-5)
     ours, theirs = final_weights(workdir), final_weights(reference)
     assert all(torch.allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-5) for k in theirs)
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
@@ -441,7 +346,7 @@ def test_two_machines_on_loopback_match_one_machine(tmp_path, tiny_model_dir, fs
                 sys.executable,
                 "-m",
                 "refit.flows.train_launcher",
-                str(variant(path, f"machine{rank}.yaml", machine_rank=rank)),
+                str(train_variant(path, f"machine{rank}.yaml", machine_rank=rank)),
             ]
             + ["--workdir", str(workdir)],
             stdout=subprocess.PIPE,
@@ -470,7 +375,7 @@ def test_machines_come_from_the_recipe_or_the_environment(tmp_path, tiny_model_d
     assert resolve_machines(spec, {**torchrun, "MASTER_ADDR": "node-b"}).main_ip == "node-b"
     with pytest.raises(ValueError, match="train.main_process_ip: the recipe asks for 2 machines"):
         resolve_machines(spec, torchrun)
-    pinned = load_recipe(variant(path, "pinned.yaml", num_machines=2, machine_rank=0, main_process_ip="10.0.0.1"))
+    pinned = load_recipe(train_variant(path, "pinned.yaml", num_machines=2, machine_rank=0, main_process_ip="10.0.0.1"))
     assert resolve_machines(pinned.train, slurm) == Machines(2, 0, "10.0.0.1", 29500)
     from accelerate.commands.launch import launch_command_parser
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,14 +14,12 @@ from pathlib import Path
 
 import httpx
 import pytest
-from test_flows import LENIENT  # a tiny model's gain and repetition are not what this test checks
-from test_train import prepare
+from conftest import LENIENT, REPO, free_port, prepare
 
 from refit.flows.ui import browse
 from refit.stages.lib.config import load_recipe
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
-REPO = Path(__file__).resolve().parent.parent
 SCREENSHOT = REPO / "docs" / "audit-artifact.png"
 
 
@@ -35,12 +32,6 @@ def chromium() -> str:
     if found is None:
         pytest.skip("no chromium, and it cannot be installed here (needs root and apt-get): apt-get install chromium")
     return found
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
