@@ -420,5 +420,5 @@ STAGE = Stage(
     folder=FOLDER,
     run_function=run_train,
     fingerprint_function=input_fingerprint,
-    takes=("on_progress",),
+    run_only=("on_progress",),
 )

@@ -37,7 +37,7 @@ def test_registry_lists_the_seven_stages_in_an_order_that_respects_what_they_rea
 
 
 def test_a_stage_takes_only_the_options_it_declares(tmp_path):
-    with pytest.raises(ValueError, match="unknown options"):
+    with pytest.raises(ValueError, match=r"unknown input options \['gpu'\]"):
         type(STAGES["curate"])(
             name="x", reads=(), sections=(), folder="x", run_function=print, fingerprint_function=print, takes=("gpu",)
         )
@@ -52,6 +52,41 @@ def test_a_stage_takes_only_the_options_it_declares(tmp_path):
     )
     stage.run(None, tmp_path, StageOptions(force=True, backend="lm-eval", previous_eval={"ignored": 1}))
     assert seen == {"force": True, "backend": "lm-eval"}
+
+
+def test_run_only_options_reach_the_run_and_never_the_fingerprint(tmp_path):
+    """A callback changes no output: declared run-only, it is passed to the run function only,
+    and a stage cannot list it among the options that enter its fingerprint (nor the reverse)."""
+    from dataclasses import fields
+
+    from refit.stages.lib.contract import INPUT_OPTIONS, RUN_ONLY_OPTIONS, Stage
+
+    # every option but force says which kind it is, so none can slip into a fingerprint undeclared
+    assert INPUT_OPTIONS | RUN_ONLY_OPTIONS == {f.name for f in fields(StageOptions)} - {"force"}
+    assert "on_progress" in RUN_ONLY_OPTIONS and {"backend", "previous_eval"} <= INPUT_OPTIONS
+    assert STAGES["train"].run_only == ("on_progress",) and "on_progress" not in STAGES["train"].takes
+    with pytest.raises(ValueError, match=r"unknown input options \['on_progress'\]"):
+        Stage("x", (), (), "x", run_function=print, fingerprint_function=print, takes=("on_progress",))
+    with pytest.raises(ValueError, match=r"unknown run-only options \['backend'\]"):
+        Stage("x", (), (), "x", run_function=print, fingerprint_function=print, run_only=("backend",))
+
+    calls = []
+
+    def run_x(recipe, workdir, force=False, backend="refit", on_progress=None):
+        calls.append(("run", backend, on_progress))
+        return {}
+
+    def fingerprint_x(recipe, workdir, backend="refit"):  # would raise TypeError if handed on_progress
+        calls.append(("fingerprint", backend))
+        return backend
+
+    stage = Stage("x", (), (), "x", run_x, fingerprint_x, takes=("backend",), run_only=("on_progress",))
+    watch = StageOptions(backend="lm-eval", on_progress=print)
+    assert stage.input_fingerprint(None, tmp_path, watch) == stage.input_fingerprint(
+        None, tmp_path, StageOptions(backend="lm-eval")
+    )
+    stage.run(None, tmp_path, watch)
+    assert calls == [("fingerprint", "lm-eval"), ("fingerprint", "lm-eval"), ("run", "lm-eval", print)]
 
 
 def test_code_version_covers_exactly_the_modules_a_stage_imports():

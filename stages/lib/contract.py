@@ -7,25 +7,38 @@ order, and flows, the CLI, fingerprints and the sweep find stages there, never b
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.markers import is_done, output_fingerprint, recover
 
 
+def _input(default):
+    """An option that can change a stage's output: it enters the input fingerprint."""
+    return field(default=default, metadata={"kind": "input"})
+
+
+def _run_only(default):
+    """An option that only watches or steers a run (a callback) and never changes its output:
+    passed to the run function, never to the fingerprint."""
+    return field(default=default, metadata={"kind": "run_only"})
+
+
 @dataclass(frozen=True)
 class StageOptions:
-    """What a run passes to a stage besides the recipe and the workdir. A stage takes the
-    options its `Stage.takes` names and ignores the rest."""
+    """What a run passes to a stage besides the recipe and the workdir. Every option but
+    `force` is declared as an input (fingerprinted) or run-only (never fingerprinted); a
+    stage takes the ones its `Stage.takes` and `Stage.run_only` name and ignores the rest."""
 
     force: bool = False  # rerun even when the output is up to date (curate: start over)
-    backend: str = "refit"  # evaluate: the benchmark scorer, "refit" or "lm-eval"
-    previous_eval: dict | None = None  # audit: the eval report of the published version to beat
-    on_progress: Callable[[dict], None] | None = None  # train: receives the newest metrics line
+    backend: str = _input("refit")  # evaluate: the benchmark scorer, "refit" or "lm-eval"
+    previous_eval: dict | None = _input(None)  # audit: the eval report of the published version to beat
+    on_progress: Callable[[dict], None] | None = _run_only(None)  # train: receives the newest metrics line
 
 
-OPTION_NAMES = frozenset(f.name for f in fields(StageOptions)) - {"force"}
+INPUT_OPTIONS = frozenset(f.name for f in fields(StageOptions) if f.metadata.get("kind") == "input")
+RUN_ONLY_OPTIONS = frozenset(f.name for f in fields(StageOptions) if f.metadata.get("kind") == "run_only")
 
 
 @dataclass(frozen=True)
@@ -37,23 +50,28 @@ class Stage:
     reads: tuple[str, ...]
     sections: tuple[str, ...]
     folder: str
-    run_function: Callable[..., dict]  # (recipe, workdir, force=..., **takes) -> report
+    run_function: Callable[..., dict]  # (recipe, workdir, force=..., **takes, **run_only) -> report
     fingerprint_function: Callable[..., str]  # (recipe, workdir, **takes) -> input fingerprint
-    takes: tuple[str, ...] = ()  # StageOptions fields passed to both functions (besides force)
+    takes: tuple[str, ...] = ()  # input options (StageOptions) passed to both functions
+    run_only: tuple[str, ...] = ()  # run-only options (StageOptions) passed to the run function alone
 
     def __post_init__(self) -> None:
-        if unknown := set(self.takes) - OPTION_NAMES:
-            raise ValueError(f"stage {self.name}: unknown options {sorted(unknown)}")
+        declared = {"input": (self.takes, INPUT_OPTIONS), "run-only": (self.run_only, RUN_ONLY_OPTIONS)}
+        for kind, (names, allowed) in declared.items():
+            if unknown := sorted(set(names) - allowed):
+                raise ValueError(
+                    f"stage {self.name}: unknown {kind} options {unknown} (StageOptions declares input "
+                    f"{sorted(INPUT_OPTIONS)} and run-only {sorted(RUN_ONLY_OPTIONS)})"
+                )
 
     def output(self, workdir: Path) -> Path:
         return Path(workdir) / self.folder
 
-    def _taken(self, options: StageOptions, for_fingerprint: bool) -> dict:
-        names = [n for n in self.takes if not (for_fingerprint and n == "on_progress")]
+    def _options(self, options: StageOptions, names: tuple[str, ...]) -> dict:
         return {name: getattr(options, name) for name in names}
 
     def input_fingerprint(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> str:
-        return self.fingerprint_function(recipe, Path(workdir), **self._taken(options, for_fingerprint=True))
+        return self.fingerprint_function(recipe, Path(workdir), **self._options(options, self.takes))
 
     def is_done(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> bool:
         return is_done(self.output(workdir), self.input_fingerprint(recipe, workdir, options))
@@ -66,4 +84,5 @@ class Stage:
         """Run the stage (a no-op returning its report when up to date) after putting right
         whatever a killed earlier run left in its output folder."""
         recover(self.output(workdir))
-        return self.run_function(recipe, Path(workdir), force=options.force, **self._taken(options, False))
+        taken = self._options(options, self.takes + self.run_only)
+        return self.run_function(recipe, Path(workdir), force=options.force, **taken)
