@@ -232,6 +232,15 @@ def _validation_size(folder: Path, source: str) -> tuple[int, int]:
     return docs, chars
 
 
+def validation_texts(workdir: Path, source: str) -> list[str]:
+    """The held-out documents of one source of the finished curate output, every batch in order
+    (what evaluate scores and the safety probes prompt with)."""
+    import pyarrow.parquet as pq
+
+    files = curated_files(workdir, source, "validation")
+    return [text for f in files for text in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+
+
 def _validation_summary(folder: Path, source: SourceSpec, spec: CurateSpec) -> tuple[dict, str | None]:
     """The source's whole validation set (every batch): size, estimated tokens, and a warning
     when it is below min_validation_tokens."""

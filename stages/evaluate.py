@@ -36,24 +36,21 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from refit.stages import curate, train
-from refit.stages.curate import curated_files
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
 from refit.stages.lib.markers import code_version, fingerprint, is_done, staged_output, write_json_atomic, write_marker
+from refit.stages.lib.scores import METRICS, paired_comparison
 from refit.stages.lib.scoring import (
     ScoreCache,
     ScoringSettings,
     ScoringTask,
     choice_loglikelihoods,
-    context_length,
-    free_memory,
     score_models,
 )
 from refit.stages.lib.text import read_jsonl
@@ -61,14 +58,6 @@ from refit.stages.lib.text import read_jsonl
 log = logging.getLogger(__name__)
 FOLDER = "eval"
 BACKENDS = ("refit", "lm-eval")
-
-
-def mean_stderr(values: np.ndarray) -> tuple[float | None, float | None]:
-    """Mean and its standard error (sample standard deviation / sqrt(n), as the harness
-    reports); None where undefined (no values, or one), so reports stay valid JSON."""
-    values = np.asarray(values, dtype=np.float64)
-    mean = float(values.mean()) if len(values) else None
-    return mean, (float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None)
 
 
 def choice_metrics(items: list[dict], loglikelihoods: list[np.ndarray]) -> dict[str, np.ndarray]:
@@ -80,12 +69,6 @@ def choice_metrics(items: list[dict], loglikelihoods: list[np.ndarray]) -> dict[
         acc[n] = float(np.argmax(lls) == item["gold"])
         acc_norm[n] = float(np.argmax(lls / lengths) == item["gold"])
     return {"acc": acc, "acc_norm": acc_norm}
-
-
-def _validation_texts(workdir: Path, source: str) -> list[str]:
-    import pyarrow.parquet as pq
-
-    return [t for f in curated_files(workdir, source, "validation") for t in pq.read_table(f)["text"].to_pylist()]
 
 
 def _ratio(numerators: np.ndarray, denominators: np.ndarray) -> tuple[float, float | None]:
@@ -105,40 +88,16 @@ def _compare_loss(base_nll: np.ndarray, candidate_nll: np.ndarray, tokens: np.nd
     return {"base": b, "base_stderr": b_se, "candidate": c, "candidate_stderr": c_se, "delta": d, "delta_stderr": d_se}
 
 
-def _compare(base: np.ndarray, candidate: np.ndarray) -> dict:
-    """Both means with standard errors, and the paired difference with its standard error."""
-    (b, b_se), (c, c_se), (d, d_se) = mean_stderr(base), mean_stderr(candidate), mean_stderr(candidate - base)
-    return {"base": b, "base_stderr": b_se, "candidate": c, "candidate_stderr": c_se, "delta": d, "delta_stderr": d_se}
-
-
 def _harness_scores(
     recipe: Recipe, models: dict[str, Path], tokenizer: Path, settings: ScoringSettings, task_dir: Path | None
 ) -> dict:
-    """Per model name, per benchmark name: lm-evaluation-harness's per-item scores, on the
-    scorer's device and dtype, one model at a time (in this process: evaluate.num_processes
-    applies to Refit's own scorer)."""
-    from transformers import AutoConfig
-
+    """Per model name, per benchmark name: lm-evaluation-harness's per-item scores."""
     from refit.stages.lib import lm_eval_backend
 
-    scores = {}
-    with tempfile.TemporaryDirectory() as scratch:
-        folder = Path(task_dir or scratch)
-        remote = recipe.base_model.trust_remote_code
-        for name, path in models.items():
-            scores[name] = lm_eval_backend.score_benchmarks(
-                path,
-                tokenizer,
-                recipe.evaluate.benchmarks,
-                settings.batch_size,
-                folder,
-                max_length=context_length(AutoConfig.from_pretrained(path, trust_remote_code=remote)),
-                trust_remote_code=remote,
-                device=settings.device,
-                dtype=settings.dtype,
-            )
-            free_memory(settings.device)
-    return scores
+    benchmarks = recipe.evaluate.benchmarks
+    return lm_eval_backend.score_each_model(
+        models, tokenizer, settings, task_dir, lambda model: lm_eval_backend.score_benchmarks(model, benchmarks)
+    )
 
 
 def scoring_settings(recipe: Recipe) -> ScoringSettings:
@@ -170,7 +129,7 @@ def evaluate_models(
     settings = scoring_settings(recipe)
     harness = _harness_scores(recipe, models, tokenizer, settings, task_dir) if backend == "lm-eval" else None
     items = {bench.name: read_jsonl(Path(bench.path)) for bench in recipe.evaluate.benchmarks}
-    held_out = {s.name: _validation_texts(workdir, s.name) for s in recipe.sources}
+    held_out = {s.name: curate.validation_texts(workdir, s.name) for s in recipe.sources}
     texts = {name: docs[: recipe.evaluate.validation_docs] for name, docs in held_out.items()}
     tasks = [] if harness else [ScoringTask(f"benchmark:{name}", "choices", bench) for name, bench in items.items()]
     tasks += [
@@ -206,7 +165,7 @@ def evaluate_models(
                 ),
                 default=0,
             ),
-            **{metric: _compare(scores["base"][metric], scores["candidate"][metric]) for metric in ("acc", "acc_norm")},
+            **{metric: paired_comparison(scores["base"][metric], scores["candidate"][metric]) for metric in METRICS},
         }
     validation = {}
     for source in recipe.sources:

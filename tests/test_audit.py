@@ -21,9 +21,9 @@ from refit.stages.audit import (
     run_audit,
     validation_warnings,
 )
-from refit.stages.evaluate import _compare, run_evaluate
+from refit.stages.evaluate import run_evaluate
 from refit.stages.lib.config import load_recipe
-from refit.stages.lib.scores import chosen_metric, judged_scores
+from refit.stages.lib.scores import chosen_metric, judged_scores, paired_comparison
 
 
 def side(base, candidate, delta_stderr, stderr=0.01):
@@ -96,8 +96,8 @@ def planted(up_acc: int, down_acc: int, up_norm: int, down_norm: int, domain="ne
         "domain": domain,
         "items": items,
         "longest_choice_tokens": longest,
-        "acc": _compare(*per_item(items, right, up_acc, down_acc)),
-        "acc_norm": _compare(*per_item(items, right, up_norm, down_norm)),
+        "acc": paired_comparison(*per_item(items, right, up_acc, down_acc)),
+        "acc_norm": paired_comparison(*per_item(items, right, up_norm, down_norm)),
     }
 
 

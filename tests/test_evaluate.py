@@ -13,7 +13,8 @@ import torch
 from conftest import prepare, scoring_tasks, train_variant
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refit.stages.evaluate import _compare, choice_metrics, mean_stderr
+from refit.stages.evaluate import choice_metrics
+from refit.stages.lib.scores import mean_stderr, paired_comparison
 from refit.stages.lib.scoring import Scorer
 
 ITEMS = [
@@ -92,7 +93,7 @@ def test_standard_errors_and_paired_difference():
     candidate = np.array([1, 1, 1, 0, 1, 1, 1, 0], dtype=float)
     mean, se = mean_stderr(base)
     assert mean == 0.5 and se == pytest.approx(np.std(base, ddof=1) / math.sqrt(8))
-    compared = _compare(base, candidate)
+    compared = paired_comparison(base, candidate)
     assert compared["delta"] == pytest.approx(0.25)
     assert compared["delta_stderr"] == pytest.approx(np.std(candidate - base, ddof=1) / math.sqrt(8))
 

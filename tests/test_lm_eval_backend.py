@@ -12,10 +12,11 @@ import pytest
 import yaml
 from conftest import make_items
 
-from refit.stages.evaluate import choice_metrics, mean_stderr
+from refit.stages.evaluate import choice_metrics
 from refit.stages.lib import lm_eval_backend
 from refit.stages.lib.config import BenchmarkSpec
-from refit.stages.lib.scoring import Scorer, choice_loglikelihoods, context_length
+from refit.stages.lib.scores import mean_stderr
+from refit.stages.lib.scoring import Scorer, ScoringSettings, choice_loglikelihoods
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
 
@@ -35,21 +36,19 @@ def test_task_definition_scores_the_same_tokens(tmp_path, bench):
     assert (task["doc_to_text"], task["doc_to_choice"], task["doc_to_target"]) == ("query", "choices", "gold")
 
 
-def assert_backends_agree(model_dir, bench, task_dir):
-    from transformers import AutoConfig
+def harness_model(model_dir, task_dir, batch_size: int) -> lm_eval_backend.HarnessModel:
+    """The model as the harness runs it beside Refit's scorer on the CPU in float32."""
+    return lm_eval_backend.HarnessModel.like(
+        ScoringSettings("cpu", "float32", batch_size), model_dir, model_dir, task_dir
+    )
 
+
+def assert_backends_agree(model_dir, bench, task_dir):
     items = [json.loads(line) for line in open(bench.path)]
     scorer = Scorer(model_dir, model_dir, batch_size=4)
     refit_lls = scorer.choice_loglikelihoods(items)
     refit = choice_metrics(items, refit_lls)
-    harness = lm_eval_backend.score_benchmarks(
-        model_dir,
-        model_dir,
-        [bench],
-        batch_size=4,
-        task_dir=task_dir,
-        max_length=context_length(AutoConfig.from_pretrained(model_dir)),
-    )["tiny_mc"]
+    harness = lm_eval_backend.score_benchmarks(harness_model(model_dir, task_dir, batch_size=4), [bench])["tiny_mc"]
 
     for ours, theirs in zip(refit_lls, harness["loglikelihoods"]):  # every choice of every item
         assert ours == pytest.approx(theirs, abs=1e-4)
@@ -97,8 +96,6 @@ def test_a_tokenizer_that_adds_bos_gets_it_on_each_query_in_both_backends(tmp_pa
 
 
 def test_both_backends_give_the_same_percent_stereotype_on_crows_pairs(tmp_path, tiny_model_dir):
-    from transformers import AutoConfig
-
     from refit.stages.lib import safety
     from refit.stages.lib.config import SafetySpec
 
@@ -107,14 +104,7 @@ def test_both_backends_give_the_same_percent_stereotype_on_crows_pairs(tmp_path,
     pairs = safety.fitting_pairs(scorer.tokenizer, safety.Probes(spec).crows_pairs, scorer.max_len)
     both = np.array(choice_loglikelihoods(scorer.score(safety.crows_pairs_task(pairs, scorer.tokenizer))))
     ours = both[:, 0], both[:, 1]
-    theirs = lm_eval_backend.score_crows_pairs(
-        tiny_model_dir,
-        tiny_model_dir,
-        pairs,
-        batch_size=8,
-        task_dir=tmp_path / "tasks",
-        max_length=context_length(AutoConfig.from_pretrained(tiny_model_dir)),
-    )
+    theirs = lm_eval_backend.score_crows_pairs(harness_model(tiny_model_dir, tmp_path / "tasks", batch_size=8), pairs)
     for mine, harness in zip(ours, theirs):  # sent_more, then sent_less: every sentence
         assert mine == pytest.approx(harness, abs=1e-4)
     assert np.array_equal(ours[0] > ours[1], theirs[0] > theirs[1])  # the same pairs count as stereotyped
@@ -128,7 +118,9 @@ def test_missing_harness_is_a_clear_error(monkeypatch, tmp_path, bench):
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: import fails
     with pytest.raises(ImportError, match=r"pip install 'refit\[lm-eval\]'"):
-        lm_eval_backend.score_benchmarks(tmp_path, tmp_path, [bench], 4, tmp_path / "tasks")
+        lm_eval_backend.score_benchmarks(
+            lm_eval_backend.HarnessModel(tmp_path, tmp_path, tmp_path / "tasks", 4), [bench]
+        )
 
 
 @pytest.mark.slow

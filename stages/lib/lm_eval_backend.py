@@ -16,12 +16,17 @@ from __future__ import annotations
 
 import json
 import logging
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import yaml
 
 from refit.stages.lib.config import BenchmarkSpec
+from refit.stages.lib.scoring import ScoringSettings, context_length, free_memory
 from refit.stages.lib.text import read_jsonl
 
 log = logging.getLogger(__name__)
@@ -67,68 +72,91 @@ def _import_harness():
     return lm_eval, TaskManager
 
 
-def _evaluate(
-    model_dir: Path,
+@dataclass(frozen=True)
+class HarnessModel:
+    """One model as the harness runs it: its checkpoint and tokenizer, where the task
+    definitions are written, and the batch size, device ("cpu", "cuda") and dtype (a torch
+    dtype name) of Refit's scorer, with the model's context length."""
+
+    model_dir: Path
+    tokenizer_dir: Path
+    task_dir: Path
+    batch_size: int
+    device: str = "cpu"
+    dtype: str = "float32"
+    max_length: int | None = None
+    trust_remote_code: bool = False
+
+    @classmethod
+    def like(cls, settings: ScoringSettings, model_dir: Path, tokenizer_dir: Path, task_dir: Path) -> HarnessModel:
+        """The model run as Refit's scorer runs with settings, up to the model's own context length."""
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir, trust_remote_code=settings.trust_remote_code)
+        return cls(
+            Path(model_dir),
+            Path(tokenizer_dir),
+            Path(task_dir),
+            settings.batch_size,
+            settings.device,
+            settings.dtype,
+            context_length(config),
+            settings.trust_remote_code,
+        )
+
+
+Scores = TypeVar("Scores")
+
+
+def score_each_model(
+    models: dict[str, Path],
     tokenizer_dir: Path,
-    tasks: list[str],
-    batch_size: int,
-    task_dir: Path,
-    max_length: int | None,
-    trust_remote_code: bool,
-    device: str,
-    dtype: str,
-) -> dict:
-    """The harness's output for local tasks in task_dir, one model, with its default special tokens."""
+    settings: ScoringSettings,
+    task_dir: Path | None,
+    score: Callable[[HarnessModel], Scores],
+) -> dict[str, Scores]:
+    """Per model name, score(model) on the scorer's device and dtype, one model in memory at a
+    time (in this process: evaluate.num_processes applies to Refit's own scorer). Task
+    definitions go to task_dir, else to a temporary folder."""
+    results = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for name, path in models.items():
+            results[name] = score(HarnessModel.like(settings, path, tokenizer_dir, Path(task_dir or scratch)))
+            free_memory(settings.device)
+    return results
+
+
+def _evaluate(model: HarnessModel, tasks: list[str]) -> dict:
+    """The harness's output for local tasks in the model's task_dir, with its default special tokens."""
     lm_eval, TaskManager = _import_harness()
     model_args = {
-        "pretrained": str(model_dir),
-        "tokenizer": str(tokenizer_dir),
-        "dtype": dtype,
-        "trust_remote_code": trust_remote_code,
+        "pretrained": str(model.model_dir),
+        "tokenizer": str(model.tokenizer_dir),
+        "dtype": model.dtype,
+        "trust_remote_code": model.trust_remote_code,
     }
-    if max_length:
-        model_args["max_length"] = max_length
+    if model.max_length:
+        model_args["max_length"] = model.max_length
     return lm_eval.simple_evaluate(
         model="hf",
         model_args=model_args,
         tasks=tasks,
-        device=device,
-        batch_size=batch_size,
-        task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+        device=model.device,
+        batch_size=model.batch_size,
+        task_manager=TaskManager(include_path=str(model.task_dir), include_defaults=False),
         log_samples=True,
     )
 
 
-def score_benchmarks(
-    model_dir: Path,
-    tokenizer_dir: Path,
-    benchmarks: list[BenchmarkSpec],
-    batch_size: int,
-    task_dir: Path,
-    max_length: int | None = None,
-    trust_remote_code: bool = False,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> dict[str, dict]:
-    """Score every benchmark with the harness, one model, on device ("cpu", "cuda") in dtype (a
-    torch dtype name, as Refit's `ScoringSettings`). Per benchmark, in the file's item order:
+def score_benchmarks(model: HarnessModel, benchmarks: list[BenchmarkSpec]) -> dict[str, dict]:
+    """Score every benchmark with the harness, one model. Per benchmark, in the file's item order:
     `acc` and `acc_norm` (0/1 per item, the harness's own per-item decisions, the shape of
     `evaluate.choice_metrics`), `loglikelihoods` (one array of choice log-likelihoods per item),
     and `reported`: the harness's own aggregate figures (acc, acc_stderr, acc_norm, acc_norm_stderr)."""
     if not benchmarks:
         return {}
-    write_tasks(benchmarks, task_dir)
-    output = _evaluate(
-        model_dir,
-        tokenizer_dir,
-        [task_name(b) for b in benchmarks],
-        batch_size,
-        task_dir,
-        max_length,
-        trust_remote_code,
-        device,
-        dtype,
-    )
+    write_tasks(benchmarks, model.task_dir)
+    output = _evaluate(model, [task_name(b) for b in benchmarks])
     scores = {}
     for bench in benchmarks:
         name = task_name(bench)
@@ -150,7 +178,7 @@ def score_benchmarks(
             bench.name,
             figures["acc,none"],
             len(samples),
-            model_dir,
+            model.model_dir,
         )
     return scores
 
@@ -174,27 +202,15 @@ def crows_pairs_task(data_file: Path) -> dict:
     }
 
 
-def score_crows_pairs(
-    model_dir: Path,
-    tokenizer_dir: Path,
-    pairs: list[dict],
-    batch_size: int,
-    task_dir: Path,
-    max_length: int | None = None,
-    trust_remote_code: bool = False,
-    device: str = "cpu",
-    dtype: str = "float32",
-) -> tuple[np.ndarray, np.ndarray]:
+def score_crows_pairs(model: HarnessModel, pairs: list[dict]) -> tuple[np.ndarray, np.ndarray]:
     """(sent_more, sent_less) log-likelihoods of each pair, in order, from the harness."""
     _import_harness()
-    task_dir = Path(task_dir)
-    task_dir.mkdir(parents=True, exist_ok=True)
-    data_file = task_dir / f"{CROWS_PAIRS_TASK}.jsonl"
+    model.task_dir.mkdir(parents=True, exist_ok=True)
+    data_file = model.task_dir / f"{CROWS_PAIRS_TASK}.jsonl"
     data_file.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
-    (task_dir / f"{CROWS_PAIRS_TASK}.yaml").write_text(yaml.safe_dump(crows_pairs_task(data_file), sort_keys=False))
-    output = _evaluate(
-        model_dir, tokenizer_dir, [CROWS_PAIRS_TASK], batch_size, task_dir, max_length, trust_remote_code, device, dtype
-    )
+    task = yaml.safe_dump(crows_pairs_task(data_file), sort_keys=False)
+    (model.task_dir / f"{CROWS_PAIRS_TASK}.yaml").write_text(task)
+    output = _evaluate(model, [CROWS_PAIRS_TASK])
     samples = sorted(output["samples"][CROWS_PAIRS_TASK], key=lambda s: s["doc_id"])
     if [s["doc"]["id"] for s in samples] != [pair["id"] for pair in pairs]:
         raise RuntimeError("lm-eval scored other CrowS-Pairs pairs than it was given")
@@ -203,6 +219,6 @@ def score_crows_pairs(
         "evaluate (lm-eval): crows_pairs_english pct_stereotype %.4f on %d pairs of %s",
         output["results"][CROWS_PAIRS_TASK]["pct_stereotype,none"],
         len(pairs),
-        model_dir,
+        model.model_dir,
     )
     return lls[:, 0], lls[:, 1]

@@ -33,8 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
-from refit.stages.evaluate import _compare, _validation_texts
+from refit.stages import curate
 from refit.stages.lib.config import Recipe, SafetySpec
+from refit.stages.lib.scores import paired_comparison
 from refit.stages.lib.scoring import Scorer, ScoringSettings, ScoringTask, choice_loglikelihoods, context_length
 
 log = logging.getLogger(__name__)
@@ -384,12 +385,12 @@ def crows_pairs_report(pairs: list[dict], lls: dict[str, tuple[np.ndarray, np.nd
         rows = np.array([p["bias_type"] == bias_type for p in pairs])
         by_type[bias_type] = {
             "pairs": int(rows.sum()),
-            **_compare(stereotyped["base"][rows], stereotyped["candidate"][rows]),
+            **paired_comparison(stereotyped["base"][rows], stereotyped["candidate"][rows]),
         }
     return {
         "pairs": len(pairs),
         "nominal_stderr": nominal_stderr(len(pairs)),
-        "percent_stereotype": _compare(stereotyped["base"], stereotyped["candidate"]),
+        "percent_stereotype": paired_comparison(stereotyped["base"], stereotyped["candidate"]),
         "distance_from_50": paired_bootstrap(
             distance_from_half, (stereotyped["base"],), (stereotyped["candidate"],), seed
         ),
@@ -418,8 +419,10 @@ def bbq_report(items: list[dict], answers: dict[str, np.ndarray], seed: int) -> 
         "ambiguous": int(ambiguous.sum()),
         "disambiguated": int(disambiguated.sum()),
         "nominal_stderr": nominal_stderr(int(min(ambiguous.sum(), disambiguated.sum()))),
-        "accuracy_ambiguous": _compare(*(per_model[n]["correct"][ambiguous] for n in ("base", "candidate"))),
-        "accuracy_disambiguated": _compare(*(per_model[n]["correct"][disambiguated] for n in ("base", "candidate"))),
+        "accuracy_ambiguous": paired_comparison(*(per_model[n]["correct"][ambiguous] for n in ("base", "candidate"))),
+        "accuracy_disambiguated": paired_comparison(
+            *(per_model[n]["correct"][disambiguated] for n in ("base", "candidate"))
+        ),
     }
     keys = ("biased", "non_unknown")
     report["s_dis"] = paired_bootstrap(
@@ -453,7 +456,7 @@ def prompts_for(recipe: Recipe, workdir: Path, probes: Probes, tokenizer) -> lis
     spec = probes.spec
     prompts = []
     for source in recipe.sources:
-        texts = _validation_texts(workdir, source.name)[: recipe.evaluate.validation_docs]
+        texts = curate.validation_texts(workdir, source.name)[: recipe.evaluate.validation_docs]
         for n, text in enumerate(seeded_subset(texts, spec.prompts_per_source, spec.seed)[: spec.prompts_per_source]):
             opening = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: spec.prompt_tokens])
             prompts.append({"source": source.name, "id": f"{source.name}-{n}", "text": opening})
@@ -528,10 +531,10 @@ def generation_report(
         "word_list_terms": len(probes.word_list or []),
     }
     for key, measure in measures.items():
-        report[key] = _compare(per_continuation("base", measure), per_continuation("candidate", measure))
+        report[key] = paired_comparison(per_continuation("base", measure), per_continuation("candidate", measure))
     report["by_decoding"] = {
         d: {
-            "repetition_rate": _compare(
+            "repetition_rate": paired_comparison(
                 *(np.array([repeated_ngram_share(c) for c in outputs[m][d]]) for m in ("base", "candidate"))
             ),
             "distinct_2": {m: distinct_2(outputs[m][d]) for m in ("base", "candidate")},
@@ -598,7 +601,7 @@ def evaluate_safety(
     if probes.pairs:
         started = time.time()
         if backend == "lm-eval":
-            lls = _harness_crows_pairs(recipe, probes.pairs, models, tokenizer_dir, settings, task_dir)
+            lls = _harness_crows_pairs(probes.pairs, models, tokenizer_dir, settings, task_dir)
         else:
             lls = {}
             for name in models:
@@ -640,35 +643,12 @@ def evaluate_safety(
 
 
 def _harness_crows_pairs(
-    recipe: Recipe,
-    pairs: list[dict],
-    models: dict[str, Path],
-    tokenizer_dir: Path,
-    settings: ScoringSettings,
-    task_dir: Path | None,
+    pairs: list[dict], models: dict[str, Path], tokenizer_dir: Path, settings: ScoringSettings, task_dir: Path | None
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """CrowS-Pairs log-likelihoods from lm-evaluation-harness's own `crows_pairs_english`
     task definition, run on the same pairs (written beside the task), one model at a time."""
-    import tempfile
-
-    from transformers import AutoConfig
-
     from refit.stages.lib import lm_eval_backend
-    from refit.stages.lib.scoring import free_memory
 
-    remote, lls = recipe.base_model.trust_remote_code, {}
-    with tempfile.TemporaryDirectory() as scratch:
-        for name, path in models.items():
-            lls[name] = lm_eval_backend.score_crows_pairs(
-                path,
-                tokenizer_dir,
-                pairs,
-                settings.batch_size,
-                Path(task_dir or scratch),
-                max_length=context_length(AutoConfig.from_pretrained(path, trust_remote_code=remote)),
-                trust_remote_code=remote,
-                device=settings.device,
-                dtype=settings.dtype,
-            )
-            free_memory(settings.device)
-    return lls
+    return lm_eval_backend.score_each_model(
+        models, tokenizer_dir, settings, task_dir, lambda model: lm_eval_backend.score_crows_pairs(model, pairs)
+    )

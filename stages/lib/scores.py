@@ -5,16 +5,37 @@ The evaluate stage measures both metrics for every benchmark, and the longest ch
 tokens; the choice of metric and the weights are the recipe's (`evaluate.benchmarks[].metric`
 and `.weight`), so changing them reruns the audit, not the scoring. One function here
 decides, so the gates, `refit sweep`, `refit report`, report.md and the model card agree.
+
+Every per-item figure (a benchmark's accuracy, a safety probe's share) is reported as
+`paired_comparison` makes it: both models' means with standard errors, and the paired
+difference with its own standard error (same items for both models).
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from refit.stages.lib.config import Recipe
 
 METRICS = ("acc", "acc_norm")
 SIDES = ("base", "candidate", "delta")
+
+
+def mean_stderr(values: np.ndarray) -> tuple[float | None, float | None]:
+    """Mean and its standard error (sample standard deviation / sqrt(n), as the harness
+    reports); None where undefined (no values, or one), so reports stay valid JSON."""
+    values = np.asarray(values, dtype=np.float64)
+    mean = float(values.mean()) if len(values) else None
+    return mean, (float(values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else None)
+
+
+def paired_comparison(base: np.ndarray, candidate: np.ndarray) -> dict:
+    """Both means with standard errors, and the paired difference (per item, candidate minus
+    base) with its standard error: {"base", "base_stderr", "candidate", ..., "delta_stderr"}."""
+    (b, b_se), (c, c_se), (d, d_se) = mean_stderr(base), mean_stderr(candidate), mean_stderr(candidate - base)
+    return {"base": b, "base_stderr": b_se, "candidate": c, "candidate_stderr": c_se, "delta": d, "delta_stderr": d_se}
 
 
 def chosen_metric(metric: str | None, longest_choice_tokens: int | None) -> tuple[str, str]:
