@@ -302,7 +302,7 @@ def trained(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
 @pytest.fixture
 def curated(tmp_path, tiny_tokenizer_dir):
     """(recipe, workdir, recipe path) of two curated sources of 30 documents each, nothing held
-    out, ready for tokenize (4 shards of 40 rows, 2 workers) and mix."""
+    out, ready for tokenize (shards of 40 rows, 2 workers) and mix."""
     from refit.stages.curate import run_curate
     from refit.stages.lib.config import load_recipe
 

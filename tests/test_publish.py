@@ -44,8 +44,6 @@ from refit.stages.publish import (
 from refit.stages.train import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
-# one benchmark item cannot show an accuracy gain beyond noise: these tests are about publishing
-# and a 20-step tiny model repeats itself more than its random base: these tests are about publishing
 KINDS = ["path", "file", "memory"]
 
 
