@@ -35,13 +35,17 @@ def refresh(path: Path, workdir: Path, **kwargs) -> dict:
     return refresh_flow(recipe=str(path), workdir=str(workdir), **kwargs)
 
 
-def artifact(key: str):
+def artifact(key: str, flow_run_id=None):
+    """The artifact's versions, newest first; with flow_run_id, only those that flow run made."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
+    by_run = ArtifactFilterFlowRunId(any_=[flow_run_id]) if flow_run_id else None
     with get_client(sync_client=True) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])))
-    return sorted(found, key=lambda a: a.created, reverse=True)  # newest version first
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]), flow_run_id=by_run)
+        )
+    return sorted(found, key=lambda a: a.created, reverse=True)
 
 
 def flow_runs(flow_name: str):
@@ -55,17 +59,26 @@ def flow_runs(flow_name: str):
 
 @pytest.fixture(scope="module")
 def refreshed(tmp_path_factory, tiny_model_dir):
-    """One full refresh from raw data, shared by the tests that build on it (in file order)."""
+    """One full refresh from raw data, shared by the tests that build on it: (recipe path,
+    workdir, the flow's result, its flow run id). The tests run in any order, alone or
+    together: each takes the state it starts from (the latest version, the curated batch)
+    from the workdir and the registry, not from what the others did before it."""
     tmp = tmp_path_factory.mktemp("flow")
     path, workdir = prepare(tmp, tiny_model_dir, validation_fraction=0.3, gates=LENIENT, run_data_stages=False)
     spec = yaml.safe_load(path.read_text())
     spec["sources"][1]["paths"] = ["data/new*.jsonl"]  # files added later join the source
     path.write_text(yaml.safe_dump(spec))
-    return path, workdir, refresh(path, workdir)
+    state = refresh(path, workdir, return_state=True)
+    return path, workdir, state.result(), state.state_details.flow_run_id
+
+
+def latest(path: Path) -> str:
+    """The version the registry's `latest` names now."""
+    return (path.parent / "registry" / "tiny" / "latest").read_text().strip()
 
 
 def test_full_refresh_runs_every_stage_and_shows_the_audit_in_the_ui(refreshed):
-    path, workdir, result = refreshed
+    path, workdir, result, run_id = refreshed
     assert result["stages"] == dict.fromkeys(
         ["curate", "tokenize", "mix", "train", "evaluate", "audit", "publish"], "Completed"
     )
@@ -74,13 +87,15 @@ def test_full_refresh_runs_every_stage_and_shows_the_audit_in_the_ui(refreshed):
         and (path.parent / "registry" / "tiny" / "v0001" / "SHA256SUMS").is_file()
     )
     assert result["audit"]["passed"]
-    markdown = artifact("audit-t")
-    assert markdown and markdown[0].type == "markdown" and "# Audit" in markdown[0].data
-    assert "data:image/png;base64," in markdown[0].data  # the plots travel with the report
-    gates = artifact("gates-t")[0]
+    (markdown,) = artifact("audit-t", run_id)  # what this flow run showed, whatever ran since
+    assert markdown.type == "markdown" and "# Audit" in markdown.data and "PASSED" in markdown.data
+    assert "data:image/png;base64," in markdown.data  # the plots travel with the report
+    (gates,) = artifact("gates-t", run_id)
     assert gates.type == "table" and "forgetting:old" in json.dumps(gates.data)
-    assert artifact("training-t")[0].type == "progress" and float(artifact("training-t")[0].data) == 100.0
-    assert artifact("published-tiny")[0].type == "markdown" and "v0001" in artifact("published-tiny")[0].data
+    (training,) = artifact("training-t", run_id)
+    assert training.type == "progress" and float(training.data) == 100.0
+    (published,) = artifact("published-tiny", run_id)
+    assert published.type == "markdown" and "v0001" in published.data
     names = [run.name for run in flow_runs("refit-refresh")]
     assert any(name.startswith(f"t-refresh-{time.strftime('%Y-%m-%d')}") for name in names)
 
@@ -88,32 +103,34 @@ def test_full_refresh_runs_every_stage_and_shows_the_audit_in_the_ui(refreshed):
 def test_report_prints_the_verdict_and_where_to_read_more(refreshed, capsys):
     from refit.flows.cli import main as refit
 
-    _, workdir, _ = refreshed
+    path, workdir, _, _ = refreshed
     assert refit(["report", str(workdir)]) == 0
     out = capsys.readouterr().out
-    assert "audit of t: PASSED" in out and "pass  forgetting:old" in out and "published: v0001" in out
+    assert "audit of t: PASSED" in out and "pass  forgetting:old" in out and f"published: {latest(path)}" in out
     assert f"full report: {workdir / 'audit' / 'report.md'}" in out
 
 
 def test_unchanged_rerun_is_all_cached_and_touches_nothing(refreshed):
-    path, workdir, _ = refreshed
+    path, workdir, _, _ = refreshed
+    registry = path.parent / "registry" / "tiny"
 
     def stage_outputs() -> list[Path]:  # not the lock's holder record nor Prefect's results: the stages'
         return sorted(p for p in workdir.rglob("*") if p.is_file() and not p.relative_to(workdir).parts[0][0] == ".")
 
-    outputs = stage_outputs()
+    outputs, published, versions = stage_outputs(), latest(path), sorted(p.name for p in registry.iterdir())
     before = {p: p.stat().st_mtime_ns for p in outputs}
     again = refresh(path, workdir)
     assert set(again["stages"].values()) == {"Cached"}
-    assert again["published"]["version"] == "v0001"
+    assert again["published"]["version"] == published
     assert (
         stage_outputs() == outputs and {p: p.stat().st_mtime_ns for p in outputs} == before
     )  # no stage wrote anything
-    assert sorted(p.name for p in (path.parent / "registry" / "tiny").iterdir()) == ["latest", "v0001"]
+    assert sorted(p.name for p in registry.iterdir()) == versions
 
 
 def test_forced_stage_reruns_with_its_successors_only(refreshed):
-    path, workdir, _ = refreshed
+    path, workdir, _, _ = refreshed
+    published = latest(path)
     audit_before = (workdir / "audit" / "_SUCCESS.json").stat().st_mtime_ns
     result = refresh(path, workdir, force=["evaluate"])
     assert result["stages"] == {
@@ -126,11 +143,12 @@ def test_forced_stage_reruns_with_its_successors_only(refreshed):
         "publish": "Completed",
     }
     assert (workdir / "audit" / "_SUCCESS.json").stat().st_mtime_ns > audit_before
-    assert result["published"] == {**result["published"], "version": "v0001", "already_published": True}
+    assert result["published"] == {**result["published"], "version": published, "already_published": True}
 
 
 def test_second_run_on_a_busy_workdir_stops_or_waits_and_nothing_is_corrupted(refreshed):
-    path, workdir, _ = refreshed
+    path, workdir, _, _ = refreshed
+    published = latest(path)
     outcome = {}
     first = threading.Thread(target=lambda: outcome.setdefault("first", refresh(path, workdir, force=["train"])))
     first.start()
@@ -143,28 +161,31 @@ def test_second_run_on_a_busy_workdir_stops_or_waits_and_nothing_is_corrupted(re
     waiting.start()
     first.join(timeout=300)
     waiting.join(timeout=300)
-    assert outcome["first"]["stages"]["train"] == "Completed" and outcome["first"]["published"]["version"] == "v0001"
+    assert outcome["first"]["stages"]["train"] == "Completed"
+    assert outcome["first"]["published"]["version"] == published  # retrained bitwise the same: nothing new
     assert set(outcome["waited"]["stages"].values()) == {"Cached"}  # ran after the first, not beside it
 
 
 def test_nightly_continues_from_the_latest_version_with_new_files_only_curated(refreshed):
-    path, workdir, _ = refreshed
-    registry = path.parent / "registry" / "tiny"
+    path, workdir, _, _ = refreshed
+    registry, previous = path.parent / "registry" / "tiny", latest(path)
+    batch = json.loads((workdir / "curate" / "report.json").read_text())["batch"]
     write_jsonl(
         path.parent / "data" / "new2.jsonl", [{"id": f"m{i}", "text": d["text"]} for i, d in enumerate(NEW[20:30])]
     )
     result = refresh(path, workdir)
-    assert result["base_model"] == str(registry / "v0001")
-    assert "latest published version v0001" in result["continuation"]
+    assert result["base_model"] == str(registry / previous)
+    assert f"latest published version {previous}" in result["continuation"]
     curate = json.loads((workdir / "curate" / "report.json").read_text())
     assert (
         curate["incremental"]
-        and curate["batch"] == 2
+        and curate["batch"] == batch + 1
         and curate["sources"]["new"]["files"] == [str(path.parent / "data" / "new2.jsonl")]
     )
     audit = json.loads((workdir / "audit" / "report.json").read_text())
     assert "above_previous_version" in {g["name"] for g in audit["gates"]}
-    assert result["published"]["version"] == "v0002" and (registry / "latest").read_text().strip() == "v0002"
+    following = f"v{int(previous[1:]) + 1:04d}"
+    assert result["published"]["version"] == following and latest(path) == following
     assert set(refresh(path, workdir)["stages"].values()) == {"Cached"}  # the next night, nothing new
 
 
@@ -172,7 +193,7 @@ def test_a_pinned_base_is_kept_whatever_was_published(refreshed):
     from refit.flows.continuation import continue_from
     from refit.stages.lib.config import load_recipe
 
-    path, workdir, _ = refreshed
+    path, workdir, _, _ = refreshed
     recipe = load_recipe(path)
     assert (path.parent / "registry" / "tiny" / "v0001").is_dir()  # there is a version to continue from
     pinned = recipe.model_copy(update={"base_model": recipe.base_model.model_copy(update={"pin": True})})
@@ -190,7 +211,7 @@ def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, 
     from refit.stages.lib.config import load_recipe
     from refit.stages.registry import StageOptions
 
-    path, workdir, _ = refreshed
+    path, workdir, _, _ = refreshed
     real, calls = refit.stages.mix.build_manifest, []
 
     def flaky(*args, **kwargs):
