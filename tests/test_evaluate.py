@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import prepare, scoring_tasks, train_variant
+import yaml
+from conftest import make_items, prepare, scoring_tasks, train_variant, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from refit.stages.evaluate import choice_metrics
@@ -34,15 +35,31 @@ ITEMS = [
 ]
 
 
-def direct_logprob(model_dir, query: str, choice: str) -> float:
-    """Sum of log p(choice tokens | query), one unpadded sequence at a time."""
+def direct_logprobs(model_dir, items: list[dict]) -> list[np.ndarray]:
+    """Per item, per choice: sum of log p(choice tokens | query), one unpadded sequence at a time."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    context = tokenizer(query, add_special_tokens=False)["input_ids"]
-    whole = tokenizer(query + choice, add_special_tokens=False)["input_ids"]
-    with torch.no_grad():
-        logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0], dim=-1)
-    return float(sum(logprobs[i - 1, whole[i]] for i in range(len(context), len(whole))))
+    scores = []
+    for item in items:
+        context = tokenizer(item["query"], add_special_tokens=False)["input_ids"]
+        lls = []
+        for choice in item["choices"]:
+            whole = tokenizer(item["query"] + choice, add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                logprobs = torch.log_softmax(model(input_ids=torch.tensor([whole])).logits[0], dim=-1)
+            lls.append(float(sum(logprobs[i - 1, whole[i]] for i in range(len(context), len(whole)))))
+        scores.append(np.array(lls))
+    return scores
+
+
+def direct_correctness(model_dir, items: list[dict]) -> dict[str, np.ndarray]:
+    """Per item, 1.0 where the gold choice wins: by total log-likelihood (acc) and per character
+    of the choice (acc_norm), from `direct_logprobs`."""
+    acc, acc_norm = [], []
+    for item, lls in zip(items, direct_logprobs(model_dir, items)):
+        acc.append(float(np.argmax(lls) == item["gold"]))
+        acc_norm.append(float(np.argmax(lls / np.array([len(c) for c in item["choices"]])) == item["gold"]))
+    return {"acc": np.array(acc), "acc_norm": np.array(acc_norm)}
 
 
 def test_choice_loglikelihoods_match_a_direct_computation_at_any_batch_size(tiny_model_dir):
@@ -53,7 +70,7 @@ def test_choice_loglikelihoods_match_a_direct_computation_at_any_batch_size(tiny
         for choice in item["choices"]:
             requests.append((context, scorers[0].encode(item["query"] + choice)[len(context) :]))
     one, four = (np.array([lp.sum() for lp in s.continuation_logprobs(requests)]) for s in scorers)
-    expected = [direct_logprob(tiny_model_dir, i["query"], c) for i in ITEMS for c in i["choices"]]
+    expected = np.concatenate(direct_logprobs(tiny_model_dir, ITEMS))
     assert one == pytest.approx(expected, abs=1e-4)
     assert four == pytest.approx(expected, abs=1e-4)  # right padding does not leak into scores
 
@@ -61,8 +78,7 @@ def test_choice_loglikelihoods_match_a_direct_computation_at_any_batch_size(tiny
 def test_acc_and_acc_norm_follow_the_harness_definitions(tiny_model_dir):
     scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=8)
     scores = choice_metrics(ITEMS, scorer.choice_loglikelihoods(ITEMS))
-    for n, item in enumerate(ITEMS):
-        lls = np.array([direct_logprob(tiny_model_dir, item["query"], c) for c in item["choices"]])
+    for n, (item, lls) in enumerate(zip(ITEMS, direct_logprobs(tiny_model_dir, ITEMS))):
         assert scores["acc"][n] == float(np.argmax(lls) == item["gold"])
         per_char = lls / np.array([len(c) for c in item["choices"]])
         assert scores["acc_norm"][n] == float(np.argmax(per_char) == item["gold"])
@@ -101,22 +117,68 @@ def test_standard_errors_and_paired_difference():
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_stage_reports_base_and_candidate_side_by_side(trained):
+    """Three benchmarks of 16 items, each figure checked against the per-item correctness of both
+    models computed here, one unpadded sequence at a time: means, standard errors (sample
+    standard deviation / sqrt(n)), paired differences, and the weighted averages the audit uses."""
+    from refit.stages import train
     from refit.stages.evaluate import run_evaluate
     from refit.stages.lib.config import load_recipe
+    from refit.stages.lib.scores import judged_scores
 
     path, workdir = trained
+    spec = yaml.safe_load(path.read_text())
+    counted = {"a": ("new", "acc", 2.0), "b": ("new", None, 1.0), "c": ("legacy", "acc_norm", 0.5)}
+    items = {name: make_items(16, seed) for seed, name in enumerate(counted, 1)}
+    for name, (domain, metric, weight) in counted.items():
+        write_jsonl(path.parent / f"{name}.jsonl", items[name])
+    spec["evaluate"]["benchmarks"] = [
+        {"name": name, "path": f"{name}.jsonl", "domain": domain, "metric": metric, "weight": weight}
+        for name, (domain, metric, weight) in counted.items()
+    ]
+    path.write_text(yaml.safe_dump(spec))
     recipe = load_recipe(path)
     report = run_evaluate(recipe, workdir)
-    (bench,) = report["benchmarks"].values()
-    assert bench["items"] == 1 and set(bench["acc"]) == {
-        "base",
-        "base_stderr",
-        "candidate",
-        "candidate_stderr",
-        "delta",
-        "delta_stderr",
-    }
-    assert bench["longest_choice_tokens"] >= 1  # what the default metric is chosen by
+
+    def stderr(values):
+        return np.std(values, ddof=1) / np.sqrt(len(values))
+
+    models = {"base": recipe.base_model.path, "candidate": train.final_model(workdir)}
+    correct = {name: {m: direct_correctness(models[m], bench) for m in models} for name, bench in items.items()}
+    tokenizer = AutoTokenizer.from_pretrained(models["base"])
+    unpaired_differs = False
+    assert list(report["benchmarks"]) == list(counted)
+    for name, bench in report["benchmarks"].items():
+        longest = max(
+            len(tokenizer(c, add_special_tokens=False)["input_ids"]) for i in items[name] for c in i["choices"]
+        )
+        assert bench["items"] == 16 and bench["longest_choice_tokens"] == longest  # what picks the default metric
+        for metric in ("acc", "acc_norm"):
+            base, candidate = correct[name]["base"][metric], correct[name]["candidate"][metric]
+            assert bench[metric] == pytest.approx(
+                {
+                    "base": base.mean(),
+                    "base_stderr": stderr(base),
+                    "candidate": candidate.mean(),
+                    "candidate_stderr": stderr(candidate),
+                    "delta": (candidate - base).mean(),
+                    "delta_stderr": stderr(candidate - base),  # paired: the same items for both models
+                }
+            ), (name, metric)
+            unpaired = np.sqrt(stderr(base) ** 2 + stderr(candidate) ** 2)
+            unpaired_differs |= 0 < stderr(candidate - base) < 0.8 * unpaired
+    assert unpaired_differs  # some items changed, and they tell a paired standard error from an unpaired one
+
+    judged = judged_scores(recipe, report)
+    chosen = {"a": "acc", "b": "acc_norm", "c": "acc_norm"}  # b: choices of several tokens
+    assert {name: b["metric"] for name, b in judged["benchmarks"].items()} == chosen
+    weights = {name: weight for name, (_, _, weight) in counted.items()}
+    for key, metric_of in (("average", chosen), ("average_acc", dict.fromkeys(chosen, "acc"))):
+        for side in ("base", "candidate", "delta"):
+            figures = {name: report["benchmarks"][name][metric_of[name]] for name in chosen}
+            total = sum(weights.values())
+            mean = sum(weights[n] * f[side] for n, f in figures.items()) / total
+            error = np.sqrt(sum((weights[n] * f[f"{side}_stderr"]) ** 2 for n, f in figures.items())) / total
+            assert judged[key][side] == pytest.approx(mean) and judged[key][f"{side}_stderr"] == pytest.approx(error)
     assert set(report["validation"]) == {"old", "new"}
     for source in report["validation"].values():
         assert source["docs"] > 0 and source["base_bits_per_byte"] > 0
