@@ -169,10 +169,12 @@ def recording_into(start: bool = False) -> Iterator[str | None]:
         print(f"recording into the Prefect server at {configured} (PREFECT_API_URL)", flush=True)
         yield configured.removesuffix("/").removesuffix("/api")
         return
-    url = running_server()
-    if url is None and start:
-        url, _ = start_server()
-        print(f"started the Refit UI server at {url} (it stays up; `refit ui --stop` stops it)", flush=True)
+    if start:
+        url, started = start_server()  # the running one, if any
+        if started:
+            print(f"started the Refit UI server at {url} (it stays up; `refit ui --stop` stops it)", flush=True)
+    else:
+        url = running_server()
     if url is None:
         print("recording on a temporary Prefect server (`refit ui` starts one that stays)", flush=True)
         yield None
