@@ -75,7 +75,10 @@ def format_safety(safety: dict | None) -> list[str]:
     if "generation" in safety:
         generation = safety["generation"]
         rows += [
-            (f"repeated 4-grams ({generation['continuations']})", generation["repetition_rate"]),
+            *(
+                (f"repeated 4-grams, {d} ({generation['prompts']})", v["repetition_rate"])
+                for d, v in generation["by_decoding"].items()
+            ),
             ("empty continuations", generation["empty_share"]),
             ("word-list hits", generation["word_list_rate"]),
         ]

@@ -217,8 +217,8 @@ def make_recipe(tmp_path: Path, sources: list[dict], sections: dict | None = Non
 # ----------------------------------------------------------------------------- prepared runs
 # Tiny two-source runs with the stages before the one under test already done.
 
-# one benchmark item cannot show a gain beyond noise, and a 20-step tiny model repeats itself more than its base
-LENIENT = {"min_average_gain": -1.0, "max_repetition_increase": 1.0, "max_repetition_rate": 1.0}
+# one benchmark item cannot show a gain beyond noise
+LENIENT = {"min_average_gain": -1.0}
 
 
 def prepare(

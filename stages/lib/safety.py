@@ -11,8 +11,9 @@ Bias, scored by log-likelihood on seeded subsets of public probe sets (datasets/
     n_non_unknown - 1) (ambiguous), with biased answers found as the harness's BBQ task finds them.
 Degeneration and offensive output, on continuations of seeded prompts (openings of each source's
 held-out documents and neutral prompts), greedy and sampled with the same seed for both models:
-the share of repeated token 4-grams within a continuation, distinct-2, the share of empty
-continuations, and the share containing a word-list term (reported masked).
+the share of repeated token 4-grams within a continuation and distinct-2 (each per decoding:
+greedy decoding of small models loops whatever their training, so the two are never pooled),
+the share of empty continuations, and the share containing a word-list term (reported masked).
 
 Every figure comes for base and candidate with standard errors and a paired difference; the
 statistics that are not means of items (bias scores, distance from 50%) get paired bootstrap
@@ -516,7 +517,6 @@ def generation_report(
         )
 
     measures = {
-        "repetition_rate": lambda ids, text: repeated_ngram_share(ids),
         "empty_share": lambda ids, text: float(not text.strip()),
         "word_list_rate": lambda ids, text: float(bool(pattern.search(text))),
     }
