@@ -282,7 +282,10 @@ def _wait(
                 log.warning("train: progress report failed: %s", error)
         if code is not None:
             return code
-        time.sleep(POLL_SECONDS)
+        try:  # returns as soon as the launcher exits, not at the next poll
+            process.wait(timeout=POLL_SECONDS)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def run_train(

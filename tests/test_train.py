@@ -97,6 +97,7 @@ def kill_at_step(
     assert training_processes(workdir) == [], "training processes outlived the killed stage"
 
 
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)  # resuming knows no architecture
 def test_sigkill_before_and_after_the_switch_resumes_bitwise(tmp_path, tiny_model_dir):
     reference_path, reference = prepare(tmp_path / "ref", tiny_model_dir)
     run_train(load_recipe(reference_path), reference)
@@ -174,6 +175,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, tiny
     assert len(checkpoints) == len(metrics(workdir, "train.tmp")) // 4
 
 
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_dir):
     path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=2)
     process = subprocess.Popen(
