@@ -9,6 +9,10 @@ checkpoints, metrics) is swapped into `<workdir>/train/` only when complete, so 
 model stays until then. Rerunning the stage resumes from the latest complete checkpoint in
 the staging folder; `force` starts over from the base model.
 
+Before launching, it packs a fixed held-out set (`validation.arrow`: the first curated
+validation documents of each source, train.validation_tokens in all) whose mean loss the
+training processes compute at every checkpoint (`val_loss` in metrics.jsonl and the report).
+
 On several machines, one launcher runs on each (`python -m refit.flows.train_launcher RECIPE`,
 e.g. under `srun` or torchrun, see deployments/train.sbatch), all on a shared workdir: machine 0
 prepares the job and writes the stage's output, the others wait for its job and launch
@@ -33,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping
 
-from refit.stages import mix
+import numpy as np
+
+from refit.stages import curate, mix, tokenize
 from refit.stages.lib import lifeline
 from refit.stages.lib.config import Recipe, TrainSpec
 from refit.stages.lib.contract import Stage
@@ -50,6 +56,7 @@ from refit.stages.lib.markers import (
 )
 from refit.stages.lib.progress import Progress
 from refit.stages.lib.remote_code import check_loadable_config
+from refit.stages.lib.shards import token_dtype, write_rows
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +66,7 @@ WORKER = "refit.stages.lib.train_loop"  # the training process, one per device
 JOB = "job.json"
 FAILURE = "failure.txt"  # why the training processes stopped, written by a failing rank
 FINAL_SHA256 = "final_sha256.json"  # sha256 of the exported weights, hashed as they were written
+VALIDATION = "validation.arrow"  # the held-out rows the training processes score at every checkpoint
 POLL_SECONDS = 2.0  # how often the launcher reads the metrics log
 PROGRESS_SECONDS = 10.0  # at most one progress line this often
 
@@ -247,7 +255,45 @@ def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
         "base_model": recipe.base_model.model_dump(mode="json"),
         "base_files": base_model_listing(Path(recipe.base_model.path)),
     }
-    return fingerprint("train", sections, [mix.STAGE.produced(workdir, "train")], code_version(__name__))
+    upstream = [curate.STAGE.produced(workdir, "train"), mix.STAGE.produced(workdir, "train")]
+    return fingerprint("train", sections, upstream, code_version(__name__))
+
+
+def write_validation_set(recipe: Recipe, workdir: Path, out: Path) -> dict:
+    """Pack the first curated validation documents of each source, in order, into rows of
+    tokenize.seq_len (documents joined by EOS, as tokenize packs training data), with
+    train.validation_tokens shared out equally between the sources that have some, and write
+    them to out atomically in the shard format. Returns the report's account of it: rows and
+    documents per source, the sources without validation documents, or why there is none."""
+    out.unlink(missing_ok=True)
+    if not recipe.train.validation_tokens:
+        return {"off": "train.validation_tokens is 0"}
+    texts = {source.name: curate.validation_texts(workdir, source.name) for source in recipe.sources}
+    without = [name for name, docs in texts.items() if not docs]
+    present = [name for name, docs in texts.items() if docs]
+    if not present:
+        return {"off": "no source has validation documents (curate held none out)"}
+    tokenizer = tokenize.load_tokenizer(tokenize.tokenizer_dir(recipe))
+    seq_len = recipe.tokenize.seq_len
+    rows_in_all = recipe.train.validation_tokens // seq_len
+    pieces, sources = [], {}
+    for i, name in enumerate(present):
+        wanted = (rows_in_all // len(present) + (i < rows_in_all % len(present))) * seq_len
+        stream: list[int] = []
+        docs = 0
+        for text in texts[name]:
+            if len(stream) >= wanted:
+                break
+            stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+            docs += 1
+        rows = min(wanted, len(stream)) // seq_len
+        pieces.append(np.asarray(stream[: rows * seq_len], dtype=np.int64))
+        sources[name] = {"docs": docs, "held_out_docs": len(texts[name]), "rows": rows}
+    flat = np.concatenate(pieces)
+    if not len(flat):
+        return {"off": f"the validation documents fill no row of {seq_len} tokens", "sources": sources}
+    write_rows(out, flat, seq_len, token_dtype(len(tokenizer)), {"seq_len": str(seq_len)})
+    return {"rows": len(flat) // seq_len, "tokens": len(flat), "sources": sources, "sources_without_documents": without}
 
 
 def _wait(
@@ -325,6 +371,10 @@ def run_train(
             "failure": FAILURE,
             "final_sha256": FINAL_SHA256,
         }
+        held_out = write_validation_set(recipe, workdir, job_dir / VALIDATION)
+        job["validation"] = None if "off" in held_out else VALIDATION
+        job["validation_set"] = held_out
+        _log_validation_set(held_out)
         write_json_atomic(job_dir / JOB, job)
         started = time.time()
         _run_processes(recipe, job_dir, on_progress, machines)
@@ -335,6 +385,36 @@ def run_train(
             job_dir, "train", expected, started, code_version(__name__), known_sha256=_hashed_when_written(job_dir)
         )
     return read_report(workdir)
+
+
+def _log_validation_set(held_out: dict) -> None:
+    if "off" in held_out:
+        log.warning("train: no validation loss at checkpoints: %s", held_out["off"])
+        return
+    log.info(
+        "train: validation loss at every checkpoint on %d rows (%d tokens) of %s",
+        held_out["rows"],
+        held_out["tokens"],
+        ", ".join(f"{name}: {s['rows']}" for name, s in held_out["sources"].items()),
+    )
+    if held_out["sources_without_documents"]:
+        log.warning(
+            "train: no validation documents for %s: the validation loss leaves them out",
+            ", ".join(held_out["sources_without_documents"]),
+        )
+
+
+def _validation_report(job_dir: Path, metrics: list[dict]) -> dict:
+    """What was held out and its loss at each checkpoint (after that many optimizer steps)."""
+    held_out = json.loads((job_dir / JOB).read_text())["validation_set"]
+    if "off" in held_out:
+        return held_out
+    scored = [m for m in metrics if "val_loss" in m]
+    return {
+        **held_out,
+        "losses": [{"checkpoint": m["step"] + 1, "val_loss": m["val_loss"]} for m in scored],
+        "seconds_per_pass": round(sum(m["val_seconds"] for m in scored) / len(scored), 3) if scored else None,
+    }
 
 
 def _total_steps(job_dir: Path) -> int:
@@ -384,6 +464,7 @@ def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -
         "spikes": state["spikes"],
         "final_loss": metrics[-1]["loss"],
         "first_loss": metrics[0]["loss"],
+        "validation": _validation_report(job_dir, metrics),
         "processes": recipe.train.num_processes,
         "machines": machines.count,
         "strategy": recipe.train.strategy,
@@ -418,7 +499,7 @@ def _wait_for_job(job_file: Path, expected: str, timeout: float = 600.0, every: 
 
 STAGE = Stage(
     name="train",
-    reads=("mix",),
+    reads=("curate", "mix"),
     sections=("base_model", "train"),
     folder=FOLDER,
     run_function=run_train,

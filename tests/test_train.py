@@ -38,9 +38,42 @@ from refit.stages.train import (
 
 pytestmark = pytest.mark.slow
 
+# 30% of the documents held out, 65 rows of them scored at each checkpoint: 33 of old, 32 of new,
+# and under 2 processes 33 against 32 rows, so one process makes a forward pass that counts for nothing
+HELD_OUT = {"validation_fraction": 0.3, "validation_tokens": 65 * 32}
+
+
+def held_out_loss(model: torch.nn.Module, workdir: Path) -> float:
+    """The mean token loss of the held-out rows the run scored, one row at a time."""
+    from refit.stages.lib.shards import read_shard
+
+    rows = torch.from_numpy(read_shard(workdir / "train" / "validation.arrow").astype("int64"))
+    model.eval()
+    with torch.no_grad():
+        return sum(model(input_ids=row[None], labels=row[None]).loss.item() for row in rows) / len(rows)
+
+
+def checkpoint_model(base: Path, checkpoint: Path, scratch: Path) -> torch.nn.Module:
+    """The base architecture with a checkpoint's weights, read from its DCP shards."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, scratch / "checkpoint.pt")
+    model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
+    model.load_state_dict(torch.load(scratch / "checkpoint.pt", weights_only=True)["model"])
+    return model
+
+
+def validation_losses(workdir: Path) -> dict[int, float]:
+    """The validation loss logged at each checkpoint, by checkpoint step."""
+    return {m["step"] + 1: m["val_loss"] for m in metrics(workdir) if "val_loss" in m}
+
+
+def final_model_loss(workdir: Path) -> float:
+    return held_out_loss(AutoModelForCausalLM.from_pretrained(workdir / "train" / "final"), workdir)
+
 
 def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
-    path, workdir = prepare(tmp_path, tiny_model_dir)
+    path, workdir = prepare(tmp_path, tiny_model_dir, **HELD_OUT)
     report = run_train(load_recipe(path), workdir)
     manifest = json.loads((workdir / "mix" / "manifest.json").read_text())
     planned = manifest["phases"][1]["start_step"]
@@ -60,6 +93,17 @@ def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
     assert sorted(p.name for p in (workdir / "train" / "checkpoints").iterdir()) == [
         f"step-{s:08d}" for s in (4, 8, 12, 16, 20)
     ]
+    # the validation loss at every checkpoint, scored by the training process on the checkpoint's weights
+    logged = validation_losses(workdir)
+    assert list(logged) == [4, 8, 12, 16, 20]
+    for step, loss in logged.items():
+        model = checkpoint_model(tiny_model_dir, workdir / "train" / "checkpoints" / f"step-{step:08d}", tmp_path)
+        assert loss == pytest.approx(held_out_loss(model, workdir), rel=0, abs=1e-5)
+    assert logged[20] < logged[4]
+    validation = report["validation"]
+    assert (validation["rows"], validation["tokens"], validation["sources_without_documents"]) == (65, 65 * 32, [])
+    assert {name: s["rows"] for name, s in validation["sources"].items()} == {"old": 33, "new": 32}
+    assert validation["losses"] == [{"checkpoint": s, "val_loss": v} for s, v in logged.items()]
     assert run_train(load_recipe(path), workdir) == report  # done: not trained again
 
 
@@ -99,17 +143,17 @@ def kill_at_step(
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)  # resuming knows no architecture
 def test_sigkill_before_and_after_the_switch_resumes_bitwise(tmp_path, tiny_model_dir):
-    reference_path, reference = prepare(tmp_path / "ref", tiny_model_dir)
+    reference_path, reference = prepare(tmp_path / "ref", tiny_model_dir, **HELD_OUT)
     run_train(load_recipe(reference_path), reference)
     expected = metrics(reference)
     switch = json.loads((reference / "mix" / "manifest.json").read_text())["phases"][1]["start_step"]
-    path, workdir = prepare(tmp_path / "killed", tiny_model_dir)
+    path, workdir = prepare(tmp_path / "killed", tiny_model_dir, **HELD_OUT)
     kill_at_step(path, workdir, switch - 1)  # just before the switch
     kill_at_step(path, workdir, switch + 1)  # just after it
     run_train(load_recipe(path), workdir)
     got = metrics(workdir)
-    assert [(m["step"], m["loss"], m["lr"], m["phase"]) for m in got] == [
-        (m["step"], m["loss"], m["lr"], m["phase"]) for m in expected
+    assert [(m["step"], m["loss"], m["lr"], m["phase"], m.get("val_loss")) for m in got] == [
+        (m["step"], m["loss"], m["lr"], m["phase"], m.get("val_loss")) for m in expected
     ]
     final, ref = (
         load_file(workdir / "train/final/model.safetensors"),
@@ -150,12 +194,15 @@ def test_a_manifest_that_disagrees_with_the_lr_trigger_stops_training(tmp_path, 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_two_gloo_processes_match_one(tmp_path, tiny_model_dir):
-    one_path, one = prepare(tmp_path / "one", tiny_model_dir)
-    two_path, two = prepare(tmp_path / "two", tiny_model_dir, num_processes=2)
+    one_path, one = prepare(tmp_path / "one", tiny_model_dir, **HELD_OUT)
+    two_path, two = prepare(tmp_path / "two", tiny_model_dir, num_processes=2, **HELD_OUT)
     run_train(load_recipe(one_path), one)
     run_train(load_recipe(two_path), two)
     losses_one, losses_two = [m["loss"] for m in metrics(one)], [m["loss"] for m in metrics(two)]
     assert losses_two == pytest.approx(losses_one, rel=1e-4, abs=1e-5)
+    # the held-out rows split over 2 processes (33 and 32) score what one process scores on the same weights
+    assert validation_losses(two)[20] == pytest.approx(final_model_loss(two), rel=0, abs=1e-5)
+    assert list(validation_losses(two).values()) == pytest.approx(list(validation_losses(one).values()), rel=1e-4)
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
@@ -274,16 +321,20 @@ def final_weights(workdir: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def fsdp_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     """(recipe, workdir) of an uninterrupted FSDP run with 2 processes, which several tests compare against."""
-    path, workdir = prepare(tmp_path_factory.mktemp("fsdp"), tiny_model_dir, strategy="fsdp", num_processes=2)
+    path, workdir = prepare(
+        tmp_path_factory.mktemp("fsdp"), tiny_model_dir, strategy="fsdp", num_processes=2, **HELD_OUT
+    )
     run_train(load_recipe(path), workdir)
     return path, workdir
 
 
 def test_fsdp_matches_ddp_with_two_processes(tmp_path, tiny_model_dir, fsdp_run):
-    ddp_path, ddp = prepare(tmp_path, tiny_model_dir, num_processes=2)
+    ddp_path, ddp = prepare(tmp_path, tiny_model_dir, num_processes=2, **HELD_OUT)
     run_train(load_recipe(ddp_path), ddp)
     _, fsdp = fsdp_run
     assert [m["loss"] for m in metrics(fsdp)] == pytest.approx([m["loss"] for m in metrics(ddp)], rel=0, abs=1e-5)
+    assert validation_losses(fsdp)[20] == pytest.approx(final_model_loss(fsdp), rel=0, abs=1e-5)
+    assert list(validation_losses(fsdp).values()) == pytest.approx(list(validation_losses(ddp).values()), abs=1e-5)
     planned = json.loads((fsdp / "mix" / "manifest.json").read_text())["phases"][1]["start_step"]
     report = json.loads((fsdp / "train" / "report.json").read_text())
     assert [s["step"] for s in report["switches"]] == [planned] and report["strategy"] == "fsdp"
@@ -306,12 +357,12 @@ def test_fsdp_matches_ddp_with_two_processes(tmp_path, tiny_model_dir, fsdp_run)
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_sigkill_under_fsdp_then_rerun_is_bitwise_equal(tmp_path, tiny_model_dir, fsdp_run):
     _, reference = fsdp_run
-    path, workdir = prepare(tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, keep_checkpoints=2)
+    path, workdir = prepare(tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, keep_checkpoints=2, **HELD_OUT)
     kill_at_step(path, workdir, 13, launcher="refit.flows.train_launcher")
     assert not (workdir / "train").exists()  # nothing swapped in before the run is complete
     run_train(load_recipe(path), workdir)
-    assert [(m["step"], m["loss"], m["lr"], m["phase"]) for m in metrics(workdir)] == [
-        (m["step"], m["loss"], m["lr"], m["phase"]) for m in metrics(reference)
+    assert [(m["step"], m["loss"], m["lr"], m["phase"], m.get("val_loss")) for m in metrics(workdir)] == [
+        (m["step"], m["loss"], m["lr"], m["phase"], m.get("val_loss")) for m in metrics(reference)
     ]
     ours, theirs = final_weights(workdir), final_weights(reference)
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -324,7 +375,7 @@ def test_resume_on_another_number_of_processes(tmp_path, tiny_model_dir, fsdp_ru
     """DCP reshards the checkpoint; the data order is a function of the step alone, so the
     losses go on as the uninterrupted run's, within the tolerance of 1 against 2 processes."""
     _, reference = fsdp_run
-    path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=before[0], strategy=before[1])
+    path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=before[0], strategy=before[1], **HELD_OUT)
     kill_at_step(path, workdir, 9, launcher="refit.flows.train_launcher")  # the checkpoint of step 8 is complete
     resumed = train_variant(path, "resumed.yaml", num_processes=after[0], strategy=after[1])
     report = run_train(load_recipe(resumed), workdir)
@@ -341,7 +392,7 @@ def test_two_machines_on_loopback_match_one_machine(tmp_path, tiny_model_dir, fs
     """Two launchers, as srun or torchrun would start one per machine, one process each."""
     _, reference = fsdp_run
     machines = dict(num_processes=2, num_machines=2, main_process_ip="127.0.0.1", main_process_port=free_port())
-    path, workdir = prepare(tmp_path, tiny_model_dir, strategy="fsdp", **machines)
+    path, workdir = prepare(tmp_path, tiny_model_dir, strategy="fsdp", **machines, **HELD_OUT)
     launchers = [
         subprocess.Popen(
             [
@@ -508,7 +559,9 @@ def test_two_machines_through_torchrun_rendezvous_match_one_machine(tmp_path, ti
     """The README's torchrun command on two "machines" (loopback): torchrun's c10d rendezvous
     ranks the launchers and tells them machine 0's address; the recipe names no machine."""
     _, reference = fsdp_run
-    path, workdir = prepare(tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, main_process_port=free_port())
+    path, workdir = prepare(
+        tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, main_process_port=free_port(), **HELD_OUT
+    )
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1"]
     torchrun += ["--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--rdzv-id", "test"]
     torchrun += ["-m", "refit.flows.train_launcher", str(path), "--workdir", str(workdir)]
@@ -588,12 +641,13 @@ def test_compile_runs_the_decoder_layers_through_inductor_with_the_eager_losses(
 def test_fsdp_with_activation_checkpointing_and_compile_keeps_the_losses(tmp_path, tiny_model_dir, fsdp_run):
     """Both options on, FSDP with 2 processes: the layers are compiled in the training
     processes (the report says what torch.compile made of them) and the 20 losses stay
-    within 1e-5 of the eager run's."""
+    within 1e-5 of the eager run's (which also scored its held-out rows at each checkpoint:
+    that pass changes nothing in the training)."""
     _, reference = fsdp_run
-    path, workdir = prepare(
-        tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, activation_checkpointing=True, compile=True
-    )
+    options = dict(activation_checkpointing=True, compile=True, **{**HELD_OUT, "validation_tokens": 0})
+    path, workdir = prepare(tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, **options)
     report = run_train(load_recipe(path), workdir)
+    assert report["validation"] == {"off": "train.validation_tokens is 0"} and validation_losses(workdir) == {}
     # both layers share one graph here (FSDP's layers are traced with their parameters as inputs)
     assert report["compiled"]["graphs"] >= 1 and report["compiled"]["graph_breaks"] == {}, report["compiled"]
     losses, eager = [m["loss"] for m in metrics(workdir)], [m["loss"] for m in metrics(reference)]

@@ -400,6 +400,11 @@ class TrainSpec(Section):
     heartbeat_timeout: float = Field(default=120.0, gt=0)
     """Seconds without a heartbeat after which a training process is declared dead and the
     others stop, naming it (instead of waiting for a collective's 30-minute timeout)."""
+    validation_tokens: int = Field(default=32768, ge=0)
+    """Tokens of held-out text whose mean loss the training processes compute at every
+    checkpoint (`val_loss` in metrics.jsonl, the train report; what `refit sweep --search tpe`
+    prunes on): the first curated validation documents of each source, in order, the count
+    shared out equally between sources, packed into rows of tokenize.seq_len. 0: no validation pass."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSpec:
@@ -608,8 +613,9 @@ class SearchSpec(Section):
     seed: int = 0
     """Seeds the TPE sampler: the same study proposes the same trials."""
     pruner: Literal["median", "hyperband", "none"] = "median"
-    """Stops a trial whose loss at a checkpoint is worse than the median of earlier trials at
-    that step (median), or by successive halving (hyperband); none: every trial runs out."""
+    """Stops a trial whose validation loss at a checkpoint (train.validation_tokens) is worse
+    than the median of earlier trials at that step (median), or by successive halving
+    (hyperband); none: every trial runs out."""
 
     @model_validator(mode="after")
     def _ranges_valid(self) -> SearchSpec:
@@ -814,6 +820,16 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
     tokens = _setting(data, ScheduleSpec, "schedule", "total_tokens")
     per_step = _setting(data, TrainSpec, "train", "sequences_per_step")
     seq_len = _setting(data, TokenizeSpec, "tokenize", "seq_len")
+    held_out = _setting(data, TrainSpec, "train", "validation_tokens")
+    if isinstance(held_out, int) and isinstance(seq_len, int) and 0 < held_out < seq_len:
+        problems.append(
+            _problem(
+                ("train", "validation_tokens"),
+                f"{held_out} is less than one row of tokenize.seq_len {seq_len}: give at least {seq_len}, or 0 for "
+                "no validation pass",
+                held_out,
+            )
+        )
     warmup = _setting(data, ScheduleSpec, "schedule", "warmup_fraction")
     if all(isinstance(v, number) and v > 0 for v in (tokens, per_step, seq_len)) and isinstance(warmup, number):
         steps = int(tokens // (per_step * seq_len))

@@ -3,7 +3,8 @@
     accelerate launch [...] -m refit.stages.lib.train_loop <job folder>
 
 Reads `<job folder>/job.json` (resolved recipe, fingerprint, manifest path, data root);
-writes `checkpoints/step-NNNNNNNN/`, `metrics.jsonl` and `final/` beside it. Continues from
+writes `checkpoints/step-NNNNNNNN/`, `metrics.jsonl` (with the validation loss on
+`validation.arrow`, when the job has one, at every checkpoint) and `final/` beside it. Continues from
 the latest complete checkpoint of the same run when there is one, else from the base model.
 
 `train.strategy` ddp wraps the model in DistributedDataParallel (through accelerate); fsdp
@@ -38,6 +39,7 @@ from refit.stages.lib.lifeline import die_with_launcher
 from refit.stages.lib.markers import MARKER, file_sha256, read_marker, write_json_atomic, write_text_atomic
 from refit.stages.lib.sampler import Sampler
 from refit.stages.lib.schedule import Schedule
+from refit.stages.lib.shards import read_shard
 
 SPIKE_WINDOW = 20
 EXPORT_SHARD_BYTES = 5 * 2**30  # safetensors shard size of the Hugging Face export
@@ -125,6 +127,35 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) 
         fully_shard(layer, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
     fully_shard(model, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
     return model
+
+
+def validation_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean token loss of the held-out rows (all tokens, as the training loss counts them),
+    under no_grad in eval mode, train mode restored after. Process r scores rows r, r + N, ...
+    and the sums are added over the processes, so the value does not depend on their number.
+    Every process runs as many forward passes (under fsdp each one gathers the weights)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = rows[rank::world]
+    passes = math.ceil(math.ceil(len(rows) / world) / batch_size)
+    predicted = rows.shape[1] - 1  # tokens predicted per row
+    totals = torch.zeros(2, dtype=torch.float64)  # summed loss, tokens
+    model.eval()
+    with torch.no_grad():
+        for i in range(passes):
+            batch = mine[i * batch_size : (i + 1) * batch_size]
+            counted = len(batch)
+            batch = (batch if counted else rows[:1]).to(device)  # nothing left here: a pass that counts for nothing
+            loss = model(input_ids=batch, labels=batch).loss
+            totals += torch.tensor([loss.double().item() * counted * predicted, counted * predicted])
+    model.train()
+    if isinstance(model, FSDPModule):  # the root stays gathered after a forward pass without backward
+        model.reshard()
+    if dist.is_initialized():
+        totals = totals.to(device)
+        dist.all_reduce(totals)
+    return (totals[0] / totals[1]).item()
 
 
 def compile_summary() -> dict:
@@ -372,6 +403,9 @@ def train(train_dir: Path) -> None:
     if not fsdp:
         model, optimizer = acc.prepare(model, optimizer)
     model.train()
+    held_out = None
+    if job["validation"]:  # the rows run_train packed (a small file: read whole)
+        held_out = torch.from_numpy(read_shard(train_dir / job["validation"]).astype("int64"))
     sampler = Sampler(manifest, Path(job["data_root"]))
     metrics_path = train_dir / "metrics.jsonl"
     if acc.is_main_process:  # a resumed run rewrites the log from its checkpoint on
@@ -440,6 +474,13 @@ def train(train_dir: Path) -> None:
             state["spikes"].append({"step": step, "loss": mean_loss})
         state["losses"] = recent + [mean_loss]
         state["step"], state["tokens"] = step + 1, (step + 1) * manifest["tokens_per_step"]
+        step_seconds = time.time() - step_started
+        checkpoint_due = state["step"] % recipe.train.checkpoint_every == 0 or state["step"] == manifest["total_steps"]
+        validation = {}
+        if checkpoint_due and held_out is not None:  # the weights the checkpoint saves, scored before it is written
+            scoring_started = time.time()
+            loss = validation_loss(raw_model, held_out, micro, acc.device)
+            validation = {"val_loss": loss, "val_seconds": time.time() - scoring_started}
         if acc.is_main_process:
             elapsed = time.time() - started
             line = {
@@ -450,12 +491,13 @@ def train(train_dir: Path) -> None:
                 "grad_norm": float(grad_norm),
                 "phase": manifest["phases"][phase]["name"],
                 "sources": sampler.phase_counts(step),
-                "tokens_per_s": manifest["tokens_per_step"] / (time.time() - step_started),
+                "tokens_per_s": manifest["tokens_per_step"] / step_seconds,
                 "elapsed": elapsed,
+                **validation,
             }
             with open(metrics_path, "a") as log:
                 log.write(json.dumps(line) + "\n")
-        if state["step"] % recipe.train.checkpoint_every == 0 or state["step"] == manifest["total_steps"]:
+        if checkpoint_due:
             save_checkpoint(
                 raw_model, raw_optimizer, state, train_dir, job["fingerprint"], recipe.train.keep_checkpoints
             )
