@@ -79,9 +79,7 @@ def _run_trial(recipe: Recipe, study, distributions, workdir: Path, fraction: fl
         study.tell(trial, state=TrialState.FAIL)
         return
     variant_dir = Path(variant_recipe.workdir)
-    pruning = CheckpointPruning(
-        trial, variant_dir / "train.tmp" / "metrics.jsonl", variant_recipe.train.checkpoint_every
-    )
+    pruning = CheckpointPruning(trial, variant_dir / "train.tmp" / "metrics.jsonl")
     try:
         run_stage("mix", variant_recipe, variant_dir)
         trained = train_trial(variant_recipe, str(variant_dir), pruning)

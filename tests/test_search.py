@@ -63,19 +63,28 @@ def test_space_comes_from_the_recipe_and_qa_share_rescales_the_last_phase(tmp_pa
     with pytest.raises(RecipeError, match=r"sweep\.search\.lr_below.*need 0 < low < high") as error:
         load_recipe(bad)
     assert "sweep.search.max_lr" in str(error.value)
+    spec["train"]["validation_tokens"] = 0  # nothing for the pruner to read
+    with pytest.raises(SweepError, match="sweep.search.pruner: median prunes on the validation loss"):
+        space(load_recipe(_edit(path, **spec)))
+    spec["sweep"]["search"]["pruner"] = "none"
+    assert "qa_share" in space(load_recipe(_edit(path, **spec)))
 
 
 @pytest.mark.slow
 def test_a_pruned_trial_stops_its_training_processes(tmp_path, tiny_model_dir):
-    path, workdir = prepare(tmp_path, tiny_model_dir, steps=400)
+    path, workdir = prepare(tmp_path, tiny_model_dir, steps=400, validation_fraction=0.3)
     recipe = load_recipe(path)
-    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(lower=-0.01))
-    trial = study.ask()  # minus any real loss is below -0.01: pruned at the first checkpoint
-    pruning = CheckpointPruning(trial, workdir / "train.tmp" / "metrics.jsonl", recipe.train.checkpoint_every)
-    with pytest.raises(StopTraining, match="pruned at step 4"):
+    # minus any real loss is below -0.01: pruned at the first checkpoint past the warmup, step 8
+    study = optuna.create_study(direction="maximize", pruner=optuna.pruners.ThresholdPruner(-0.01, n_warmup_steps=8))
+    trial = study.ask()
+    pruning = CheckpointPruning(trial, workdir / "train.tmp" / "metrics.jsonl")
+    with pytest.raises(StopTraining, match="pruned at step 8: its validation loss"):
         run_train(recipe, workdir, on_progress=pruning)
     steps = len(metrics(workdir, "train.tmp"))
-    assert trial.should_prune() and 4 <= steps < 400
+    assert trial.should_prune() and 8 <= steps < 400
+    # what the pruner saw: minus the validation loss the training processes logged at each checkpoint
+    logged = {m["step"] + 1: m["val_loss"] for m in metrics(workdir, "train.tmp") if "val_loss" in m}
+    assert study.trials[0].intermediate_values == {4: -logged[4], 8: -logged[8]}
     time.sleep(3)
     assert len(metrics(workdir, "train.tmp")) == steps  # nothing trains on
     assert not (workdir / "train").exists()
@@ -136,6 +145,9 @@ def test_a_killed_search_resumes_and_does_not_rerun_finished_trials(prefect_harn
     assert after[:killed] == states[:killed] and after[killed] == "FAIL" and len(after) == 4
     assert trial_dir_of(sweep_dir, killed + 1) == trial_dir_of(sweep_dir, killed)  # proposed again, same workdir
     assert read_marker(first / "train")["finished"] == first_trained  # the finished trial was not retrained
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'search.db'}")
+    logged = {m["step"] + 1: -m["val_loss"] for m in metrics(first) if "val_loss" in m}
+    assert study.trials[0].intermediate_values == logged and list(logged) == [4, 8, 10]  # its checkpoints
     rows = {r["variant"]: r for r in summary["rows"]}
     assert {"baseline-legacy-only", "baseline-no-switch"} <= set(rows) and len(rows) == 5
     assert summary["winner"] and "pass every required gate" in summary["reason"]

@@ -14,6 +14,15 @@ def _plot_training(out: Path, metrics: list[dict], manifest: dict) -> str:
     steps = [m["step"] for m in metrics]
     fig, loss_axis = plt.subplots(figsize=(8, 4))
     loss_axis.plot(steps, [m["loss"] for m in metrics], color="tab:blue", label="training loss")
+    if scored := [m for m in metrics if "val_loss" in m]:
+        loss_axis.plot(
+            [m["step"] for m in scored],
+            [m["val_loss"] for m in scored],
+            "o-",
+            color="tab:green",
+            label="validation loss (checkpoints)",
+        )
+        loss_axis.legend(loc="lower left", fontsize=8)
     loss_axis.set_xlabel("optimizer step")
     loss_axis.set_ylabel("loss", color="tab:blue")
     lr_axis = loss_axis.twinx()
@@ -33,6 +42,18 @@ def _plot_training(out: Path, metrics: list[dict], manifest: dict) -> str:
     fig.savefig(out / "training.png", dpi=110)
     plt.close(fig)
     return "training.png"
+
+
+def _validation_line(validation: dict) -> str:
+    """The held-out loss the training scored at its checkpoints, first and last, or why none."""
+    if "off" in validation:
+        return f"no validation loss at checkpoints ({validation['off']})"
+    losses = validation["losses"]
+    return (
+        f"validation loss at checkpoints {losses[0]['val_loss']:.3f} (step {losses[0]['checkpoint']}) -> "
+        f"{losses[-1]['val_loss']:.3f} (step {losses[-1]['checkpoint']}) on {validation['tokens']:,} held-out tokens"
+        + "".join(f", none of {name}" for name in validation["sources_without_documents"])
+    )
 
 
 def _plot_bars(
@@ -182,7 +203,7 @@ def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict],
         f"![loss and learning rate]({training_png})",
         "",
         f"{train['steps']} steps, {train['tokens']:,} tokens, loss {train['first_loss']:.3f} -> "
-        f"{train['final_loss']:.3f}; "
+        f"{train['final_loss']:.3f}; {_validation_line(train['validation'])}; "
         f"data switches: {switches}; loss spikes: {len(train['spikes'])}.",
     ]
     cost = report["cost"]

@@ -5,7 +5,7 @@ recipe (stages/lib/sweep.py) named after its settings, so a trial interrupted by
 proposed again with the same settings and resumes from its checkpoints. The study is kept
 in Optuna's SQLite storage in `<workdir>/sweep/search.db`: a rerun loads it and only runs
 the trials still missing. Trials maximise the average benchmark accuracy; the pruner reads,
-at each checkpoint, minus the mean training loss of the steps since the previous one.
+at each checkpoint, minus the validation loss the training processes logged there.
 """
 
 from __future__ import annotations
@@ -35,8 +35,14 @@ def _last_phase(recipe: Recipe) -> tuple[int, dict[str, float]]:
 
 
 def space(recipe: Recipe) -> dict[str, BaseDistribution]:
-    """The distributions of the searched recipe fields, by dotted path (null ranges are left out)."""
+    """The distributions of the searched recipe fields, by dotted path (null ranges are left out);
+    SweepError for a recipe the search cannot run."""
     search = recipe.sweep.search
+    if search.pruner != "none" and not recipe.train.validation_tokens:
+        raise SweepError(
+            f"sweep.search.pruner: {search.pruner} prunes on the validation loss at checkpoints, which "
+            "train.validation_tokens: 0 turns off (give it tokens, or set the pruner to none)"
+        )
     last, weights = _last_phase(recipe)
     max_lr = search.max_lr or (recipe.peak_lr / 3, recipe.peak_lr * 3)
     dims: dict[str, BaseDistribution] = {"schedule.max_lr": FloatDistribution(*max_lr, log=True)}
@@ -125,31 +131,29 @@ def trial_rows(study: optuna.Study) -> list[dict]:
 
 
 class CheckpointPruning:
-    """The train stage's on_progress for a trial: at each checkpoint step, report minus the mean
-    training loss since the previous checkpoint, and stop training when the pruner says so.
+    """The train stage's on_progress for a trial: report minus each validation loss the training
+    processes logged at a checkpoint (`val_loss` in metrics.jsonl, at the step the checkpoint
+    counts: optimizer steps done), and stop training when the pruner says so.
 
-    The training loss is free (metrics.jsonl); a validation loss would load and score each
-    checkpoint beside the running training. Before the switch every trial trains on the same
-    blend, so the losses compare; after it, a trial with more QA data sees a different mix."""
+    Every trial scores the same held-out rows (train.validation_tokens of the shared curated
+    validation documents), so the values compare across trials whatever blend each trains on
+    after its switch; the training loss would not, as a trial with more QA data sees another mix."""
 
-    def __init__(self, trial: optuna.Trial, metrics: Path, checkpoint_every: int):
-        self.trial, self.metrics, self.every, self.reported = trial, Path(metrics), checkpoint_every, 0
+    def __init__(self, trial: optuna.Trial, metrics: Path):
+        self.trial, self.metrics, self.reported = trial, Path(metrics), 0
 
     def __call__(self, line: dict) -> None:
-        if (line["step"] + 1) // self.every <= self.reported // self.every or not self.metrics.is_file():
+        if line["step"] + 1 <= self.reported or not self.metrics.is_file():  # nothing new logged
             return
-        losses = {}
         for text in self.metrics.read_text().splitlines():
-            if text.endswith("}"):
-                entry = json.loads(text)
-                losses[entry["step"] + 1] = entry["loss"]
-        for step in range(self.reported + self.every, line["step"] + 2, self.every):
-            window = [losses[s] for s in range(step - self.every + 1, step + 1) if s in losses]
-            if window:
-                self.trial.report(-sum(window) / len(window), step)
+            entry = json.loads(text) if text.endswith("}") else {}  # the writer may be mid-line
+            step = entry.get("step", -1) + 1
+            if "val_loss" not in entry or step <= self.reported:
+                continue
+            self.trial.report(-entry["val_loss"], step)
             self.reported = step
             if self.trial.should_prune():
-                raise StopTraining(f"pruned at step {step}: its loss is worse than the other trials' there")
+                raise StopTraining(f"pruned at step {step}: its validation loss is worse than the other trials' there")
 
 
 def best_vs_compute(study: optuna.Study) -> list[dict]:
