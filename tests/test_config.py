@@ -157,6 +157,7 @@ def test_max_lr_defaults_from_the_pretraining_record(layout):
             "not a multiple of micro_batch_size x num_processes = 5",
         ),
         ({"curate__min_chars": 500, "curate__max_chars": 100}, "curate.min_chars", "above max_chars"),
+        ({"train__validation_tokens": 100}, "train.validation_tokens", "less than one row of tokenize.seq_len 512"),
         (
             {"evaluate": {"benchmarks": [{"name": "b", "path": "data/none.jsonl", "domain": "new"}]}},
             "evaluate.benchmarks[0].path",
