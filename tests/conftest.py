@@ -231,10 +231,12 @@ def prepare(
     run_data_stages: bool = True,
     new_texts: list[str] | None = None,
     safety: dict | None = None,
+    held_out_docs: int = 0,
     **train,
 ) -> tuple[Path, Path]:
     """A two-source recipe (old: legacy, new: new; new_texts replace the new documents), data
-    stages run; safety: the recipe's evaluate.safety section."""
+    stages run; safety: the recipe's evaluate.safety section; held_out_docs: that many further
+    documents of each source as its validation_paths (the training documents stay the same)."""
     from refit.stages.curate import run_curate
     from refit.stages.lib.config import load_recipe
     from refit.stages.mix import run_mix
@@ -248,12 +250,17 @@ def prepare(
     if safety is None:  # small probes: tests of other stages only need them to run
         safety = {"crows_pairs_size": 40, "bbq_size": 40, "neutral_prompts": 4, "prompts_per_source": 2}
     evaluate = {"benchmarks": [{"name": "b", "path": "bench.jsonl", "domain": "new"}], "safety": safety}
+    sources = [
+        {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
+        {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
+    ]
+    for source, docs in zip(sources, (LEGACY, NEW)) if held_out_docs else ():
+        name = source["name"]
+        held_out = [{"id": f"{name}-v{i}", "text": d["text"]} for i, d in enumerate(docs[20 : 20 + held_out_docs])]
+        source["validation_paths"] = [str(write_jsonl(tmp_path / "data" / f"{name}-validation.jsonl", held_out))]
     path = make_recipe(
         tmp_path,
-        [
-            {"name": "old", "paths": ["data/old.jsonl"], "role": "legacy"},
-            {"name": "new", "paths": ["data/new.jsonl"], "role": "new"},
-        ],
+        sources,
         sections={
             "base_model": {"path": str(model_dir), "pretraining_min_lr": max_lr},
             "tokenize": {"seq_len": 32, "workers": 1},

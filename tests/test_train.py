@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import REPO, free_port, metrics, prepare, train_variant, training_processes
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -38,9 +39,10 @@ from refit.stages.train import (
 
 pytestmark = pytest.mark.slow
 
-# 30% of the documents held out, 65 rows of them scored at each checkpoint: 33 of old, 32 of new,
-# and under 2 processes 33 against 32 rows, so one process makes a forward pass that counts for nothing
-HELD_OUT = {"validation_fraction": 0.3, "validation_tokens": 65 * 32}
+# 4 more documents of each source held out (the training documents stay those of the other tests),
+# 65 rows of them scored at each checkpoint: 33 of old, 32 of new, and under 2 processes 33 against
+# 32 rows, so one process makes a forward pass that counts for nothing
+HELD_OUT = {"held_out_docs": 4, "validation_tokens": 65 * 32}
 
 
 def held_out_loss(model: torch.nn.Module, workdir: Path) -> float:
@@ -105,6 +107,47 @@ def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
     assert {name: s["rows"] for name, s in validation["sources"].items()} == {"old": 33, "new": 32}
     assert validation["losses"] == [{"checkpoint": s, "val_loss": v} for s, v in logged.items()]
     assert run_train(load_recipe(path), workdir) == report  # done: not trained again
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_the_held_out_rows_are_the_first_validation_documents_and_sources_without_any_are_named(
+    tmp_path, tiny_model_dir
+):
+    """Packed before training, the same bytes every time: each source's first validation
+    documents in order, joined by EOS as training data is, up to train.validation_tokens; a
+    source without any is named, and with none at all there is no validation pass."""
+    from transformers import AutoTokenizer
+
+    from refit.stages.curate import run_curate, validation_texts
+    from refit.stages.lib.shards import read_shard
+    from refit.stages.train import write_validation_set
+
+    path, workdir = prepare(tmp_path / "new-only", tiny_model_dir, run_data_stages=False, held_out_docs=3)
+    spec = yaml.safe_load(path.read_text())
+    del spec["sources"][0]["validation_paths"]  # old holds none out (validation_fraction 0)
+    path.write_text(yaml.safe_dump(spec))
+    recipe = load_recipe(path)
+    run_curate(recipe, workdir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    docs = validation_texts(workdir, "new")
+    stream = [
+        t for doc in docs for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    ]
+    out = tmp_path / "validation.arrow"
+    held_out = write_validation_set(recipe, workdir, out)
+    assert held_out["sources_without_documents"] == ["old"] and list(held_out["sources"]) == ["new"]
+    assert held_out["rows"] == len(stream) // 32 and held_out["sources"]["new"]["docs"] == len(docs) == 3
+    assert read_shard(out).flatten().tolist() == stream[: held_out["rows"] * 32]
+    packed = out.read_bytes()
+    assert write_validation_set(recipe, workdir, out) == held_out and out.read_bytes() == packed
+    capped = recipe.model_copy(update={"train": recipe.train.model_copy(update={"validation_tokens": 70})})
+    assert write_validation_set(capped, workdir, out)["sources"]["new"] == {"docs": 1, "held_out_docs": 3, "rows": 2}
+    assert read_shard(out).flatten().tolist() == stream[:64]
+
+    bare, bare_workdir = prepare(tmp_path / "none", tiny_model_dir, run_data_stages=False)
+    run_curate(load_recipe(bare), bare_workdir)
+    off = write_validation_set(load_recipe(bare), bare_workdir, out)
+    assert off == {"off": "no source has validation documents (curate held none out)"} and not out.exists()
 
 
 def kill_at_step(
@@ -644,7 +687,7 @@ def test_fsdp_with_activation_checkpointing_and_compile_keeps_the_losses(tmp_pat
     within 1e-5 of the eager run's (which also scored its held-out rows at each checkpoint:
     that pass changes nothing in the training)."""
     _, reference = fsdp_run
-    options = dict(activation_checkpointing=True, compile=True, **{**HELD_OUT, "validation_tokens": 0})
+    options = dict(activation_checkpointing=True, compile=True, validation_tokens=0)
     path, workdir = prepare(tmp_path, tiny_model_dir, strategy="fsdp", num_processes=2, **options)
     report = run_train(load_recipe(path), workdir)
     assert report["validation"] == {"off": "train.validation_tokens is 0"} and validation_losses(workdir) == {}
