@@ -15,8 +15,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import gzip  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -28,6 +30,12 @@ REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "datasets"
 
 
+# The modules that take longest (pytest --durations, 2 cores), run first: `make test`'s two
+# workers take whole modules in this order, so they end together instead of one of them
+# running a long module alone at the end. Only the order changes; a stale list costs time.
+LONGEST_FIRST = ("test_train_scale", "test_train", "test_flows", "test_search", "test_safety", "test_crash", "test_ui")
+
+
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -36,6 +44,8 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
+    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: each module keeps its order
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -386,6 +396,73 @@ def hold_lock(workdir: Path) -> subprocess.Popen:
     )
     assert process.stdout.readline().strip() == "held"
     return process
+
+
+# ----------------------------------------------------------------------------- training runs
+# What the train tests of test_train.py and test_train_scale.py both read: the held-out rows, the
+# validation losses, and a stage killed at a step.
+
+# 4 more documents of each source held out (the training documents stay those of the other tests),
+# 65 rows of them scored at each checkpoint: 33 of old, 32 of new, and under 2 processes 33 against
+# 32 rows, so one process makes a forward pass that counts for nothing
+HELD_OUT = {"held_out_docs": 4, "validation_tokens": 65 * 32}
+
+
+def held_out_loss(model, workdir: Path) -> float:
+    """The mean token loss of the held-out rows the run scored, one row at a time, by model (a causal LM)."""
+    import torch
+
+    from refit.stages.lib.shards import read_shard
+
+    rows = torch.from_numpy(read_shard(workdir / "train" / "validation.arrow").astype("int64"))
+    model.eval()
+    with torch.no_grad():
+        return sum(model(input_ids=row[None], labels=row[None]).loss.item() for row in rows) / len(rows)
+
+
+def validation_losses(workdir: Path) -> dict[int, float]:
+    """The validation loss logged at each checkpoint, by checkpoint step."""
+    return {m["step"] + 1: m["val_loss"] for m in metrics(workdir) if "val_loss" in m}
+
+
+def final_model_loss(workdir: Path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    return held_out_loss(AutoModelForCausalLM.from_pretrained(workdir / "train" / "final"), workdir)
+
+
+def kill_at_step(
+    path: Path,
+    workdir: Path,
+    step: int,
+    *options: str,
+    whole_group: bool = True,
+    launcher: str = "refit.flows.cli stage train",
+) -> None:
+    """Run the stage in a subprocess and SIGKILL its process group (or the stage process
+    alone) once `step` is logged: a machine crash, as far as the workdir can tell. The
+    training processes, in sessions of their own, must die with it."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", *launcher.split(), str(path), "--workdir", str(workdir), *options],
+        cwd=REPO,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    log = workdir / "train.tmp" / "metrics.jsonl"  # the run in progress, staged
+    deadline = time.time() + 300
+    while not (log.exists() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines())):
+        assert process.poll() is None and time.time() < deadline
+        time.sleep(0.002)
+    if whole_group:
+        os.killpg(process.pid, signal.SIGKILL)
+    else:
+        process.send_signal(signal.SIGKILL)
+    process.wait()
+    deadline = time.time() + 10
+    while training_processes(workdir) and time.time() < deadline:
+        time.sleep(0.05)
+    assert training_processes(workdir) == [], "training processes outlived the killed stage"
 
 
 # ----------------------------------------------------------------------------- scoring
