@@ -277,8 +277,8 @@ def test_optional_optimizer_state_is_loaded(tmp_path, tiny_model_dir):
     fresh_path, fresh = prepare(tmp_path / "fresh", tiny_model_dir, steps=6, checkpoint_every=1)
     run_train(load_recipe(fresh_path), fresh)
     saved = fresh / "train" / "checkpoints" / "step-00000006"  # its optimizer part is loaded
-    warm = dict(steps=6, checkpoint_every=1, optimizer_state=str(saved))
-    warm_path, warm = prepare(tmp_path / "warm", tiny_model_dir, **warm)
+    loading = dict(steps=6, checkpoint_every=1, optimizer_state=str(saved))
+    warm_path, warm = prepare(tmp_path / "warm", tiny_model_dir, **loading)
     run_train(load_recipe(warm_path), warm)
     assert metrics(fresh)[0]["loss"] == metrics(warm)[0]["loss"]  # same weights and data at step 0
 
