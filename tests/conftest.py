@@ -281,7 +281,9 @@ def prepare(
                 ]
             },
             "schedule": {"total_tokens": steps * 4 * 32},
-            "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, **train},
+            # 8 held-out rows scored at each checkpoint: the default 32768 tokens cost a tiny run more than training
+            "train": {"micro_batch_size": 2, "sequences_per_step": 4, "checkpoint_every": 4, "validation_tokens": 256}
+            | train,
             "gates": gates or {},
             "evaluate": evaluate,
             "publish": {"registry": str(tmp_path / "registry"), "model_name": "tiny"},
