@@ -5,7 +5,7 @@ Writes under `<workdir>/curate/`:
   <source>/train-BBBB.parquet, <source>/validation-BBBB.parquet   clean docs (id, text) of batch BBBB
   quarantine/<source>/batch-BBBB.jsonl   bad records: source, file, line, id, reason, detail, excerpt
   removed/<source>/batch-BBBB.jsonl      good records removed: exact/near duplicate, contaminated
-  state.sqlite, exact-index/, minhash-index/   what has been seen (files, ids, texts), for incremental reruns
+  state.sqlite, id-index/, exact-index/, minhash-index/   what has been seen (files, ids, texts), for incremental reruns
   report.json, _SUCCESS.json
 and `<workdir>/.curate-hashes/`: the sha256 of each input file at its size and mtime.
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import glob
 import hashlib
+import heapq
 import json
 import logging
 import shutil
@@ -46,7 +47,7 @@ from refit.stages.lib.markers import (
     write_marker,
 )
 from refit.stages.lib.paths import inside
-from refit.stages.lib.records import Record, read_records
+from refit.stages.lib.records import read_records
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -56,7 +57,6 @@ FOLDER = "curate"
 ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicate ties
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, sha256 TEXT, batch INTEGER, PRIMARY KEY (source, path));
-CREATE TABLE IF NOT EXISTS ids (source TEXT, id TEXT, file TEXT, line INTEGER, reason TEXT, PRIMARY KEY (source, id));
 """
 EXECUTION_SETTINGS = {"executor", "ray", "slurm", "workers"}  # where the steps run: decisions do not depend on it
 HASH_MEMO = ".curate-hashes"  # in the workdir: the sha256 of each input file at its size and mtime
@@ -298,52 +298,88 @@ def _new_files(
     return new, copies
 
 
-def _claim_id(db: sqlite3.Connection, source: str, record: Record) -> None:
-    """The first record with an id claims it, good or bad; a later good record with that id
-    becomes a duplicate_id naming the first (and whether it was kept)."""
-    if record.id is None:
+def _read_batch(files: list[tuple[SourceSpec, str]], work: Path, index: Path, batch: int, spec: CurateSpec) -> None:
+    """Read and validate the batch's files as datatrove tasks on curate.executor (at most
+    curate.workers, each its share of the files), then decide the id claims (curate_steps)."""
+    import pandas  # noqa: F401  pyarrow imports it at its first array: once here, not in every forked task
+
+    from refit.stages.lib.curate_steps import ReadRecords, find_duplicate_ids
+    from refit.stages.lib.executors import Step, run_steps
+
+    folder = work / "read"
+    folder.mkdir(parents=True)
+    if not files:
+        (folder / "duplicate-ids.jsonl").touch()
         return
-    row = (source, record.id, record.file, record.line, record.reason)
-    if db.execute("INSERT OR IGNORE INTO ids VALUES (?, ?, ?, ?, ?)", row).rowcount or record.reason is not None:
-        return
-    file, line, reason = db.execute("SELECT file, line, reason FROM ids WHERE source=? AND id=?", row[:2]).fetchone()
-    if (file, line) == (record.file, record.line):
-        return  # another piece of the same long document
-    record.reason, record.excerpt = "duplicate_id", record.text[:200]
-    if reason is None:
-        record.kept = f"{file}:{line}"
-        record.detail = f"id {record.id!r} already taken in {source} by {record.kept}, which is kept"
-    else:
-        record.detail = (
-            f"id {record.id!r} first seen in {source} at {file}:{line}, quarantined there as {reason}; "
-            "no record with this id is kept"
-        )
+    run_steps(
+        [Step("read", [ReadRecords(str(folder), files, spec)], min(spec.workers, len(files)))], spec, work / "logs"
+    )
+    find_duplicate_ids(folder, index, f"batch-{batch:04d}", len(files), spec.workers)
 
 
-def _screen_source(recipe: Recipe, source: SourceSpec, listed: list[tuple[str, str]], db, spool, out, batch) -> dict:
-    """Read a source's new files: quarantine bad records (streamed to its quarantine file),
-    deal the clean documents into the spool; fail if too many records are bad."""
-    from refit.stages.lib.curate_steps import LazyJsonl
+def _file_events(folder: Path, order: int) -> Iterator[tuple[int, str, tuple | None]]:
+    """(line, JSON row, None) for each quarantined record of a file read, and (line, row tail,
+    (hash, name, chars)) for each clean document, in line order."""
+    import pyarrow.parquet as pq
 
-    spec = recipe.curate
-    files, copies = _new_files(db, source, listed)
-    counts: Counter[str] = Counter()
-    quarantined = LazyJsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"))
-    for path, _ in files:
-        for record in read_records(Path(path), source, spec):
-            counts["records"] += 1  # an unreadable file counts as one bad record
-            if record.part is not None:
-                counts["split_parts"] += 1
-            _claim_id(db, source.name, record)
-            if record.reason is not None:
-                counts[f"quarantined:{record.reason}"] += 1
-                quarantined.write(record.quarantine_row(source.name))
-                continue
-            counts["chars"] += len(record.text)
-            spool.add(source.name, record.doc_id, record.text)
-    quarantined.close()
+    name = folder / f"{order:05d}"
+
+    def quarantined() -> Iterator[tuple[int, str, None]]:
+        with open(name.with_suffix(".quarantine.jsonl"), encoding="utf-8") as rows:
+            for row in rows:
+                yield json.loads(row)["line"], row, None
+
+    def documents() -> Iterator[tuple[int, str, tuple]]:
+        with open(name.with_suffix(".docs"), encoding="utf-8") as tails:
+            for batch in pq.ParquetFile(name.with_suffix(".parquet")).iter_batches(batch_size=4096):
+                for line, hash_, doc, chars in zip(*(column.to_pylist() for column in batch.columns), strict=True):
+                    yield line, next(tails), (hash_, doc, chars)
+
+    return heapq.merge(quarantined(), documents(), key=lambda event: event[0])
+
+
+def _deal(sources: list[SourceSpec], new_files: dict, folder: Path, spool, out: Path, batch: int, spec) -> dict:
+    """Go through the files read, in batch order: copy each source's quarantined records into
+    its quarantine file, with the duplicate ids at their place, and deal its clean documents
+    into the spool; fail when a source has too many bad records. Returns, per source, its
+    files, copies, counts and bad fraction."""
+    from refit.stages.lib.curate_steps import LazyJsonl, duplicate_id_record
+
+    with open(folder / "duplicate-ids.jsonl", encoding="utf-8") as rows:
+        duplicates = (json.loads(row) for row in rows)
+        duplicate = next(duplicates, None)
+        screened, order = {}, 0
+        for source in sources:
+            files, copies = new_files[source.name]
+            counts: Counter[str] = Counter()
+            quarantined = LazyJsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"))
+            for path, _ in files:
+                counts.update(json.loads((folder / f"{order:05d}.counts.json").read_text()))
+                for line, row, document in _file_events(folder, order):
+                    while duplicate is not None and duplicate[:2] < [order, line]:  # records gone by
+                        duplicate = next(duplicates, None)
+                    if document is None:
+                        quarantined.write_line(row)
+                    elif duplicate is not None and duplicate[:2] == [order, line]:
+                        text = json.loads("{" + row)["text"]
+                        record = duplicate_id_record(source.name, path, line, duplicate[2], text, duplicate[3:])
+                        quarantined.write(record.quarantine_row(source.name))
+                        counts["quarantined:duplicate_id"] += 1
+                    else:
+                        hash_, name, chars = document
+                        counts["chars"] += chars
+                        spool.add(row, hash_, name)
+                order += 1
+            quarantined.close()
+            screened[source.name] = {"files": files, "copies": copies, "counts": counts}
+            _check_bad_fraction(source, screened[source.name], spec)
+    return screened
+
+
+def _check_bad_fraction(source: SourceSpec, screened: dict, spec: CurateSpec) -> None:
+    counts = screened["counts"]
     bad = sum(v for k, v in counts.items() if k.startswith("quarantined:"))
-    bad_fraction = bad / counts["records"] if counts["records"] else 0.0
+    screened["bad_fraction"] = bad_fraction = bad / counts["records"] if counts["records"] else 0.0
     if bad_fraction > spec.max_bad_fraction:
         top = Counter({k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("quarantined:")}).most_common(3)
         raise CurationError(
@@ -352,7 +388,6 @@ def _screen_source(recipe: Recipe, source: SourceSpec, listed: list[tuple[str, s
             + ", ".join(f"{reason} {n}" for reason, n in top)
             + "; previous curated output kept"
         )
-    return {"files": files, "copies": copies, "counts": counts, "bad_fraction": bad_fraction}
 
 
 def _dedupe_and_write(sources: list[SourceSpec], tasks: int, out: Path, batch: int, recipe: Recipe) -> dict[str, dict]:
@@ -486,6 +521,7 @@ def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
 
 def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: dict, expected: str) -> dict:
     from refit.stages.lib.curate_steps import Spool
+    from refit.stages.lib.executors import executor_session
 
     started = time.time()
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
@@ -500,12 +536,15 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
             sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
             if batch == 1 and any(source.validation_paths for source in sources):
                 _index_validation_files(sources, recipe.curate, out)  # read once, before training text
-            spool = Spool(out / "work", recipe.curate.workers)
-            screened = {}
-            for source in sources:  # every source is screened before the (costlier) dedupe
-                log.info("curate: reading %s (batch %d)", source.name, batch)
-                screened[source.name] = _screen_source(recipe, source, listing[source.name], db, spool, out, batch)
-            written = _dedupe_and_write(sources, spool.close(), out, batch, recipe)
+            new_files = {s.name: _new_files(db, s, listing[s.name]) for s in sources}
+            files = [(s, path) for s in sources for path, _ in new_files[s.name][0]]  # the batch order
+            log.info("curate: reading %d files (batch %d)", len(files), batch)
+            work = out / "work"
+            with executor_session(recipe.curate):  # on Ray: one cluster for the reading and the MinHash steps
+                _read_batch(files, work, out / "id-index", batch, recipe.curate)
+                spool = Spool(work, recipe.curate.workers)
+                screened = _deal(sources, new_files, work / "read", spool, out, batch, recipe.curate)
+                written = _dedupe_and_write(sources, spool.close(), out, batch, recipe)
             report_sources = {s.name: _source_report(s, screened[s.name], written[s.name], db, batch) for s in sources}
             warnings = []
             for source in sources:

@@ -3,6 +3,7 @@ the curated output (kept, removed and why) does not depend on which, nor on the 
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -14,22 +15,33 @@ from refit.stages.lib.config import CurateSpec, RecipeError, load_recipe
 from refit.stages.lib.executors import Step, build_executors
 from refit.stages.lib.minhash import FastMinhashSignature
 
+SETTINGS = {"max_chars": 3000, "max_bad_fraction": 0.2}  # the long document is split; 5 of 38 records are bad
+
 
 def _sources(data: Path) -> list[dict]:
-    """Legacy and new documents with exact and near duplicates within and across sources, a
-    benchmark leak and a broken line: every kind of decision curate makes."""
+    """Legacy and new documents in several files with exact and near duplicates within and
+    across sources, a benchmark leak, a broken line, a truncated file, a long document split
+    in parts, and ids reused across files after a good and after a bad first record: every
+    kind of decision curate makes, and claims that cross the files of different reading tasks."""
     legacy = [{"id": f"old{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:15])]
     new = [{"id": f"new{i}", "text": d["text"]} for i, d in enumerate(NEW[:15])]
     new += [{"id": f"newdup{i}", "text": edited(NEW[i]["text"], i)} for i in range(4)]
     new += [{"id": f"cross{i}", "text": edited(LEGACY[i]["text"], 100 + i)} for i in range(4)]
-    new += [{"id": "exact", "text": NEW[7]["text"]}, b"{not json\n"]
+    new += [{"id": "exact", "text": NEW[7]["text"]}, b"{not json\n", {"id": "x", "text": "short"}]
     new += [
         {"id": "leak", "text": "So: the quick brown fox jumps over the lazy dog while the cat sleeps on the warm mat"}
     ]
+    later = [{"id": "x", "text": NEW[20]["text"]}, {"id": "new3", "text": NEW[21]["text"]}]
+    later += [{"id": "long", "text": "\n\n".join(d["text"] for d in NEW[22:28])}, {"id": "y", "text": NEW[28]["text"]}]
     write_jsonl(data / "new.jsonl", new)
+    write_jsonl(data / "new2.jsonl", later)
+    cut = gzip.compress(
+        b"".join(json.dumps({"id": f"cut{i}", "text": NEW[30 + i]["text"]}).encode() + b"\n" for i in range(4))
+    )
+    (data / "new3.jsonl.gz").write_bytes(cut[: len(cut) * 2 // 3])
     write_jsonl(data / "old.jsonl", legacy)
     return [
-        {"name": "new", "paths": [str(data / "new.jsonl")], "role": "new"},
+        {"name": "new", "paths": [str(data / "new*")], "role": "new"},
         {"name": "old", "paths": [str(data / "old.jsonl")], "role": "legacy"},
     ]
 
@@ -61,14 +73,14 @@ def test_decisions_and_output_are_identical_on_one_or_two_local_workers_and_ray(
     outputs, fingerprints = {}, set()
     for name, curate in runs.items():
         (tmp_path / name).mkdir()
-        recipe = load_recipe(make_recipe(tmp_path / name, sources, **curate))
+        recipe = load_recipe(make_recipe(tmp_path / name, sources, **SETTINGS, **curate))
         report = run_curate(recipe, tmp_path / name / "wd")
         outputs[name] = _outputs(tmp_path / name / "wd")
         fingerprints.add(input_fingerprint(recipe, tmp_path / name / "wd"))
     new = report["sources"]["new"]
     assert new["removed"] == {"contaminated_span": 1, "exact_duplicate": 1, "near_duplicate": 8}
-    assert new["quarantined"] == {"not_json": 1}
-    assert new["train_docs"] + new["validation_docs"] == 15
+    assert new["quarantined"] == {"duplicate_id": 2, "not_json": 1, "too_short": 1, "unreadable_file": 1}
+    assert new["split_parts"] == 5 and new["train_docs"] + new["validation_docs"] == 23
     assert sorted(outputs["local-1"]) == sorted(outputs["local-2"]) == sorted(outputs["ray-2"])
     for path, content in outputs["local-1"].items():
         assert outputs["local-2"][path] == content, path
@@ -143,7 +155,8 @@ def test_decisions_are_identical_when_the_spool_deals_several_rounds_of_files(tm
     for name, workers, per_round in (("one-round", 2, 65536), ("rounds-1", 1, 7), ("rounds-3", 3, 7)):
         monkeypatch.setattr(curate_steps, "DOCS_PER_ROUND", per_round)
         (tmp_path / name).mkdir()
-        run_curate(load_recipe(make_recipe(tmp_path / name, sources, workers=workers)), tmp_path / name / "wd")
+        recipe = load_recipe(make_recipe(tmp_path / name, sources, workers=workers, **SETTINGS))
+        run_curate(recipe, tmp_path / name / "wd")
         outputs[name] = _outputs(tmp_path / name / "wd")
     assert outputs["rounds-1"] == outputs["one-round"] == outputs["rounds-3"]
     assert [curate_steps.task_of(p, 3) for p in range(16)] == [0, 1, 2, 0, 1, 2, 0, 3, 4, 5, 3, 4, 5, 3, 6, 7]

@@ -1,22 +1,31 @@
 """Curate's streaming parts: a batch's clean documents go through files, never a list in memory.
 
-1. Screening (curate.py) deals each clean document round robin into curate.workers spool
-   files (`work/clean/RRRRR.jsonl`, datatrove's JSONL layout; see `task_of`), a new round of
+1. `ReadRecords`, a datatrove PipelineStep on curate.executor: each task reads its share of
+   the batch's files and validates every record (records.py), writing per file its
+   quarantined records, its clean documents, their text hashes, and the id of every record
+   that has one, good or bad (`work/read/FFFFF.*`).
+2. `find_duplicate_ids`: one DuckDB query over those ids and the id index of every earlier
+   batch (`id-index/*.parquet`) decides the claims: the first record with an id (by batch,
+   then source, file and line) claims it, even when it was itself bad; every later good
+   record with that id is a duplicate_id naming it.
+3. `deal` (curate.py) reads the files' outputs back in priority order, quarantines the
+   duplicate ids and deals each clean document round robin into curate.workers spool files
+   (`work/clean/RRRRR.jsonl`, datatrove's JSONL layout; see `task_of`), a new round of
    files every DOCS_PER_ROUND documents, so that no task's share grows with the batch, and
    the sha256 of its text into a Parquet spool of (hash, position, name).
-2. `find_exact_duplicates`: one DuckDB query over that spool and the exact index of every
+4. `find_exact_duplicates`: one DuckDB query over that spool and the exact index of every
    earlier batch and explicit validation file (`exact-index/*.parquet`, one file of first
    occurrences each) finds every document whose text was seen before, naming the first one.
    DuckDB's hash aggregate and join work in a database file and spill to disk past
    DUCKDB_MEMORY, so memory does not grow with the batch. The result goes to one file per
    task, in position order.
-3. `CleanDocuments`, a datatrove PipelineStep run in the same tasks as the MinHash signature
+5. `CleanDocuments`, a datatrove PipelineStep run in the same tasks as the MinHash signature
    step on curate.executor: each task drops its exact duplicates, decontaminates the rest,
    writes the removed documents with their reasons (`work/removed/RRRRR.jsonl`) and the
    pieces kept (`work/kept/RRRRR.jsonl`, their positions in `RRRRR.positions`), and passes
    the pieces on to the signatures, one at a time.
-4. `merged` reads the tasks' files back in position order for the Parquet writer.
-Decisions depend on positions only, so not on the executor or the number of tasks.
+6. `merged` reads the tasks' files back in position order for the Parquet writer.
+Decisions depend on file order and positions only, so not on the executor or the number of tasks.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ import hashlib
 import heapq
 import json
 import struct
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
@@ -35,7 +45,8 @@ import pyarrow.parquet as pq
 from datatrove.data import Document, DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
-from refit.stages.lib.config import CurateSpec
+from refit.stages.lib.config import CurateSpec, SourceSpec
+from refit.stages.lib.records import Record, read_records
 from refit.stages.lib.text import WORD, benchmark_ngrams
 
 DUCKDB_MEMORY = "64MB"  # beyond this DuckDB spills to disk (at 512MB its peak grew with the batch)
@@ -44,6 +55,19 @@ ROWS_PER_GROUP = 2048  # rows of a curated Parquet row group (or fewer: MAX_GROU
 MAX_GROUP_CHARS = 32 << 20  # characters buffered before a row group is written
 HASH_SCHEMA = pa.schema([("hash", pa.binary()), ("position", pa.int64()), ("name", pa.string())])
 POSITION = struct.Struct("<q")
+# per file read: the id of each record that has one (a split record once), good (reason null) or bad
+ID_SCHEMA = pa.schema(
+    [
+        ("source", pa.string()),
+        ("id", pa.string()),
+        ("file", pa.int64()),
+        ("path", pa.string()),
+        ("line", pa.int64()),
+        ("reason", pa.string()),
+    ]
+)
+# per file read: each clean document's line, text hash, "source:doc_id" and length
+DOCS_SCHEMA = pa.schema([("line", pa.int64()), ("hash", pa.binary()), ("name", pa.string()), ("chars", pa.int64())])
 
 
 class RowGroupWriter:
@@ -83,10 +107,14 @@ class LazyJsonl:
         self.path, self.handle, self.rows = path, None, 0
 
     def write(self, row: dict) -> None:
+        self.write_line(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def write_line(self, line: str) -> None:
+        """A row already written as JSON (ending with a newline)."""
         if self.handle is None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.handle = open(self.path, "w", encoding="utf-8")
-        self.handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.handle.write(line)
         self.rows += 1
 
     def close(self) -> None:
@@ -115,13 +143,13 @@ class Spool:
         self.count = 0
         self.hashes = RowGroupWriter(work / "exact" / "hashes.parquet", HASH_SCHEMA)
 
-    def add(self, source: str, doc_id: str, text: str) -> None:
+    def add(self, row_tail: str, hash_: bytes, name: str) -> None:
+        """One document: row_tail is its JSON row after the id (see `document_row_tail`)."""
         rank = task_of(self.count, self.workers)
         if rank == len(self.files):  # files are opened in rank order
             self.files.append(open(self.folder / f"{rank:05d}.jsonl", "w", encoding="utf-8"))
-        row = {"id": str(self.count), "text": text, "source": source, "doc": doc_id}
-        self.files[rank].write(json.dumps(row, ensure_ascii=False) + "\n")
-        self.hashes.add(text_hash(text), self.count, f"{source}:{doc_id}")
+        self.files[rank].write(f'{{"id": "{self.count}", {row_tail}')
+        self.hashes.add(hash_, self.count, name)
         self.count += 1
 
     def close(self) -> int:
@@ -202,6 +230,122 @@ def find_exact_duplicates(work: Path, index: Path, batch_name: str, tasks: int, 
     for handle in outputs:
         handle.close()
     return count
+
+
+def document_row_tail(source: str, doc_id: str, text: str) -> str:
+    """A clean document's spool row (datatrove JSONL: id, text, metadata) without its leading
+    `{"id": "<position>", `: positions are given only when the batch is dealt."""
+    return json.dumps({"text": text, "source": source, "doc": doc_id}, ensure_ascii=False)[1:] + "\n"
+
+
+def read_file(folder: Path, order: int, source: SourceSpec, path: str, spec: CurateSpec) -> None:
+    """Read and validate one file of the batch (`order`: its place in the batch) into
+    folder/FFFFF.*: .quarantine.jsonl (bad records, in line order), .docs (clean documents,
+    `document_row_tail`), .parquet (DOCS_SCHEMA, a row per document), .ids.parquet
+    (ID_SCHEMA) and .counts.json, written last."""
+    name = folder / f"{order:05d}"
+    counts: Counter[str] = Counter()
+    ids = RowGroupWriter(name.with_suffix(".ids.parquet"), ID_SCHEMA)
+    docs = RowGroupWriter(name.with_suffix(".parquet"), DOCS_SCHEMA)
+    with (
+        open(name.with_suffix(".docs"), "w", encoding="utf-8") as texts,
+        open(name.with_suffix(".quarantine.jsonl"), "w", encoding="utf-8") as quarantined,
+    ):
+        for record in read_records(Path(path), source, spec):
+            counts["records"] += 1  # an unreadable file counts as one bad record
+            if record.part is not None:
+                counts["split_parts"] += 1
+            if record.id is not None and not record.part:  # a split record claims its id once
+                ids.add(source.name, record.id, order, path, record.line, record.reason)
+            if record.reason is not None:
+                counts[f"quarantined:{record.reason}"] += 1
+                quarantined.write(json.dumps(record.quarantine_row(source.name), ensure_ascii=False) + "\n")
+                continue
+            texts.write(document_row_tail(source.name, record.doc_id, record.text))
+            docs.add(record.line, text_hash(record.text), f"{source.name}:{record.doc_id}", len(record.text))
+    ids.close()
+    docs.close()
+    name.with_suffix(".counts.json").write_text(json.dumps(counts))
+
+
+class ReadRecords(PipelineStep):
+    """Task r of the reading step: files r, r + world_size, ... of the batch, each read and
+    validated into its own outputs (`read_file`), so what is written does not depend on the
+    number of tasks."""
+
+    type = "📖 - READER"
+    name = "🔎 read and validate"
+
+    def __init__(self, folder: str, files: list[tuple[SourceSpec, str]], spec: CurateSpec) -> None:
+        super().__init__()
+        self.folder, self.files, self.spec = Path(folder), files, spec
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> None:
+        """Writes files and passes no documents on (the batch is dealt once every file is read)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        for order in range(rank, len(self.files), world_size):
+            source, path = self.files[order]
+            read_file(self.folder, order, source, path, self.spec)
+            self.stat_update("files")
+
+
+def _earlier_ids(index: Path) -> str:
+    files = sorted(index.glob("*.parquet"))
+    if not files:
+        return (
+            "SELECT NULL::VARCHAR AS source, NULL::VARCHAR AS id, NULL::VARCHAR AS path, NULL::BIGINT AS line, "
+            "NULL::VARCHAR AS reason WHERE false"
+        )
+    return f"SELECT source, id, path, line, reason FROM read_parquet([{', '.join(map(quoted, files))}])"
+
+
+def find_duplicate_ids(folder: Path, index: Path, batch_name: str, files: int, threads: int) -> None:
+    """Decide the id claims of the batch's `files` read into `folder`: writes
+    folder/duplicate-ids.jsonl, [file, line, id, path, line, reason] of every good record whose
+    id an earlier record claimed (the last three: the claiming record, reason null when it was
+    good), in file and line order; and index/<batch_name>.parquet, the batch's new claims."""
+    index.mkdir(parents=True, exist_ok=True)
+    spool = ", ".join(quoted(folder / f"{order:05d}.ids.parquet") for order in range(files))
+    with (
+        closing(duckdb_connection(folder / "claims.duckdb", threads)) as db,
+        open(folder / "duplicate-ids.jsonl", "w", encoding="utf-8") as output,
+    ):
+        db.execute(f"CREATE VIEW new AS SELECT *, (file << 32) + line AS key FROM read_parquet([{spool}])")
+        db.execute(f"CREATE VIEW earlier AS {_earlier_ids(index)}")
+        db.execute(
+            "CREATE TABLE firsts AS SELECT source, id, min(key) AS key, "
+            "arg_min({'path': path, 'line': line, 'reason': reason}, key) AS first FROM new GROUP BY source, id"
+        )
+        duplicates = db.execute(
+            "SELECT n.file, n.line, n.id, coalesce(e.path, f.first.path), coalesce(e.line, f.first.line), "
+            "CASE WHEN e.id IS NULL THEN f.first.reason ELSE e.reason END "
+            "FROM new n JOIN firsts f USING (source, id) LEFT JOIN earlier e USING (source, id) "
+            "WHERE n.reason IS NULL AND (e.id IS NOT NULL OR n.key <> f.key) ORDER BY n.key"
+        )
+        while rows := duplicates.fetchmany(65536):
+            output.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        db.execute("SET threads=1")  # one writer thread: the same bytes whatever curate.workers is
+        db.execute(
+            "COPY (SELECT source, id, first.path AS path, first.line AS line, first.reason AS reason FROM firsts f "
+            "WHERE NOT EXISTS (SELECT 1 FROM earlier e WHERE e.source = f.source AND e.id = f.id) ORDER BY key) "
+            f"TO {quoted(index / f'{batch_name}.parquet')} (FORMAT parquet)"
+        )
+
+
+def duplicate_id_record(source: str, path: str, line: int, doc_id: str, text: str, claim: list) -> Record:
+    """The quarantine record of a good record (or piece) whose id `claim` ([path, line, reason]
+    of the claiming record, see `find_duplicate_ids`) took first, naming it."""
+    first_path, first_line, first_reason = claim
+    record = Record(file=path, line=line, id=doc_id, reason="duplicate_id", excerpt=text[:200])
+    if first_reason is None:
+        record.kept = f"{first_path}:{first_line}"
+        record.detail = f"id {doc_id!r} already taken in {source} by {record.kept}, which is kept"
+    else:
+        record.detail = (
+            f"id {doc_id!r} first seen in {source} at {first_path}:{first_line}, quarantined there as "
+            f"{first_reason}; no record with this id is kept"
+        )
+    return record
 
 
 def decontaminate(

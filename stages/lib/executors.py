@@ -112,6 +112,17 @@ def _check_complete(executor: PipelineExecutor) -> None:
 
 
 @contextmanager
+def executor_session(spec: CurateSpec) -> Iterator[None]:
+    """Around several `run_steps` calls: on executor ray, one connection (or one private local
+    cluster, started once) for all of them; nothing otherwise."""
+    if spec.executor != "ray":
+        yield
+        return
+    with _ray_cluster(spec.ray or RaySpec(), spec):
+        yield
+
+
+@contextmanager
 def _ray_cluster(ray_spec: RaySpec, spec: CurateSpec) -> Iterator[None]:
     """Connect to the recipe's Ray cluster, or start a private local one for the run; only a
     cluster started or connected to here is shut down afterwards."""
