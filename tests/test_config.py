@@ -207,7 +207,7 @@ def test_a_name_that_is_not_a_folder_of_its_own_is_rejected(layout, name, change
     assert expected in found[path][1]
 
 
-@pytest.mark.parametrize("name", ["quarantine", "removed", "work", "minhash-index", "exact-index"])
+@pytest.mark.parametrize("name", ["quarantine", "removed", "work", "minhash-index", "exact-index", "id-index"])
 def test_a_source_cannot_take_the_name_of_one_of_curates_own_folders(layout, name):
     recipe = edit()
     recipe["sources"][0]["name"] = name

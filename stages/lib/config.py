@@ -125,7 +125,7 @@ class BaseModelSpec(Section):
         return self
 
 
-CURATE_FOLDERS = ("quarantine", "removed", "work", "minhash-index", "exact-index")
+CURATE_FOLDERS = ("quarantine", "removed", "work", "minhash-index", "exact-index", "id-index")
 """Curate's own folders beside its per-source ones: no source may take these names."""
 
 
