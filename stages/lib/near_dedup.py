@@ -2,8 +2,11 @@
 
 One datatrove pass (signatures, buckets, clusters) over the whole batch: every source's new
 documents, given in priority order (legacy, then new, then qa; within a source, input
-order). Datatrove finds the clusters of near-duplicates, matching them also against the
-MinHash index of every earlier batch; Refit then keeps one member per cluster by priority:
+order). Datatrove finds the clusters of near-duplicates within the batch; `IndexLookup`,
+in the same tasks as its bucket step, matches them against the MinHash index of every
+earlier batch (`<index>/<batch>/bucket_BBB/*.minhash.index`, sorted signatures) by binary
+search, so a batch reads only the parts of the index its own signatures fall in, not the
+whole index as datatrove's merge would. Refit then keeps one member per cluster by priority:
 the earliest document, unless the cluster touches an earlier batch, which always wins.
 So when a new document near-duplicates a legacy one the legacy one is kept, the choice
 does not depend on the number of workers, and a rerun costs only the new data.
@@ -20,6 +23,8 @@ from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from datatrove.data import DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup.minhash import (
     SENTINEL,
     MinhashConfig,
@@ -48,6 +53,46 @@ def _clusters(folder: Path) -> dict[int, list[tuple[int, int]]]:
     return members
 
 
+class IndexLookup(PipelineStep):
+    """Task b of the bucket step, before datatrove's: every signature of bucket b that the
+    MinHash index of an earlier batch holds becomes a pair (SENTINEL, SENTINEL, task, document)
+    in `<output>/BBBBB_index.dups`, as datatrove's bucket step writes matches with its index.
+    Each index file is memory-mapped and searched, never read whole."""
+
+    type = "🫂 - DEDUP"
+    name = "🔍 MinHash index lookup"
+
+    def __init__(self, signatures: str, index: str, batch_name: str, output: str, config: MinhashConfig) -> None:
+        super().__init__()
+        self.signatures, self.index, self.output = Path(signatures), Path(index), Path(output)
+        self.batch_name, self.config = batch_name, config
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> None:
+        """Writes the matches of bucket `rank` and passes nothing on (datatrove's bucket step follows)."""
+        hashes = np.dtype("<u4" if self.config.hash_config.precision == 32 else "<u8")
+        key = np.dtype([(f"h{i}", hashes) for i in range(self.config.hashes_per_bucket)])  # compared in field order
+        bucket = f"bucket_{rank:03d}"
+        self.output.mkdir(parents=True, exist_ok=True)
+        with open(self.output / f"{rank:05d}_index.dups", "wb") as out:
+            files = sorted(self.index.glob(f"*/{bucket}/*.minhash.index"))
+            earlier = [path for path in files if path.parts[-3] != self.batch_name]
+            if not earlier:
+                return
+            record = np.dtype([("key", key), ("doc", "<u4")])
+            for path in sorted((self.signatures / bucket).glob("*.minhash.sig")):
+                new = np.fromfile(path, dtype=record)
+                found = np.zeros(len(new), dtype=bool)
+                for index_file in earlier:
+                    if index_file.stat().st_size:
+                        index = np.memmap(index_file, dtype=key, mode="r")
+                        at = np.minimum(np.searchsorted(index, new["key"]), len(index) - 1)
+                        found |= index[at] == new["key"]
+                task = int(path.name.removesuffix(".minhash.sig"))
+                for doc in new["doc"][found]:
+                    out.write(struct.pack("<4I", SENTINEL, SENTINEL, task, int(doc)))
+                    self.stat_update("index_match")
+
+
 def near_dedup_feed(
     feed: list, tasks: int, work: Path, index: Path, batch_name: str, curate: CurateSpec
 ) -> dict[tuple[int, int], tuple[int, int] | int]:
@@ -60,11 +105,12 @@ def near_dedup_feed(
     config = MinhashConfig(n_grams=spec.ngram, num_buckets=spec.buckets, hashes_per_bucket=spec.hashes_per_bucket)
     signature_step = FastMinhashSignature if spec.signatures == "vectorised" else MinhashDedupSignature
     signatures = signature_step(output_folder=str(work / "signatures"), config=config)
-    buckets = MinhashDedupBuckets(
+    lookup = IndexLookup(str(work / "signatures"), str(index), batch_name, str(work / "buckets"), config)
+    buckets = MinhashDedupBuckets(  # within the batch; writes the batch's own index, reads no other
         input_folder=str(work / "signatures"),
         output_folder=str(work / "buckets"),
         config=config,
-        index_folder=str(index),
+        index_folder=str(index / batch_name),
         create_index_name=batch_name,
         only_dedup_in_index=False,
     )
@@ -74,7 +120,7 @@ def near_dedup_feed(
     run_steps(
         [
             Step("signatures", [*feed, signatures], tasks),
-            Step("buckets", [buckets], config.num_buckets),
+            Step("buckets", [lookup, buckets], config.num_buckets),
             Step("clusters", [clusters], 1),
         ],
         curate,
