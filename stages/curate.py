@@ -309,18 +309,16 @@ def _read_batch(files: list[tuple[SourceSpec, str]], work: Path, index: Path, ba
     folder = work / "read"
     folder.mkdir(parents=True)
     if not files:
-        (folder / "duplicate-ids.jsonl").touch()
         return
     run_steps(
         [Step("read", [ReadRecords(str(folder), files, spec)], min(spec.workers, len(files)))], spec, work / "logs"
     )
-    find_duplicate_ids(folder, index, f"batch-{batch:04d}", len(files), spec.workers)
+    find_duplicate_ids(folder, index, f"batch-{batch:04d}", [path for _, path in files], spec.workers)
 
 
 def _file_events(folder: Path, order: int) -> Iterator[tuple[int, str, tuple | None]]:
     """(line, JSON row, None) for each quarantined record of a file read, and (line, row tail,
     (hash, name, chars)) for each clean document, in line order."""
-    import pyarrow.parquet as pq
 
     name = folder / f"{order:05d}"
 
@@ -331,11 +329,20 @@ def _file_events(folder: Path, order: int) -> Iterator[tuple[int, str, tuple | N
 
     def documents() -> Iterator[tuple[int, str, tuple]]:
         with open(name.with_suffix(".docs"), encoding="utf-8") as tails:
-            for batch in pq.ParquetFile(name.with_suffix(".parquet")).iter_batches(batch_size=4096):
-                for line, hash_, doc, chars in zip(*(column.to_pylist() for column in batch.columns), strict=True):
-                    yield line, next(tails), (hash_, doc, chars)
+            for (line, hash_, doc, chars), tail in zip(_rows(name.with_suffix(".parquet")), tails, strict=True):
+                yield line, tail, (hash_, doc, chars)
 
     return heapq.merge(quarantined(), documents(), key=lambda event: event[0])
+
+
+def _rows(path: Path) -> Iterator[tuple]:
+    """The rows of a Parquet file as tuples, a record batch at a time; none when there is no file."""
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
 
 
 def _deal(sources: list[SourceSpec], new_files: dict, folder: Path, spool, out: Path, batch: int, spec) -> dict:
@@ -345,34 +352,33 @@ def _deal(sources: list[SourceSpec], new_files: dict, folder: Path, spool, out: 
     files, copies, counts and bad fraction."""
     from refit.stages.lib.curate_steps import LazyJsonl, duplicate_id_record
 
-    with open(folder / "duplicate-ids.jsonl", encoding="utf-8") as rows:
-        duplicates = (json.loads(row) for row in rows)
-        duplicate = next(duplicates, None)
-        screened, order = {}, 0
-        for source in sources:
-            files, copies = new_files[source.name]
-            counts: Counter[str] = Counter()
-            quarantined = LazyJsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"))
-            for path, _ in files:
-                counts.update(json.loads((folder / f"{order:05d}.counts.json").read_text()))
-                for line, row, document in _file_events(folder, order):
-                    while duplicate is not None and duplicate[:2] < [order, line]:  # records gone by
-                        duplicate = next(duplicates, None)
-                    if document is None:
-                        quarantined.write_line(row)
-                    elif duplicate is not None and duplicate[:2] == [order, line]:
-                        text = json.loads("{" + row)["text"]
-                        record = duplicate_id_record(source.name, path, line, duplicate[2], text, duplicate[3:])
-                        quarantined.write(record.quarantine_row(source.name))
-                        counts["quarantined:duplicate_id"] += 1
-                    else:
-                        hash_, name, chars = document
-                        counts["chars"] += chars
-                        spool.add(row, hash_, name)
-                order += 1
-            quarantined.close()
-            screened[source.name] = {"files": files, "copies": copies, "counts": counts}
-            _check_bad_fraction(source, screened[source.name], spec)
+    duplicates = _rows(folder / "duplicate-ids.parquet")  # (file, line, id, path, first_line, reason)
+    duplicate = next(duplicates, None)
+    screened, order = {}, 0
+    for source in sources:
+        files, copies = new_files[source.name]
+        counts: Counter[str] = Counter()
+        quarantined = LazyJsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"))
+        for path, _ in files:
+            counts.update(json.loads((folder / f"{order:05d}.counts.json").read_text()))
+            for line, row, document in _file_events(folder, order):
+                while duplicate is not None and duplicate[:2] < (order, line):  # records gone by
+                    duplicate = next(duplicates, None)
+                if document is None:
+                    quarantined.write_line(row)
+                elif duplicate is not None and duplicate[:2] == (order, line):
+                    text = json.loads("{" + row)["text"]
+                    record = duplicate_id_record(source.name, path, line, duplicate[2], text, duplicate[3:])
+                    quarantined.write(record.quarantine_row(source.name))
+                    counts["quarantined:duplicate_id"] += 1
+                else:
+                    hash_, name, chars = document
+                    counts["chars"] += chars
+                    spool.add(row, hash_, name)
+            order += 1
+        quarantined.close()
+        screened[source.name] = {"files": files, "copies": copies, "counts": counts}
+        _check_bad_fraction(source, screened[source.name], spec)
     return screened
 
 

@@ -57,14 +57,7 @@ HASH_SCHEMA = pa.schema([("hash", pa.binary()), ("position", pa.int64()), ("name
 POSITION = struct.Struct("<q")
 # per file read: the id of each record that has one (a split record once), good (reason null) or bad
 ID_SCHEMA = pa.schema(
-    [
-        ("source", pa.string()),
-        ("id", pa.string()),
-        ("file", pa.int64()),
-        ("path", pa.string()),
-        ("line", pa.int64()),
-        ("reason", pa.string()),
-    ]
+    [("source", pa.string()), ("id", pa.string()), ("file", pa.int64()), ("line", pa.int64()), ("reason", pa.string())]
 )
 # per file read: each clean document's line, text hash, "source:doc_id" and length
 DOCS_SCHEMA = pa.schema([("line", pa.int64()), ("hash", pa.binary()), ("name", pa.string()), ("chars", pa.int64())])
@@ -256,7 +249,7 @@ def read_file(folder: Path, order: int, source: SourceSpec, path: str, spec: Cur
             if record.part is not None:
                 counts["split_parts"] += 1
             if record.id is not None and not record.part:  # a split record claims its id once
-                ids.add(source.name, record.id, order, path, record.line, record.reason)
+                ids.add(source.name, record.id, order, record.line, record.reason)
             if record.reason is not None:
                 counts[f"quarantined:{record.reason}"] += 1
                 quarantined.write(json.dumps(record.quarantine_row(source.name), ensure_ascii=False) + "\n")
@@ -299,35 +292,42 @@ def _earlier_ids(index: Path) -> str:
     return f"SELECT source, id, path, line, reason FROM read_parquet([{', '.join(map(quoted, files))}])"
 
 
-def find_duplicate_ids(folder: Path, index: Path, batch_name: str, files: int, threads: int) -> None:
-    """Decide the id claims of the batch's `files` read into `folder`: writes
-    folder/duplicate-ids.jsonl, [file, line, id, path, line, reason] of every good record whose
-    id an earlier record claimed (the last three: the claiming record, reason null when it was
-    good), in file and line order; and index/<batch_name>.parquet, the batch's new claims."""
+def find_duplicate_ids(folder: Path, index: Path, batch_name: str, paths: list[str], threads: int) -> None:
+    """Decide the id claims of the batch's files (`paths`, in batch order) read into `folder`:
+    writes folder/duplicate-ids.parquet, (file, line, id, path, first_line, reason) of every good
+    record whose id an earlier record claimed (the last three: the claiming record, reason null
+    when it was good), in file and line order; and index/<batch_name>.parquet, the batch's new claims.
+    Records are compared by key = file << 32 | line; the hash aggregate (a plain min: arg_min
+    does not spill) and the joins spill to disk past DUCKDB_MEMORY."""
     index.mkdir(parents=True, exist_ok=True)
-    spool = ", ".join(quoted(folder / f"{order:05d}.ids.parquet") for order in range(files))
-    with (
-        closing(duckdb_connection(folder / "claims.duckdb", threads)) as db,
-        open(folder / "duplicate-ids.jsonl", "w", encoding="utf-8") as output,
-    ):
-        db.execute(f"CREATE VIEW new AS SELECT *, (file << 32) + line AS key FROM read_parquet([{spool}])")
-        db.execute(f"CREATE VIEW earlier AS {_earlier_ids(index)}")
+    spool = ", ".join(quoted(folder / f"{order:05d}.ids.parquet") for order in range(len(paths)))
+    with closing(duckdb_connection(folder / "claims.duckdb", threads)) as db:
+        db.execute("CREATE TABLE paths (file BIGINT, path VARCHAR)")
+        db.executemany("INSERT INTO paths VALUES (?, ?)", list(enumerate(paths)))
         db.execute(
-            "CREATE TABLE firsts AS SELECT source, id, min(key) AS key, "
-            "arg_min({'path': path, 'line': line, 'reason': reason}, key) AS first FROM new GROUP BY source, id"
+            f"CREATE VIEW new AS SELECT source, id, (file << 32) + line AS key, reason FROM read_parquet([{spool}])"
         )
-        duplicates = db.execute(
-            "SELECT n.file, n.line, n.id, coalesce(e.path, f.first.path), coalesce(e.line, f.first.line), "
-            "CASE WHEN e.id IS NULL THEN f.first.reason ELSE e.reason END "
-            "FROM new n JOIN firsts f USING (source, id) LEFT JOIN earlier e USING (source, id) "
-            "WHERE n.reason IS NULL AND (e.id IS NOT NULL OR n.key <> f.key) ORDER BY n.key"
+        db.execute(f"CREATE VIEW earlier AS {_earlier_ids(index)}")
+        db.execute("CREATE TABLE firsts AS SELECT source, id, min(key) AS key FROM new GROUP BY source, id")
+        db.execute("CREATE TABLE bad AS SELECT source, id, key, reason FROM new WHERE reason IS NOT NULL")
+        db.execute(  # each id's claim: by an earlier batch's record, else by this batch's first (reason null: good)
+            "CREATE TABLE claims AS SELECT f.source, f.id, f.key, e.id IS NOT NULL AS earlier, "
+            "coalesce(e.path, p.path) AS path, coalesce(e.line, f.key & 4294967295) AS line, "
+            "CASE WHEN e.id IS NULL THEN b.reason ELSE e.reason END AS reason "
+            "FROM firsts f LEFT JOIN earlier e USING (source, id) JOIN paths p ON p.file = f.key >> 32 "
+            "LEFT JOIN bad b ON b.source = f.source AND b.id = f.id AND b.key = f.key"
         )
-        while rows := duplicates.fetchmany(65536):
-            output.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+        db.execute(
+            "CREATE TABLE duplicates AS SELECT n.key, n.id, c.path, c.line, c.reason FROM new n "
+            "JOIN claims c USING (source, id) WHERE n.reason IS NULL AND (c.earlier OR n.key <> c.key)"
+        )
+        db.execute(
+            "COPY (SELECT key >> 32 AS file, key & 4294967295 AS line, id, path, line AS first_line, reason "
+            f"FROM duplicates ORDER BY key) TO {quoted(folder / 'duplicate-ids.parquet')} (FORMAT parquet)"
+        )
         db.execute("SET threads=1")  # one writer thread: the same bytes whatever curate.workers is
         db.execute(
-            "COPY (SELECT source, id, first.path AS path, first.line AS line, first.reason AS reason FROM firsts f "
-            "WHERE NOT EXISTS (SELECT 1 FROM earlier e WHERE e.source = f.source AND e.id = f.id) ORDER BY key) "
+            "COPY (SELECT source, id, path, line, reason FROM claims WHERE NOT earlier ORDER BY key) "
             f"TO {quoted(index / f'{batch_name}.parquet')} (FORMAT parquet)"
         )
 
