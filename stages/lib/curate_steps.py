@@ -50,6 +50,7 @@ from refit.stages.lib.records import Record, read_records
 from refit.stages.lib.text import WORD, benchmark_ngrams
 
 DUCKDB_MEMORY = "64MB"  # beyond this DuckDB spills to disk (at 512MB its peak grew with the batch)
+PARTITION_ROWS = 1 << 17  # texts per partition of the exact dedupe's aggregate and joins
 DOCS_PER_ROUND = 65536  # documents dealt into one round of curate.workers spool files
 ROWS_PER_GROUP = 2048  # rows of a curated Parquet row group (or fewer: MAX_GROUP_CHARS)
 MAX_GROUP_CHARS = 32 << 20  # characters buffered before a row group is written
@@ -202,23 +203,38 @@ def find_exact_duplicates(work: Path, index: Path, batch_name: str, tasks: int, 
     with closing(duckdb_connection(work / "exact" / "dedupe.duckdb", workers)) as db:
         db.execute(f"CREATE VIEW new AS SELECT * FROM read_parquet({spool})")
         db.execute(f"CREATE VIEW earlier AS {_earlier(index)}")
-        db.execute(
-            "CREATE TABLE firsts AS SELECT hash, min(position) AS position, arg_min(name, position) AS name "
-            "FROM new GROUP BY hash"
-        )
-        duplicates = db.execute(
-            "SELECT n.position, coalesce(e.name, f.name) FROM new n JOIN firsts f USING (hash) "
-            "LEFT JOIN earlier e USING (hash) WHERE e.hash IS NOT NULL OR n.position <> f.position "
-            "ORDER BY n.position"
-        )
-        while rows := duplicates.fetchmany(65536):
-            for position, name in rows:
+        # hash-partitioned, each partition's aggregate and joins at most PARTITION_ROWS texts: one
+        # aggregate over 1.7M texts could not get its hash table within DUCKDB_MEMORY
+        db.execute("CREATE TABLE claims (hash BLOB, position BIGINT, earlier BOOLEAN, name VARCHAR)")
+        db.execute("CREATE TABLE duplicates (position BIGINT, name VARCHAR)")
+        parts = -(-pq.ParquetFile(work / "exact" / "hashes.parquet").metadata.num_rows // PARTITION_ROWS) or 1
+        for part in range(parts):
+            where = f"WHERE hash(hash) % {parts} = {part}"
+            db.execute(
+                f"CREATE OR REPLACE TABLE firsts AS SELECT hash, min(position) AS position FROM new {where} "
+                "GROUP BY hash"
+            )
+            db.execute("CREATE OR REPLACE TABLE named AS SELECT f.*, n.name FROM firsts f JOIN new n USING (position)")
+            db.execute(  # each text's first occurrence: in an earlier batch, else in this one
+                "CREATE OR REPLACE TABLE part_claims AS SELECT f.hash, f.position, e.hash IS NOT NULL AS earlier, "
+                f"coalesce(e.name, f.name) AS name FROM named f LEFT JOIN (SELECT * FROM earlier {where}) e "
+                "ON e.hash = f.hash"
+            )
+            db.execute("INSERT INTO claims SELECT * FROM part_claims")
+            db.execute(
+                f"INSERT INTO duplicates SELECT n.position, c.name FROM (SELECT * FROM new {where}) n "
+                "JOIN part_claims c USING (hash) WHERE c.earlier OR n.position <> c.position"
+            )
+        found = work / "exact" / "duplicates.parquet"
+        db.execute(f"COPY (SELECT * FROM duplicates ORDER BY position) TO {quoted(found)} (FORMAT parquet)")
+        for batch in pq.ParquetFile(found).iter_batches(batch_size=65536):
+            for position, name in zip(*(column.to_pylist() for column in batch.columns), strict=True):
                 outputs[task_of(position, workers)].write(json.dumps([position, name], ensure_ascii=False) + "\n")
-            count += len(rows)
+            count += batch.num_rows
         db.execute("SET threads=1")  # one writer thread: the same bytes whatever curate.workers is
         db.execute(
-            "COPY (SELECT hash, name FROM firsts f WHERE NOT EXISTS (SELECT 1 FROM earlier e WHERE e.hash = f.hash) "
-            f"ORDER BY position) TO {quoted(index / f'{batch_name}.parquet')} (FORMAT parquet)"
+            "COPY (SELECT hash, name FROM claims WHERE NOT earlier ORDER BY position) "
+            f"TO {quoted(index / f'{batch_name}.parquet')} (FORMAT parquet)"
         )
     for handle in outputs:
         handle.close()
