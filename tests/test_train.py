@@ -101,7 +101,8 @@ def test_the_held_out_rows_are_the_first_validation_documents_and_sources_withou
     from refit.stages.lib.shards import read_shard
     from refit.stages.train import write_validation_set
 
-    path, workdir = prepare(tmp_path / "new-only", tiny_model_dir, run_data_stages=False, held_out_docs=3)
+    uncapped = dict(held_out_docs=3, validation_tokens=1 << 15)  # more than the 3 documents hold
+    path, workdir = prepare(tmp_path / "new-only", tiny_model_dir, run_data_stages=False, **uncapped)
     spec = yaml.safe_load(path.read_text())
     del spec["sources"][0]["validation_paths"]  # old holds none out (validation_fraction 0)
     path.write_text(yaml.safe_dump(spec))
