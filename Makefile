@@ -27,10 +27,8 @@ browser:
 		&& apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium not installed (needs root and apt-get): the browser test will be skipped"
 
-# two workers, each taking whole modules (their module-scoped runs are shared): most tests wait on
-# process starts and servers for much of their time, so two share the 2-core machine well
 test: lint browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n 2 --dist loadfile
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
 
 clean-runs:
 	rm -rf runs

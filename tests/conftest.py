@@ -30,12 +30,6 @@ REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "datasets"
 
 
-# The modules that take longest (pytest --durations, 2 cores), run first: `make test`'s two
-# workers take whole modules in this order, so they end together instead of one of them
-# running a long module alone at the end. Only the order changes; a stale list costs time.
-LONGEST_FIRST = ("test_train_scale", "test_train", "test_flows", "test_search", "test_safety", "test_crash", "test_ui")
-
-
 def pytest_collection_modifyitems(config, items):
     import torch
 
@@ -44,8 +38,6 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "gpu" in item.keywords:
                 item.add_marker(skip)
-    rank = {name: n for n, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__, len(rank)))  # stable: each module keeps its order
 
 
 @pytest.fixture(scope="session", autouse=True)

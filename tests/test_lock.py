@@ -33,12 +33,13 @@ def test_forked_workers_of_a_killed_run_do_not_keep_the_lock(tmp_path):
         "import os, sys, time; from refit.stages.lib.lock import workdir_lock\n"
         "with workdir_lock(sys.argv[1], 'refit stage curate'):\n"
         "    worker = os.fork()\n"  # a pool worker that outlives its killed parent
-        "    if worker == 0:\n        print('forked', flush=True)\n        time.sleep(600)\n        os._exit(0)\n"
-        "    print('held', worker, flush=True); time.sleep(600)"
+        "    if worker == 0:\n        os.write(1, b'forked\\n')\n        time.sleep(600)\n        os._exit(0)\n"
+        "    os.write(1, f'held {worker}\\n'.encode()); time.sleep(600)"
     )
     holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE, text=True)
-    # once the worker prints, its at-fork hook has closed its copy of the lock (under load that can
-    # come after the holder's line: a rerun started in between would find the workdir busy)
+    # once the worker writes, its at-fork hook has closed its copy of the lock (under load that can
+    # come after the holder's line: a rerun started in between would find the workdir busy); one
+    # write() each, so that the two lines never interleave
     lines = sorted(holder.stdout.readline().split() for _ in range(2))
     assert lines[0] == ["forked"] and lines[1][0] == "held"
     worker = lines[1][1]
