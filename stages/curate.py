@@ -235,10 +235,23 @@ def _validation_size(folder: Path, source: str) -> tuple[int, int]:
 def validation_texts(workdir: Path, source: str) -> list[str]:
     """The held-out documents of one source of the finished curate output, every batch in order
     (what evaluate scores and the safety probes prompt with)."""
+    return list(iter_validation_texts(workdir, source))
+
+
+def iter_validation_texts(workdir: Path, source: str) -> Iterator[str]:
+    """validation_texts one record batch at a time, for a reader that needs only the first ones."""
     import pyarrow.parquet as pq
 
-    files = curated_files(workdir, source, "validation")
-    return [text for f in files for text in pq.read_table(f, columns=["text"])["text"].to_pylist()]
+    for f in curated_files(workdir, source, "validation"):
+        for batch in pq.ParquetFile(f).iter_batches(columns=["text"]):
+            yield from batch.column(0).to_pylist()
+
+
+def validation_count(workdir: Path, source: str) -> int:
+    """How many documents of the source are held out (from the Parquet footers)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in curated_files(workdir, source, "validation"))
 
 
 def _validation_summary(folder: Path, source: SourceSpec, spec: CurateSpec) -> tuple[dict, str | None]:

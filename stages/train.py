@@ -268,9 +268,9 @@ def write_validation_set(recipe: Recipe, workdir: Path, out: Path) -> dict:
     out.unlink(missing_ok=True)
     if not recipe.train.validation_tokens:
         return {"off": "train.validation_tokens is 0"}
-    texts = {source.name: curate.validation_texts(workdir, source.name) for source in recipe.sources}
-    without = [name for name, docs in texts.items() if not docs]
-    present = [name for name, docs in texts.items() if docs]
+    held = {source.name: curate.validation_count(workdir, source.name) for source in recipe.sources}
+    without = [name for name, count in held.items() if not count]
+    present = [name for name, count in held.items() if count]
     if not present:
         return {"off": "no source has validation documents (curate held none out)"}
     tokenizer = tokenize.load_tokenizer(tokenize.tokenizer_dir(recipe))
@@ -281,14 +281,14 @@ def write_validation_set(recipe: Recipe, workdir: Path, out: Path) -> dict:
         wanted = (rows_in_all // len(present) + (i < rows_in_all % len(present))) * seq_len
         stream: list[int] = []
         docs = 0
-        for text in texts[name]:
+        for text in curate.iter_validation_texts(workdir, name):  # only the first documents are read
             if len(stream) >= wanted:
                 break
             stream += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
             docs += 1
         rows = min(wanted, len(stream)) // seq_len
         pieces.append(np.asarray(stream[: rows * seq_len], dtype=np.int64))
-        sources[name] = {"docs": docs, "held_out_docs": len(texts[name]), "rows": rows}
+        sources[name] = {"docs": docs, "held_out_docs": held[name], "rows": rows}
     flat = np.concatenate(pieces)
     if not len(flat):
         return {"off": f"the validation documents fill no row of {seq_len} tokens", "sources": sources}
