@@ -353,19 +353,40 @@ def metrics(workdir: Path, folder: str = "train") -> list[dict]:
 # What runs outside the test's process: training ranks, servers' ports, and a lock held by another process.
 
 
-def training_processes(workdir: Path) -> list[int]:
-    """PIDs of live processes whose command line names this workdir (the stage's children)."""
+def workdir_processes(workdir: Path, program: str = "") -> list[int]:
+    """PIDs of live processes whose command line names this workdir (and `program`, if given).
+    A process whose exit has begun may already show an empty command line: see `wait_exited`."""
     pids = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes().decode(errors="replace")
-                status = (entry / "status").read_text()
             except OSError:
                 continue
-            if "refit.stages.lib.train_loop" in cmdline and str(workdir) in cmdline and "State:\tZ" not in status:
+            if program in cmdline and str(workdir) in cmdline and not exited(int(entry.name)):
                 pids.append(int(entry.name))
     return pids
+
+
+def training_processes(workdir: Path) -> list[int]:
+    """PIDs of the live training processes (ranks) working in this workdir."""
+    return workdir_processes(workdir, "refit.stages.lib.train_loop")
+
+
+def exited(pid: int) -> bool:
+    """Whether `pid` has exited (gone, or a zombie): its open files, locks included, are closed."""
+    try:
+        return "State:\tZ" in (Path("/proc") / str(pid) / "status").read_text()
+    except OSError:
+        return True
+
+
+def wait_exited(pids: list[int], seconds: float = 10) -> list[int]:
+    """Wait for every one of `pids` to exit; those that have not within `seconds`."""
+    deadline = time.time() + seconds
+    while (left := [pid for pid in pids if not exited(pid)]) and time.time() < deadline:
+        time.sleep(0.05)
+    return left
 
 
 def free_port() -> int:
@@ -448,15 +469,16 @@ def kill_at_step(
     while not (log.exists() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines())):
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.002)
+    # the launcher and the ranks, taken before the kill: a dying process's command line can
+    # read empty while it still holds the workdir lock
+    helpers = [pid for pid in workdir_processes(workdir) if pid != process.pid]
     if whole_group:
         os.killpg(process.pid, signal.SIGKILL)
     else:
         process.send_signal(signal.SIGKILL)
     process.wait()
-    deadline = time.time() + 10
-    while training_processes(workdir) and time.time() < deadline:
-        time.sleep(0.05)
-    assert training_processes(workdir) == [], "training processes outlived the killed stage"
+    assert wait_exited(helpers) == [], "the launcher or training processes outlived the killed stage"
+    assert training_processes(workdir) == []
 
 
 # ----------------------------------------------------------------------------- scoring

@@ -9,13 +9,13 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from conftest import REPO, prepare
 
 from refit.stages.lib.config import RecipeError, load_recipe
-from refit.stages.lib.markers import read_marker
 from refit.stages.lib.sweep import SweepError, check_grid, parse_grid, plan_variants, prepare_variant, set_field
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
@@ -97,12 +97,16 @@ def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner
     assert json.loads((workdir / "sweep" / "results.json").read_text())["winner"] == "max_lr0.003"
     devices = {name: load_recipe(workdir / "sweep" / name / "recipe.yaml").train.devices for name in rows}
     assert devices == {"max_lr0.003": [0], "max_lr1e30": [1], "baseline-legacy-only": [0], "baseline-no-switch": [1]}
-    windows = {
-        name: (m["started"], m["finished"])
-        for name in rows
-        if (m := read_marker(workdir / "sweep" / name / "train")) is not None
-    }
-    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(windows.values(), 2))  # concurrent
+    # each variant from its recipe being written to its last file: a variant still running
+    # when another starts ran at the same time (serially, the next recipe comes after the last file)
+    windows = [variant_window(workdir / "sweep" / name) for name in rows]
+    assert any(a[0] < b[1] and b[0] < a[1] for a, b in itertools.combinations(windows, 2))  # concurrent
+
+
+def variant_window(variant_dir: Path) -> tuple[float, float]:
+    """When the sweep wrote the variant's recipe, and when the variant last wrote a file."""
+    last = max(p.stat().st_mtime for p in variant_dir.rglob("*") if p.is_file())
+    return (variant_dir / "recipe.yaml").stat().st_mtime, last
 
 
 def _row(name, acc, forgetting_ok=True, kind="grid", gain_ok=True):
