@@ -13,9 +13,10 @@ largest of its forked workers'.
   first quarter of the files and on all of them; growth ratio (target <= 1.2x, peak < 2 GB);
 - incremental: 1% more new files added to the whole input, curated as the next batch,
   against the full run's time (target <= 5%);
-- throughput: the first --stock-mb MB through the bare stock datatrove MinHash pipeline
+- throughput, last: the first --stock-mb MB through the bare stock datatrove MinHash pipeline
   (bench_curate.py's: reader, spaCy signatures, buckets, clusters, filter, writer) and
-  through Refit's curate, MB/s per core each and the ratio;
+  through Refit's curate (with --stock-mb at least --mb, the whole input's curate above),
+  MB/s per core each and the ratio;
 - --ray: the same slice curated on a private local Ray cluster against the local executor.
 """
 
@@ -156,58 +157,77 @@ def main() -> None:
             "python": grow(legacy, tmp / "data" / "python", args.mb / 2, 1),
             "postgres": grow(new, tmp / "data" / "postgres", args.mb / 2, 2),
         }
-        cores = args.workers
+        whole = None if args.skip_memory else memory_and_incremental(args, tmp, corpora, tokenizer, legacy, new)
         if args.stock_mb:
-            share = args.stock_mb / args.mb
-            sliced = {s: files[: max(1, round(len(files) * share))] for s, files in corpora.items()}
-            size = megabytes(sliced)
-            runs = {"stock datatrove MinHash": "stock", "refit curate": "curate"}
-            if args.ray:
-                runs["refit curate on Ray"] = "curate-ray"
-            seconds = {}
-            for label, kind in runs.items():
-                extra = {"executor": "ray"} if kind == "curate-ray" else {}
-                recipe = recipe_for(tmp, kind, sliced, args.workers, tokenizer, **extra)
-                result = measure("stock" if kind == "stock" else "curate", recipe, tmp / kind / "wd")
-                seconds[kind] = result["seconds"]
-                show(f"{label} ({size:.1f} MB)", result | {"mb_per_s_per_core": size / result["seconds"] / cores})
-            print(f"throughput refit/stock: {seconds['stock'] / seconds['curate']:.2f}x on {size:.1f} MB")
-            if args.ray:
-                print(f"Ray overhead: {seconds['curate-ray'] / seconds['curate']:.2f}x the local executor's time")
-            for kind in runs:
-                shutil.rmtree(tmp / kind, ignore_errors=True)
-        if args.skip_memory:
-            return
-        results = {}
-        for name, share in (("quarter", 0.25), ("whole", 1.0)):
-            sources = {s: files[: max(1, round(len(files) * share))] for s, files in corpora.items()}
-            recipe = recipe_for(tmp, name, sources, args.workers, tokenizer)
-            size = megabytes(sources)
-            results[name, "curate"] = measure("curate", recipe, tmp / name / "wd")
-            show(f"curate {name} ({size:.1f} MB)", results[name, "curate"])
-            if not args.skip_tokenize:
-                results[name, "tokenize"] = measure("tokenize", recipe, tmp / name / "wd")
-                show(f"tokenize {name} ({size:.1f} MB)", results[name, "tokenize"])
-            results[name, "input"] = size
-        print(f"input {results['whole', 'input'] / results['quarter', 'input']:.2f}x")
-        for stage in ("curate",) if args.skip_tokenize else ("curate", "tokenize"):
-            quarter, whole = results["quarter", stage], results["whole", stage]
-            print(
-                f"{stage}: peak RSS {whole['peak_mb'] / quarter['peak_mb']:.2f}x "
-                f"({quarter['peak_mb']:.0f} -> {whole['peak_mb']:.0f} MB), largest worker "
-                f"{whole['worker_peak_mb'] / quarter['worker_peak_mb']:.2f}x "
-                f"({quarter['worker_peak_mb']:.0f} -> {whole['worker_peak_mb']:.0f} MB) (target <= 1.2x, < 2 GB)"
-            )
-        full = results["whole", "curate"]["seconds"]
-        added = {
-            "python": grow(legacy, tmp / "data" / "python", args.mb / 200, 3, args.mb / 200),
-            "postgres": grow(new, tmp / "data" / "postgres", args.mb / 200, 4, args.mb / 200),
-        }
-        sources = {s: corpora[s] + added[s] for s in corpora}
-        recipe = recipe_for(tmp, "whole", sources, args.workers, tokenizer)
-        result = measure("curate", recipe, tmp / "whole" / "wd")
-        show(f"curate +{megabytes(added):.2f} MB new files ({megabytes(added) / megabytes(corpora):.1%})", result)
-        print(f"incremental: {result['seconds'] / full:.1%} of the full run's {full:.1f} s (target <= 5%)")
+            # the whole input's curate, measured above, is not run again for the comparison
+            throughput(args, tmp, corpora, tokenizer, whole if args.stock_mb >= args.mb else None)
+
+
+def memory_and_incremental(args, tmp: Path, corpora: dict, tokenizer: Path, legacy: list, new: list) -> dict:
+    """Curate (and tokenize) on the first quarter of the files and on all of them, then 1%
+    more files as the next batch; the whole input's curate result."""
+    results = {}
+    for name, share in (("quarter", 0.25), ("whole", 1.0)):
+        sources = {s: files[: max(1, round(len(files) * share))] for s, files in corpora.items()}
+        recipe = recipe_for(tmp, name, sources, args.workers, tokenizer)
+        size = megabytes(sources)
+        results[name, "curate"] = measure("curate", recipe, tmp / name / "wd")
+        show(f"curate {name} ({size:.1f} MB)", results[name, "curate"])
+        if not args.skip_tokenize:
+            results[name, "tokenize"] = measure("tokenize", recipe, tmp / name / "wd")
+            show(f"tokenize {name} ({size:.1f} MB)", results[name, "tokenize"])
+        results[name, "input"] = size
+    print(f"input {results['whole', 'input'] / results['quarter', 'input']:.2f}x")
+    for stage in ("curate",) if args.skip_tokenize else ("curate", "tokenize"):
+        quarter, whole = results["quarter", stage], results["whole", stage]
+        print(
+            f"{stage}: peak RSS {whole['peak_mb'] / quarter['peak_mb']:.2f}x "
+            f"({quarter['peak_mb']:.0f} -> {whole['peak_mb']:.0f} MB), largest worker "
+            f"{whole['worker_peak_mb'] / quarter['worker_peak_mb']:.2f}x "
+            f"({quarter['worker_peak_mb']:.0f} -> {whole['worker_peak_mb']:.0f} MB) (target <= 1.2x, < 2 GB)",
+            flush=True,
+        )
+    full = results["whole", "curate"]["seconds"]
+    added = {
+        "python": grow(legacy, tmp / "data" / "python", args.mb / 200, 3, args.mb / 200),
+        "postgres": grow(new, tmp / "data" / "postgres", args.mb / 200, 4, args.mb / 200),
+    }
+    sources = {s: corpora[s] + added[s] for s in corpora}
+    recipe = recipe_for(tmp, "whole", sources, args.workers, tokenizer)
+    result = measure("curate", recipe, tmp / "whole" / "wd")
+    show(f"curate +{megabytes(added):.2f} MB new files ({megabytes(added) / megabytes(corpora):.1%})", result)
+    print(f"incremental: {result['seconds'] / full:.1%} of the full run's {full:.1f} s (target <= 5%)", flush=True)
+    for name in ("quarter", "whole"):
+        shutil.rmtree(tmp / name, ignore_errors=True)
+    for files in added.values():  # the throughput runs read the first input only
+        for path in files:
+            path.unlink()
+    return results["whole", "curate"]
+
+
+def throughput(args, tmp: Path, corpora: dict, tokenizer: Path, whole_curate: dict | None) -> None:
+    """Stock datatrove's MinHash pipeline against Refit's curate on the first --stock-mb MB
+    (and on Ray with --ray): MB/s per core each, and the ratios."""
+    share = args.stock_mb / args.mb
+    sliced = {s: files[: max(1, round(len(files) * share))] for s, files in corpora.items()}
+    size = megabytes(sliced)
+    runs = {"stock datatrove MinHash": "stock", "refit curate": "curate"}
+    if args.ray:
+        runs["refit curate on Ray"] = "curate-ray"
+    seconds = {}
+    for label, kind in runs.items():
+        if kind == "curate" and whole_curate is not None:
+            result, label = whole_curate, f"{label}, the whole input's run above"
+        else:
+            extra = {"executor": "ray"} if kind == "curate-ray" else {}
+            recipe = recipe_for(tmp, kind, sliced, args.workers, tokenizer, **extra)
+            result = measure("stock" if kind == "stock" else "curate", recipe, tmp / kind / "wd")
+            shutil.rmtree(tmp / kind, ignore_errors=True)
+        seconds[kind] = result["seconds"]
+        show(f"{label} ({size:.1f} MB)", result | {"mb_per_s_per_core": size / result["seconds"] / args.workers})
+    print(f"throughput refit/stock: {seconds['stock'] / seconds['curate']:.2f}x on {size:.1f} MB")
+    if args.ray:
+        print(f"Ray overhead: {seconds['curate-ray'] / seconds['curate']:.2f}x the local executor's time")
 
 
 if __name__ == "__main__":

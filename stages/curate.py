@@ -23,6 +23,7 @@ import errno
 import glob
 import hashlib
 import heapq
+import itertools
 import json
 import logging
 import shutil
@@ -232,14 +233,14 @@ def _validation_size(folder: Path, source: str) -> tuple[int, int]:
     return docs, chars
 
 
-def validation_texts(workdir: Path, source: str) -> list[str]:
-    """The held-out documents of one source of the finished curate output, every batch in order
-    (what evaluate scores and the safety probes prompt with)."""
-    return list(iter_validation_texts(workdir, source))
+def validation_texts(workdir: Path, source: str, limit: int) -> list[str]:
+    """The first `limit` held-out documents of one source of the finished curate output, every
+    batch in order (what evaluate scores and the safety probes prompt with); only they are read."""
+    return list(itertools.islice(iter_validation_texts(workdir, source), limit))
 
 
 def iter_validation_texts(workdir: Path, source: str) -> Iterator[str]:
-    """validation_texts one record batch at a time, for a reader that needs only the first ones."""
+    """The held-out documents of one source, every batch in order, one record batch at a time."""
     import pyarrow.parquet as pq
 
     for f in curated_files(workdir, source, "validation"):

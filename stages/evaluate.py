@@ -129,8 +129,7 @@ def evaluate_models(
     settings = scoring_settings(recipe)
     harness = _harness_scores(recipe, models, tokenizer, settings, task_dir) if backend == "lm-eval" else None
     items = {bench.name: read_jsonl(Path(bench.path)) for bench in recipe.evaluate.benchmarks}
-    held_out = {s.name: curate.validation_texts(workdir, s.name) for s in recipe.sources}
-    texts = {name: docs[: recipe.evaluate.validation_docs] for name, docs in held_out.items()}
+    texts = {s.name: curate.validation_texts(workdir, s.name, recipe.evaluate.validation_docs) for s in recipe.sources}
     tasks = [] if harness else [ScoringTask(f"benchmark:{name}", "choices", bench) for name, bench in items.items()]
     tasks += [
         ScoringTask(f"validation:{name}", "documents", docs, recipe.tokenize.seq_len)
@@ -178,7 +177,7 @@ def evaluate_models(
         entry = {
             "role": source.role,
             "docs": len(texts[source.name]),
-            "held_out_docs": len(held_out[source.name]),
+            "held_out_docs": curate.validation_count(workdir, source.name),
             "tokens": int(tokens.sum()),
             "loss": loss,
             "base_loss_per_token": loss["base"],

@@ -374,10 +374,12 @@ def training_processes(workdir: Path) -> list[int]:
 
 
 def exited(pid: int) -> bool:
-    """Whether `pid` has exited (gone, or a zombie): its open files, locks included, are closed."""
+    """Whether every thread of process `pid` has exited (gone, or zombies): only then are its
+    open files, locks included, closed. Its first thread can be a zombie while others still exit."""
     try:
-        return "State:\tZ" in (Path("/proc") / str(pid) / "status").read_text()
-    except OSError:
+        threads = list((Path("/proc") / str(pid) / "task").iterdir())
+        return all("State:\tZ" in (thread / "status").read_text() for thread in threads)
+    except OSError:  # gone, or going while read
         return True
 
 

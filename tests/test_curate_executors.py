@@ -120,7 +120,7 @@ def test_slurm_executors_carry_the_recipe_settings_into_datatrove_sbatch_scripts
         "#SBATCH --account=nlp",
         "#SBATCH --constraint=avx512",
         "#SBATCH --array=0-3%3",  # four tasks, at most curate.workers at once
-        "#SBATCH --job-name=refit-curate-signatures",
+        "#SBATCH --job-name=refit-signatures",
         "source /shared/refit/.venv/bin/activate",
     ):
         assert line in script.splitlines() or line in script, line

@@ -31,7 +31,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from refit.stages.lib.config import load_recipe
-from refit.stages.lib.lock import workdir_lock
+from refit.stages.lib.lock import WorkdirBusy, workdir_lock
 from refit.stages.lib.markers import file_sha256, read_marker
 from refit.stages.lib.train_loop import record_failure
 from refit.stages.train import (
@@ -109,7 +109,7 @@ def test_the_held_out_rows_are_the_first_validation_documents_and_sources_withou
     recipe = load_recipe(path)
     run_curate(recipe, workdir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    docs = validation_texts(workdir, "new")
+    docs = validation_texts(workdir, "new", 10)  # all 3
     stream = [
         t for doc in docs for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
     ]
@@ -238,8 +238,14 @@ def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_
 def test_both_ranks_die_with_a_killed_stage_process_and_free_the_workdir(tmp_path, tiny_model_dir):
     path, workdir = prepare(tmp_path, tiny_model_dir, num_processes=2)
     kill_at_step(path, workdir, 0, whole_group=False)  # the stage process alone, as `kill -9 PID` does
-    with workdir_lock(workdir, "the rerun"):
-        pass
+    deadline = time.time() + 10  # the kernel releases the lock once the dead processes' files are closed
+    while True:
+        try:
+            with workdir_lock(workdir, "the rerun"):
+                return
+        except WorkdirBusy:
+            assert time.time() < deadline, "the workdir stayed locked after the stage and its helpers died"
+            time.sleep(0.1)
 
 
 def test_only_the_first_failing_rank_leaves_its_reason(tmp_path):

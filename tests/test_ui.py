@@ -16,6 +16,7 @@ import httpx
 import pytest
 from conftest import LENIENT, REPO, free_port, prepare
 
+from refit.flows.refresh import STAGE_FLOWS
 from refit.flows.ui import browse
 from refit.stages.lib.config import load_recipe
 
@@ -60,21 +61,21 @@ def recorded_refreshes(url: str) -> int:
     return len(response.json())
 
 
-def served_deployments(env: dict, recipe: Path, url: str, log: Path, timeout: float = 120) -> int:
-    """Start `refit serve` on the recipe; the number of deployments it registered at url once
-    the nightly one is there (it is then stopped)."""
+def served_deployments(env: dict, recipe: Path, url: str, log: Path, expected: set[str], timeout: float = 120) -> set:
+    """Start `refit serve` on the recipe; the names of the deployments registered at url once
+    the expected ones are all there (`serve` registers them one at a time), or all it
+    registered by the timeout. It is then stopped."""
     command = [sys.executable, "-m", "refit.flows.cli", "serve", str(recipe)]
     with open(log, "w") as out:
         process = subprocess.Popen(command, env=env, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
     try:
         deadline = time.time() + timeout
-        while time.time() < deadline and process.poll() is None:
-            names = [d["name"] for d in httpx.post(f"{url}/api/deployments/filter", json={}).json()]
-            if f"{load_recipe(recipe).name}-nightly" in names:
-                assert f"recording into the Refit UI server at {url}" in log.read_text()
-                return len(names)
+        names: set[str] = set()
+        while time.time() < deadline and process.poll() is None and not expected <= names:
             time.sleep(1)
-        raise AssertionError(f"refit serve registered no nightly deployment at {url}:\n{log.read_text()}")
+            names = {d["name"] for d in httpx.post(f"{url}/api/deployments/filter", json={}).json()}
+        assert f"recording into the Refit UI server at {url}" in log.read_text(), log.read_text()
+        return names
     finally:
         process.terminate()
         process.wait(timeout=30)
@@ -106,7 +107,9 @@ def test_ui_stays_runs_record_into_it_and_the_audit_renders_in_a_browser(tmp_pat
         assert re.search(r'<img[^>]+src="data:image/png;base64,', dom), "no plot image on the page"
 
         # `refit serve` serves into the server that stays
-        assert served_deployments(refit_env, path, url, tmp_path / "serve.log") >= 2
+        name = load_recipe(path).name
+        expected = {f"{name}-nightly", *(f"{name}-{stage}" for stage in STAGE_FLOWS)}  # a rerun one per stage
+        assert served_deployments(refit_env, path, url, tmp_path / "serve.log", expected) == expected
 
         SCREENSHOT.unlink(missing_ok=True)
         shot = refit(refit_env, "ui", "--screenshot", str(SCREENSHOT), "--recipe-name", load_recipe(path).name)

@@ -79,7 +79,7 @@ def build_executors(steps: list[Step], spec: CurateSpec, logs: Path) -> list[Pip
                 env_command=slurm.env_command,
                 venv_path=None if slurm.env_command else str(Path(sys.prefix) / "bin" / "activate"),
                 sbatch_args=dict(slurm.sbatch_args),
-                job_name=f"refit-curate-{step.name}",
+                job_name=f"refit-{step.name}",  # curate's steps, and tokenize
                 logging_dir=folder,
                 depends=executors[-1] if executors else None,
                 mail_type="NONE",

@@ -457,7 +457,7 @@ def prompts_for(recipe: Recipe, workdir: Path, probes: Probes, tokenizer) -> lis
     spec = probes.spec
     prompts = []
     for source in recipe.sources:
-        texts = curate.validation_texts(workdir, source.name)[: recipe.evaluate.validation_docs]
+        texts = curate.validation_texts(workdir, source.name, recipe.evaluate.validation_docs)
         for n, text in enumerate(seeded_subset(texts, spec.prompts_per_source, spec.seed)[: spec.prompts_per_source]):
             opening = tokenizer.decode(tokenizer(text, add_special_tokens=False)["input_ids"][: spec.prompt_tokens])
             prompts.append({"source": source.name, "id": f"{source.name}-{n}", "text": opening})
