@@ -115,7 +115,11 @@ def test_resume_on_another_number_of_processes(tmp_path, tiny_model_dir, fsdp_ru
     assert [m["step"] for m in got] == list(range(20)) and [m["phase"] for m in got] == [m["phase"] for m in expected]
     assert [m["loss"] for m in got] == pytest.approx([m["loss"] for m in expected], rel=1e-4, abs=1e-5)
     ours, theirs = final_weights(workdir), final_weights(reference)
-    assert all(torch.allclose(ours[k], theirs[k], rtol=1e-4, atol=1e-5) for k in theirs)
+    # per tensor, not per element: Adam turns a rounding difference in a near-zero gradient into
+    # a whole step of lr for that element (1.3e-5 seen), while a resume that lost or reset any
+    # state moves every element of the tensor by that much
+    for name in theirs:
+        assert torch.dist(ours[name], theirs[name]) <= 1e-4 * theirs[name].norm(), name
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
