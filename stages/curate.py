@@ -333,6 +333,7 @@ def _read_batch(files: list[tuple[SourceSpec, str]], work: Path, index: Path, ba
 def _file_events(folder: Path, order: int) -> Iterator[tuple[int, str, tuple | None]]:
     """(line, JSON row, None) for each quarantined record of a file read, and (line, row tail,
     (hash, name, chars)) for each clean document, in line order."""
+    from refit.stages.lib.curate_steps import parquet_rows
 
     name = folder / f"{order:05d}"
 
@@ -343,20 +344,10 @@ def _file_events(folder: Path, order: int) -> Iterator[tuple[int, str, tuple | N
 
     def documents() -> Iterator[tuple[int, str, tuple]]:
         with open(name.with_suffix(".docs"), encoding="utf-8") as tails:
-            for (line, hash_, doc, chars), tail in zip(_rows(name.with_suffix(".parquet")), tails, strict=True):
+            for (line, hash_, doc, chars), tail in zip(parquet_rows(name.with_suffix(".parquet")), tails, strict=True):
                 yield line, tail, (hash_, doc, chars)
 
     return heapq.merge(quarantined(), documents(), key=lambda event: event[0])
-
-
-def _rows(path: Path) -> Iterator[tuple]:
-    """The rows of a Parquet file as tuples, a record batch at a time; none when there is no file."""
-    import pyarrow.parquet as pq
-
-    if not path.exists():
-        return
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
 
 
 def _deal(sources: list[SourceSpec], new_files: dict, folder: Path, spool, out: Path, batch: int, spec) -> dict:
@@ -364,9 +355,9 @@ def _deal(sources: list[SourceSpec], new_files: dict, folder: Path, spool, out: 
     its quarantine file, with the duplicate ids at their place, and deal its clean documents
     into the spool; fail when a source has too many bad records. Returns, per source, its
     files, copies, counts and bad fraction."""
-    from refit.stages.lib.curate_steps import LazyJsonl, duplicate_id_record
+    from refit.stages.lib.curate_steps import LazyJsonl, duplicate_id_record, parquet_rows
 
-    duplicates = _rows(folder / "duplicate-ids.parquet")  # (file, line, id, path, first_line, reason)
+    duplicates = parquet_rows(folder / "duplicate-ids.parquet")  # (file, line, id, path, first_line, reason)
     duplicate = next(duplicates, None)
     screened, order = {}, 0
     for source in sources:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import LENIENT, NEW, REPO, prepare, training_processes, write_jsonl
+from conftest import LENIENT, NEW, REPO, prepare, training_processes, wait_exited, write_jsonl
 
 from refit.stages.audit import AuditFailed
 from refit.stages.lib.lock import LOCK_FILE, WorkdirBusy
@@ -290,8 +290,6 @@ def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_d
     assert training_processes(workdir), "training did not start"
     process.send_signal(signal.SIGTERM)  # what a Prefect runner sends a cancelled flow run
     assert process.wait(timeout=60) != 0
-    deadline = time.time() + 30
-    while training_processes(workdir) and time.time() < deadline:
-        time.sleep(0.5)
+    assert wait_exited(training_processes(workdir), 30) == []
     assert not training_processes(workdir)
     assert not (workdir / "train" / "_SUCCESS.json").exists()

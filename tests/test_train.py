@@ -26,6 +26,7 @@ from conftest import (
     prepare,
     training_processes,
     validation_losses,
+    wait_exited,
 )
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
@@ -228,9 +229,7 @@ def test_cancelling_the_stage_stops_every_training_process(tmp_path, tiny_model_
     assert len(training_processes(workdir)) >= 2  # both ranks are running
     process.send_signal(signal.SIGINT)  # what Ctrl-C, or a flow cancellation, delivers
     process.wait(timeout=60)
-    deadline = time.time() + 30
-    while training_processes(workdir) and time.time() < deadline:
-        time.sleep(0.1)
+    assert wait_exited(training_processes(workdir), 30) == []
     assert training_processes(workdir) == []
 
 

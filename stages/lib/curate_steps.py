@@ -154,6 +154,14 @@ class Spool:
         return len(self.files)
 
 
+def parquet_rows(path: Path, batch_size: int = 4096) -> Iterator[tuple]:
+    """The rows of a Parquet file as tuples, a record batch at a time; none when there is no file."""
+    if not path.exists():
+        return
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=batch_size):
+        yield from zip(*(column.to_pylist() for column in batch.columns), strict=True)
+
+
 def text_hash(text: str) -> bytes:
     return hashlib.sha256(text.encode()).digest()
 
@@ -227,10 +235,9 @@ def find_exact_duplicates(work: Path, index: Path, batch_name: str, tasks: int, 
             )
         found = work / "exact" / "duplicates.parquet"
         db.execute(f"COPY (SELECT * FROM duplicates ORDER BY position) TO {quoted(found)} (FORMAT parquet)")
-        for batch in pq.ParquetFile(found).iter_batches(batch_size=65536):
-            for position, name in zip(*(column.to_pylist() for column in batch.columns), strict=True):
-                outputs[task_of(position, workers)].write(json.dumps([position, name], ensure_ascii=False) + "\n")
-            count += batch.num_rows
+        for position, name in parquet_rows(found, batch_size=65536):
+            outputs[task_of(position, workers)].write(json.dumps([position, name], ensure_ascii=False) + "\n")
+            count += 1
         db.execute("SET threads=1")  # one writer thread: the same bytes whatever curate.workers is
         db.execute(
             "COPY (SELECT hash, name FROM claims WHERE NOT earlier ORDER BY position) "
