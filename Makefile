@@ -1,18 +1,27 @@
-# `make demo` and `make test` set everything up on first use (.venv, pinned CPU torch).
+# `make demo` and `make test` set everything up on first use: .venv with exactly the versions
+# in requirements.lock (every dependency, the CPU torch build included), then Refit itself.
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 PYTHON  ?= python3
 LINTED  := stages flows tests benchmarks datasets
 
-.PHONY: demo test lint install browser clean-runs
+LOCKED  := --extra dev --strip-extras --no-emit-index-url --no-emit-find-links --no-emit-trusted-host
 
-$(STAMP): pyproject.toml constraints.txt
+.PHONY: demo test lint install lock browser clean-runs
+
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements.lock
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the newest releases within pyproject.toml's ranges; then `make test` and commit the lock with its result
+lock: $(STAMP)
+	$(BIN)/pip-compile --quiet --upgrade $(LOCKED) -o requirements.lock pyproject.toml
+	$(MAKE) install
 
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/refit demo

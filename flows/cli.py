@@ -25,6 +25,7 @@ import os
 import sys
 from pathlib import Path
 
+from refit.flows.environment import drift_warning
 from refit.stages.audit import AuditFailed
 from refit.stages.curate import CurationError
 from refit.stages.lib.config import Recipe, RecipeError, load_recipe, missing_pretraining_facts
@@ -457,6 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         # forked workers); its failures still raise. Refit logs its own progress.
         logger.disable("datatrove")
         logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per Prefect API call otherwise
+    if warning := drift_warning():
+        print(warning, file=sys.stderr)
     try:
         return args.run(args)
     except (RecipeError, SweepError) as error:
