@@ -106,6 +106,13 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) 
     spec = recipe.train
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if spec.compile:
+            # From transformers 5.25 the `kernels` package is live: its use_kernelized_func wraps
+            # e.g. LlamaAttention.forward in a set/reset of a module-level context variable.
+            # Inside the checkpointed layer dynamo refuses that mutation ("HOP: Unsafe side
+            # effect") and runs the whole layer eagerly. The set/reset cancels out, so skipping
+            # its replay in the backward's recompute changes nothing.
+            torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     layers = decoder_layers(model) if spec.compile or spec.strategy == "fsdp" else []
     if spec.compile:
         for layer in layers:
@@ -375,6 +382,7 @@ def train(train_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(
         recipe.base_model.path,
         use_safetensors=True,
+        use_kernels=False,  # transformers >= 5.25 would swap in Hub kernels (other numerics, fetched code)
         dtype=torch.float32,
         trust_remote_code=recipe.base_model.trust_remote_code,
         **({"attn_implementation": "sdpa"} if torch.cuda.is_available() else {}),
