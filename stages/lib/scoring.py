@@ -176,6 +176,7 @@ class Scorer:
         self.model = AutoModelForCausalLM.from_pretrained(
             model_dir,
             use_safetensors=True,
+            use_kernels=False,  # the model as trained: no Hub kernel swapped in (transformers >= 5.25's default)
             dtype=getattr(torch, dtype),
             trust_remote_code=trust_remote_code,
             **placement,
