@@ -19,7 +19,7 @@ from pathlib import Path
 from refit.stages import curate, train
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import StageOptions
-from refit.stages.publish import local_checkpoint, published_records, read_published
+from refit.stages.publish import Registry, local_checkpoint, published_records, read_published
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,14 @@ def continue_from(recipe: Recipe, workdir: Path) -> tuple[Recipe, str]:
     latest = records[0]
     cache = Path(workdir) / "bases"
     if latest.get("data_version") == curate.data_version(recipe):
-        base = latest["base_model"]
-        if latest.get("base_version"):  # a published version, recorded by URL: a local copy of it
-            base = local_checkpoint({"path": base, "version": latest["base_version"]}, cache)
+        base = recorded_base(recipe, latest, cache)
+        if base is None:  # the caller logs the reason
+            return (
+                recipe,
+                f"no new data since {latest['version']}, but its record names a base that is neither a complete "
+                f"version of this registry nor the recipe's base ({latest.get('base_model')!r}, version "
+                f"{latest.get('base_version')!r}): not trusted, continuing from {recipe.base_model.path}",
+            )
         return (
             with_base(recipe, base),
             f"no new data since {latest['version']} was published: continuing from its base "
@@ -49,6 +54,19 @@ def continue_from(recipe: Recipe, workdir: Path) -> tuple[Recipe, str]:
         )
     base = local_checkpoint(latest, cache)
     return with_base(recipe, base), f"continuing from the latest published version {latest['version']} ({base})"
+
+
+def recorded_base(recipe: Recipe, record: dict, cache: Path) -> str | Path | None:
+    """The base a published record names, if it can be trusted: a complete version of this same
+    registry under its own URL (a local copy of it), or the recipe's own base path. None for
+    anything else a writer of the registry could plant (another folder, a `../` version)."""
+    base, version = record.get("base_model"), record.get("base_version")
+    if version is None:
+        return base if base == recipe.base_model.path else None
+    registry = Registry(recipe)
+    if version in registry.versions() and base == registry.url_of(version):
+        return local_checkpoint({"path": base, "version": version}, cache)
+    return None
 
 
 def previous_evaluation(recipe: Recipe, train_fingerprint: str) -> tuple[str | None, dict | None]:

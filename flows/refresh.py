@@ -28,7 +28,6 @@ from refit.flows.continuation import continue_from, stage_options
 from refit.stages.audit import AuditFailed
 from refit.stages.lib.config import Recipe, load_recipe
 from refit.stages.lib.lock import workdir_lock
-from refit.stages.publish import still_published
 from refit.stages.registry import NAMES, STAGES, StageOptions, downstream
 
 RESULTS_DIR = ".prefect-results"
@@ -87,7 +86,7 @@ def run_stage(stage: str, recipe: Recipe, workdir: Path, options: StageOptions =
     name ("Completed", or "Cached" when the cache answered)."""
     described = STAGES[stage]
     expected = described.input_fingerprint(recipe, workdir, options)
-    fresh = described.is_done(recipe, workdir, options) and (stage != "publish" or still_published(recipe, workdir))
+    fresh = described.is_done(recipe, workdir, options)
     configured = stage_task.with_options(refresh_cache=options.force or not fresh, result_storage=workdir / RESULTS_DIR)
     state = configured(stage, recipe, str(workdir), expected, options, return_state=True)
     return state.result(), state.name

@@ -40,6 +40,7 @@ from refit.stages.lib.contract import Stage
 from refit.stages.lib.file_hashes import memoized_sha256
 from refit.stages.lib.markers import (
     code_version,
+    damaged_outputs,
     fingerprint,
     is_done,
     read_marker,
@@ -537,7 +538,11 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
     started = time.time()
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     previous = read_marker(final)
-    incremental = not force and previous is not None and previous.get("settings") == settings_hash
+    damaged = damaged_outputs(final, previous) if previous else {}
+    if damaged:  # a batch builds on every earlier one: with one of them damaged, start over
+        name, wrong = next(iter(damaged.items()))
+        log.warning("curate: the previous output's %s %s: curating every file again", name, wrong)
+    incremental = not force and previous is not None and not damaged and previous.get("settings") == settings_hash
     with staged_output(final, seed_previous=incremental) as out:
         # one transaction for the run: the database only counts once swapped into place, so a
         # commit per insert (an fsync each, ~1 ms) would buy nothing

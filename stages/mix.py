@@ -16,7 +16,15 @@ from pathlib import Path
 from refit.stages import tokenize
 from refit.stages.lib.config import Recipe
 from refit.stages.lib.contract import Stage
-from refit.stages.lib.markers import code_version, fingerprint, is_done, staged_output, write_json_atomic, write_marker
+from refit.stages.lib.markers import (
+    check_sha256,
+    code_version,
+    fingerprint,
+    is_done,
+    staged_output,
+    write_json_atomic,
+    write_marker,
+)
 from refit.stages.lib.schedule import Schedule, schedule_for, tokens_per_step
 
 FOLDER = "mix"
@@ -176,6 +184,20 @@ def manifest_path(workdir: Path) -> Path:
 
 def read_manifest(workdir: Path) -> dict:
     return json.loads(manifest_path(workdir).read_text())
+
+
+def verify_shards(workdir: Path) -> int:
+    """Check that every shard the manifest names still has the sha256 tokenize wrote; a damaged
+    one raises DamagedOutput naming it. Reading the shards once costs little beside training on
+    them, and a bit flipped in a shard would otherwise train silently on other tokens. Returns
+    the bytes read."""
+    checked = 0
+    for source in read_manifest(workdir)["sources"].values():
+        for shard in source["shards"]:
+            path = Path(workdir) / shard["path"]
+            check_sha256(path, shard["sha256"], "tokenize")
+            checked += path.stat().st_size
+    return checked
 
 
 def format_plan(manifest: dict) -> str:

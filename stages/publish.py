@@ -52,6 +52,7 @@ from refit.stages.lib.markers import (
     write_marker,
 )
 from refit.stages.lib.paths import inside
+from refit.stages.lib.remote_code import foreign_code_references
 from refit.stages.lib.safety_audit import model_card_section
 
 FOLDER = "publish"
@@ -146,12 +147,16 @@ class Registry:
         self.remove(f"{version}.claim")
         return self.url_of(version)
 
+    def latest(self) -> str | None:
+        """What `latest` names (whatever it holds), None without one."""
+        return self.read("latest").decode(errors="replace").strip() if self.exists("latest") else None
+
     def point_latest(self) -> str:
         """Make `latest` name the newest complete version, and return that version. Each
         publisher rereads after writing, so concurrent publishers converge on the newest."""
         while True:
             newest = self.versions()[-1]
-            if self.exists("latest") and self.read("latest").decode().strip() == newest:
+            if self.latest() == newest:
                 return newest
             for stale in self.names():  # a killed writer's; a live one's mv then fails and retries
                 if stale.startswith("latest.") and stale.endswith(".tmp"):
@@ -321,7 +326,7 @@ def local_checkpoint(record: dict, cache: Path) -> Path:
     fs, path = fsspec.core.url_to_fs(record["path"])
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return Path(path)
-    target = Path(cache) / record["version"]
+    target = inside(Path(cache), record["version"])  # a version name, never a path out of the cache
     if not target.is_dir():  # fetched into .partial, renamed once complete
         partial = target.with_name(target.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)  # an interrupted fetch
@@ -370,6 +375,13 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     if data_version is None:
         raise PublishRefused(f"no finished curate stage in {workdir}: the published version could not name its data")
     weights_identity, expected = identity(recipe, workdir), input_fingerprint(recipe, workdir)
+    if foreign := foreign_code_references(train.final_model(workdir)):
+        named = "; ".join(f"{name}: {', '.join(refs)}" for name, refs in foreign.items())
+        raise PublishRefused(
+            f"{train.final_model(workdir)} maps Auto classes to code it does not contain ({named}): a consumer "
+            f"loading it with trust_remote_code=True would run whatever sits beside it; retrain with this version "
+            f"of Refit (`refit run RECIPE --force train`), whose export drops such maps"
+        )
     registry = Registry(recipe)
     for record in published_records(recipe):
         if record["identity"] == weights_identity:
@@ -408,11 +420,14 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
 
 
 def still_published(recipe: Recipe, workdir: Path) -> bool:
-    """Whether the version this workdir recorded as published is still complete in the registry."""
+    """Whether the version this workdir recorded as published is still complete in the registry
+    and `latest`, the one thing consumers read, names the newest complete version: else publish
+    runs again, which repairs the pointer without writing the version twice."""
     record = Path(workdir) / FOLDER / "report.json"
-    if not record.is_file():
+    registry = Registry(recipe)
+    if not record.is_file() or not registry.fs.exists(f"{json.loads(record.read_text())['path']}/{SUMS}"):
         return False
-    return Registry(recipe).fs.exists(f"{json.loads(record.read_text())['path']}/{SUMS}")
+    return registry.latest() == registry.versions()[-1]
 
 
 def _record_in_workdir(workdir: Path, expected: str, report: dict) -> dict:
@@ -431,4 +446,5 @@ STAGE = Stage(
     folder=FOLDER,
     run_function=run_publish,
     fingerprint_function=input_fingerprint,
+    still_holds=still_published,
 )

@@ -354,6 +354,8 @@ def run_train(
         _run_processes(recipe, job_dir, on_progress, machines)
         return {"stage": "train", "machine_rank": machines.rank, "seconds": round(time.time() - started, 2)}
 
+    log.info("train: %.1f MB of shards match the manifest's sha256", mix.verify_shards(workdir) / 1e6)
+
     def same_run(staging: Path) -> bool:  # another run's checkpoints are never resumed
         job = staging / JOB
         return not force and job.is_file() and json.loads(job.read_text())["fingerprint"] == expected

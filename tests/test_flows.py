@@ -293,3 +293,44 @@ def test_cancelling_the_flow_stops_the_training_processes(tmp_path, tiny_model_d
     assert wait_exited(training_processes(workdir), 30) == []
     assert not training_processes(workdir)
     assert not (workdir / "train" / "_SUCCESS.json").exists()
+
+
+def test_a_truncated_shard_is_rebuilt_by_a_run_and_the_published_model_is_the_same(refreshed):
+    """Integrity: a damaged output is not trusted as cached: the stage that wrote it runs again
+    (and, its report being new, the stages after it), and the model comes out the same."""
+    path, workdir, _, _ = refreshed
+    shard = sorted((workdir / "tokenize").rglob("shard-*.arrow"))[0]
+    original, published = shard.read_bytes(), latest(path)
+    shard.write_bytes(original[: len(original) // 2])
+    result = refresh(path, workdir)
+    assert result["stages"]["curate"] == "Cached" and result["stages"]["tokenize"] == "Completed"
+    assert shard.read_bytes() == original
+    assert result["published"]["version"] == published and result["published"]["already_published"]
+
+
+def test_a_shard_changed_in_place_stops_training_in_one_line_naming_it(refreshed, capsys):
+    from refit.flows.cli import main as refit
+
+    path, workdir, _, _ = refreshed
+    shard = sorted((workdir / "tokenize").rglob("shard-*.arrow"))[0]
+    original = shard.read_bytes()
+    shard.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # same size: only the content hash can tell
+    try:
+        assert refit(["stage", "train", str(path), "--workdir", str(workdir), "--force"]) == 1
+    finally:
+        shard.write_bytes(original)
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert f"{shard.parent} is damaged: {shard.name} has sha256" in line and "--force tokenize" in line
+    assert not (workdir / "train.tmp").exists()  # refused before anything was staged
+
+
+@pytest.mark.parametrize("damage", ["deleted", "garbage"])
+def test_a_run_repairs_latest_when_publish_is_cached(refreshed, damage):
+    path, workdir, _, _ = refreshed
+    pointer = path.parent / "registry" / "tiny" / "latest"
+    newest = latest(path)
+    pointer.unlink() if damage == "deleted" else pointer.write_bytes(b"\xff\xfe v9999 \x00\n")
+    result = refresh(path, workdir)
+    assert result["stages"]["publish"] == "Completed" and result["published"]["already_published"]
+    assert {s for name, s in result["stages"].items() if name != "publish"} == {"Cached"}
+    assert pointer.read_text() == f"{newest}\n"

@@ -354,3 +354,71 @@ def test_a_model_name_leaving_the_registry_is_refused(audited, tmp_path):
     with pytest.raises(PathEscape, match=r"'\.\.' would leave"):
         run_publish(escaping, workdir)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wd"]
+
+
+@pytest.mark.parametrize("kind", ["path", "memory"])
+def test_a_crafted_record_cannot_choose_a_base_outside_the_registry(audited_once, kind, tmp_path):
+    """Security: a record's base_version climbing out with `../`, or a base_model naming any
+    folder, is not trusted: nothing is fetched or written outside the workdir, and the run
+    continues from the recipe's own base."""
+    url = registry_url(kind, tmp_path)
+    path, workdir = copy_of(audited_once, tmp_path)
+    recipe = with_registry(load_recipe(path), url)
+    run_publish(recipe, workdir)
+    registry = Registry(recipe)
+    record = json.loads(registry.read(f"v0001/{RECORD}"))
+    planted = tmp_path / "planted-model"
+    shutil.copytree(recipe.base_model.path, planted)
+    for base_model, base_version in [
+        (registry.url_of("v0001"), "../../escaped"),  # would copy v0001 to tmp_path/escaped
+        (registry.url_of("v0001"), "v0009"),  # no such version
+        (str(planted), None),  # any folder on the machine
+        (str(planted), "v0001"),  # a real version under another URL
+    ]:
+        record.update(base_model=base_model, base_version=base_version)
+        with registry.fs.open(registry.path(f"v0001/{RECORD}"), "wb") as out:
+            out.write(json.dumps(record).encode())
+        continued, why = continue_from(recipe, tmp_path / "next-run")
+        assert continued.base_model.path == recipe.base_model.path, (base_model, base_version)
+        assert "not trusted" in why and repr(base_version) in why
+    assert not (tmp_path / "escaped").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["planted-model", "wd"] + ["registry"] * (kind == "path")
+    )
+
+
+def test_a_base_mapping_auto_classes_to_its_own_code_is_published_without_the_map(tmp_path, tiny_model_dir):
+    """Security: a llama base whose config.json and tokenizer_config.json carry an auto_map
+    trains on the built-in class (trust_remote_code is off); the published version holds no
+    auto_map naming code it does not contain, so trust_remote_code=True runs nothing planted."""
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model_dir, base)
+    (base / "modeling_planted.py").write_text("raise SystemExit('planted code ran')\n")
+    planted = {"AutoConfig": "configuration_planted.C", "AutoModelForCausalLM": "modeling_planted.M"}
+    for name, auto_map in [
+        ("config.json", planted),
+        ("tokenizer_config.json", {"AutoTokenizer": ["tok_planted.T", None]}),
+    ]:
+        settings = json.loads((base / name).read_text())
+        (base / name).write_text(json.dumps({**settings, "auto_map": auto_map}))
+    path, workdir = _audit(tmp_path / "run", base)
+    recipe = with_registry(load_recipe(path), str(tmp_path / "registry"))
+    report = run_publish(recipe, workdir)
+    version = Path(recipe.publish.registry) / "tiny" / report["version"]
+    assert "auto_map" not in json.loads((version / "config.json").read_text())
+    assert "auto_map" not in json.loads((version / "tokenizer_config.json").read_text())
+    assert not list(version.glob("*planted*"))
+
+
+def test_an_export_naming_code_it_does_not_hold_is_never_published(audited):
+    """A workdir trained by an earlier Refit, whose export kept the base's auto_map: refused."""
+    recipe, workdir = audited
+    config_file = workdir / "train" / "final" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "auto_map": {"AutoConfig": "x.C"}}))
+    marker = json.loads((workdir / "train" / MARKER).read_text())  # as that Refit recorded it
+    marker["outputs"]["final/config.json"] = sha256(config_file.read_bytes())
+    marker["sizes"]["final/config.json"] = config_file.stat().st_size
+    (workdir / "train" / MARKER).write_text(json.dumps(marker))
+    with pytest.raises(PublishRefused, match=r"config.json: AutoConfig: x\.C"):
+        run_publish(recipe, workdir)
+    assert not (Path(recipe.publish.registry) / "tiny").exists()

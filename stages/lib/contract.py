@@ -54,6 +54,9 @@ class Stage:
     fingerprint_function: Callable[..., str]  # (recipe, workdir, **takes) -> input fingerprint
     takes: tuple[str, ...] = ()  # input options (StageOptions) passed to both functions
     run_only: tuple[str, ...] = ()  # run-only options (StageOptions) passed to the run function alone
+    # what else must hold outside the output folder for a done stage to count as done (publish:
+    # the version is still in the registry and `latest` names the newest); (recipe, workdir) -> bool
+    still_holds: Callable[[Recipe, Path], bool] | None = None
 
     def __post_init__(self) -> None:
         declared = {"input": (self.takes, INPUT_OPTIONS), "run-only": (self.run_only, RUN_ONLY_OPTIONS)}
@@ -74,7 +77,9 @@ class Stage:
         return self.fingerprint_function(recipe, Path(workdir), **self._options(options, self.takes))
 
     def is_done(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> bool:
-        return is_done(self.output(workdir), self.input_fingerprint(recipe, workdir, options))
+        """Done for this input fingerprint, its output undamaged, and what else it needs holding."""
+        done = is_done(self.output(workdir), self.input_fingerprint(recipe, workdir, options))
+        return done and (self.still_holds is None or self.still_holds(recipe, Path(workdir)))
 
     def produced(self, workdir: Path, needed_by: str) -> str:
         """The fingerprint of this stage's finished output, for the stages that read it."""

@@ -103,25 +103,71 @@ def read_marker(directory: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def damaged_outputs(directory: Path, marker: dict) -> dict[str, str]:
+    """The outputs a done marker lists that are gone or no longer of the size they were written
+    with (a truncated or half-copied file): name -> what is wrong. Sizes cost a stat per file,
+    so every use of a finished output checks them; content hashes are checked where reading
+    the bytes is cheap beside the work that reads them (the shards, before training)."""
+    sizes = marker.get("sizes", {})  # absent from markers written before sizes were recorded
+    damaged = {}
+    for name in marker.get("outputs", {}):
+        try:
+            size = (Path(directory) / name).stat().st_size
+        except OSError:
+            damaged[name] = "is missing"
+            continue
+        if name in sizes and size != sizes[name]:
+            damaged[name] = f"has {size} bytes, {sizes[name]} when written"
+    return damaged
+
+
 def is_done(directory: Path, input_fingerprint: str) -> bool:
+    """The output is complete for this fingerprint and undamaged (else the stage runs again)."""
     marker = read_marker(directory)
-    return marker is not None and marker.get("fingerprint") == input_fingerprint
+    return (
+        marker is not None and marker.get("fingerprint") == input_fingerprint and not damaged_outputs(directory, marker)
+    )
 
 
 def output_fingerprint(folder: Path, stage: str, needed_by: str) -> str:
     """What a finished stage was made from and what it produced (sha256 of each output), or
-    a clear error if it has not run. A rerun that produced other bytes (a forced,
-    nondeterministic retraining) thus makes every later stage run again."""
+    a clear error if it has not run or its output is damaged. A rerun that produced other
+    bytes (a forced, nondeterministic retraining) thus makes every later stage run again."""
     marker = read_marker(folder)
     if marker is None:
         raise StageNotReady(
             f"{needed_by} needs the {stage} stage's output in {Path(folder).parent}: run `refit stage {stage}` first"
         )
+    if damaged := damaged_outputs(folder, marker):
+        raise DamagedOutput(folder, stage, damaged)
     return hashlib.sha256(json.dumps([marker["fingerprint"], marker["outputs"]], sort_keys=True).encode()).hexdigest()
 
 
 class StageNotReady(RuntimeError):
     """A stage was asked to run before the stage it reads from."""
+
+
+class DamagedOutput(StageNotReady):
+    """A finished stage's output changed on disk after its writer recorded it."""
+
+    def __init__(self, folder: Path, stage: str, damaged: dict[str, str]):
+        name, wrong = next(iter(damaged.items()))
+        more = f" (and {len(damaged) - 1} more)" if len(damaged) > 1 else ""
+        super().__init__(
+            f"the {stage} stage's output in {folder} is damaged: {name} {wrong}{more}; rerun that stage with "
+            f"`refit run RECIPE --force {stage}` (or `refit stage {stage} RECIPE --force`)"
+        )
+
+
+def check_sha256(path: Path, expected: str, stage: str) -> None:
+    """Raise DamagedOutput unless the file `stage` wrote still has the sha256 it recorded."""
+    path = Path(path)
+    if not path.is_file():
+        raise DamagedOutput(path.parent, stage, {path.name: "is missing"})
+    if (actual := file_sha256(path)) != expected:
+        raise DamagedOutput(
+            path.parent, stage, {path.name: f"has sha256 {actual[:12]}..., {expected[:12]}... when written"}
+        )
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -159,11 +205,12 @@ def write_marker(
     known_sha256 (relative path -> digest) spares re-reading files the stage already hashed."""
     directory = Path(directory)
     known = known_sha256 or {}
-    outputs = {}
+    outputs, sizes = {}, {}
     for path in sorted(directory.rglob("*")):
         if path.is_file() and path.name != MARKER:
             name = str(path.relative_to(directory))
             outputs[name] = known.get(name) or file_sha256(path)
+            sizes[name] = path.stat().st_size
     marker = {
         "stage": stage,
         "fingerprint": input_fingerprint,
@@ -172,6 +219,7 @@ def write_marker(
         "finished": time.time(),
         "seconds": round(time.time() - started, 3),
         "outputs": outputs,
+        "sizes": sizes,  # not in the output fingerprint: what `damaged_outputs` compares
         **(extra or {}),
     }
     write_json_atomic(directory / MARKER, marker)
@@ -203,8 +251,14 @@ def staged_output(
     resumable = reuse is not None
     if not (resumable and tmp.is_dir() and reuse(tmp)):
         shutil.rmtree(tmp, ignore_errors=True)
-        if seed_previous and final.is_dir():
-            shutil.copytree(final, tmp, copy_function=_link_or_copy, ignore=shutil.ignore_patterns(MARKER))
+        if seed_previous and final.is_dir():  # never a file damaged since it was written: it is made again
+            damaged = {final / name for name in damaged_outputs(final, read_marker(final) or {})}
+            shutil.copytree(
+                final,
+                tmp,
+                copy_function=_link_or_copy,
+                ignore=lambda folder, names: [n for n in names if n == MARKER or Path(folder) / n in damaged],
+            )
         else:
             tmp.mkdir(parents=True)
     try:

@@ -36,7 +36,15 @@ from torch.distributed.tensor import DTensor
 from refit.stages.lib.config import Recipe, dump_recipe
 from refit.stages.lib.heartbeat import Heartbeat
 from refit.stages.lib.lifeline import die_with_launcher
-from refit.stages.lib.markers import MARKER, file_sha256, read_marker, write_json_atomic, write_text_atomic
+from refit.stages.lib.markers import (
+    MARKER,
+    damaged_outputs,
+    file_sha256,
+    read_marker,
+    write_json_atomic,
+    write_text_atomic,
+)
+from refit.stages.lib.remote_code import drop_foreign_code_references
 from refit.stages.lib.sampler import Sampler
 from refit.stages.lib.schedule import Schedule
 from refit.stages.lib.shards import read_shard
@@ -178,7 +186,9 @@ def complete_checkpoints(train_dir: Path, fingerprint: str) -> list[Path]:
     return [
         p
         for p in sorted((train_dir / "checkpoints").glob("step-*"))
-        if (marker := read_marker(p)) is not None and marker["fingerprint"] == fingerprint
+        if (marker := read_marker(p)) is not None
+        and marker["fingerprint"] == fingerprint
+        and not damaged_outputs(p, marker)  # a truncated checkpoint: resume from the one before
     ]
 
 
@@ -213,9 +223,16 @@ def save_checkpoint(
     if rank == 0:
         shutil.rmtree(final, ignore_errors=True)  # a same-step leftover without its marker
         tmp.rename(final)
+        sizes = {name: (final / name).stat().st_size for name in digests}
         write_json_atomic(
             final / MARKER,
-            {"stage": "train-checkpoint", "fingerprint": fingerprint, "step": state["step"], "outputs": digests},
+            {
+                "stage": "train-checkpoint",
+                "fingerprint": fingerprint,
+                "step": state["step"],
+                "outputs": digests,
+                "sizes": sizes,
+            },
         )
         for old in complete_checkpoints(train_dir, fingerprint)[: -keep if keep else 0]:
             shutil.rmtree(old)
@@ -303,6 +320,8 @@ def export_final(model: torch.nn.Module, recipe: Recipe, train_dir: Path, state:
     from transformers import AutoTokenizer
 
     AutoTokenizer.from_pretrained(recipe.tokenizer or recipe.base_model.path).save_pretrained(tmp)
+    for name, references in drop_foreign_code_references(tmp).items():  # the built-in class was trained
+        print(f"train: the export's {name} names code it does not hold, auto_map dropped: {references}", flush=True)
     (tmp / "refit_recipe.yaml").write_text(dump_recipe(recipe))
     write_json_atomic(tmp / "trainer_state.json", state)
     write_json_atomic(train_dir / digests_file, digests)
