@@ -4,6 +4,7 @@ never leaves the lock behind."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -80,3 +81,19 @@ def test_the_busy_message_names_the_live_child_when_the_holder_died(tmp_path):
         os.kill(child, signal.SIGKILL)
     with workdir_lock(tmp_path, "the rerun", wait=True, poll=0.05):  # the child's death releases it
         pass
+
+
+def test_the_busy_message_says_the_holder_is_unknown_when_the_lock_file_does_not_name_it(tmp_path):
+    holder = hold_lock(tmp_path)
+    lock_file = tmp_path / LOCK_FILE
+    try:
+        for text, why in (("", "is empty"), ("garbage", "holds no holder record"), ("[]", "holds no holder record")):
+            lock_file.write_text(text)  # as a holder that has not written its record yet, or not refit's
+            with pytest.raises(
+                WorkdirBusy, match=rf"in use by another run \(holder unknown: {re.escape(str(lock_file))} {why}\);"
+            ):
+                with workdir_lock(tmp_path, "the rerun"):
+                    pass
+    finally:
+        holder.kill()
+        holder.wait()

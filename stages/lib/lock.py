@@ -38,17 +38,25 @@ def _alive(pid: int) -> bool:
 
 
 def _holder(path: Path) -> str:
+    """The run holding the lock, as its file names it, or why the file does not say."""
     try:
-        info = json.loads(path.read_text() or "{}")
-    except (OSError, ValueError):
-        return "another run"
-    started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info.get("started", 0)))
-    pids = info.get("pids") or [None]  # none yet: the holder is between taking the lock and writing this
-    live = [pid for pid in pids if pid and _alive(pid)] if info.get("host") == socket.gethostname() else pids
+        text = path.read_text()
+    except OSError as error:
+        return f"another run (holder unknown: {path} cannot be read: {error.strerror})"
+    if not text.strip():  # the holder is between taking the lock and writing its record, or releasing it
+        return f"another run (holder unknown: {path} is empty)"
+    try:
+        info = json.loads(text)
+        what, host, pids = info["what"], info["host"], [int(pid) for pid in info["pids"]]
+        started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["started"]))
+        first = pids[0]
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, OSError):  # not a record this module wrote
+        return f"another run (holder unknown: {path} holds no holder record)"
+    live = [pid for pid in pids if _alive(pid)] if host == socket.gethostname() else pids
     who = f"pid {(live or pids)[0]}"
-    if live and live[0] != pids[0]:  # the run died; a child it passed the lock to has not yet
-        who += f", started by pid {pids[0]}, which has exited"
-    return f"{info.get('what', 'another run')} ({who} on {info.get('host')}, since {started})"
+    if live and live[0] != first:  # the run died; a child it passed the lock to has not yet
+        who += f", started by pid {first}, which has exited"
+    return f"{what} ({who} on {host}, since {started})"
 
 
 _held: dict[int, dict] = {}  # lock descriptor held by this process -> the holder record in its file
