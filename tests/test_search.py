@@ -4,6 +4,7 @@ training really stops, and a search killed mid-trial resumes without rerunning f
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sqlite3
 import subprocess
@@ -19,7 +20,18 @@ from conftest import REPO, metrics, prepare, write_jsonl
 from refit.stages.lib.config import RecipeError, load_recipe
 from refit.stages.lib.lock import workdir_lock
 from refit.stages.lib.markers import read_marker
-from refit.stages.lib.search import CheckpointPruning, space, trial_overrides, trial_variant
+from refit.stages.lib.search import (
+    ROW,
+    CheckpointPruning,
+    best_vs_compute,
+    open_study,
+    requeue_interrupted,
+    space,
+    trial_overrides,
+    trial_rows,
+    trial_variant,
+    write_search_outputs,
+)
 from refit.stages.lib.sweep import SweepError, prepare_variant
 from refit.stages.train import StopTraining, run_train
 
@@ -156,6 +168,69 @@ def test_a_killed_search_resumes_and_does_not_rerun_finished_trials(prefect_harn
     for png in ("best_vs_compute.png", "slice.png", "accuracy_vs_compute.png"):
         assert (sweep_dir / png).read_bytes()[:4] == b"\x89PNG"
     assert "importances" in summary["plots"] and "## TPE trials" in (sweep_dir / "results.md").read_text()
+
+
+def test_a_trial_killed_after_its_row_was_kept_is_listed_once(tmp_path, tiny_model_dir):
+    path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    recipe = load_recipe(_edit(path, sweep={"search": {"qa_share": None}}))
+    dims, sweep_dir = space(recipe), tmp_path / "sweep"
+    row = {"variant": "tpe-0", "description": "its settings", "device_seconds": 1.0}
+    study = open_study(recipe, sweep_dir)
+    study.ask(dims).set_user_attr(ROW, row)  # killed before the study was told the outcome
+    study = open_study(recipe, sweep_dir)  # the rerun's
+    requeue_interrupted(study, dims)
+    rerun = study.ask(dims)
+    rerun.set_user_attr(ROW, row)
+    study.tell(rerun, 0.5)
+    assert trial_rows(study) == [row] and [point["trial"] for point in best_vs_compute(study)] == [1]
+    write_search_outputs(study, [], sweep_dir)
+    assert [line for line in (sweep_dir / "results.md").read_text().splitlines() if "tpe-0" in line] == [
+        "| 1 | complete | tpe-0 | its settings | 50.0 | 1 |"
+    ]
+
+
+class _Killed(BaseException):
+    """A kill at a trial's training: the search stops with the trial left running, as by SIGKILL."""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_a_resumed_search_proposes_new_settings_and_lists_each_trial_once(
+    prefect_harness, tmp_path, tiny_model_dir, monkeypatch
+):
+    import refit.flows.search as search_flow
+
+    path, workdir = prepare(
+        tmp_path,
+        tiny_model_dir,
+        validation_fraction=0.3,
+        run_data_stages=False,
+        gates={"min_average_gain": -1.0, "max_legacy_loss_increase": 10.0},
+    )
+    _edit(path, sweep={"search": {"qa_share": None, "pruner": "none"}})  # 3 startup trials: drawn at random
+    sweep_dir = workdir / "sweep"
+
+    def killed(*args):
+        raise _Killed
+
+    monkeypatch.setattr(search_flow, "train_trial", killed)
+    with pytest.raises(_Killed):
+        search_flow.search(recipe=str(path), trials=2, budget_fraction=0.5, workdir=str(workdir))
+    assert _study_states(sweep_dir) == ["RUNNING"]
+    monkeypatch.undo()
+
+    search_flow.search(recipe=str(path), trials=2, budget_fraction=0.5, workdir=str(workdir))  # the rerun
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'search.db'}")
+    killed_trial, *ran = study.trials
+    assert killed_trial.state == optuna.trial.TrialState.FAIL and [t.number for t in ran] == [1, 2]
+    assert ran[0].params == killed_trial.params  # proposed again, then new settings: not the first run's draw
+    assert ran[1].params != ran[0].params
+    variants = [trial_variant(load_recipe(path), t.params).name for t in ran]
+    results = (sweep_dir / "results.md").read_text().splitlines()
+    assert [line.split(" ")[1] for line in results if line.startswith("| tpe-")] == variants  # the results table
+    trials_table = [line.split(" | ")[:3] for line in results if re.match(r"\| \d+ \|", line)]
+    assert trials_table == [["| 1", "complete", variants[0]], ["| 2", "complete", variants[1]]]
+    assert sum("(winner)" in line for line in results) == 1
 
 
 def trial_dir_of(sweep_dir: Path, number: int) -> str:

@@ -4,8 +4,9 @@ The space comes from the recipe's `sweep.search` section; each trial is a varian
 recipe (stages/lib/sweep.py) named after its settings, so a trial interrupted by a kill is
 proposed again with the same settings and resumes from its checkpoints. The study is kept
 in Optuna's SQLite storage in `<workdir>/sweep/search.db`: a rerun loads it and only runs
-the trials still missing. Trials maximise the average benchmark accuracy; the pruner reads,
-at each checkpoint, minus the validation loss the training processes logged there.
+the trials still missing, drawn by a sampler seeded anew. Trials maximise the average
+benchmark accuracy; the pruner reads, at each checkpoint, minus the validation loss the
+training processes logged there.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState
@@ -95,14 +97,18 @@ def open_study(recipe: Recipe, sweep_dir: Path) -> optuna.Study:
         "none": optuna.pruners.NopPruner,
     }[search.pruner]()
     Path(sweep_dir).mkdir(parents=True, exist_ok=True)
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=recipe.name,
         storage=f"sqlite:///{Path(sweep_dir).resolve() / STORAGE}",
-        sampler=optuna.samplers.TPESampler(seed=search.seed, n_startup_trials=search.startup_trials),
         pruner=pruner,
         direction="maximize",
         load_if_exists=True,
     )
+    # Seeded by the trials already in the study too: a rerun's sampler seeded like the first run's
+    # would replay its draws and propose settings already tried (the same variant, listed twice)
+    seed = int(np.random.SeedSequence([search.seed, len(study.get_trials(deepcopy=False))]).generate_state(1)[0])
+    study.sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=search.startup_trials)
+    return study
 
 
 def requeue_interrupted(study: optuna.Study, distributions: dict[str, BaseDistribution]) -> list[int]:
@@ -125,9 +131,16 @@ def trials_done(study: optuna.Study) -> int:
     return sum(t.state in finished and t.number not in interrupted for t in study.get_trials(deepcopy=False))
 
 
+def _trials_with_rows(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    """The trials that ran to an outcome, in trial order; not one killed after its row was kept,
+    as its rerun has one too."""
+    interrupted = set(study.user_attrs.get(INTERRUPTED, []))
+    return [t for t in study.get_trials(deepcopy=False) if ROW in t.user_attrs and t.number not in interrupted]
+
+
 def trial_rows(study: optuna.Study) -> list[dict]:
     """The results rows of every trial that ran to an outcome, in trial order."""
-    return [t.user_attrs[ROW] for t in study.get_trials(deepcopy=False) if ROW in t.user_attrs]
+    return [t.user_attrs[ROW] for t in _trials_with_rows(study)]
 
 
 class CheckpointPruning:
@@ -159,11 +172,8 @@ class CheckpointPruning:
 def best_vs_compute(study: optuna.Study) -> list[dict]:
     """Trial by trial: cumulative device-seconds spent and the best weighted average accuracy so far."""
     spent, best, points = 0.0, None, []
-    for trial in study.get_trials(deepcopy=False):
-        row = trial.user_attrs.get(ROW)
-        if row is None:
-            continue
-        spent += row.get("device_seconds") or 0.0
+    for trial in _trials_with_rows(study):
+        spent += trial.user_attrs[ROW].get("device_seconds") or 0.0
         if trial.state == TrialState.COMPLETE:
             best = trial.value if best is None else max(best, trial.value)
         points.append({"trial": trial.number, "device_seconds": spent, "best": best, "state": trial.state.name})
@@ -232,7 +242,7 @@ def write_search_outputs(study: optuna.Study, baselines: list[dict], sweep_dir: 
         "| trial | state | variant | settings | avg acc | device-s so far |",
         "|---|---|---|---|---|---|",
     ]
-    for trial, point in zip((t for t in study.get_trials(deepcopy=False) if ROW in t.user_attrs), points):
+    for trial, point in zip(_trials_with_rows(study), points):
         row = trial.user_attrs[ROW]
         value = f"{100 * trial.value:.1f}" if trial.state == TrialState.COMPLETE else row.get("error", "")
         lines.append(
