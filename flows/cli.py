@@ -28,9 +28,16 @@ from pathlib import Path
 from refit.flows.environment import drift_warning
 from refit.stages.audit import AuditFailed
 from refit.stages.curate import CurationError
-from refit.stages.lib.config import Recipe, RecipeError, load_recipe, missing_pretraining_facts
+from refit.stages.lib.config import (
+    Recipe,
+    RecipeError,
+    load_recipe,
+    missing_pretraining_facts,
+    name_problem,
+    parse_recipe,
+)
 from refit.stages.lib.lock import WorkdirBusy, check_workdir_free, workdir_lock
-from refit.stages.lib.markers import StageNotReady
+from refit.stages.lib.markers import StageNotReady, write_text_atomic
 from refit.stages.lib.remote_code import RemoteCodeRefused
 from refit.stages.lib.sweep import SweepError
 from refit.stages.lib.templates import TEMPLATES, render
@@ -71,20 +78,25 @@ def describe(recipe: Recipe) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    """Write a template's recipe for the user's paths, then validate it like `refit validate`."""
+    """Write a template's recipe for the user's paths once it validates like `refit validate`."""
     import re
 
     if args.out.exists() and not args.overwrite:
         print(f"error: {args.out} exists (--overwrite to replace it)", file=sys.stderr)
         return 2
     name = args.name or re.sub(r"[^A-Za-z0-9_.-]+", "-", args.out.stem)
+    if args.name is None and (why := name_problem(name)):
+        print(f"error: {args.out.name} makes no run name ({name!r}: {why}): give one with --name", file=sys.stderr)
+        return 2
     paths = {key: os.path.abspath(getattr(args, key)) for key in ("base", "legacy", "new")}
     qa = os.path.abspath(args.qa) if args.qa else None
     text = render(args.template, name, **paths, qa=qa, max_lr=args.max_lr, total_tokens=args.tokens)
+    # validated before it is written: an invalid result (a glob that matches nothing) exits 2,
+    # listing why, and leaves OUT as it was
+    recipe = parse_recipe(text, args.out)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    write_text_atomic(args.out, text)
     print(f"wrote {args.out} from the {args.template} template")
-    recipe = load_recipe(args.out)  # an invalid result (a glob that matches nothing) exits 2, listing why
     print(describe(recipe))
     return 0
 
@@ -298,6 +310,15 @@ def cmd_ui(args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(text: str) -> int:
+    """A TCP port for `refit ui --port`."""
+    if text.strip() == "0":  # the address runs record into must be known before the server starts
+        raise argparse.ArgumentTypeError("0 (any free port) is not supported: name a port from 1 to 65535")
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number from 1 to 65535")
+    return int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="refit", description="Refresh a pretrained LM by continued pretraining.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -393,7 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
         "start a Prefect server with its UI in the background (or reuse it); runs record into it",
         recipe=False,
     )
-    ui.add_argument("--port", type=int, default=4200, help="port of a server this starts (default 4200)")
+    ui.add_argument("--port", type=_port, default=4200, help="port of a server this starts (default 4200)")
     ui.add_argument("--stop", action="store_true", help="stop the server `refit ui` started")
     ui.add_argument("--screenshot", type=Path, help="save a PNG of the newest audit report's page (needs chromium)")
     ui.add_argument("--recipe-name", default="demo", help="whose audit report --screenshot shows (default: demo)")
@@ -468,7 +489,6 @@ def main(argv: list[str] | None = None) -> int:
     except STAGE_FAILURES as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -69,11 +69,17 @@ def _port_in_use(port: int) -> bool:
 
 def start_server(port: int = DEFAULT_PORT, timeout: float = 180.0) -> tuple[str, bool]:
     """(UI URL, whether this call started it): the running server when there is one, else a
-    new `prefect server start` in the background, once its API answers."""
+    new `prefect server start` in the background, once its API answers. A start that does not
+    finish (an error, the timeout, a Ctrl-C) stops the server it started."""
     url = f"http://{HOST}:{port}"
-    running = running_server()
-    if running:
-        return running, False
+    state = _read_state()
+    if state and is_healthy(state["url"]):
+        return state["url"], False
+    if state and state["pid"] and _is_live_server(state["pid"]):  # a start cut short by a kill, or still going
+        raise UIError(
+            f"the server `refit ui` started at {state['url']} (pid {state['pid']}) does not answer: wait for it, "
+            "or stop it with `refit ui --stop`"
+        )
     if is_healthy(url):  # a Prefect server started some other way: record into it, but never stop it
         _write_state({"url": url, "pid": None, "log": None})
         return url, False
@@ -90,15 +96,21 @@ def start_server(port: int = DEFAULT_PORT, timeout: float = 180.0) -> tuple[str,
         process = subprocess.Popen(
             command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
         )
-    deadline = time.time() + timeout
-    while not is_healthy(url):
-        if process.poll() is not None or time.time() > deadline:
-            if process.poll() is None:
-                _stop_group(process.pid)
-            tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
-            raise UIError(f"the Prefect server did not start (exit code {process.poll()}); {log_path} ends:\n{tail}")
-        time.sleep(0.5)
-    _write_state({"url": url, "pid": process.pid, "log": str(log_path)})
+    try:
+        # recorded before the wait: if this process is killed while waiting, `refit ui --stop` still stops it
+        _write_state({"url": url, "pid": process.pid, "log": str(log_path)})
+        deadline = time.time() + timeout
+        while not is_healthy(url):
+            if process.poll() is not None or time.time() > deadline:
+                tail = "\n".join(log_path.read_text(errors="replace").splitlines()[-15:])
+                raise UIError(
+                    f"the Prefect server did not start (exit code {process.poll()}); {log_path} ends:\n{tail}"
+                )
+            time.sleep(0.5)
+    except BaseException:
+        _stop_group(process.pid)
+        _state_file().unlink(missing_ok=True)  # after the stop: a second Ctrl-C during it leaves it to --stop
+        raise
     return url, True
 
 
@@ -113,6 +125,10 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _is_live_server(pid: int) -> bool:
+    return _alive(pid) and _is_prefect_server(pid)
 
 
 def _is_prefect_server(pid: int) -> bool:
@@ -150,7 +166,7 @@ def stop_server() -> str:
     _state_file().unlink()
     if state["pid"] is None:
         return f"the server at {state['url']} was not started by `refit ui`: stop it where it was started"
-    if not _alive(state["pid"]) or not _is_prefect_server(state["pid"]):
+    if not _is_live_server(state["pid"]):
         return f"the Refit UI server at {state['url']} was no longer running"
     _stop_group(state["pid"])
     return f"stopped the Refit UI server at {state['url']} (pid {state['pid']})"

@@ -2,16 +2,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
+import shutil
 import textwrap
 from pathlib import Path
 
+import fsspec
 import pytest
 from conftest import BASE_RECIPE, write_recipe
 from pydantic import ValidationError
 
 from refit.flows.cli import main as refit
-from refit.stages.lib.config import PRETRAINING_RECORD, Recipe, RecipeError, load_recipe
+from refit.stages.lib.config import (
+    MAX_NAME_LENGTH,
+    PRETRAINING_RECORD,
+    Recipe,
+    RecipeError,
+    load_recipe,
+)
 
 
 @pytest.fixture
@@ -183,37 +193,61 @@ def test_rejections_name_the_field(layout, changes, path, message):
     assert message in found[path][1]
 
 
-@pytest.mark.parametrize("name", [".", "..", "a/b", "../x", ""])
-@pytest.mark.parametrize(
+NAMED = pytest.mark.parametrize(
     "changes, path",
     [
         ({}, "name"),
         ({"publish": {}}, "publish.model_name"),
         ({}, "sources[0].name"),
         ({"evaluate": {"benchmarks": [{"path": "data/bench.jsonl", "domain": "new"}]}}, "evaluate.benchmarks[0].name"),
+        ({"mixture": {"phases": [{"weights": {"old": 1}}]}}, "mixture.phases[0].name"),
     ],
-    ids=["run", "model", "source", "benchmark"],
+    ids=["run", "model", "source", "benchmark", "phase"],
 )
-def test_a_name_that_is_not_a_folder_of_its_own_is_rejected(layout, name, changes, path):
+
+
+def named(changes: dict, path: str, name: str) -> dict:
+    """The recipe of changes with name at path."""
     recipe = edit(**changes)
     node = recipe
     *parents, leaf = path.replace("[", ".").replace("]", "").split(".")
     for key in parents:
         node = node[int(key)] if key.isdigit() else node[key]
     node[leaf] = name
-    found = problems(layout, recipe)
+    return recipe
+
+
+@pytest.mark.parametrize("name", [".", "..", "a/b", "../x", ""])
+@NAMED
+def test_a_name_that_is_not_a_folder_of_its_own_is_rejected(layout, name, changes, path):
+    found = problems(layout, named(changes, path, name))
     assert path in found, found
     expected = "cannot be a name" if name in (".", "..") else "should match pattern"
     assert expected in found[path][1]
 
 
-@pytest.mark.parametrize("name", ["quarantine", "removed", "work", "minhash-index", "exact-index", "id-index"])
-def test_a_source_cannot_take_the_name_of_one_of_curates_own_folders(layout, name):
-    recipe = edit()
-    recipe["sources"][0]["name"] = name
-    found = problems(layout, recipe)
-    assert "sources[0].name" in found, found
-    assert "curate's own folders" in found["sources[0].name"][1]
+@NAMED
+def test_a_name_too_long_for_a_file_name_is_rejected(layout, changes, path):
+    assert load_recipe(write_recipe(layout, named(changes, path, "a" * MAX_NAME_LENGTH)))
+    found = problems(layout, named(changes, path, "a" * 300))  # the filesystem's limit is 255 bytes
+    assert list(found) == [path], found
+    assert "300 characters is too long: a name becomes a file or folder name" in found[path][1]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        *("quarantine", "removed", "work", "minhash-index", "exact-index", "id-index"),  # curate's folders
+        *("state.sqlite", "state.sqlite-journal", "report.json", "report.json.tmp", "_SUCCESS.json"),  # its files
+        "logs",  # tokenize's datatrove logs, removed after its run
+        *("Report.JSON", "STATE.sqlite"),  # the same file on a filesystem that ignores case
+    ],
+)
+def test_a_source_cannot_take_a_name_a_stage_writes_beside_the_per_source_folders(layout, name):
+    found = problems(layout, named({}, "sources[0].name", name))
+    assert list(found) == ["sources[0].name"], found
+    assert f"{name!r} is taken:" in found["sources[0].name"][1]
+    assert "beside the per-source folders" in found["sources[0].name"][1]
 
 
 def test_all_problems_are_listed_at_once_with_yaml_lines(layout):
@@ -290,3 +324,151 @@ def test_bundled_recipes_validate_without_the_base_model():
     recipe = load_recipe(Path(__file__).parent.parent / "deployments" / "demo.yaml", check_files=False)
     assert [p.name for p in recipe.phases] == ["general", "qa"]
     assert len(recipe.evaluate.benchmarks) == 3
+
+
+@pytest.mark.parametrize(
+    "registry, message",
+    [
+        ("foo://models", "foo:// is not a filesystem fsspec knows"),
+        ("s3://bucket/models", "the s3:// filesystem is not installed: Install s3fs"),
+        ("simplecache::s3://bucket/models", "the s3:// filesystem is not installed: Install s3fs"),
+        ("memory://models", "memory:// keeps the published versions in this process's memory, lost when it exits"),
+    ],
+)
+def test_a_registry_that_cannot_hold_versions_is_rejected(layout, registry, message):
+    if registry.endswith("s3://bucket/models") and importlib.util.find_spec("s3fs"):
+        pytest.skip("s3fs is installed here")
+    found = problems(layout, edit(publish={"registry": registry}))
+    assert list(found) == ["publish.registry"], found
+    assert message in found["publish.registry"][1]
+
+
+@pytest.mark.parametrize("registry", ["file://registry", "file://./registry", "local://registry", None])
+def test_a_relative_registry_is_relative_to_the_recipe(layout, tmp_path_factory, monkeypatch, registry):
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))
+    recipe = load_recipe(write_recipe(layout, edit(publish={"registry": registry} if registry else {})))
+    fs, path = fsspec.core.url_to_fs(recipe.publish.registry)  # as publish opens it
+    assert path == str(layout / "registry")
+    assert recipe.publish.registry.startswith(registry.split("//")[0] if registry else "/")
+
+
+# ----------------------------------------------------------------------------- the base checkpoint
+# Checked by `refit validate` from the files' headers, before any trainer starts.
+
+LLAMA = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+
+
+@pytest.fixture
+def checkpoint(layout: Path, tiny_model_dir: Path) -> Path:
+    """layout's base folder holding a real tiny checkpoint (one model.safetensors)."""
+    shutil.rmtree(layout / "base")
+    return Path(shutil.copytree(tiny_model_dir, layout / "base"))
+
+
+@pytest.fixture
+def sharded(checkpoint: Path) -> Path:
+    """The checkpoint saved again by transformers in several safetensors shards with an index."""
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(checkpoint).save_pretrained(checkpoint, max_shard_size="20KB")
+    (checkpoint / "model.safetensors").unlink()
+    assert len(shards(checkpoint)) > 2 and (checkpoint / "model.safetensors.index.json").is_file()
+    return checkpoint
+
+
+def shards(base: Path) -> list[Path]:
+    return sorted(base.glob("model-*-of-*.safetensors"))
+
+
+def base_problems(layout: Path) -> list[str]:
+    """What validation says of the base checkpoint; it must say nothing of anything else."""
+    with pytest.raises(RecipeError) as caught:
+        load_recipe(write_recipe(layout, BASE_RECIPE))
+    assert {path for path, _, _ in caught.value.problems} == {"base_model.path"}, caught.value
+    return [message for _, _, message in caught.value.problems]
+
+
+def truncate(path: Path, size: int) -> None:
+    with open(path, "r+b") as handle:
+        handle.truncate(size)
+
+
+def header_length(path: Path) -> int:
+    return int.from_bytes(path.read_bytes()[:8], "little")
+
+
+def overwrite(path: Path, offset: int, data: bytes) -> None:
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(data)
+
+
+@LLAMA
+def test_an_intact_checkpoint_passes(layout, checkpoint):
+    assert load_recipe(write_recipe(layout, BASE_RECIPE))
+
+
+@LLAMA
+def test_an_intact_sharded_checkpoint_passes(layout, sharded):
+    assert load_recipe(write_recipe(layout, BASE_RECIPE))
+
+
+@LLAMA
+def test_a_pickle_checkpoint_is_refused_with_how_to_convert_it(layout, checkpoint):
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(checkpoint / "model.safetensors"), checkpoint / "pytorch_model.bin")
+    (checkpoint / "model.safetensors").unlink()
+    (message,) = base_problems(layout)
+    assert message.startswith(f"{checkpoint} has no safetensors weights, only pytorch_model.bin: ")
+    assert "Refit loads safetensors only (a pickle checkpoint can run code when loaded)" in message
+    assert "save_pretrained(path, safe_serialization=True)" in message
+
+
+@LLAMA
+@pytest.mark.parametrize(
+    "damage, why",
+    [
+        (
+            lambda f: truncate(f, f.stat().st_size - 1),
+            r"tensor '.+' has data_offsets \[\d+, \d+\], beyond",
+        ),
+        (lambda f: truncate(f, 100), r"its header length is \d+ bytes, and 92 bytes follow"),
+        (lambda f: truncate(f, 3), r"3 bytes, too few for the 8-byte header length"),
+        (lambda f: overwrite(f, 0, (2**40).to_bytes(8, "little")), rf"its header length is {2**40} bytes"),
+        (lambda f: overwrite(f, 8, b"["), r"its header is not valid JSON \("),
+        (lambda f: overwrite(f, 8, b"\xff"), r"its header is not valid JSON \("),
+        (lambda f: overwrite(f, 8, b"[]".ljust(header_length(f))), r"its header is not a JSON object"),
+    ],
+    ids=["data-cut", "header-cut", "no-header", "huge-header", "bad-json", "not-utf8", "not-an-object"],
+)
+def test_a_truncated_or_corrupt_safetensors_file_is_named(layout, checkpoint, damage, why):
+    weights = checkpoint / "model.safetensors"
+    damage(weights)
+    (message,) = base_problems(layout)
+    assert re.fullmatch(f"{re.escape(str(weights))} is truncated or corrupt: {why}.*", message), message
+
+
+@LLAMA
+def test_a_sharded_checkpoint_with_shards_missing_or_cut_names_each(layout, sharded):
+    first, second, *_ = shards(sharded)
+    first.unlink()
+    truncate(second, second.stat().st_size // 2)
+    missing, cut = base_problems(layout)
+    assert missing == f"{first} is missing: {sharded / 'model.safetensors.index.json'} lists it"
+    assert cut.startswith(f"{second} is truncated or corrupt: tensor ")
+
+
+@LLAMA
+def test_a_shard_index_that_is_not_json_is_named(layout, sharded):
+    index = sharded / "model.safetensors.index.json"
+    index.write_text(index.read_text()[:-10])
+    (message,) = base_problems(layout)
+    assert message.startswith(f"{index} is not valid JSON (")
+
+
+def test_config_json_that_is_not_json_is_one_problem_naming_it(layout):
+    (layout / "base" / "config.json").write_text('{"model_type": "llama",')
+    (message,) = base_problems(layout)
+    assert message.startswith(f"{layout / 'base' / 'config.json'} is not valid JSON (")

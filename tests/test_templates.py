@@ -13,7 +13,7 @@ from conftest import DATASETS, LEGACY, NEW, rows, write_jsonl
 
 from refit.flows.cli import main
 from refit.stages.lib.config import PRETRAINING_RECORD, load_recipe
-from refit.stages.lib.templates import TEMPLATES
+from refit.stages.lib.templates import TEMPLATES, render
 from refit.stages.registry import STAGES
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
@@ -112,3 +112,58 @@ def test_quick_pilot_runs_tiny_data_through_every_stage(tmp_path, tiny_model_dir
     reports = {name: stage.run(recipe, workdir) for name, stage in STAGES.items()}
     assert reports["train"]["steps"] == 12 and [s["phase"] for s in reports["train"]["switches"]] == ["qa"]
     assert reports["audit"]["passed"] and (tmp_path / "registry" / "pilot" / "latest").exists()
+
+
+def test_every_value_is_written_so_that_it_reads_back_as_given(tmp_path, tiny_model_dir):
+    tricky = 'a\nworkdir: /elsewhere # "quoted" \\ it\'s: [x] {y} \u2028 \U0001f600'
+    text = render(
+        "paper", tricky, base=f"{tiny_model_dir}/{tricky}", legacy=tricky, new="yes", qa="2024", total_tokens=tricky
+    )
+    spec = yaml.safe_load(text)
+    assert spec["name"] == tricky and "workdir" not in spec
+    assert spec["base_model"]["path"] == f"{tiny_model_dir}/{tricky}"
+    assert [s["paths"] for s in spec["sources"]] == [[tricky], ["yes"], ["2024"]]
+    assert spec["schedule"]["total_tokens"] == tricky
+
+
+def _names_of(out: Path, tiny_model_dir: Path, paths: dict[str, str], *extra: str) -> tuple[int, str | None]:
+    """(exit code of `refit init` into out, the name the written recipe has, None if none was written)."""
+    code = _init(out, "paper", tiny_model_dir, paths, "--max-lr", "1e-3", *extra)
+    return code, load_recipe(out).name if out.exists() else None
+
+
+@pytest.mark.parametrize("stem", ["2024", "yes", "null", "1e3", "my recipe"])
+def test_the_name_taken_from_the_file_name_stays_a_string(tmp_path, tiny_model_dir, stem, capsys):
+    code, name = _names_of(tmp_path / f"{stem}.yaml", tiny_model_dir, _data(tmp_path))
+    assert (code, name) == (0, stem.replace(" ", "-")), capsys.readouterr().err
+
+
+@pytest.mark.parametrize("file_name", ["..yaml", "...yaml", "a" * 240 + ".yaml"])
+def test_a_file_name_that_makes_no_name_asks_for_one(tmp_path, tiny_model_dir, file_name, capsys):
+    paths = _data(tmp_path)
+    assert _names_of(tmp_path / "recipes" / file_name, tiny_model_dir, paths) == (2, None)
+    assert "give one with --name" in capsys.readouterr().err
+    assert not (tmp_path / "recipes").exists()
+    assert _names_of(tmp_path / "recipes" / file_name, tiny_model_dir, paths, "--name", "ok") == (0, "ok")
+
+
+def test_a_name_with_a_newline_injects_no_key_and_writes_nothing(tmp_path, tiny_model_dir, capsys):
+    out = tmp_path / "r.yaml"
+    assert _names_of(out, tiny_model_dir, _data(tmp_path), "--name", "evil\nworkdir: /tmp/elsewhere") == (2, None)
+    err = capsys.readouterr().err
+    assert "name (line 3): String should match pattern" in err and "1 problem" in err
+
+
+def test_an_invalid_recipe_leaves_nothing_behind_and_no_good_file_replaced(tmp_path, tiny_model_dir, capsys):
+    paths = _data(tmp_path)
+    broken = {**paths, "new": str(tmp_path / "nowhere" / "*.jsonl")}
+    folder = tmp_path / "recipes"
+    assert _names_of(folder / "r.yaml", tiny_model_dir, broken) == (2, None)
+    assert not folder.exists() or not any(folder.iterdir())  # not even a temporary file
+    assert f"recipe {folder / 'r.yaml'} has 1 problem" in capsys.readouterr().err
+
+    assert _names_of(folder / "r.yaml", tiny_model_dir, paths) == (0, "r")
+    good = (folder / "r.yaml").read_text()
+    assert _names_of(folder / "r.yaml", tiny_model_dir, broken, "--overwrite") == (2, "r")
+    assert (folder / "r.yaml").read_text() == good and [p.name for p in folder.iterdir()] == ["r.yaml"]
+    assert _names_of(folder / "r.yaml", tiny_model_dir, paths, "--overwrite", "--name", "s") == (0, "s")

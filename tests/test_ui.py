@@ -4,9 +4,11 @@ screenshot as `docs/audit-artifact.png` (not tracked; the README shows the demo'
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -17,10 +19,9 @@ import pytest
 from conftest import LENIENT, REPO, free_port, prepare
 
 from refit.flows.refresh import STAGE_FLOWS
-from refit.flows.ui import browse
+from refit.flows.ui import UIError, browse, is_healthy, start_server
 from refit.stages.lib.config import load_recipe
 
-pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 SCREENSHOT = REPO / "docs" / "audit-artifact.png"
 
 
@@ -81,6 +82,8 @@ def served_deployments(env: dict, recipe: Path, url: str, log: Path, expected: s
         process.wait(timeout=30)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_ui_stays_runs_record_into_it_and_the_audit_renders_in_a_browser(tmp_path, tiny_model_dir, refit_env):
     chromium()
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, gates=LENIENT)
@@ -119,3 +122,103 @@ def test_ui_stays_runs_record_into_it_and_the_audit_renders_in_a_browser(tmp_pat
         stopped = refit(refit_env, "ui", "--stop")
     assert stopped.startswith(f"stopped the Refit UI server at {url}")
     assert refit(refit_env, "ui", "--stop").strip() == "no Refit UI server is running"
+
+
+def test_a_port_outside_1_to_65535_is_refused_in_one_line(capsys):
+    from refit.flows.cli import main
+
+    for port, why in (("99999", "'99999' is not a port number from 1 to 65535"), ("0", "0 (any free port) is not")):
+        with pytest.raises(SystemExit) as exited:
+            main(["ui", "--port", port])
+        assert exited.value.code == 2
+        assert f"refit ui: error: argument --port: {why}" in capsys.readouterr().err.splitlines()[-1]
+
+
+def group_members(pgid: int) -> list[int]:
+    """The processes of a process group that have not exited (zombies count as exited)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone while read
+            continue
+        if int(group) == pgid and state != "Z":
+            members.append(int(stat.parent.name))
+    return members
+
+
+def servers_on(port: int) -> list[int]:
+    """The live `prefect server start` processes serving on port."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            command = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"prefect" in command and b"server" in command and str(port).encode() in command:
+            found.append(int(cmdline.parent.name))
+    return [pid for pid in found if group_members(pid)]
+
+
+def start_ui(env: dict, port: int) -> tuple[subprocess.Popen, int]:
+    """`refit ui --port` in the background, once it has recorded the server it started (before
+    the server answers): the command and the server's pid (its process group's)."""
+    state = Path(env["REFIT_HOME"]) / "ui" / "server.json"
+    command = [sys.executable, "-m", "refit.flows.cli", "ui", "--port", str(port)]
+    ui = subprocess.Popen(command, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while not state.is_file() or not state.read_text():
+        assert ui.poll() is None and time.time() < deadline, ui.communicate()[0]
+        time.sleep(0.05)
+    assert not is_healthy(f"http://127.0.0.1:{port}"), "the server was recorded only once it answered"
+    return ui, json.loads(state.read_text())["pid"]
+
+
+def wait_gone(pgid: int, seconds: float = 60) -> list[int]:
+    deadline = time.time() + seconds
+    while (left := group_members(pgid)) and time.time() < deadline:
+        time.sleep(0.2)
+    return left
+
+
+@pytest.mark.slow
+def test_an_interrupted_start_stops_its_server_and_a_killed_one_is_left_to_stop(refit_env, monkeypatch):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    servers = []
+    try:
+        ui, server = start_ui(refit_env, port)  # Ctrl-C while it waits for the server
+        servers.append(server)
+        ui.send_signal(signal.SIGINT)
+        ui.wait(timeout=60)
+        assert not wait_gone(server) and not (Path(refit_env["REFIT_HOME"]) / "ui" / "server.json").exists()
+        assert refit(refit_env, "ui", "--stop").strip() == "no Refit UI server is running"
+
+        ui, server = start_ui(refit_env, port)  # killed while it waits: the server stays, recorded
+        servers.append(server)
+        ui.kill()
+        ui.wait()
+        again = subprocess.run(
+            [sys.executable, "-m", "refit.flows.cli", "ui", "--port", str(port)],
+            env=refit_env,
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert (
+            f"already running: the Prefect UI at {url}" in again.stdout
+            or f"the server `refit ui` started at {url} (pid {server}) does not answer" in again.stderr
+        ), again.stdout + again.stderr  # the one refit started, not a second one nor someone else's
+        assert refit(refit_env, "ui", "--stop").startswith(f"stopped the Refit UI server at {url} (pid {server})")
+        assert not wait_gone(server)
+
+        for key in ("REFIT_HOME", "PREFECT_HOME"):  # a start that times out, here
+            monkeypatch.setenv(key, refit_env[key])
+        with pytest.raises(UIError, match="the Prefect server did not start"):
+            start_server(port, timeout=0)
+        assert not servers_on(port) and not (Path(refit_env["REFIT_HOME"]) / "ui" / "server.json").exists()
+    finally:  # what a failure left
+        for server in {*servers, *servers_on(port)}:
+            if group_members(server):
+                os.killpg(server, signal.SIGKILL)

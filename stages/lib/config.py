@@ -27,6 +27,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -34,8 +35,14 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from refit.stages.lib.markers import MARKER
+
 Loc = tuple[str | int, ...]
 PRETRAINING_RECORD = "refit_pretraining.json"  # written beside a base checkpoint by its pretraining
+MAX_NAME_LENGTH = 200
+"""Longest name: names become file and folder names, which most filesystems cap at 255 bytes,
+and the stages add to them (the longest addition now: the sweep's `<recipe name>.best.yaml.tmp`,
+14 bytes; curate's `<source>.duckdb.wal`, 11; evaluate's `refit_<benchmark>.yaml`, 11)."""
 _COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMbBtT]?)\s*$")
 _SUFFIX = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "t": 10**12}
 # the audit gates a pilot-sweep variant is judged on (all but lineage and above_previous_version)
@@ -81,9 +88,33 @@ def _not_a_relative_folder(name: str) -> str:
     return name
 
 
+def _short_enough(name: str) -> str:
+    if len(name) > MAX_NAME_LENGTH:  # the pattern allows ASCII only: characters are bytes
+        raise ValueError(
+            f"{len(name)} characters is too long: a name becomes a file or folder name, to which the stages "
+            f"add suffixes, so at most {MAX_NAME_LENGTH} (filesystems allow 255 bytes)"
+        )
+    return name
+
+
 TokenCount = Annotated[int, BeforeValidator(_parse_count), Field(gt=0)]
-Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_relative_folder)]
-"""A name that becomes a folder or file name: letters, digits, _ . -, and neither `.` nor `..`."""
+Name = Annotated[
+    str, Field(pattern=r"^[A-Za-z0-9_.-]+$"), AfterValidator(_not_a_relative_folder), AfterValidator(_short_enough)
+]
+"""A name that becomes a folder or file name (the recipe's, sources', benchmarks' and the
+published model's; phase names are held to the same rule): letters, digits, _ . -, neither `.`
+nor `..`, at most MAX_NAME_LENGTH characters."""
+
+
+def name_problem(name: str) -> str | None:
+    """Why name cannot be a Name, in one line; None when it can."""
+    try:
+        TypeAdapter(Name).validate_python(name)
+    except ValidationError as error:
+        return error.errors()[0]["msg"]
+    return None
+
+
 RecipePath = Annotated[str, BeforeValidator(_resolve_path)]
 Fraction = Annotated[float, Field(gt=0, le=1)]
 
@@ -125,18 +156,31 @@ class BaseModelSpec(Section):
         return self
 
 
-CURATE_FOLDERS = ("quarantine", "removed", "work", "minhash-index", "exact-index", "id-index")
-"""Curate's own folders beside its per-source ones: no source may take these names."""
+_REPORT_AND_MARKER = ("report.json", "report.json.tmp", MARKER, f"{MARKER}.tmp")  # written through `<name>.tmp`
+STAGE_OWN_NAMES = {
+    "curate": (
+        *("quarantine", "removed", "work", "minhash-index", "exact-index", "id-index"),
+        *("state.sqlite", "state.sqlite-journal"),  # SQLite writes its rollback journal beside the database
+        *_REPORT_AND_MARKER,
+    ),
+    "tokenize": ("logs", *_REPORT_AND_MARKER),  # logs: datatrove's, removed after the run
+}
+"""What each stage writes beside its per-source folders: no source may take these names (in any
+case: some filesystems ignore it)."""
 
 
-def _not_a_curate_folder(name: str) -> str:
-    if name in CURATE_FOLDERS:
-        raise ValueError(f"{name!r} is the name of one of curate's own folders ({', '.join(CURATE_FOLDERS)})")
+def _not_a_stage_own_name(name: str) -> str:
+    stages = [stage for stage, names in STAGE_OWN_NAMES.items() if name.lower() in (n.lower() for n in names)]
+    if stages:
+        raise ValueError(
+            f"{name!r} is taken: {' and '.join(stages)} write{'s' * (len(stages) == 1)} a file or folder of that "
+            "name beside the per-source folders"
+        )
     return name
 
 
 class SourceSpec(Section):
-    name: Annotated[Name, AfterValidator(_not_a_curate_folder)]
+    name: Annotated[Name, AfterValidator(_not_a_stage_own_name)]
     """Short name used in weights, shard folders and reports (letters, digits, _ . -)."""
     paths: list[RecipePath] = Field(min_length=1)
     """Files or glob patterns (** allowed) of this source; each must match at least one file."""
@@ -572,9 +616,49 @@ class GatesSpec(Section):
     """offensive_output: the share of continuations with a word-list term may rise by at most this beyond noise."""
 
 
+def _resolve_registry(value: Any, info: ValidationInfo) -> Any:
+    """A relative `file://` URL is relative to the recipe too (fsspec would take it from the cwd)."""
+    protocol, _, path = value.partition("://") if isinstance(value, str) else ("", "", "")
+    if protocol in ("file", "local") and path:
+        return f"{protocol}://{_resolve_path(path, info)}"
+    return _resolve_path(value, info)
+
+
+def _protocols(url: str) -> list[str]:
+    """The protocols of an fsspec URL, each of a chain (`simplecache::s3://...`); "file" for a path."""
+    from fsspec.core import split_protocol
+
+    *outer, target = url.split("::")
+    return [split_protocol(part)[0] or part for part in outer] + [split_protocol(target)[0] or "file"]
+
+
+def _lasting_filesystem(url: str) -> str:
+    """The registry's filesystem must be installed (resolved as publish will, without connecting)
+    and keep what is written after the process ends."""
+    import fsspec
+
+    for protocol in _protocols(url):
+        if protocol == "memory":
+            raise ValueError(
+                "memory:// keeps the published versions in this process's memory, lost when it exits: "
+                "give a folder or a lasting URL (file://, s3://, gs://, ...)"
+            )
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise ValueError(f"{protocol}:// is not a filesystem fsspec knows") from None
+        except ImportError as error:
+            raise ValueError(f"the {protocol}:// filesystem is not installed: {error}") from None
+    return url
+
+
+RegistryURL = Annotated[str, BeforeValidator(_resolve_registry), AfterValidator(_lasting_filesystem)]
+
+
 class PublishSpec(Section):
-    registry: RecipePath = "registry"
-    """Local folder or fsspec URL under which <model_name>/vNNNN/ versions are written."""
+    registry: RegistryURL = "registry"
+    """Local folder or fsspec URL under which <model_name>/vNNNN/ versions are written; a
+    relative folder or `file://` URL is relative to the recipe."""
     model_name: Name | None = None
     """Name of the model in the registry. Default: the recipe name."""
     license: str = "apache-2.0"
@@ -716,7 +800,8 @@ class Recipe(Section):
 
 
 def _fill_defaults(data: Any, info: ValidationInfo) -> Any:
-    """Defaults that depend on other sections: workdir, base-model facts, max_lr, mixture."""
+    """Defaults that depend on other sections or the recipe's folder: workdir, base-model facts,
+    max_lr, mixture, registry."""
     if not isinstance(data, dict):
         return data
     data = dict(data)
@@ -731,6 +816,9 @@ def _fill_defaults(data: Any, info: ValidationInfo) -> Any:
             data["schedule"] = {**schedule, "max_lr": base["pretraining_min_lr"]}
     if data.get("mixture") is None and isinstance(data.get("sources"), list):
         data["mixture"] = default_mixture(data["sources"])
+    publish = data.get("publish")
+    if publish is None or isinstance(publish, dict):  # so that the default registry is beside the recipe too
+        data["publish"] = {"registry": PublishSpec.model_fields["registry"].default, **(publish or {})}
     return data
 
 
@@ -931,6 +1019,80 @@ def _yaml_line(root: yaml.Node | None, loc: Loc) -> int | None:
     return line
 
 
+SAFETENSORS_MAX_HEADER = 100_000_000  # bytes; what the safetensors library itself accepts
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _json_file(path: Path) -> tuple[Any, str | None]:
+    """(the JSON object in path, None), or (None, what is wrong with the file)."""
+    try:
+        content = json.loads(path.read_bytes())
+    except OSError as error:
+        return None, f"{path} cannot be read ({error.strerror})"
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return None, f"{path} is not valid JSON ({error})"
+    return (content, None) if isinstance(content, dict) else (None, f"{path} is not a JSON object")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is truncated or corrupt, from its header alone (an 8-byte
+    little-endian length, then that much JSON giving each tensor's byte range in the data
+    after it); None when every tensor lies within the file. The tensor data is not read."""
+    corrupt, size = f"{path} is truncated or corrupt:", path.stat().st_size
+    if size < 8:
+        return f"{corrupt} {size} bytes, too few for the 8-byte header length"
+    try:
+        with open(path, "rb") as handle:
+            length = int.from_bytes(handle.read(8), "little")
+            if length > min(size - 8, SAFETENSORS_MAX_HEADER):
+                return f"{corrupt} its header length is {length} bytes, and {size - 8} bytes follow"
+            text = handle.read(length)
+    except OSError as error:
+        return f"{path} cannot be read ({error.strerror})"
+    try:
+        header = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        return f"{corrupt} its header is not valid JSON ({error})"
+    if not isinstance(header, dict):
+        return f"{corrupt} its header is not a JSON object"
+    data_size = size - 8 - length
+    for name, entry in header.items():
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        valid = isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)
+        if name != "__metadata__" and not (valid and 0 <= offsets[0] <= offsets[1] <= data_size):
+            return f"{corrupt} tensor {name!r} has data_offsets {offsets!r}, beyond the {data_size} bytes of data"
+    return None
+
+
+def _checkpoint_problems(base: Path) -> list[str]:
+    """What would stop the base checkpoint from loading, found without reading its weights:
+    config.json that is not JSON, weights that are not safetensors (Refit loads nothing else), a
+    safetensors file or shard that is missing, truncated or corrupt."""
+    _, config_problem = _json_file(base / "config.json")
+    problems = [config_problem] if config_problem else []
+    single, index = base / "model.safetensors", base / "model.safetensors.index.json"
+    if single.is_file():  # transformers prefers it to an index
+        shards = [single]
+    elif index.is_file():
+        content, index_problem = _json_file(index)
+        weight_map = (content or {}).get("weight_map")
+        if index_problem or not isinstance(weight_map, dict):
+            return [*problems, index_problem or f"{index} has no weight_map"]
+        shards = [base / name for name in sorted(set(map(str, weight_map.values())))]
+        problems += [f"{shard} is missing: {index} lists it" for shard in shards if not shard.is_file()]
+        shards = [shard for shard in shards if shard.is_file()]
+    else:
+        pickles = sorted(p.name for pattern in PICKLE_WEIGHTS for p in base.glob(pattern))
+        if pickles:
+            problems.append(
+                f"{base} has no safetensors weights, only {', '.join(pickles)}: Refit loads safetensors only "
+                "(a pickle checkpoint can run code when loaded); if you trust it, convert it once with transformers: "
+                "AutoModelForCausalLM.from_pretrained(path).save_pretrained(path, safe_serialization=True)"
+            )
+        return problems
+    return problems + [problem for shard in shards if (problem := _safetensors_problem(shard))]
+
+
 def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]]:
     """File-system checks on the raw recipe, so they are reported beside schema problems."""
 
@@ -953,6 +1115,8 @@ def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]
     base = resolved((data.get("base_model") or {}).get("path") if isinstance(data.get("base_model"), dict) else None)
     if base is not None and not (base / "config.json").is_file():
         problems.append((("base_model", "path"), f"no Hugging Face checkpoint (config.json) at {base}"))
+    elif base is not None:
+        problems += [(("base_model", "path"), problem) for problem in _checkpoint_problems(base)]
     for i, bench in entries("benchmarks"):
         path = resolved(bench.get("path"))
         if path is not None and not path.is_file():
@@ -967,6 +1131,13 @@ def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
         text = path.read_text()
     except OSError as error:
         raise RecipeError(str(path), [("(file)", None, f"cannot read: {error.strerror}")]) from None
+    return parse_recipe(text, path, check_files)
+
+
+def parse_recipe(text: str, path: str | Path, check_files: bool = True) -> Recipe:
+    """Validate recipe text as if read from path (its relative paths are relative to path's
+    folder), which need not exist; raise RecipeError listing every problem."""
+    path = Path(path)
     try:
         root = yaml.compose(text)
         data = yaml.safe_load(text)

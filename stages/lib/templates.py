@@ -9,8 +9,11 @@ recipe. The output is validated by `refit init` itself before it is kept.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 from refit.stages.lib.config import PRETRAINING_RECORD
 
@@ -59,6 +62,13 @@ TEMPLATES = {
 }
 
 
+def _quoted(value: str) -> str:
+    """value as one line of YAML that reads back as exactly this string: double-quoted, with
+    newlines and other specials escaped (unquoted, a newline would start a key of its own, and
+    2024 or yes would read as a number or a boolean)."""
+    return yaml.safe_dump(value, default_style='"', allow_unicode=True, width=math.inf).rstrip("\n")
+
+
 def _flow(weights: dict[str, float]) -> str:
     return "{" + ", ".join(f"{name}: {round(share, 4):g}" for name, share in weights.items()) + "}"
 
@@ -83,11 +93,11 @@ def render(
     lines = [
         f"# Refit recipe from the `{template}` template (`refit init`): {spec.summary}.",
         "# Edit freely; `refit validate` checks it. Every field is documented in stages/lib/config.py.",
-        f"name: {name}                      # names the workdir (runs/{name}), the flow runs and the published model",
+        f"name: {_quoted(name)}  # names the workdir (runs/<name>), the flow runs and the published model",
         f"description: {template} template  # free text for the model card",
         "",
         "base_model:",
-        f"  path: {json.dumps(base)}  # Hugging Face checkpoint (safetensors) to continue from",
+        f"  path: {_quoted(base)}  # Hugging Face checkpoint (safetensors) to continue from",
     ]
     if recorded.get("pretraining_min_lr") is None:
         lines.append("  # pretraining_min_lr: 3.0e-4  # the base's final pretraining LR: the default max_lr (paper)")
@@ -97,16 +107,16 @@ def render(
         "",
         "sources:",
         "  - name: legacy",
-        f"    paths: [{json.dumps(legacy)}]  # files or globs of data like the base's pretraining",
+        f"    paths: [{_quoted(legacy)}]  # files or globs of data like the base's pretraining",
         "    role: legacy                # forgetting is measured on it",
         "  - name: new",
-        f"    paths: [{json.dumps(new)}]  # files or globs of the new domain",
+        f"    paths: [{_quoted(new)}]  # files or globs of the new domain",
         "    role: new                   # the data to learn",
     ]
     if qa:
         lines += [
             "  - name: qa",
-            f"    paths: [{json.dumps(qa)}]  # QA-formatted data for the late phase",
+            f"    paths: [{_quoted(qa)}]  # QA-formatted data for the late phase",
             "    role: qa                    # only in the last phase",
         ]
     lines += [
@@ -148,7 +158,7 @@ def render(
     if spec.decay == "wsd":
         lines.append("  wsd_decay_fraction: 0.2  # for wsd: final share of the run spent decaying (Refit default)")
     lines += [
-        f"  total_tokens: {total_tokens or spec.total_tokens}  # training tokens of the whole run "
+        f"  total_tokens: {_quoted(total_tokens or spec.total_tokens)}  # training tokens of the whole run "
         "(paper: 300B for a 15B model pretrained on 8T)",
         "",
         "train:",
