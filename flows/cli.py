@@ -36,6 +36,7 @@ from refit.stages.lib.config import (
     name_problem,
     parse_recipe,
 )
+from refit.stages.lib.disk import DiskFull, full_disk_cause, full_disk_line
 from refit.stages.lib.lock import WorkdirBusy, check_workdir_free, workdir_lock
 from refit.stages.lib.markers import StageNotReady, write_text_atomic
 from refit.stages.lib.remote_code import RemoteCodeRefused
@@ -424,6 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 STAGE_FAILURES = (
     CurationError,
+    DiskFull,
     StageNotReady,
     TrainingError,
     FloatingPointError,
@@ -489,6 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     except STAGE_FAILURES as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:  # a full disk outside any stage: the workdir lock, the flow's records
+        if (cause := full_disk_cause(error)) is None:
+            raise
+        where = f" writing {cause.filename}" if getattr(cause, "filename", None) else ""
+        print(
+            f"error: no space left on device{where} ({full_disk_line(str(cause))}): free space and rerun",
+            file=sys.stderr,
+        )
+        return 1
+
 
 if __name__ == "__main__":
     sys.exit(main())

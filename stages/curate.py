@@ -19,7 +19,6 @@ previous good output untouched.
 
 from __future__ import annotations
 
-import errno
 import glob
 import hashlib
 import heapq
@@ -31,7 +30,7 @@ import sqlite3
 import time
 from collections import Counter
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -492,43 +491,16 @@ def _source_report(source: SourceSpec, screened: dict, written: dict, db: sqlite
     }
 
 
-def _disk_full(error: BaseException) -> bool:
-    """ENOSPC or a quota, as Python, SQLite ("database or disk is full") or Arrow report it."""
-    while error is not None:
-        if getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
-            return True
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
-
-
-@contextmanager
-def _disk_full_reported(final: Path) -> Iterator[None]:
-    """A full disk anywhere in the run becomes one line naming the stage and the path."""
-    try:
-        yield
-    except BaseException as error:
-        if not _disk_full(error):
-            raise
-        path = getattr(error, "filename", None) or final.with_name(final.name + ".tmp")
-        raise CurationError(
-            f"curate: no space left on device writing {path} ({error}); "
-            f"the previous curated output in {final} is unchanged"
-        ) from error
-
-
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / FOLDER
-    with _disk_full_reported(final):  # the file hashes are saved in the workdir too
-        # one listing: a file arriving mid-run is the next run's
-        settings, listing = _settings(recipe), _listing(recipe, workdir)
-        expected = _fingerprint(settings, listing)
-        if not force and is_done(final, expected):
-            log.info("curate: up to date (%s)", expected[:12])
-            return json.loads((final / "report.json").read_text())
-        return _curate(recipe, final, force, settings, listing, expected)
+    # one listing: a file arriving mid-run is the next run's
+    settings, listing = _settings(recipe), _listing(recipe, workdir)
+    expected = _fingerprint(settings, listing)
+    if not force and is_done(final, expected):
+        log.info("curate: up to date (%s)", expected[:12])
+        return json.loads((final / "report.json").read_text())
+    return _curate(recipe, final, force, settings, listing, expected)
 
 
 def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: dict, expected: str) -> dict:

@@ -27,6 +27,7 @@ weights again returns their version.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -141,9 +142,15 @@ class Registry:
         """Stream files into `vNNNN.partial/`, rename it into place, write `SHA256SUMS`, drop
         the claim; returns the version's URL."""
         partial, final = self.path(f"{version}.partial"), self.path(version)
-        sums = [f"{_stream(content, self.fs, inside(partial, name))}  {name}" for name, content in files.items()]
-        self.fs.mv(partial, final, recursive=True)
-        _stream(("\n".join(sums) + "\n").encode(), self.fs, inside(final, SUMS))
+        try:
+            sums = [f"{_stream(content, self.fs, inside(partial, name))}  {name}" for name, content in files.items()]
+            self.fs.mv(partial, final, recursive=True)
+            _stream(("\n".join(sums) + "\n").encode(), self.fs, inside(final, SUMS))
+        except Exception:  # a full disk, a lost connection: take back what never became a version
+            with contextlib.suppress(Exception):
+                for name in (f"{version}.partial", version, f"{version}.claim"):
+                    self.remove(name)
+            raise
         self.remove(f"{version}.claim")
         return self.url_of(version)
 

@@ -43,6 +43,7 @@ from refit.stages import curate, mix, tokenize
 from refit.stages.lib import lifeline
 from refit.stages.lib.config import Recipe, TrainSpec
 from refit.stages.lib.contract import Stage
+from refit.stages.lib.disk import full_disk_line
 from refit.stages.lib.heartbeat import FOLDER as HEARTBEATS
 from refit.stages.lib.lock import held_locks, record_lock_holder
 from refit.stages.lib.markers import (
@@ -215,7 +216,10 @@ def failure_reason(train_dir: Path, launcher_log: str, code: int) -> str:
     }
     failure = train_dir / FAILURE
     recorded = [failure.read_text().strip()] if failure.is_file() else []
-    return "; ".join([*killed.values(), *recorded]) or f"exit code {code}; see the log above"
+    if killed or recorded:
+        return "; ".join([*killed.values(), *recorded])
+    full = full_disk_line(launcher_log)  # a full disk kept the failing process from recording why
+    return f"exit code {code}" + (f": {full}" if full else "") + "; see the log above"
 
 
 def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:

@@ -19,6 +19,7 @@ import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+from contextlib import contextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -571,3 +572,25 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@contextmanager
+def small_filesystem(folder: Path, size: int):
+    """A tmpfs of `size` bytes mounted at folder, to fill; the test is skipped where mounting
+    is not permitted (it needs root)."""
+    folder.mkdir(parents=True)
+    try:
+        result = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+        )
+    except FileNotFoundError:
+        pytest.skip("no mount command to make a small filesystem")
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs: {result.stderr.decode().strip()}")
+    try:
+        yield folder
+    finally:
+        busy = subprocess.run(["umount", str(folder)], capture_output=True).returncode != 0
+        if busy:  # a file left open there: detach the mount anyway, then say so
+            subprocess.run(["umount", "--lazy", str(folder)], check=True)
+    assert not busy, "a file on the small disk was left open"

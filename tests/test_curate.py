@@ -10,7 +10,6 @@ import os
 import random
 import shutil
 import sqlite3
-import subprocess
 import zlib
 from pathlib import Path
 
@@ -18,12 +17,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import LEGACY, NEW, edited, make_recipe, write_jsonl
+from conftest import LEGACY, NEW, edited, make_recipe, small_filesystem, write_jsonl
 
 from refit.flows.cli import main as refit
 from refit.stages.curate import (
     CurationError,
-    _disk_full,
     curated_files,
     data_version,
     input_fingerprint,
@@ -31,6 +29,7 @@ from refit.stages.curate import (
 )
 from refit.stages.lib import file_hashes
 from refit.stages.lib.config import load_recipe
+from refit.stages.lib.disk import full_disk_cause
 from refit.stages.lib.text import word_ngrams
 
 
@@ -443,20 +442,9 @@ def test_an_unreadable_file_counts_towards_the_bad_fraction(tmp_path):
 
 @pytest.fixture
 def small_disk(tmp_path):
-    """A 3 MiB tmpfs to fill; skipped where mounting is not permitted (needs root)."""
-    mount = tmp_path / "small-disk"
-    mount.mkdir()
-    try:
-        result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)], capture_output=True)
-    except FileNotFoundError:
-        pytest.skip("no mount command to make a small filesystem")
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs: {result.stderr.decode().strip()}")
-    yield mount
-    busy = subprocess.run(["umount", str(mount)], capture_output=True).returncode != 0
-    if busy:  # a file left open there: detach the mount anyway, then say so
-        subprocess.run(["umount", "--lazy", str(mount)], check=True)
-    assert not busy, "a file on the small disk was left open"
+    """A 3 MiB tmpfs to fill."""
+    with small_filesystem(tmp_path / "small-disk", 3 << 20) as mount:
+        yield mount
 
 
 def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tmp_path, small_disk, capsys):
@@ -475,7 +463,7 @@ def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tm
     (message,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert "Traceback" not in err, err
     assert message.startswith(f"error: curate: no space left on device writing {workdir}/curate.tmp"), message
-    assert message.endswith(f"the previous curated output in {workdir}/curate is unchanged")
+    assert message.endswith(f"the previous curate output in {workdir}/curate is unchanged")
     after = {p: p.read_bytes() for p in (workdir / "curate").rglob("*") if p.is_file()}
     assert after == before and not (workdir / "curate.tmp").exists()
 
@@ -489,8 +477,9 @@ def test_a_full_disk_is_recognised_as_sqlite_and_arrow_report_it(small_disk):
     with pytest.raises(sqlite3.OperationalError) as sqlite, db:
         db.executemany("INSERT INTO texts VALUES (?)", [(random.randbytes(100).hex(),) for _ in range(1000)])
     db.close()
-    assert _disk_full(arrow.value) and _disk_full(sqlite.value)
-    assert not _disk_full(OSError(errno.EACCES, "Permission denied")) and not _disk_full(sqlite3.OperationalError("x"))
+    assert full_disk_cause(arrow.value) and full_disk_cause(sqlite.value)
+    assert not full_disk_cause(OSError(errno.EACCES, "Permission denied"))
+    assert not full_disk_cause(sqlite3.OperationalError("x"))
 
 
 def test_files_are_known_by_their_content_not_their_mtime(tmp_path, monkeypatch):

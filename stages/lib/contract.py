@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from refit.stages.lib.config import Recipe
+from refit.stages.lib.disk import full_disk_reported
 from refit.stages.lib.markers import is_done, output_fingerprint, recover
 
 
@@ -87,7 +88,8 @@ class Stage:
 
     def run(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> dict:
         """Run the stage (a no-op returning its report when up to date) after putting right
-        whatever a killed earlier run left in its output folder."""
+        whatever a killed earlier run left in its output folder; a full disk ends it in one line."""
         recover(self.output(workdir))
         taken = self._options(options, self.takes + self.run_only)
-        return self.run_function(recipe, Path(workdir), force=options.force, **taken)
+        with full_disk_reported(self.name, self.output(workdir)):
+            return self.run_function(recipe, Path(workdir), force=options.force, **taken)

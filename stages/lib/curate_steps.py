@@ -30,6 +30,7 @@ Decisions depend on file order and positions only, so not on the executor or the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import heapq
 import json
@@ -92,6 +93,16 @@ class RowGroupWriter:
     def close(self) -> None:
         self._flush()
         self.writer.close()
+
+    def __enter__(self) -> RowGroupWriter:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        if error_type is None:
+            self.close()
+        else:  # a full disk, say: the file is not flushed, only released (it is thrown away)
+            with contextlib.suppress(Exception):
+                self.writer.close()
 
 
 class LazyJsonl:
@@ -261,9 +272,9 @@ def read_file(folder: Path, order: int, source: SourceSpec, path: str, spec: Cur
     (ID_SCHEMA) and .counts.json, written last."""
     name = folder / f"{order:05d}"
     counts: Counter[str] = Counter()
-    ids = RowGroupWriter(name.with_suffix(".ids.parquet"), ID_SCHEMA)
-    docs = RowGroupWriter(name.with_suffix(".parquet"), DOCS_SCHEMA)
     with (
+        RowGroupWriter(name.with_suffix(".ids.parquet"), ID_SCHEMA) as ids,
+        RowGroupWriter(name.with_suffix(".parquet"), DOCS_SCHEMA) as docs,
         open(name.with_suffix(".docs"), "w", encoding="utf-8") as texts,
         open(name.with_suffix(".quarantine.jsonl"), "w", encoding="utf-8") as quarantined,
     ):
@@ -279,8 +290,6 @@ def read_file(folder: Path, order: int, source: SourceSpec, path: str, spec: Cur
                 continue
             texts.write(document_row_tail(source.name, record.doc_id, record.text))
             docs.add(record.line, text_hash(record.text), f"{source.name}:{record.doc_id}", len(record.text))
-    ids.close()
-    docs.close()
     name.with_suffix(".counts.json").write_text(json.dumps(counts))
 
 

@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from refit.stages.lib.markers import file_sha256
+from refit.stages.lib.markers import file_sha256, replaced_atomically
 
 
 def memoized_sha256(path: Path, memo_dir: Path) -> str:
@@ -29,10 +29,12 @@ def memoized_sha256(path: Path, memo_dir: Path) -> str:
     except (OSError, ValueError, KeyError):
         pass  # no memo yet, or an unreadable one: hash the file
     digest = file_sha256(path)
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_name(f"{memo.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({**version, "sha256": digest}))
-    os.replace(tmp, memo)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        with replaced_atomically(memo, tmp_suffix=f".{os.getpid()}.tmp") as handle:  # runs share the folder
+            handle.write(json.dumps({**version, "sha256": digest}))
+    except OSError:  # a full disk: without the memo the file is only read again next time
+        pass
     return digest
 
 

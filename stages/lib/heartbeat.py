@@ -73,8 +73,11 @@ class Heartbeat:
             "beat": self._count,
             "finished": finished,
         }
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, path)
+        except OSError:  # a full disk: a missed beat matters only after the timeout; training itself says why
+            tmp.unlink(missing_ok=True)
 
     def _reason(self, rank: int, record: dict | None) -> str:
         where = f" (pid {record['pid']} on {record['host']}, last at step {record['step']})" if record else ""

@@ -134,8 +134,11 @@ def workdir_lock(workdir: Path, what: str, wait: bool = False, poll: float = 1.0
     try:
         _acquire(fd, workdir, wait, poll)
         record = {"what": what, "pids": [os.getpid()], "host": socket.gethostname(), "started": time.time()}
+        try:
+            _write(fd, json.dumps(record))
+        except OSError as error:  # a full disk, most likely: say which file
+            raise OSError(error.errno, error.strerror, str(workdir / LOCK_FILE)) from error
         _held[fd] = record
-        _write(fd, json.dumps(record))
         try:
             yield
         finally:

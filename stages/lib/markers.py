@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 MARKER = "_SUCCESS.json"
 PROJECT = "refit"  # the import namespace whose modules make up a stage's code version
@@ -170,22 +170,35 @@ def check_sha256(path: Path, expected: str, stage: str) -> None:
         )
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Replace path with text so that a crash, even of the machine, leaves the old file or the
-    new one, never a torn or empty one: write a temporary file and fsync it, rename it over
-    path, then fsync the folder so the rename itself is on disk."""
+@contextmanager
+def replaced_atomically(path: Path, mode: str = "w", tmp_suffix: str = ".tmp") -> Iterator[IO]:
+    """A handle whose content replaces path when the block ends without error, so that a crash,
+    even of the machine, leaves the old file or the new one, never a torn or empty one: it is
+    written to a temporary file beside path (removed if the block fails, a full disk say), that
+    is fsynced and renamed over path, then the folder is fsynced so the rename is on disk too.
+    tmp_suffix: unique per writer where several may write the same path at once."""
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    tmp = path.with_name(path.name + tmp_suffix)
+    try:
+        with open(tmp, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     folder = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(folder)
     finally:
         os.close(folder)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Replace path with text atomically (see `replaced_atomically`)."""
+    with replaced_atomically(path) as handle:
+        handle.write(text)
 
 
 def write_json_atomic(path: Path, payload: Any) -> None:

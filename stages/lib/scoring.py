@@ -49,6 +49,7 @@ import numpy as np
 from refit.stages.lib import lifeline
 from refit.stages.lib.file_hashes import directory_sha256
 from refit.stages.lib.lock import held_locks, record_lock_holder
+from refit.stages.lib.markers import replaced_atomically
 from refit.stages.lib.progress import Progress
 
 log = logging.getLogger(__name__)
@@ -374,10 +375,8 @@ class ScoreCache:
     def put(self, task: ScoringTask, scores: Scores) -> None:
         path = self.path(task)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as handle:
+        with replaced_atomically(path, "wb", f".{os.getpid()}.tmp") as handle:  # other runs may write it too
             np.savez(handle, **scores)
-        os.replace(tmp, path)
 
     def prune(self, max_age_days: float) -> int:
         """Remove every model's scores neither read nor written for max_age_days, so the folder

@@ -34,6 +34,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict
 from torch.distributed.tensor import DTensor
 
 from refit.stages.lib.config import Recipe, dump_recipe
+from refit.stages.lib.disk import full_disk_cause, full_disk_line
 from refit.stages.lib.heartbeat import Heartbeat
 from refit.stages.lib.lifeline import die_with_launcher
 from refit.stages.lib.markers import (
@@ -557,5 +558,12 @@ if __name__ == "__main__":
         train(Path(sys.argv[1]))
     except Exception as error:
         job_dir = Path(sys.argv[1])
-        record_failure(job_dir / json.loads((job_dir / "job.json").read_text())["failure"], error)
-        raise
+        full = full_disk_cause(error)
+        try:
+            record_failure(job_dir / json.loads((job_dir / "job.json").read_text())["failure"], full or error)
+        except OSError:  # the disk is full: the line below is what run_train reads instead
+            pass
+        if full is None:
+            raise
+        print(f"train: {full_disk_line(str(full))}", file=sys.stderr, flush=True)  # a traceback says no more
+        sys.exit(1)
