@@ -13,6 +13,7 @@ import sqlite3
 import zlib
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,7 +30,7 @@ from refit.stages.curate import (
 )
 from refit.stages.lib import file_hashes
 from refit.stages.lib.config import load_recipe
-from refit.stages.lib.disk import full_disk_cause
+from refit.stages.lib.disk import full_disk_cause, full_disk_line
 from refit.stages.lib.text import word_ngrams
 
 
@@ -447,7 +448,14 @@ def small_disk(tmp_path):
         yield mount
 
 
-def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tmp_path, small_disk, capsys):
+# seen here: the disk fills in datatrove's task log (3 MiB), the read records (4) and the MinHash step (10)
+@pytest.mark.parametrize("megabytes", [3, 4, 10])
+def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tmp_path, megabytes, capsys):
+    with small_filesystem(tmp_path / "small-disk", megabytes << 20) as small_disk:
+        _curate_onto_a_full_disk(tmp_path, small_disk, capsys)
+
+
+def _curate_onto_a_full_disk(tmp_path, small_disk, capsys):
     write_jsonl(tmp_path / "data" / "day1.jsonl", [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:10])])
     recipe_path = make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}])
     workdir = small_disk / "wd"
@@ -468,7 +476,7 @@ def test_disk_full_is_one_line_naming_the_stage_and_keeps_the_previous_output(tm
     assert after == before and not (workdir / "curate.tmp").exists()
 
 
-def test_a_full_disk_is_recognised_as_sqlite_and_arrow_report_it(small_disk):
+def test_a_full_disk_is_recognised_as_sqlite_arrow_and_duckdb_report_it(small_disk):
     (small_disk / "filler").write_bytes(b"\0" * (3 * 2**20 - 64 * 2**10))  # 64 KiB left
     with pytest.raises(OSError) as arrow:
         pq.write_table(pa.table({"text": [random.randbytes(1000).hex() for _ in range(100)]}), small_disk / "x.parquet")
@@ -477,7 +485,12 @@ def test_a_full_disk_is_recognised_as_sqlite_and_arrow_report_it(small_disk):
     with pytest.raises(sqlite3.OperationalError) as sqlite, db:
         db.executemany("INSERT INTO texts VALUES (?)", [(random.randbytes(100).hex(),) for _ in range(1000)])
     db.close()
-    assert full_disk_cause(arrow.value) and full_disk_cause(sqlite.value)
+    with pytest.raises(duckdb.Error) as duck:  # as curate's exact dedupe writes its tables
+        with duckdb.connect(str(small_disk / "dedupe.duckdb")) as connection:
+            connection.execute("CREATE TABLE texts AS SELECT md5(i::VARCHAR) AS hash FROM range(1000000) t(i)")
+            connection.execute("CHECKPOINT")
+    assert full_disk_cause(arrow.value) and full_disk_cause(sqlite.value) and full_disk_cause(duck.value)
+    assert full_disk_line(str(duck.value)), duck.value  # the line that says so, out of DuckDB's several
     assert not full_disk_cause(OSError(errno.EACCES, "Permission denied"))
     assert not full_disk_cause(sqlite3.OperationalError("x"))
 

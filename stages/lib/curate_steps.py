@@ -71,7 +71,8 @@ class RowGroupWriter:
     def __init__(self, path: Path, schema: pa.Schema, rows_per_group: int = 65536) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.schema, self.rows_per_group = schema, rows_per_group
-        self.writer = pq.ParquetWriter(path, schema)
+        self.sink = open(path, "wb")  # ours to release even when the writer cannot close (a full disk)
+        self.writer = pq.ParquetWriter(self.sink, schema)
         self.columns: list[list] = [[] for _ in schema]
         self.rows = self.chars = self.buffered_chars = 0
 
@@ -91,8 +92,11 @@ class RowGroupWriter:
             self.columns, self.buffered_chars = [[] for _ in self.schema], 0
 
     def close(self) -> None:
-        self._flush()
-        self.writer.close()
+        try:
+            self._flush()
+            self.writer.close()
+        finally:  # released even when the last group cannot be written (a full disk)
+            self.sink.close()
 
     def __enter__(self) -> RowGroupWriter:
         return self
@@ -100,9 +104,11 @@ class RowGroupWriter:
     def __exit__(self, error_type, error, traceback) -> None:
         if error_type is None:
             self.close()
-        else:  # a full disk, say: the file is not flushed, only released (it is thrown away)
+        else:  # the file is thrown away: only released
             with contextlib.suppress(Exception):
                 self.writer.close()
+            with contextlib.suppress(OSError):
+                self.sink.close()
 
 
 class LazyJsonl:
