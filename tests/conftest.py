@@ -594,3 +594,15 @@ def small_filesystem(folder: Path, size: int):
         if busy:  # a file left open there: detach the mount anyway, then say so
             subprocess.run(["umount", "--lazy", str(folder)], check=True)
     assert not busy, "a file on the small disk was left open"
+
+
+def rewrite_output(folder: Path, name: str, text: str) -> None:
+    """Replace a finished stage's output file as if the stage had written it so (its done
+    marker records the new sha256 and size): a hand edit is otherwise a damaged output."""
+    from refit.stages.lib.markers import MARKER, file_sha256
+
+    (folder / name).write_text(text)
+    marker = json.loads((folder / MARKER).read_text())
+    marker["outputs"][name] = file_sha256(folder / name)
+    marker["sizes"][name] = (folder / name).stat().st_size
+    (folder / MARKER).write_text(json.dumps(marker))

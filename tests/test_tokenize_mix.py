@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import NEW, arrow_peaks, write_jsonl
+from conftest import NEW, arrow_peaks, rewrite_output, write_jsonl
 from transformers import AutoTokenizer
 
 from refit.flows.cli import main as refit
@@ -92,7 +92,9 @@ def test_manifest_warns_about_repeats_and_empty_sources(curated, tmp_path):
     greedy = recipe.model_copy(update={"schedule": recipe.schedule.model_copy(update={"total_tokens": 3_000_000})})
     warnings = run_mix(greedy, workdir)["warnings"]
     assert any("source old is drawn" in w and "mixture.max_epochs 4" in w for w in warnings)
-    (workdir / "tokenize" / "new" / "index.json").write_text(
+    rewrite_output(
+        workdir / "tokenize",
+        "new/index.json",
         json.dumps(
             {
                 **json.loads((workdir / "tokenize" / "new" / "index.json").read_text()),
@@ -100,7 +102,7 @@ def test_manifest_warns_about_repeats_and_empty_sources(curated, tmp_path):
                 "tokens": 0,
                 "shards": [],
             }
-        )
+        ),
     )
     assert any("source new has weight but no tokens" in w for w in run_mix(recipe, workdir, force=True)["warnings"])
 

@@ -24,6 +24,7 @@ from conftest import (
     kill_at_step,
     metrics,
     prepare,
+    rewrite_output,
     training_processes,
     validation_losses,
     wait_exited,
@@ -176,7 +177,7 @@ def test_a_manifest_that_disagrees_with_the_lr_trigger_stops_training(tmp_path, 
     manifest["phases"][0]["steps"] += 2
     manifest["phases"][1]["start_step"] += 2
     manifest["phases"][1]["steps"] -= 2
-    manifest_file.write_text(json.dumps(manifest))
+    rewrite_output(workdir / "mix", "manifest.json", json.dumps(manifest))
     with pytest.raises(TrainingError, match=rf"fired at step {planned}, but the manifest planned step {planned + 2}"):
         run_train(load_recipe(path), workdir)
     assert not (workdir / "train").exists()
