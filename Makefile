@@ -8,7 +8,7 @@ LINTED  := stages flows tests benchmarks datasets
 
 LOCKED  := --extra dev --strip-extras --no-emit-index-url --no-emit-find-links --no-emit-trusted-host
 
-.PHONY: demo test lint install lock browser clean-runs
+.PHONY: demo test test-fast lint docs install lock browser clean-runs
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,15 @@ lock: $(STAMP)
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/refit demo
 
+# style, then the layers: import-linter's contracts in pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check $(LINTED)
 	$(BIN)/ruff format --check --quiet $(LINTED)
+	$(BIN)/lint-imports
+
+# the recipe reference, from the field docstrings (tests/test_docs.py fails when it is stale)
+docs: $(STAMP)
+	$(BIN)/python -m refit.flows.recipe_reference > docs/recipe.md
 
 # headless Chromium for the browser test (tests/test_ui.py), which is skipped where it cannot be installed
 browser:
@@ -38,6 +44,10 @@ browser:
 
 test: lint browser
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+
+# the tests that start no training and no server
+test-fast: lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
 
 clean-runs:
 	rm -rf runs

@@ -34,8 +34,8 @@ from datatrove.pipeline.dedup.minhash import (  # noqa: E402
 from datatrove.pipeline.readers import JsonlReader  # noqa: E402
 from datatrove.pipeline.writers import JsonlWriter  # noqa: E402
 
-from refit.stages.curate import run_curate, source_files  # noqa: E402
-from refit.stages.lib.config import load_recipe  # noqa: E402
+from refit.stages.core.config import load_recipe  # noqa: E402
+from refit.stages.curate.stage import run_curate, source_files  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 

@@ -39,11 +39,11 @@ FILE_MB = 1.0
 MEASURE = """
 import json, resource, sys, time
 from pathlib import Path
-from refit.stages.lib.config import load_recipe
+from refit.stages.core.config import load_recipe
 stage, recipe, workdir = sys.argv[1], load_recipe(Path(sys.argv[2])), Path(sys.argv[3])
 started = time.time()
 if stage == "curate":
-    from refit.stages.curate import run_curate
+    from refit.stages.curate.stage import run_curate
     report = run_curate(recipe, workdir)
     result = {"kept": sum(s["train_docs"] + s["validation_docs"] for s in report["sources"].values()),
               "removed": sum(sum(s["removed"].values()) for s in report["sources"].values())}
@@ -54,7 +54,7 @@ elif stage == "stock":
     bare_datatrove(files, workdir, recipe.curate.workers, recipe.curate.minhash)
     result = {}
 else:
-    from refit.stages.tokenize import run_tokenize
+    from refit.stages.tokenize.stage import run_tokenize
     report = run_tokenize(recipe, workdir)
     result = {"tokens": sum(s["tokens"] for s in report["sources"].values())}
 print(json.dumps(result | {
@@ -146,7 +146,7 @@ def main() -> None:
     parser.add_argument("--skip-memory", action="store_true")
     parser.add_argument("--skip-tokenize", action="store_true", help="measure curate's memory only")
     args = parser.parse_args()
-    from refit.stages.lib.demo_base import train_tokenizer
+    from refit.flows.demo_base import train_tokenizer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -8,12 +8,12 @@ choice, acc and acc_norm) with the same model, on the same items, on the same de
 the same dtype (as the evaluate stage resolves `evaluate.device`: auto is CUDA when present,
 bf16 there, fp32 on the CPU), with the same batch size:
   lm-eval  `lm_eval.simple_evaluate` with model "hf" on the checkpoint directory and the
-           task definitions Refit's lm-eval backend writes (stages/lib/lm_eval_backend.py)
-  refit    `refit.stages.lib.scoring.Scorer` on the same directory, `choice_loglikelihoods`
+           task definitions Refit's lm-eval backend writes (stages/evaluate/lm_eval_backend.py)
+  refit    `refit.stages.evaluate.scorer.Scorer` on the same directory, `choice_loglikelihoods`
            then `evaluate.choice_metrics` per file
 Each timed run starts from the checkpoint on disk (model loading, tokenization and
 bookkeeping included on both sides). The model is a randomly initialised Llama the size of
-the demo base model (stages/lib/demo_base.py), or with --shape 1b of about 1.2B parameters
+the demo base model (flows/demo_base.py), or with --shape 1b of about 1.2B parameters
 (24 layers, d_model 2048; for a GPU), with a tokenizer trained here on the demo corpora:
 throughput does not depend on training. One untimed warm-up of each side, then the sides
 alternate (lm-eval, refit, lm-eval, refit, ...) since this machine's speed drifts.
@@ -45,12 +45,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from refit.stages.evaluate import choice_metrics  # noqa: E402
-from refit.stages.lib.config import BenchmarkSpec, EvaluateSpec  # noqa: E402
-from refit.stages.lib.demo_base import DemoBaseSpec, read_texts, train_tokenizer  # noqa: E402
-from refit.stages.lib.lm_eval_backend import task_name, write_tasks  # noqa: E402
-from refit.stages.lib.scoring import Scorer, ScoringSettings, context_length  # noqa: E402
-from refit.stages.lib.text import read_jsonl  # noqa: E402
+from refit.flows.demo_base import DemoBaseSpec, read_texts, train_tokenizer  # noqa: E402
+from refit.stages.core.config import BenchmarkSpec, EvaluateSpec  # noqa: E402
+from refit.stages.core.text import read_jsonl  # noqa: E402
+from refit.stages.evaluate.lm_eval_backend import task_name, write_tasks  # noqa: E402
+from refit.stages.evaluate.scorer import Scorer, ScoringSettings, context_length  # noqa: E402
+from refit.stages.evaluate.stage import choice_metrics  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = sorted((REPO / "datasets" / "benchmarks").glob("*.jsonl"))

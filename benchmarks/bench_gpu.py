@@ -48,16 +48,16 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from bench_evaluate import run_lm_eval, run_refit  # noqa: E402
 
-from refit.stages.curate import run_curate  # noqa: E402
-from refit.stages.lib.config import BenchmarkSpec, EvaluateSpec, load_recipe  # noqa: E402
-from refit.stages.lib.demo_base import read_texts, train_tokenizer  # noqa: E402
-from refit.stages.lib.lm_eval_backend import write_tasks  # noqa: E402
-from refit.stages.lib.sampler import Sampler  # noqa: E402
-from refit.stages.lib.scoring import ScoringSettings  # noqa: E402
-from refit.stages.lib.text import read_jsonl  # noqa: E402
-from refit.stages.mix import run_mix  # noqa: E402
-from refit.stages.tokenize import run_tokenize  # noqa: E402
-from refit.stages.train import run_train  # noqa: E402
+from refit.flows.demo_base import read_texts, train_tokenizer  # noqa: E402
+from refit.stages.core.config import BenchmarkSpec, EvaluateSpec, load_recipe  # noqa: E402
+from refit.stages.core.text import read_jsonl  # noqa: E402
+from refit.stages.curate.stage import run_curate  # noqa: E402
+from refit.stages.evaluate.lm_eval_backend import write_tasks  # noqa: E402
+from refit.stages.evaluate.scorer import ScoringSettings  # noqa: E402
+from refit.stages.mix.stage import run_mix  # noqa: E402
+from refit.stages.tokenize.stage import run_tokenize  # noqa: E402
+from refit.stages.train.sampler import Sampler  # noqa: E402
+from refit.stages.train.stage import run_train  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 H200_BF16_PEAK = 989e12

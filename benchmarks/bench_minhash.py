@@ -5,10 +5,10 @@
 Input: documents of the demo corpora (datasets/*.jsonl.gz) with at least 80 words that share
 few word 5-grams with each other. Each round plants, for --per-level originals at each
 target similarity 0.50, 0.55, ..., 0.95, a copy edited by seeded word replacements, deletions
-and insertions until the word 5-gram Jaccard of copy and original (refit.stages.lib.text's
+and insertions until the word 5-gram Jaccard of copy and original (refit.stages.core.text's
 words) is as close to the target as it gets; the documents left over are unrelated ones.
 
-Quality: curate's near-dedupe (refit.stages.lib.near_dedup: the signature step, then
+Quality: curate's near-dedupe (refit.stages.curate.near_dedup: the signature step, then
 datatrove's buckets and clusters) with the recipe's MinHash settings (curate.minhash
 defaults), once with each signature step, over the same documents. Predicted pairs: two
 documents in one cluster. True pairs: planted pairs whose Jaccard is at least the LSH
@@ -43,10 +43,10 @@ import numpy as np  # noqa: E402
 from datatrove.data import Document  # noqa: E402
 from datatrove.pipeline.dedup.minhash import MinhashConfig, MinhashDedupSignature  # noqa: E402
 
-from refit.stages.lib.config import CurateSpec, MinHashSpec  # noqa: E402
-from refit.stages.lib.minhash import FastMinhashSignature  # noqa: E402
-from refit.stages.lib.near_dedup import near_dedup  # noqa: E402
-from refit.stages.lib.text import word_ngrams  # noqa: E402
+from refit.stages.core.config import CurateSpec, MinHashSpec  # noqa: E402
+from refit.stages.core.text import word_ngrams  # noqa: E402
+from refit.stages.curate.minhash import FastMinhashSignature  # noqa: E402
+from refit.stages.curate.near_dedup import near_dedup  # noqa: E402
 
 DATASETS = Path(__file__).resolve().parent.parent / "datasets"
 LEVELS = [round(0.5 + 0.05 * i, 2) for i in range(10)]

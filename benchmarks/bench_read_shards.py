@@ -5,7 +5,7 @@
 Writes one shard with the tokenize stage's writer, warms the page cache, then reads every
 row in batches (summing each batch, so every byte is touched) two ways in the same run:
   baseline  numpy.memmap over the raw bytes of the same data (no Arrow at all)
-  refit     refit.stages.lib.shards.read_shard (pyarrow.memory_map, zero-copy view)
+  refit     refit.stages.core.shards.read_shard (pyarrow.memory_map, zero-copy view)
 Prints tokens/s of each, their ratio, and resident-memory growth against bytes touched.
 Target (issue 3): >= 50M tokens/s, zero-copy, memory growth not above the bytes touched.
 """
@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from refit.stages.lib.shards import read_shard, write_rows  # noqa: E402
+from refit.stages.core.shards import read_shard, write_rows  # noqa: E402
 
 
 def rss_bytes() -> int:

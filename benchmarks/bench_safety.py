@@ -32,10 +32,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from refit.stages import train  # noqa: E402
-from refit.stages.evaluate import evaluate_models  # noqa: E402
-from refit.stages.lib import safety  # noqa: E402
-from refit.stages.lib.config import SafetySpec, load_recipe  # noqa: E402
-from refit.stages.lib.scoring import Scorer  # noqa: E402
+from refit.stages.core.config import SafetySpec, load_recipe  # noqa: E402
+from refit.stages.evaluate import safety_probes as safety  # noqa: E402
+from refit.stages.evaluate.scorer import Scorer  # noqa: E402
+from refit.stages.evaluate.stage import evaluate_models  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 

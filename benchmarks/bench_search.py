@@ -27,10 +27,10 @@ os.environ.setdefault("LOGURU_LEVEL", "WARNING")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from refit.flows.pilot.variants import set_field  # noqa: E402
 from refit.flows.search import search  # noqa: E402
 from refit.flows.sweep import sweep  # noqa: E402
-from refit.stages.lib.config import dump_recipe, load_recipe  # noqa: E402
-from refit.stages.lib.sweep import set_field  # noqa: E402
+from refit.stages.core.config import dump_recipe, load_recipe  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPE = REPO / "deployments" / "demo.yaml"
@@ -72,7 +72,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--budget-fraction", type=float, default=0.25)
     parser.add_argument("--trials", type=int, default=6)
-    parser.add_argument("--grid", action="append", help="default: 3 switch thresholds x 2 LRs, as in the README")
+    parser.add_argument(
+        "--grid", action="append", help="default: 3 switch thresholds x 2 LRs, as in docs/sweep-and-search.md"
+    )
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench-search")
     args = parser.parse_args()
     grid = args.grid or ["mixture.phases.1.lr_below=0.5,0.2,0.1", "schedule.max_lr=3e-3,1e-3"]

@@ -5,7 +5,7 @@
 Input: the demo's curated documents (curated here first), repeated --copies times so the
 run is long enough to time. Baseline: the same fast tokenizer's batch encoding of the same
 texts in one process, with its own Rust thread pool (TOKENIZERS_PARALLELISM on), output
-discarded. Refit: refit.stages.tokenize.run_tokenize with --workers processes, including packing
+discarded. Refit: refit.stages.tokenize.stage.run_tokenize with --workers processes, including packing
 and writing the Arrow shards. Prints tokens/s and the ratio (target: Refit >= 0.8x).
 """
 
@@ -23,9 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import pyarrow.parquet as pq  # noqa: E402
 
-from refit.stages.curate import curated_files, run_curate  # noqa: E402
-from refit.stages.lib.config import load_recipe  # noqa: E402
-from refit.stages.tokenize import load_tokenizer, run_tokenize, tokenizer_dir  # noqa: E402
+from refit.stages.core.config import load_recipe  # noqa: E402
+from refit.stages.curate.stage import curated_files, run_curate  # noqa: E402
+from refit.stages.tokenize.stage import load_tokenizer, run_tokenize, tokenizer_dir  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 

@@ -33,10 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from refit.stages.lib.config import load_recipe  # noqa: E402
-from refit.stages.lib.sampler import Sampler  # noqa: E402
-from refit.stages.mix import run_mix  # noqa: E402
-from refit.stages.train import run_train  # noqa: E402
+from refit.stages.core.config import load_recipe  # noqa: E402
+from refit.stages.mix.stage import run_mix  # noqa: E402
+from refit.stages.train.sampler import Sampler  # noqa: E402
+from refit.stages.train.stage import run_train  # noqa: E402
 
 RECIPE = Path(__file__).resolve().parent.parent / "deployments" / "demo.yaml"
 WARMUP = 3

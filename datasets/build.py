@@ -27,7 +27,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from refit.stages.lib.text import WORD, word_ngrams  # the definitions decontamination uses
+from refit.stages.core.text import WORD, word_ngrams  # the definitions decontamination uses
 
 HERE = Path(__file__).resolve().parent
 

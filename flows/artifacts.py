@@ -15,7 +15,8 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 
-from refit.stages import audit, mix
+from refit.stages.audit import stage as audit
+from refit.stages.mix import stage as mix
 
 
 def artifact_key(kind: str, name: str) -> str:

@@ -26,9 +26,10 @@ import sys
 from pathlib import Path
 
 from refit.flows.environment import drift_warning
-from refit.stages.audit import AuditFailed
-from refit.stages.curate import CurationError
-from refit.stages.lib.config import (
+from refit.flows.pilot.variants import SweepError
+from refit.flows.templates import TEMPLATES, render
+from refit.stages.audit.stage import AuditFailed
+from refit.stages.core.config import (
     Recipe,
     RecipeError,
     load_recipe,
@@ -36,15 +37,14 @@ from refit.stages.lib.config import (
     name_problem,
     parse_recipe,
 )
-from refit.stages.lib.disk import DiskFull, full_disk_cause, full_disk_line
-from refit.stages.lib.lock import WorkdirBusy, check_workdir_free, workdir_lock
-from refit.stages.lib.markers import StageNotReady, write_text_atomic
-from refit.stages.lib.remote_code import RemoteCodeRefused
-from refit.stages.lib.sweep import SweepError
-from refit.stages.lib.templates import TEMPLATES, render
-from refit.stages.publish import PublishRefused
-from refit.stages.registry import NAMES, STAGES
-from refit.stages.train import TrainingError
+from refit.stages.core.disk import DiskFull, full_disk_cause, full_disk_line
+from refit.stages.core.lock import WorkdirBusy, check_workdir_free, workdir_lock
+from refit.stages.core.markers import StageNotReady, write_text_atomic
+from refit.stages.core.remote_code import RemoteCodeRefused
+from refit.stages.curate.stage import CurationError
+from refit.stages.pipeline import NAMES, STAGES
+from refit.stages.publish.stage import PublishRefused
+from refit.stages.train.stage import TrainingError
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO_RECIPE = REPO / "deployments" / "demo.yaml"
@@ -53,8 +53,8 @@ DEMO_LEGACY_CORPUS = REPO / "datasets" / "legacy_python_docs.jsonl.gz"
 
 def describe(recipe: Recipe) -> str:
     """A short human summary of what a valid recipe will run."""
-    from refit.stages.lib.schedule import schedule_for, tokens_per_step
-    from refit.stages.mix import phase_plan
+    from refit.stages.core.schedule import schedule_for, tokens_per_step
+    from refit.stages.mix.stage import phase_plan
 
     schedule = schedule_for(recipe)
     lines = [
@@ -132,7 +132,7 @@ def cmd_stage(args: argparse.Namespace) -> int:
 
 
 def run_plan(recipe: Recipe, workdir: Path) -> str:
-    from refit.stages.mix import format_plan
+    from refit.stages.mix.stage import format_plan
 
     manifest = None
     for stage in ("curate", "tokenize", "mix"):  # each is skipped when its output is up to date
@@ -199,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from refit.flows.report import format_audit
-    from refit.stages.audit import has_report
+    from refit.stages.audit.stage import has_report
 
     if not has_report(args.workdir):
         print(
@@ -212,15 +212,15 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
+    from refit.flows.pilot.variants import check_grid
     from refit.flows.temporary_server import start_temporary_server
     from refit.flows.ui import flow_run_url, recording_into
-    from refit.stages.lib.sweep import check_grid
 
     recipe = load_recipe(args.recipe)
     if args.search:  # a bad command line exits 2 before any server starts or stage runs
         if args.grid or not args.trials:
             raise SweepError("--search tpe takes --trials N (at least 1) and no --grid")
-        from refit.stages.lib.search import space
+        from refit.flows.pilot.study import space
 
         space(recipe)
     else:
@@ -274,7 +274,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from refit.stages.lib.demo_base import build_demo_base
+    from refit.flows.demo_base import build_demo_base
 
     recipe = load_recipe(DEMO_RECIPE, check_files=False)
     base = Path(recipe.base_model.path)
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(name).addFilter(VERDICT_FILTER)
     # a temporary server's first start creates its database: more than Prefect's 20 s on a busy machine
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    # progress is logged as lines (stages/lib/progress.py), also into the Prefect UI's run logs;
+    # progress is logged as lines (stages/core/progress.py), also into the Prefect UI's run logs;
     # no tqdm bar per checkpoint saved or model loaded, here and in the processes started from here
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "refit")

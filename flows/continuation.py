@@ -16,10 +16,11 @@ import json
 import logging
 from pathlib import Path
 
-from refit.stages import curate, train
-from refit.stages.lib.config import Recipe
-from refit.stages.lib.contract import StageOptions
-from refit.stages.publish import Registry, local_checkpoint, published_records, read_published
+from refit.stages.core.config import Recipe
+from refit.stages.core.contract import StageOptions
+from refit.stages.curate import stage as curate
+from refit.stages.publish.stage import Registry, local_checkpoint, published_records, read_published
+from refit.stages.train import stage as train
 
 log = logging.getLogger(__name__)
 

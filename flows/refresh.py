@@ -6,8 +6,8 @@ persisted in `<workdir>/.prefect-results/`, so an unchanged rerun is all cache h
 cache is never trusted over the disk: a stage whose output does not match its fingerprint
 (deleted, or made by hand) runs, and the stage itself then decides from its done marker
 whether there is work to do. `force` reruns the named stages and every stage that reads
-their output. One run at a time per workdir (stages/lib/lock.py). Stages come from
-`refit.stages.registry`.
+their output. One run at a time per workdir (stages/core/lock.py). Stages come from
+`refit.stages.pipeline`.
 """
 
 from __future__ import annotations
@@ -25,10 +25,10 @@ from prefect.runtime import flow_run
 
 from refit.flows.artifacts import TrainingProgress, audit_artifacts, published_artifact
 from refit.flows.continuation import continue_from, stage_options
-from refit.stages.audit import AuditFailed
-from refit.stages.lib.config import Recipe, load_recipe
-from refit.stages.lib.lock import workdir_lock
-from refit.stages.registry import NAMES, STAGES, StageOptions, downstream
+from refit.stages.audit.stage import AuditFailed
+from refit.stages.core.config import Recipe, load_recipe
+from refit.stages.core.lock import workdir_lock
+from refit.stages.pipeline import NAMES, STAGES, StageOptions, downstream
 
 RESULTS_DIR = ".prefect-results"
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from refit.stages import audit, evaluate, publish
-from refit.stages.lib.markers import read_marker
+from refit.stages.audit import stage as audit
+from refit.stages.core.markers import read_marker
+from refit.stages.evaluate import stage as evaluate
+from refit.stages.publish import stage as publish
 
 
 def _pm(value: float, error: float | None) -> str:

@@ -1,4 +1,4 @@
-"""`refit sweep --search tpe --trials N`: a Bayesian pilot search as a Prefect flow (stages/lib/search.py).
+"""`refit sweep --search tpe --trials N`: a Bayesian pilot search as a Prefect flow (flows/pilot/study.py).
 
 The shared data stages and the grid's two baselines run as in `refit sweep`; then each
 trial is a variant of the recipe, proposed by Optuna's TPE sampler, mixed, trained and
@@ -19,11 +19,7 @@ from prefect.runtime import flow_run
 
 from refit.flows.artifacts import TrainingProgress, artifact_key
 from refit.flows.continuation import continue_from
-from refit.flows.refresh import prepare_run, run_name, run_stage
-from refit.flows.sweep import _run_variant, sweep_artifacts
-from refit.stages.lib.config import Recipe, RecipeError
-from refit.stages.lib.lock import workdir_lock
-from refit.stages.lib.search import (
+from refit.flows.pilot.study import (
     ROW,
     CheckpointPruning,
     open_study,
@@ -34,7 +30,7 @@ from refit.stages.lib.search import (
     trials_done,
     write_search_outputs,
 )
-from refit.stages.lib.sweep import (
+from refit.flows.pilot.variants import (
     SHARED_STAGES,
     SWEEP_DIR,
     choose_winner,
@@ -43,9 +39,13 @@ from refit.stages.lib.sweep import (
     prepare_variant,
     result_row,
 )
-from refit.stages.lib.sweep import write_results as write_sweep_results
-from refit.stages.registry import STAGES, StageOptions
-from refit.stages.train import StopTraining
+from refit.flows.pilot.variants import write_results as write_sweep_results
+from refit.flows.refresh import prepare_run, run_name, run_stage
+from refit.flows.sweep import _run_variant, sweep_artifacts
+from refit.stages.core.config import Recipe, RecipeError
+from refit.stages.core.lock import workdir_lock
+from refit.stages.pipeline import STAGES, StageOptions
+from refit.stages.train.stage import StopTraining
 
 
 @task(task_run_name="train", cache_policy=NONE)

@@ -9,7 +9,7 @@ from prefect import serve
 from prefect.schedules import Cron
 
 from refit.flows.refresh import STAGE_FLOWS, refresh
-from refit.stages.lib.config import load_recipe
+from refit.stages.core.config import load_recipe
 
 NIGHTLY = "0 2 * * *"
 

@@ -19,11 +19,7 @@ from prefect.runtime import flow_run
 
 from refit.flows.artifacts import artifact_key, inline_images
 from refit.flows.continuation import continue_from
-from refit.flows.refresh import prepare_run, run_name, run_stage
-from refit.stages.lib.config import Recipe, RecipeError, load_recipe
-from refit.stages.lib.lock import workdir_lock
-from refit.stages.lib.progress import Progress
-from refit.stages.lib.sweep import (
+from refit.flows.pilot.variants import (
     SHARED_STAGES,
     SWEEP_DIR,
     SweepError,
@@ -37,6 +33,10 @@ from refit.stages.lib.sweep import (
     result_row,
     write_results,
 )
+from refit.flows.refresh import prepare_run, run_name, run_stage
+from refit.stages.core.config import Recipe, RecipeError, load_recipe
+from refit.stages.core.lock import workdir_lock
+from refit.stages.core.progress import Progress
 
 VARIANT_STAGES = ("mix", "train", "evaluate")
 

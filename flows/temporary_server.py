@@ -3,7 +3,7 @@ PREFECT_API_URL names none, made to die with the refit process.
 
 Prefect starts it as a uvicorn child process and stops it at exit (atexit), which a SIGKILL
 skips: the server would stay behind, holding its port. Here it runs under the lifeline
-(stages/lib/lifeline.py), so the kernel kills it when refit exits in any way, and only then. It is started
+(stages/core/lifeline.py), so the kernel kills it when refit exits in any way, and only then. It is started
 from the main thread (the parent-death signal follows the thread that started the process)
 before the flow, and registered as Prefect's default temporary server, which Prefect's
 clients then find running.
@@ -19,7 +19,7 @@ import prefect
 from prefect.server.api.server import SubprocessASGIServer
 from prefect.settings import PREFECT_API_URL, get_current_settings
 
-from refit.stages.lib import lifeline
+from refit.stages.core import lifeline
 
 
 class _ServerDyingWithRefit(SubprocessASGIServer):

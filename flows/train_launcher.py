@@ -19,9 +19,9 @@ import sys
 from pathlib import Path
 
 from refit.flows.continuation import continue_from
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.lock import workdir_lock
-from refit.stages.train import resolve_machines, run_train
+from refit.stages.core.config import load_recipe
+from refit.stages.core.lock import workdir_lock
+from refit.stages.train.stage import resolve_machines, run_train
 
 log = logging.getLogger(__name__)
 

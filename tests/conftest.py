@@ -25,7 +25,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import yaml  # noqa: E402
 
-from refit.stages.lib.text import word_ngrams  # noqa: E402
+from refit.stages.core.text import word_ngrams  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 DATASETS = REPO / "datasets"
@@ -61,7 +61,7 @@ TEXT = (
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
     """A byte-level BPE tokenizer (vocab 300) trained here on a few sentences."""
-    from refit.stages.lib.demo_base import train_tokenizer
+    from refit.flows.demo_base import train_tokenizer
 
     out = tmp_path_factory.mktemp("tokenizer")
     train_tokenizer([TEXT], vocab_size=300, out_dir=out)
@@ -240,10 +240,10 @@ def prepare(
     """A two-source recipe (old: legacy, new: new; new_texts replace the new documents), data
     stages run; safety: the recipe's evaluate.safety section; held_out_docs: that many further
     documents of each source as its validation_paths (the training documents stay the same)."""
-    from refit.stages.curate import run_curate
-    from refit.stages.lib.config import load_recipe
-    from refit.stages.mix import run_mix
-    from refit.stages.tokenize import run_tokenize
+    from refit.stages.core.config import load_recipe
+    from refit.stages.curate.stage import run_curate
+    from refit.stages.mix.stage import run_mix
+    from refit.stages.tokenize.stage import run_tokenize
 
     write_jsonl(
         tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:20])]
@@ -303,8 +303,8 @@ def train_variant(path: Path, name: str, **train) -> Path:
 def trained(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
     """(recipe path, workdir) of a tiny run trained through the train stage, with 30% of the
     documents held out, ready for evaluate and audit."""
-    from refit.stages.lib.config import load_recipe
-    from refit.stages.train import run_train
+    from refit.stages.core.config import load_recipe
+    from refit.stages.train.stage import run_train
 
     path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
     run_train(load_recipe(path), workdir)
@@ -315,8 +315,8 @@ def trained(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
 def curated(tmp_path, tiny_tokenizer_dir):
     """(recipe, workdir, recipe path) of two curated sources of 30 documents each, nothing held
     out, ready for tokenize (shards of 40 rows, 2 workers) and mix."""
-    from refit.stages.curate import run_curate
-    from refit.stages.lib.config import load_recipe
+    from refit.stages.core.config import load_recipe
+    from refit.stages.curate.stage import run_curate
 
     write_jsonl(
         tmp_path / "data" / "old.jsonl", [{"id": f"o{i}", "text": d["text"]} for i, d in enumerate(LEGACY[:30])]
@@ -371,7 +371,7 @@ def workdir_processes(workdir: Path, program: str = "") -> list[int]:
 
 def training_processes(workdir: Path) -> list[int]:
     """PIDs of the live training processes (ranks) working in this workdir."""
-    return workdir_processes(workdir, "refit.stages.lib.train_loop")
+    return workdir_processes(workdir, "refit.stages.train.loop")
 
 
 def exited(pid: int) -> bool:
@@ -402,7 +402,7 @@ def free_port() -> int:
 
 
 HOLD_LOCK = (
-    "import sys, time; from refit.stages.lib.lock import workdir_lock\n"
+    "import sys, time; from refit.stages.core.lock import workdir_lock\n"
     "with workdir_lock(sys.argv[1], 'refit run demo'):\n    print('held', flush=True); time.sleep(600)"
 )
 
@@ -430,7 +430,7 @@ def held_out_loss(model, workdir: Path) -> float:
     """The mean token loss of the held-out rows the run scored, one row at a time, by model (a causal LM)."""
     import torch
 
-    from refit.stages.lib.shards import read_shard
+    from refit.stages.core.shards import read_shard
 
     rows = torch.from_numpy(read_shard(workdir / "train" / "validation.arrow").astype("int64"))
     model.eval()
@@ -503,7 +503,7 @@ def make_items(n: int = 36, seed: int = 0) -> list[dict]:
 
 def scoring_tasks() -> list:
     """A benchmark of 24 items and 9 documents of different lengths, as evaluate's scorer takes them."""
-    from refit.stages.lib.scoring import ScoringTask
+    from refit.stages.evaluate.scorer import ScoringTask
 
     texts = [TEXT[i * 97 : i * 97 + 50 + 40 * i] for i in range(9)]  # 9 documents of different lengths
     return [ScoringTask("bench", "choices", make_items(24)), ScoringTask("docs", "documents", texts, seq_len=16)]
@@ -516,9 +516,9 @@ import os
 import sys
 from pathlib import Path
 import pyarrow as pa
-from refit.stages import tokenize
-from refit.stages.audit import contamination_gate
-from refit.stages.lib.config import load_recipe
+from refit.stages.tokenize import stage as tokenize
+from refit.stages.audit.gates import contamination_gate
+from refit.stages.core.config import load_recipe
 reader, runs = sys.argv[1], sys.argv[2:]
 for recipe, workdir in zip(map(load_recipe, runs[::2]), map(Path, runs[1::2])):
     if reader == "tokenize":
@@ -599,7 +599,7 @@ def small_filesystem(folder: Path, size: int):
 def rewrite_output(folder: Path, name: str, text: str) -> None:
     """Replace a finished stage's output file as if the stage had written it so (its done
     marker records the new sha256 and size): a hand edit is otherwise a damaged output."""
-    from refit.stages.lib.markers import MARKER, file_sha256
+    from refit.stages.core.markers import MARKER, file_sha256
 
     (folder / name).write_text(text)
     marker = json.loads((folder / MARKER).read_text())

@@ -11,19 +11,11 @@ import torch
 from conftest import BASE_RECIPE, arrow_peaks, write_recipe
 from safetensors.torch import load_file, save_file
 
-from refit.stages.audit import (
-    AuditFailed,
-    accuracy_gates,
-    health_gate,
-    lineage,
-    lineage_gate,
-    loss_gates,
-    run_audit,
-    validation_warnings,
-)
-from refit.stages.evaluate import run_evaluate
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.scores import chosen_metric, judged_scores, paired_comparison
+from refit.stages.audit.gates import accuracy_gates, health_gate, lineage_gate, loss_gates, validation_warnings
+from refit.stages.audit.stage import AuditFailed, lineage, run_audit
+from refit.stages.core.config import load_recipe
+from refit.stages.core.scores import chosen_metric, judged_scores, paired_comparison
+from refit.stages.evaluate.stage import run_evaluate
 
 
 def side(base, candidate, delta_stderr, stderr=0.01):

@@ -15,7 +15,7 @@ from conftest import BASE_RECIPE, write_recipe
 from pydantic import ValidationError
 
 from refit.flows.cli import main as refit
-from refit.stages.lib.config import (
+from refit.stages.core.config import (
     MAX_NAME_LENGTH,
     PRETRAINING_RECORD,
     Recipe,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from refit.stages.lib.markers import (
+from refit.stages.core.markers import (
     MARKER,
     project_modules,
     read_marker,
@@ -20,7 +20,7 @@ from refit.stages.lib.markers import (
     staged_output,
     write_marker,
 )
-from refit.stages.registry import NAMES, PIPELINE, STAGES, StageOptions, depending_on, downstream
+from refit.stages.pipeline import NAMES, PIPELINE, STAGES, StageOptions, depending_on, downstream
 
 
 def test_registry_lists_the_seven_stages_in_an_order_that_respects_what_they_read():
@@ -59,7 +59,7 @@ def test_run_only_options_reach_the_run_and_never_the_fingerprint(tmp_path):
     and a stage cannot list it among the options that enter its fingerprint (nor the reverse)."""
     from dataclasses import fields
 
-    from refit.stages.lib.contract import INPUT_OPTIONS, RUN_ONLY_OPTIONS, Stage
+    from refit.stages.core.contract import INPUT_OPTIONS, RUN_ONLY_OPTIONS, Stage
 
     # every option but force says which kind it is, so none can slip into a fingerprint undeclared
     assert INPUT_OPTIONS | RUN_ONLY_OPTIONS == {f.name for f in fields(StageOptions)} - {"force"}
@@ -90,25 +90,25 @@ def test_run_only_options_reach_the_run_and_never_the_fingerprint(tmp_path):
 
 
 def test_code_version_covers_exactly_the_modules_a_stage_imports():
-    closure = {name: set(project_modules(f"refit.stages.{name}")) for name in NAMES}
-    report_module = "refit.stages.lib.audit_report"
+    closure = {name: set(project_modules(f"refit.stages.{name}.stage")) for name in NAMES}
+    report_module = "refit.stages.audit.report"
     assert [name for name in NAMES if report_module in closure[name]] == ["audit", "publish"]
-    assert "refit.stages.lib.train_loop" in closure["train"]  # started as `-m`: named in the launch command
-    assert "refit.stages.registry" not in set().union(*closure.values())
+    assert "refit.stages.train.loop" in closure["train"]  # started as `-m`: named in the launch command
+    assert "refit.stages.pipeline" not in set().union(*closure.values())
     assert all(not module.startswith("refit.flows") for module in set().union(*closure.values()))
-    assert "refit.stages.curate" in closure["tokenize"] and "refit.stages.tokenize" not in closure["curate"]
+    assert "refit.stages.curate.stage" in closure["tokenize"] and "refit.stages.tokenize.stage" not in closure["curate"]
 
 
 def test_rewording_a_comment_in_the_audit_report_module_changes_only_audit_and_publish(tmp_path):
     """On a copy of the project (so the real sources are never touched): the code version of
-    every stage before and after a comment in stages/lib/audit_report.py is reworded."""
+    every stage before and after a comment in stages/audit/report.py is reworded."""
     root = tmp_path / "refit"
     for folder in ("stages", "flows"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
     script = (
-        "import json, sys; import refit.stages as s; from refit.stages.lib.markers import code_version\n"
+        "import json, sys; import refit.stages as s; from refit.stages.core.markers import code_version\n"
         f"assert s.__file__.startswith({str(tmp_path)!r}), s.__file__\n"
-        f"print(json.dumps({{n: code_version('refit.stages.' + n) for n in {list(NAMES)!r}}}))"
+        f"print(json.dumps({{n: code_version('refit.stages.' + n + '.stage') for n in {list(NAMES)!r}}}))"
     )
 
     def versions() -> dict[str, str]:
@@ -119,7 +119,7 @@ def test_rewording_a_comment_in_the_audit_report_module_changes_only_audit_and_p
         return json.loads(done.stdout)
 
     before = versions()
-    report_module = root / "stages" / "lib" / "audit_report.py"
+    report_module = root / "stages" / "audit" / "report.py"
     report_module.write_text(report_module.read_text() + "\n# reworded: a comment, nothing else\n")
     after = versions()
     assert [name for name in NAMES if before[name] != after[name]] == ["audit", "publish"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import LENIENT, REPO, prepare
 
-from refit.stages.registry import NAMES
+from refit.stages.pipeline import NAMES
 
 pytestmark = pytest.mark.slow
 EVERY_STAGE = (

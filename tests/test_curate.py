@@ -21,17 +21,17 @@ import zstandard
 from conftest import LEGACY, NEW, edited, make_recipe, small_filesystem, write_jsonl
 
 from refit.flows.cli import main as refit
-from refit.stages.curate import (
+from refit.stages.core import file_hashes
+from refit.stages.core.config import load_recipe
+from refit.stages.core.disk import full_disk_cause, full_disk_line
+from refit.stages.core.text import word_ngrams
+from refit.stages.curate.stage import (
     CurationError,
     curated_files,
     data_version,
     input_fingerprint,
     run_curate,
 )
-from refit.stages.lib import file_hashes
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.disk import full_disk_cause, full_disk_line
-from refit.stages.lib.text import word_ngrams
 
 
 def curated_ids(workdir: Path, source: str) -> set[str]:
@@ -530,7 +530,7 @@ def test_files_are_known_by_their_content_not_their_mtime(tmp_path, monkeypatch)
 def reference_hash_split(docs: list[tuple[str, str]], spec, held_chars: int) -> list[str]:
     """The held-out ids as the split is defined, over a list in memory (what curate did before
     it streamed): in id-hash order, below validation_fraction or while short of the target."""
-    from refit.stages.curate import _bucket
+    from refit.stages.curate.stage import _bucket
 
     if spec.validation_fraction == 0:
         return []
@@ -557,8 +557,8 @@ def reference_hash_split(docs: list[tuple[str, str]], spec, held_chars: int) -> 
 def test_streamed_hash_split_holds_out_what_the_split_over_a_list_did(
     tmp_path, fraction, min_tokens, max_fraction, held
 ):
-    from refit.stages.curate import HashSplit
-    from refit.stages.lib.config import CurateSpec
+    from refit.stages.core.config import CurateSpec
+    from refit.stages.curate.stage import HashSplit
 
     rng = random.Random(3)
     docs = [(f"doc{i}", "x" * rng.randint(50, 3000)) for i in range(2000)]
@@ -577,7 +577,7 @@ def test_streamed_hash_split_holds_out_what_the_split_over_a_list_did(
 def test_exact_duplicates_are_found_on_disk_within_a_batch_across_batches_and_against_validation_files(
     tmp_path, monkeypatch
 ):
-    from refit.stages.lib import curate_steps
+    from refit.stages.curate import steps as curate_steps
 
     monkeypatch.setattr(curate_steps, "ROWS_PER_GROUP", 4)  # several row groups in each curated file
     docs = [{"id": f"a{i}", "text": d["text"]} for i, d in enumerate(NEW[:12])]

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from conftest import LEGACY, NEW, edited, make_recipe, write_jsonl
 
-from refit.stages.curate import input_fingerprint, run_curate
-from refit.stages.lib.config import CurateSpec, RecipeError, load_recipe
-from refit.stages.lib.executors import Step, build_executors
-from refit.stages.lib.minhash import FastMinhashSignature
+from refit.stages.core.config import CurateSpec, RecipeError, load_recipe
+from refit.stages.core.executors import Step, build_executors
+from refit.stages.curate.minhash import FastMinhashSignature
+from refit.stages.curate.stage import input_fingerprint, run_curate
 
 SETTINGS = {"max_chars": 3000, "max_bad_fraction": 0.2}  # the long document is split; 5 of 38 records are bad
 
@@ -148,7 +148,7 @@ def test_executor_contradictions_are_rejected_naming_the_field(tmp_path, curate,
 def test_decisions_are_identical_when_the_spool_deals_several_rounds_of_files(tmp_path, monkeypatch):
     """A batch larger than DOCS_PER_ROUND documents is dealt into a new round of spool files
     (and datatrove tasks) every DOCS_PER_ROUND, so no task's share grows with the batch."""
-    from refit.stages.lib import curate_steps
+    from refit.stages.curate import steps as curate_steps
 
     sources = _sources(tmp_path / "data")
     outputs = {}

@@ -3,7 +3,7 @@
 import pytest
 from conftest import DATASETS, rows
 
-from refit.stages.lib.text import word_ngrams
+from refit.stages.core.text import word_ngrams
 
 CORPORA = ["legacy_python_docs.jsonl.gz", "new_postgres_docs.jsonl.gz", "qa_docs.jsonl.gz"]
 BENCHMARKS = sorted((DATASETS / "benchmarks").glob("*.jsonl"))

@@ -7,8 +7,8 @@ import math
 from conftest import DATASETS, rows
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refit.stages.lib.config import PRETRAINING_RECORD
-from refit.stages.lib.demo_base import DemoBaseSpec, build_demo_base
+from refit.flows.demo_base import DemoBaseSpec, build_demo_base
+from refit.stages.core.config import PRETRAINING_RECORD
 
 
 def test_builds_a_loadable_checkpoint_that_learned(tmp_path):

@@ -12,8 +12,8 @@ import pytest
 import yaml
 from conftest import REPO, prepare
 
-from refit.stages.lib.config import load_recipe
-from refit.stages.registry import NAMES as STAGES
+from refit.stages.core.config import load_recipe
+from refit.stages.pipeline import NAMES as STAGES
 
 
 def test_prefect_yaml_deploys_the_nightly_refresh_and_every_stage():

@@ -12,11 +12,11 @@ import yaml
 from conftest import LENIENT, prepare, small_filesystem
 
 from refit.flows.cli import main as refit
-from refit.stages.audit import run_audit
-from refit.stages.evaluate import run_evaluate
-from refit.stages.lib.config import load_recipe
-from refit.stages.publish import run_publish
-from refit.stages.train import run_train
+from refit.stages.audit.stage import run_audit
+from refit.stages.core.config import load_recipe
+from refit.stages.evaluate.stage import run_evaluate
+from refit.stages.publish.stage import run_publish
+from refit.stages.train.stage import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 

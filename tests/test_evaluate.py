@@ -14,9 +14,9 @@ import yaml
 from conftest import make_items, prepare, scoring_tasks, train_variant, write_jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from refit.stages.evaluate import choice_metrics
-from refit.stages.lib.scores import mean_stderr, paired_comparison
-from refit.stages.lib.scoring import Scorer
+from refit.stages.core.scores import mean_stderr, paired_comparison
+from refit.stages.evaluate.scorer import Scorer
+from refit.stages.evaluate.stage import choice_metrics
 
 ITEMS = [
     {
@@ -120,10 +120,10 @@ def test_stage_reports_base_and_candidate_side_by_side(trained):
     """Three benchmarks of 16 items, each figure checked against the per-item correctness of both
     models computed here, one unpadded sequence at a time: means, standard errors (sample
     standard deviation / sqrt(n)), paired differences, and the weighted averages the audit uses."""
-    from refit.stages import train
-    from refit.stages.evaluate import run_evaluate
-    from refit.stages.lib.config import load_recipe
-    from refit.stages.lib.scores import judged_scores
+    from refit.stages.core.config import load_recipe
+    from refit.stages.core.scores import judged_scores
+    from refit.stages.evaluate.stage import run_evaluate
+    from refit.stages.train import stage as train
 
     path, workdir = trained
     spec = yaml.safe_load(path.read_text())
@@ -224,7 +224,7 @@ def test_cli_table_shows_points_with_standard_errors():
 
 
 def test_token_weighted_loss_comparison_with_ratio_standard_errors():
-    from refit.stages.evaluate import _compare_loss
+    from refit.stages.evaluate.stage import _compare_loss
 
     tokens = np.array([10.0, 30.0, 20.0])
     base, candidate = np.array([20.0, 90.0, 50.0]), np.array([18.0, 84.0, 47.0])
@@ -238,7 +238,7 @@ def test_token_weighted_loss_comparison_with_ratio_standard_errors():
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_scoring_with_two_processes_equals_scoring_with_one(tiny_model_dir):
-    from refit.stages.lib.scoring import ScoringSettings, choice_loglikelihoods, score_models
+    from refit.stages.evaluate.scorer import ScoringSettings, choice_loglikelihoods, score_models
 
     tasks = scoring_tasks()
     models = {"base": tiny_model_dir}
@@ -265,8 +265,8 @@ def test_scoring_runs_in_as_many_processes_as_training_on_one_machine(tmp_path, 
     from the recipe or, as the train stage reads them, from Slurm's environment); set: its own."""
     import yaml
 
-    from refit.stages.evaluate import scoring_settings
-    from refit.stages.lib.config import load_recipe
+    from refit.stages.core.config import load_recipe
+    from refit.stages.evaluate.stage import scoring_settings
 
     for name in ("SLURM_NNODES", "SLURM_NODEID", "TORCHELASTIC_RUN_ID", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
@@ -291,8 +291,8 @@ def test_scoring_runs_in_as_many_processes_as_training_on_one_machine(tmp_path, 
 def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_changes(trained, tmp_path):
     import shutil
 
-    from refit.stages.evaluate import run_evaluate
-    from refit.stages.lib.config import load_recipe
+    from refit.stages.core.config import load_recipe
+    from refit.stages.evaluate.stage import run_evaluate
 
     path, workdir = trained
     recipe = load_recipe(path)
@@ -342,7 +342,7 @@ def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path):
     import hashlib
     import os
 
-    from refit.stages.lib.file_hashes import directory_sha256, memoized_sha256
+    from refit.stages.core.file_hashes import directory_sha256, memoized_sha256
 
     weights, memo = tmp_path / "model" / "weights.bin", tmp_path / "memo"
     weights.parent.mkdir()
@@ -361,8 +361,8 @@ def test_a_file_is_hashed_once_per_size_and_mtime(tmp_path):
 
 
 def test_device_and_precision_follow_the_machine_unless_set(tiny_model_dir):
-    from refit.stages.lib.config import EvaluateSpec
-    from refit.stages.lib.scoring import ScoringSettings
+    from refit.stages.core.config import EvaluateSpec
+    from refit.stages.evaluate.scorer import ScoringSettings
 
     auto = ScoringSettings.resolve(EvaluateSpec())
     if torch.cuda.is_available():
@@ -382,7 +382,7 @@ def test_device_and_precision_follow_the_machine_unless_set(tiny_model_dir):
 
 @pytest.mark.gpu
 def test_scoring_on_the_gpu_in_bf16_agrees_with_the_cpu(tiny_model_dir):
-    from refit.stages.lib.scoring import ScoringSettings, score_models
+    from refit.stages.evaluate.scorer import ScoringSettings, score_models
 
     tasks = scoring_tasks()
     results = {}

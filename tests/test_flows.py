@@ -19,8 +19,8 @@ import pytest
 import yaml
 from conftest import LENIENT, NEW, REPO, prepare, training_processes, wait_exited, write_jsonl
 
-from refit.stages.audit import AuditFailed
-from refit.stages.lib.lock import LOCK_FILE, WorkdirBusy
+from refit.stages.audit.stage import AuditFailed
+from refit.stages.core.lock import LOCK_FILE, WorkdirBusy
 
 pytestmark = [
     pytest.mark.slow,
@@ -191,7 +191,7 @@ def test_nightly_continues_from_the_latest_version_with_new_files_only_curated(r
 
 def test_a_pinned_base_is_kept_whatever_was_published(refreshed):
     from refit.flows.continuation import continue_from
-    from refit.stages.lib.config import load_recipe
+    from refit.stages.core.config import load_recipe
 
     path, workdir, _, _ = refreshed
     recipe = load_recipe(path)
@@ -206,13 +206,13 @@ def test_a_pinned_base_is_kept_whatever_was_published(refreshed):
 def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, monkeypatch):
     from prefect import flow
 
-    import refit.stages.mix
+    import refit.stages.mix.stage
     from refit.flows.refresh import run_stage
-    from refit.stages.lib.config import load_recipe
-    from refit.stages.registry import StageOptions
+    from refit.stages.core.config import load_recipe
+    from refit.stages.pipeline import StageOptions
 
     path, workdir, _, _ = refreshed
-    real, calls = refit.stages.mix.build_manifest, []
+    real, calls = refit.stages.mix.stage.build_manifest, []
 
     def flaky(*args, **kwargs):
         calls.append(1)
@@ -220,7 +220,7 @@ def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, 
             raise OSError("network filesystem hiccup")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(refit.stages.mix, "build_manifest", flaky)
+    monkeypatch.setattr(refit.stages.mix.stage, "build_manifest", flaky)
 
     @flow(name="rerun-mix")
     def rerun():
@@ -234,7 +234,7 @@ def test_transient_io_errors_are_retried_and_a_stages_verdict_is_not(refreshed, 
         raise ValueError("a weight on an empty source")
 
     calls.clear()
-    monkeypatch.setattr(refit.stages.mix, "build_manifest", wrong)
+    monkeypatch.setattr(refit.stages.mix.stage, "build_manifest", wrong)
     with pytest.raises(ValueError, match="empty source"):
         rerun()
     assert len(calls) == 1

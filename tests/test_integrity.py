@@ -7,9 +7,11 @@ from __future__ import annotations
 import pytest
 from conftest import prepare
 
-from refit.stages import curate, mix, tokenize
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.markers import DamagedOutput
+from refit.stages.core.config import load_recipe
+from refit.stages.core.markers import DamagedOutput
+from refit.stages.curate import stage as curate
+from refit.stages.mix import stage as mix
+from refit.stages.tokenize import stage as tokenize
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 
@@ -60,7 +62,7 @@ def test_a_shard_changed_in_place_is_named_before_training(prepared):
 def test_a_truncated_checkpoint_is_passed_over_and_the_run_resumes_from_the_one_before(tmp_path, tiny_model_dir):
     import torch
 
-    from refit.stages.lib.train_loop import latest_checkpoint, save_checkpoint
+    from refit.stages.train.loop import latest_checkpoint, save_checkpoint
 
     model = torch.nn.Linear(4, 4)
     optimizer = torch.optim.AdamW(model.parameters())

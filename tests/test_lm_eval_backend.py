@@ -12,11 +12,11 @@ import pytest
 import yaml
 from conftest import make_items
 
-from refit.stages.evaluate import choice_metrics
-from refit.stages.lib import lm_eval_backend
-from refit.stages.lib.config import BenchmarkSpec
-from refit.stages.lib.scores import mean_stderr
-from refit.stages.lib.scoring import Scorer, ScoringSettings, choice_loglikelihoods
+from refit.stages.core.config import BenchmarkSpec
+from refit.stages.core.scores import mean_stderr
+from refit.stages.evaluate import lm_eval_backend
+from refit.stages.evaluate.scorer import Scorer, ScoringSettings, choice_loglikelihoods
+from refit.stages.evaluate.stage import choice_metrics
 
 os.environ["HF_DATASETS_OFFLINE"] = "1"  # the harness loads the benchmark file through `datasets`, offline
 
@@ -96,8 +96,8 @@ def test_a_tokenizer_that_adds_bos_gets_it_on_each_query_in_both_backends(tmp_pa
 
 
 def test_both_backends_give_the_same_percent_stereotype_on_crows_pairs(tmp_path, tiny_model_dir):
-    from refit.stages.lib import safety
-    from refit.stages.lib.config import SafetySpec
+    from refit.stages.core.config import SafetySpec
+    from refit.stages.evaluate import safety_probes as safety
 
     scorer = Scorer(tiny_model_dir, tiny_model_dir, batch_size=8)
     spec = SafetySpec(probes=["crows_pairs"], crows_pairs_size=60, generation=False)
@@ -126,9 +126,9 @@ def test_missing_harness_is_a_clear_error(monkeypatch, tmp_path, bench):
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_stage_backend_is_recorded_and_part_of_the_fingerprint(trained):
-    from refit.stages.evaluate import run_evaluate
-    from refit.stages.lib.config import load_recipe
-    from refit.stages.lib.markers import read_marker
+    from refit.stages.core.config import load_recipe
+    from refit.stages.core.markers import read_marker
+    from refit.stages.evaluate.stage import run_evaluate
 
     path, workdir = trained
     recipe = load_recipe(path)

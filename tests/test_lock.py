@@ -14,7 +14,7 @@ import time
 import pytest
 from conftest import REPO, hold_lock
 
-from refit.stages.lib.lock import LOCK_FILE, WorkdirBusy, workdir_lock
+from refit.stages.core.lock import LOCK_FILE, WorkdirBusy, workdir_lock
 
 
 def test_a_second_run_stops_naming_the_holder_and_a_killed_holder_frees_the_workdir(tmp_path):
@@ -31,7 +31,7 @@ def test_a_second_run_stops_naming_the_holder_and_a_killed_holder_frees_the_work
 
 def test_forked_workers_of_a_killed_run_do_not_keep_the_lock(tmp_path):
     code = (
-        "import os, sys, time; from refit.stages.lib.lock import workdir_lock\n"
+        "import os, sys, time; from refit.stages.core.lock import workdir_lock\n"
         "with workdir_lock(sys.argv[1], 'refit stage curate'):\n"
         "    worker = os.fork()\n"  # a pool worker that outlives its killed parent
         "    if worker == 0:\n        os.write(1, b'forked\\n')\n        time.sleep(600)\n        os._exit(0)\n"
@@ -63,7 +63,8 @@ def test_wait_queues_behind_the_holder(tmp_path):
 
 def test_the_busy_message_names_the_live_child_when_the_holder_died(tmp_path):
     code = (
-        "import subprocess, sys, time; from refit.stages.lib.lock import held_locks, record_lock_holder, workdir_lock\n"
+        "import subprocess, sys, time\n"
+        "from refit.stages.core.lock import held_locks, record_lock_holder, workdir_lock\n"
         "with workdir_lock(sys.argv[1], 'refit run demo'):\n"  # a child keeps the lock, as the training launcher does
         "    child = subprocess.Popen(['sleep', '600'], pass_fds=held_locks())\n"
         "    record_lock_holder(child.pid)\n"

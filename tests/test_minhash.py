@@ -10,9 +10,9 @@ from datatrove.data import Document
 from datatrove.io import get_datafolder
 from datatrove.pipeline.dedup.minhash import MinhashConfig, read_sigs
 
-from refit.stages.lib.config import CurateSpec
-from refit.stages.lib.minhash import FastMinhashSignature, unicode_words, words
-from refit.stages.lib.near_dedup import near_dedup
+from refit.stages.core.config import CurateSpec
+from refit.stages.curate.minhash import FastMinhashSignature, unicode_words, words
+from refit.stages.curate.near_dedup import near_dedup
 
 
 def test_words_follow_datatrove_normalisation():

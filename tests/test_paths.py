@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import NEW, make_recipe, write_jsonl
 
-from refit.stages.curate import curated_files, run_curate
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.paths import PathEscape, inside
+from refit.stages.core.config import load_recipe
+from refit.stages.core.paths import PathEscape, inside
+from refit.stages.curate.stage import curated_files, run_curate
 
 
 @pytest.mark.parametrize("folder", [Path("/w/curate"), "/w/curate", "bucket/registry"])

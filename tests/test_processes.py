@@ -37,7 +37,7 @@ def children(pid: int) -> list[int]:
 
 def test_a_process_under_the_lifeline_dies_when_its_parent_is_killed():
     code = (
-        "import subprocess, sys, time; from refit.stages.lib import lifeline\n"
+        "import subprocess, sys, time; from refit.stages.core import lifeline\n"
         f"child = subprocess.Popen(lifeline.command(*{SLEEPER!r}))\n"
         "print(child.pid, flush=True); time.sleep(600)"
     )
@@ -52,7 +52,7 @@ def test_a_process_under_the_lifeline_dies_when_its_parent_is_killed():
 
 def test_a_process_whose_parent_already_changed_dies_at_once():
     """The parent died before the parent-death signal was asked for: the pid check catches it."""
-    code = "from refit.stages.lib.lifeline import die_with_parent; die_with_parent(1); print('still alive')"
+    code = "from refit.stages.core.lifeline import die_with_parent; die_with_parent(1); print('still alive')"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == -signal.SIGKILL and "still alive" not in result.stdout
 
@@ -62,8 +62,8 @@ def test_importing_the_stages_installs_no_fork_hook_and_the_block_resets_sigterm
         "import os, signal, sys\n"
         "def handler(*args): pass\n"
         "signal.signal(signal.SIGTERM, handler)\n"
-        "import refit.stages, refit.stages.curate, refit.stages.tokenize, refit.stages.train\n"
-        "from refit.stages.lib.lifeline import forked_workers_follow_parent\n"
+        "import refit.stages, refit.stages.curate.stage, refit.stages.tokenize.stage, refit.stages.train.stage\n"
+        "from refit.stages.core.lifeline import forked_workers_follow_parent\n"
         "def child_handler():\n"
         "    pid = os.fork()\n"
         "    if pid == 0:\n"
@@ -174,7 +174,7 @@ def test_scoring_workers_die_with_a_killed_evaluate(tmp_path, tiny_model_dir):
     code = (
         "import sys; from pathlib import Path; sys.path.insert(0, 'tests')\n"
         "from conftest import scoring_tasks\n"
-        "from refit.stages.lib.scoring import ScoringSettings, score_models\n"
+        "from refit.stages.evaluate.scorer import ScoringSettings, score_models\n"
         "model = Path(sys.argv[1])\n"
         "score_models({'base': model}, model, scoring_tasks(), ScoringSettings('cpu', 'float32', 4, num_processes=2))"
     )

@@ -9,9 +9,9 @@ import re
 import pytest
 from conftest import prepare, scoring_tasks
 
-from refit.stages import train
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.progress import Progress, eta
+from refit.stages.core.config import load_recipe
+from refit.stages.core.progress import Progress, eta
+from refit.stages.train import stage as train
 
 LINE = re.compile(r"train: \[#* *\] (\d+)/(\d+) steps \(\d+%\) loss \d+\.\d+ lr \S+ phase \w+, ETA (\d+:\d\d:\d\d|\?)")
 
@@ -58,7 +58,7 @@ def test_training_output_has_progress_lines_with_an_eta_and_no_library_bars(
 def test_scoring_logs_a_progress_line_per_set_and_no_loading_bars(tiny_model_dir, capfd, caplog):
     from transformers.utils import logging as transformers_logging
 
-    from refit.stages.lib.scoring import ScoringSettings, score_models
+    from refit.stages.evaluate.scorer import ScoringSettings, score_models
 
     transformers_logging.enable_progress_bar()  # as in a fresh process: the scorer must turn them off
     caplog.set_level(logging.INFO, logger="refit")

@@ -25,12 +25,12 @@ from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 
 from refit.flows.continuation import continue_from, with_base
-from refit.stages.audit import AuditFailed, run_audit
-from refit.stages.evaluate import run_evaluate
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.markers import MARKER
-from refit.stages.lib.paths import PathEscape
-from refit.stages.publish import (
+from refit.stages.audit.stage import AuditFailed, run_audit
+from refit.stages.core.config import load_recipe
+from refit.stages.core.markers import MARKER
+from refit.stages.core.paths import PathEscape
+from refit.stages.evaluate.stage import run_evaluate
+from refit.stages.publish.stage import (
     RECORD,
     SUMS,
     PublishRefused,
@@ -41,7 +41,7 @@ from refit.stages.publish import (
     run_publish,
     still_published,
 )
-from refit.stages.train import run_train
+from refit.stages.train.stage import run_train
 
 pytestmark = [pytest.mark.slow, pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)]
 KINDS = ["path", "file", "memory"]
@@ -180,8 +180,8 @@ def test_model_card_reads_back_with_huggingface_hub(audited, tmp_path):
 # then hold their version numbers at the same time).
 PUBLISH = """
 import fnmatch, os, signal, sys, time
-from refit.stages.lib.config import load_recipe
-from refit.stages.publish import run_publish
+from refit.stages.core.config import load_recipe
+from refit.stages.publish.stage import run_publish
 
 recipe_path, registry, workdir, pattern, action = sys.argv[1:]
 recipe = load_recipe(recipe_path)

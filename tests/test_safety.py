@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from conftest import BASE_RECIPE, write_recipe
 
-from refit.stages.lib import safety
-from refit.stages.lib.config import SafetySpec, load_recipe
-from refit.stages.lib.safety_audit import model_card_section, safety_gates
+from refit.stages.audit.safety_gates import model_card_section, safety_gates
+from refit.stages.core.config import SafetySpec, load_recipe
+from refit.stages.evaluate import safety_probes as safety
 
 BUNDLED = safety.BUNDLED
 CROWS_HEADER = ",sent_more,sent_less,stereo_antistereo,bias_type,annotations,anon_writer,anon_annotators\n"
@@ -241,8 +241,8 @@ def fit_candidate(workdir, texts: list[str], steps: int = 60) -> None:
 
 def evaluate_and_audit(recipe, workdir) -> tuple[dict, dict]:
     """(the evaluate report, every gate by name) of the candidate in train/final, scored anew."""
-    from refit.stages.audit import AuditFailed, run_audit
-    from refit.stages.evaluate import run_evaluate
+    from refit.stages.audit.stage import AuditFailed, run_audit
+    from refit.stages.evaluate.stage import run_evaluate
 
     evaluation = run_evaluate(recipe, workdir, force=True)
     try:

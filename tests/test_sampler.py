@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 
-from refit.stages.lib.sampler import Sampler, blend
-from refit.stages.mix import run_mix
-from refit.stages.tokenize import run_tokenize
+from refit.stages.mix.stage import run_mix
+from refit.stages.tokenize.stage import run_tokenize
+from refit.stages.train.sampler import Sampler, blend
 
 
 @pytest.mark.parametrize("weights", [[0.5, 0.5], [0.45, 0.45, 0.1], [0.7, 0.2, 0.1], [1 / 3, 1 / 3, 1 / 3]])

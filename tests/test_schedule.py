@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from refit.stages.lib.schedule import Schedule
+from refit.stages.core.schedule import Schedule
 
 
 def test_paper_case_switch_at_71_percent():

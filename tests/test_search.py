@@ -17,10 +17,7 @@ import pytest
 import yaml
 from conftest import REPO, metrics, prepare, write_jsonl
 
-from refit.stages.lib.config import RecipeError, load_recipe
-from refit.stages.lib.lock import workdir_lock
-from refit.stages.lib.markers import read_marker
-from refit.stages.lib.search import (
+from refit.flows.pilot.study import (
     ROW,
     CheckpointPruning,
     best_vs_compute,
@@ -32,8 +29,11 @@ from refit.stages.lib.search import (
     trial_variant,
     write_search_outputs,
 )
-from refit.stages.lib.sweep import SweepError, prepare_variant
-from refit.stages.train import StopTraining, run_train
+from refit.flows.pilot.variants import SweepError, prepare_variant
+from refit.stages.core.config import RecipeError, load_recipe
+from refit.stages.core.lock import workdir_lock
+from refit.stages.core.markers import read_marker
+from refit.stages.train.stage import StopTraining, run_train
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 

@@ -6,7 +6,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from refit.stages.lib.shards import read_shard, token_dtype, write_rows
+from refit.stages.core.shards import read_shard, token_dtype, write_rows
 
 
 @pytest.mark.parametrize(("vocab", "dtype"), [(300, pa.uint16()), (65536, pa.uint16()), (65537, pa.uint32())])

@@ -15,8 +15,8 @@ import pytest
 import yaml
 from conftest import REPO, prepare
 
-from refit.stages.lib.config import RecipeError, load_recipe
-from refit.stages.lib.sweep import SweepError, check_grid, parse_grid, plan_variants, prepare_variant, set_field
+from refit.flows.pilot.variants import SweepError, check_grid, parse_grid, plan_variants, prepare_variant, set_field
+from refit.stages.core.config import RecipeError, load_recipe
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 
@@ -131,7 +131,7 @@ def _row(name, acc, forgetting_ok=True, kind="grid", gain_ok=True):
 
 
 def test_the_winner_passes_the_required_gates_and_a_lead_within_noise_is_said(tmp_path, tiny_model_dir):
-    from refit.stages.lib.sweep import choose_winner
+    from refit.flows.pilot.variants import choose_winner
 
     path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     recipe = load_recipe(path)
@@ -154,7 +154,7 @@ def test_the_winner_passes_the_required_gates_and_a_lead_within_noise_is_said(tm
 
 
 def test_a_sweep_where_no_variant_passes_says_so_and_writes_no_best_recipe(tmp_path, tiny_model_dir):
-    from refit.stages.lib.sweep import choose_winner, write_results
+    from refit.flows.pilot.variants import choose_winner, write_results
 
     path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     recipe = load_recipe(path)

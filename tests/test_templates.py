@@ -12,9 +12,9 @@ import yaml
 from conftest import DATASETS, LEGACY, NEW, rows, write_jsonl
 
 from refit.flows.cli import main
-from refit.stages.lib.config import PRETRAINING_RECORD, load_recipe
-from refit.stages.lib.templates import TEMPLATES, render
-from refit.stages.registry import STAGES
+from refit.flows.templates import TEMPLATES, render
+from refit.stages.core.config import PRETRAINING_RECORD, load_recipe
+from refit.stages.pipeline import STAGES
 
 pytestmark = pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 

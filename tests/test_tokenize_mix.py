@@ -13,13 +13,13 @@ from conftest import NEW, arrow_peaks, rewrite_output, write_jsonl
 from transformers import AutoTokenizer
 
 from refit.flows.cli import main as refit
-from refit.stages.curate import curated_files, curated_texts, run_curate
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.markers import MARKER, StageNotReady, file_sha256
-from refit.stages.lib.schedule import schedule_for
-from refit.stages.lib.shards import read_shard
-from refit.stages.mix import run_mix
-from refit.stages.tokenize import run_tokenize
+from refit.stages.core.config import load_recipe
+from refit.stages.core.markers import MARKER, StageNotReady, file_sha256
+from refit.stages.core.schedule import schedule_for
+from refit.stages.core.shards import read_shard
+from refit.stages.curate.stage import curated_files, curated_texts, run_curate
+from refit.stages.mix.stage import run_mix
+from refit.stages.tokenize.stage import run_tokenize
 
 
 def test_shards_hold_packed_documents_and_open_zero_copy(curated, tiny_tokenizer_dir):

@@ -32,11 +32,11 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.lock import WorkdirBusy, workdir_lock
-from refit.stages.lib.markers import file_sha256, read_marker
-from refit.stages.lib.train_loop import record_failure
-from refit.stages.train import (
+from refit.stages.core.config import load_recipe
+from refit.stages.core.lock import WorkdirBusy, workdir_lock
+from refit.stages.core.markers import file_sha256, read_marker
+from refit.stages.train.loop import record_failure
+from refit.stages.train.stage import (
     FAILURE,
     TrainingError,
     run_train,
@@ -99,9 +99,9 @@ def test_the_held_out_rows_are_the_first_validation_documents_and_sources_withou
     source without any is named, and with none at all there is no validation pass."""
     from transformers import AutoTokenizer
 
-    from refit.stages.curate import run_curate, validation_texts
-    from refit.stages.lib.shards import read_shard
-    from refit.stages.train import write_validation_set
+    from refit.stages.core.shards import read_shard
+    from refit.stages.curate.stage import run_curate, validation_texts
+    from refit.stages.train.stage import write_validation_set
 
     uncapped = dict(held_out_docs=3, validation_tokens=1 << 15)  # more than the 3 documents hold
     path, workdir = prepare(tmp_path / "new-only", tiny_model_dir, run_data_stages=False, **uncapped)

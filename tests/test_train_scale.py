@@ -1,7 +1,7 @@
 """train at scale: FSDP matches DDP, resumes bitwise and on another number of processes; two
 machines on loopback and through torchrun's rendezvous match one; a dead or silent process is
 named; out of memory says what to change; the export is streamed; activation checkpointing
-and compile keep the losses; the README's scaling-out commands parse."""
+and compile keep the losses; docs/scaling-out.md's commands parse."""
 
 from __future__ import annotations
 
@@ -32,9 +32,9 @@ from conftest import (
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from refit.stages.lib.config import load_recipe
-from refit.stages.lib.markers import file_sha256, read_marker
-from refit.stages.train import (
+from refit.stages.core.config import load_recipe
+from refit.stages.core.markers import file_sha256, read_marker
+from refit.stages.train.stage import (
     Machines,
     launch_command,
     read_report,
@@ -172,7 +172,7 @@ def test_machines_come_from_the_recipe_or_the_environment(tmp_path, tiny_model_d
     args = launch_command_parser().parse_args(command[start:])
     assert (args.num_machines, args.machine_rank, args.main_process_ip) == (2, 1, "10.0.0.1")
     assert args.main_process_port == 29500
-    assert args.num_processes == 16 and args.multi_gpu and args.training_script == "refit.stages.lib.train_loop"
+    assert args.num_processes == 16 and args.multi_gpu and args.training_script == "refit.stages.train.loop"
 
 
 def rank_pid(workdir: Path, rank: int) -> int | None:
@@ -209,7 +209,7 @@ def test_a_killed_process_stops_the_others_naming_it_and_the_rerun_resumes(tmp_p
 
 def test_a_silent_process_is_named_after_the_heartbeat_timeout(tmp_path):
     """Across machines no launcher sees the other's processes die: the heartbeats do."""
-    from refit.stages.lib.heartbeat import Heartbeat
+    from refit.stages.train.heartbeat import Heartbeat
 
     verdicts = []
     watcher = Heartbeat(tmp_path, 0, 3, timeout=1.5, on_dead=verdicts.append, every=0.1).start()
@@ -229,7 +229,7 @@ def test_a_silent_process_is_named_after_the_heartbeat_timeout(tmp_path):
 
 
 def test_out_of_memory_names_the_step_the_memory_and_what_to_change(tmp_path, tiny_model_dir):
-    from refit.stages.lib.train_loop import out_of_memory
+    from refit.stages.train.loop import out_of_memory
 
     path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity")
@@ -240,7 +240,7 @@ def test_out_of_memory_names_the_step_the_memory_and_what_to_change(tmp_path, ti
 
 
 def test_export_is_streamed_as_sharded_safetensors_that_transformers_loads(tmp_path, tiny_model_dir):
-    from refit.stages.lib.train_loop import export_weights
+    from refit.stages.train.loop import export_weights
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
     digests = export_weights(model, tmp_path, shard_bytes=20_000)  # a few tensors per shard
@@ -253,16 +253,16 @@ def test_export_is_streamed_as_sharded_safetensors_that_transformers_loads(tmp_p
 
 
 def scaling_out_commands() -> list[list[str]]:
-    """The shell commands of the README's "Scaling out" section, continuation lines joined."""
+    """The shell commands of docs/scaling-out.md (its ```bash blocks), continuation lines joined."""
     import re
 
-    section = (REPO / "README.md").read_text().split("## Scaling out")[1].split("\n## ")[0]
-    blocks = re.findall(r"```bash\n(.*?)```", section, re.S)
+    text = (REPO / "docs" / "scaling-out.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
     lines = "\n".join(blocks).replace("\\\n", " ").splitlines()
     return [shlex.split(line.split(" #")[0]) for line in lines if line.strip()]
 
 
-def test_the_readme_scaling_out_commands_parse_as_written():
+def test_the_scaling_out_commands_parse_as_written():
     from torch.distributed.run import get_args_parser
 
     from refit.flows.cli import build_parser
@@ -291,7 +291,7 @@ def test_the_readme_scaling_out_commands_parse_as_written():
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_two_machines_through_torchrun_rendezvous_match_one_machine(tmp_path, tiny_model_dir, fsdp_run):
-    """The README's torchrun command on two "machines" (loopback): torchrun's c10d rendezvous
+    """docs/scaling-out.md's torchrun command on two "machines" (loopback): torchrun's c10d rendezvous
     ranks the launchers and tells them machine 0's address; the recipe names no machine."""
     _, reference = fsdp_run
     path, workdir = prepare(
@@ -314,7 +314,7 @@ def few_steps(model_dir: Path, recipe_path: Path, steps: int = 3, count_forwards
     wraps a layer's forward, not its hooks, so a recompute shows inside the layer; counted
     on entry, because the recompute stops once it has rebuilt every activation the backward
     pass needs)."""
-    from refit.stages.lib.train_loop import decoder_layers, prepare_model
+    from refit.stages.train.loop import decoder_layers, prepare_model
 
     torch.manual_seed(0)  # the same dropout masks in every run (GPT-2 has dropout)
     model = AutoModelForCausalLM.from_pretrained(model_dir, use_safetensors=True, dtype=torch.float32)
@@ -354,7 +354,7 @@ def test_compile_runs_the_decoder_layers_through_inductor_with_the_eager_losses(
     compiler) compiles the layers; the losses stay within 1e-5 of eager."""
     from torch._dynamo.utils import counters
 
-    from refit.stages.lib.train_loop import compile_summary
+    from refit.stages.train.loop import compile_summary
 
     eager, _ = prepare(tmp_path / "eager", tiny_model_dir, run_data_stages=False)
     compiled, _ = prepare(tmp_path / "compiled", tiny_model_dir, run_data_stages=False, compile=True)

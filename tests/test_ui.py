@@ -1,6 +1,6 @@
 """`refit ui`: a Prefect server that stays, runs recorded into it, and the audit artifact's page
 in a real browser (headless Chromium from Debian's `chromium` package). It saves its
-screenshot as `docs/audit-artifact.png` (not tracked; the README shows the demo's)."""
+screenshot as `docs/audit-artifact.png` (not tracked; docs/operating.md shows the demo's)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from conftest import LENIENT, REPO, free_port, prepare
 
 from refit.flows.refresh import STAGE_FLOWS
 from refit.flows.ui import UIError, browse, is_healthy, start_server
-from refit.stages.lib.config import load_recipe
+from refit.stages.core.config import load_recipe
 
 SCREENSHOT = REPO / "docs" / "audit-artifact.png"
 

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from refit.stages.lib.markers import write_json_atomic, write_text_atomic
+from refit.stages.core.markers import write_json_atomic, write_text_atomic
 
 
 def test_a_write_that_fails_midway_leaves_the_previous_file(tmp_path):

@@ -1,0 +1,240 @@
+"""The audit's gates: each returns {name, passed, value, threshold, reason} (`gate`), all are
+evaluated and all reported. Every gate on a measured difference is noise-aware with
+`gates.noise_sigmas` paired standard errors (see the stage module's docstring)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from refit.stages.core.config import Recipe
+from refit.stages.core.scores import judged_scores, previous_average
+from refit.stages.core.text import benchmark_ngrams, word_ngrams
+from refit.stages.curate.stage import curated_files, curated_texts
+
+RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
+
+
+CONTAMINATION_BATCH = 1024  # curated documents read at a time by the contamination gate
+
+
+def gate(name: str, passed: bool, value, threshold, reason: str, **detail) -> dict:
+    return {"name": name, "passed": bool(passed), "value": value, "threshold": threshold, "reason": reason, **detail}
+
+
+def sigma(error: float | None, sigmas: float) -> float:
+    return 0.0 if error is None else sigmas * error
+
+
+def _figure(entry: dict) -> str:
+    change = f"delta {entry['delta']:+.4f} +- {entry['delta_stderr'] or 0:.4f}"
+    return f"{entry['base']:.4f} -> {entry['candidate']:.4f} ({change})"
+
+
+def _drivers(scores: dict, sigmas: float) -> list[str]:
+    """The benchmarks behind the average's difference: those counted in it that move its way
+    beyond noise on their own, the largest share first."""
+    contributions = scores["contributions"]
+    direction = 1 if scores["average"]["delta"] >= 0 else -1
+    return [
+        n
+        for n in sorted(contributions, key=lambda n: -direction * contributions[n])
+        if direction * contributions[n] > 0
+        and (counted := scores["benchmarks"][n][scores["benchmarks"][n]["metric"]])["delta"] * direction
+        > sigma(counted["delta_stderr"], sigmas)
+    ]
+
+
+def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> list[dict]:
+    """Average gain, above the previous version, per-benchmark regression: each on the metric
+    and weight the recipe counts for each benchmark (stages/core/scores.py)."""
+    g, gates = recipe.gates, []
+    scores = judged_scores(recipe, evaluation)
+    average = scores["average"]
+    if average is None:
+        return [
+            gate(
+                "average_accuracy_gain",
+                False,
+                None,
+                g.min_average_gain,
+                "no benchmarks in the recipe: nothing shows the candidate is better",
+            )
+        ]
+    margin = sigma(average["delta_stderr"], g.noise_sigmas)
+    drivers = _drivers(scores, g.noise_sigmas)
+    counted = ", ".join(
+        f"{n} {b['metric']} x{b['weight']:g} ({100 * scores['contributions'][n]:+.1f})"
+        for n, b in scores["benchmarks"].items()
+    )
+    gates.append(
+        gate(
+            "average_accuracy_gain",
+            average["delta"] - margin > g.min_average_gain,
+            average["delta"],
+            g.min_average_gain,
+            f"weighted average accuracy {_figure(average)}; must exceed {g.min_average_gain:+.4f} by "
+            f"{g.noise_sigmas:g} standard errors; "
+            + (f"driven by {', '.join(drivers)}" if drivers else "no benchmark moved beyond noise on its own")
+            + "; counted (metric x weight, "
+            f"points of the average's difference): {counted}",
+            drivers=drivers,
+        )
+    )
+    if previous is not None and (prior_average := previous_average(scores, previous)) is not None:
+        prior = prior_average["candidate"]
+        bar = prior - sigma(prior_average["candidate_stderr"], g.noise_sigmas)
+        gates.append(
+            gate(
+                "above_previous_version",
+                average["candidate"] >= bar,
+                average["candidate"],
+                prior,
+                f"weighted average accuracy {average['candidate']:.4f} against the previous published version's "
+                f"{prior:.4f} on the same metrics and weights (fails only if lower by more than "
+                f"{g.noise_sigmas:g} standard errors)",
+            )
+        )
+    for name, bench in scores["benchmarks"].items():
+        counted, other = bench[bench["metric"]], "acc" if bench["metric"] == "acc_norm" else "acc_norm"
+        worst = counted["delta"] + sigma(counted["delta_stderr"], g.noise_sigmas)
+        gates.append(
+            gate(
+                f"benchmark_regression:{name}",
+                worst >= -g.max_benchmark_drop,
+                counted["delta"],
+                -g.max_benchmark_drop,
+                f"{name} {bench['metric']} {_figure(counted)} ({bench['metric_reason']}; {other} "
+                f"{_figure(bench[other])}); fails if below {-g.max_benchmark_drop:+.4f} beyond "
+                f"{g.noise_sigmas:g} standard errors",
+            )
+        )
+    return gates
+
+
+def loss_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
+    g, gates = recipe.gates, []
+    for name, v in evaluation["validation"].items():
+        loss = v["loss"]
+        if v["role"] == "legacy":
+            relative = loss["delta"] / loss["base"]
+            best_case = (loss["delta"] - sigma(loss["delta_stderr"], g.noise_sigmas)) / loss["base"]
+            gates.append(
+                gate(
+                    f"forgetting:{name}",
+                    best_case <= g.max_legacy_loss_increase,
+                    relative,
+                    g.max_legacy_loss_increase,
+                    f"legacy validation loss {loss['base']:.4f} -> {loss['candidate']:.4f} ({relative:+.2%}); "
+                    f"fails if up by more than {g.max_legacy_loss_increase:.0%} beyond "
+                    f"{g.noise_sigmas:g} standard errors",
+                )
+            )
+        elif v["role"] == "new" and g.require_new_loss_decrease:
+            upper = loss["delta"] + sigma(loss["delta_stderr"], g.noise_sigmas)
+            gates.append(
+                gate(
+                    f"new_domain_learned:{name}",
+                    upper < 0,
+                    loss["delta"],
+                    0.0,
+                    f"new-domain validation loss {loss['base']:.4f} -> {loss['candidate']:.4f}; must fall by more "
+                    f"than {g.noise_sigmas:g} standard errors ({loss['delta_stderr'] or 0:.4f})",
+                )
+            )
+    return gates
+
+
+def validation_warnings(recipe: Recipe, evaluation: dict) -> list[str]:
+    """Validation sets too small for the loss gates to mean much: fewer tokens than
+    curate.min_validation_tokens, or (legacy) a noise margin over half the forgetting limit."""
+    g, warnings = recipe.gates, []
+    for name, v in evaluation["validation"].items():
+        if v["role"] not in ("legacy", "new"):
+            continue
+        problems = []
+        if v["tokens"] < recipe.curate.min_validation_tokens:
+            problems.append(f"{v['tokens']:,} tokens, fewer than curate.min_validation_tokens")
+        margin = sigma(v["loss"]["delta_stderr"], g.noise_sigmas) / v["loss"]["base"]
+        if v["role"] == "legacy" and margin > g.max_legacy_loss_increase / 2:
+            problems.append(
+                f"{g.noise_sigmas:g} standard errors of the loss difference are {margin:.1%} of the loss, over half "
+                f"the {g.max_legacy_loss_increase:.0%} forgetting limit: forgetting near it is not told from noise"
+            )
+        if problems:
+            capped = v.get("held_out_docs", v["docs"]) > v["docs"]
+            warnings.append(
+                f"validation set {name} ({v['role']}, {v['docs']} documents"
+                + (f" of {v['held_out_docs']} held out: evaluate.validation_docs caps it" if capped else "")
+                + "): "
+                + "; ".join(problems)
+                + "; hold out more text (sources[].validation_paths or curate.min_validation_tokens)"
+            )
+    return warnings
+
+
+def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
+    """Benchmark items sharing an n-gram with the documents actually trained on (read in
+    record batches: memory does not grow with the corpus)."""
+    n = recipe.curate.decontaminate_ngram
+    owners = benchmark_ngrams(recipe.evaluate.benchmarks, n)
+
+    found: set[str] = set()
+    trained = [name for name, s in manifest["sources"].items() if s["drawn_sequences"] > 0]
+    for source in trained:
+        for path in curated_files(workdir, source, "train"):
+            for texts in curated_texts(path, CONTAMINATION_BATCH):
+                for text in texts.to_pylist():
+                    found.update(owners[g] for g in word_ngrams(text, n) if g in owners)
+    items = sorted(found)
+    limit = recipe.gates.max_contaminated_items
+    shown = ", ".join(items[:20]) + (f" and {len(items) - 20} more" if len(items) > 20 else "")
+    return gate(
+        "contamination",
+        len(items) <= limit,
+        len(items),
+        limit,
+        f"{len(items)} benchmark item(s) share a {n}-gram with the training data" + (f": {shown}" if items else ""),
+    )
+
+
+def health_gate(recipe: Recipe, metrics: list[dict]) -> dict:
+    """No non-finite loss (training stops on one) and no loss spike left unrecovered."""
+    losses = np.array([m["loss"] for m in metrics])
+    unrecovered = []
+    window = 20
+    for i in range(window, len(losses)):
+        median = float(np.median(losses[i - window : i]))
+        if losses[i] > recipe.gates.loss_spike_factor * median:
+            after = losses[i + 1 : i + 1 + RECOVERY_STEPS]
+            if not len(after) or after.min() > median:
+                unrecovered.append(metrics[i]["step"])
+    finite = bool(np.all(np.isfinite(losses)))
+    return gate(
+        "training_health",
+        finite and not unrecovered,
+        len(unrecovered),
+        0,
+        ("non-finite loss in the log; " if not finite else "")
+        + (
+            f"unrecovered loss spikes at steps {unrecovered}"
+            if unrecovered
+            else f"{len(losses)} steps, all finite, no unrecovered spike (> "
+            f"{recipe.gates.loss_spike_factor:g} x running median)"
+        ),
+    )
+
+
+def lineage_gate(record: dict) -> dict:
+    missing = [k for k, v in record.items() if v in (None, {}, "")]
+    ok = not missing and record["shards_verified"]
+    return gate(
+        "lineage",
+        ok,
+        len(missing),
+        0,
+        "complete: base weights, recipe, manifest, shard and code hashes"
+        if ok
+        else f"missing {', '.join(missing) or 'nothing'}; shards match the manifest: {record['shards_verified']}",
+    )

@@ -1,1 +1,0 @@
-"""Helpers shared by the stages: the recipe, markers, readers, the LR schedule, the sampler."""

@@ -1,0 +1,1 @@
+"""mix: the shard indexes and the recipe into the manifest training reads (stage.py)."""

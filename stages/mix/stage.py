@@ -1,0 +1,243 @@
+"""mix: shard indexes + recipe -> `<workdir>/manifest.json`, the only thing training reads.
+
+DuckDB aggregates the per-source shard indexes; the phase boundaries come in closed form
+from the schedule: phase k starts at the first optimizer step whose LR is at or below
+its `lr_below` x max_lr, so the plan and the trainer agree by construction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+
+from refit.stages.core.config import Recipe
+from refit.stages.core.contract import Stage
+from refit.stages.core.markers import (
+    check_sha256,
+    code_version,
+    fingerprint,
+    is_done,
+    staged_output,
+    write_json_atomic,
+    write_marker,
+)
+from refit.stages.core.schedule import Schedule, schedule_for, tokens_per_step
+from refit.stages.tokenize import stage as tokenize
+
+FOLDER = "mix"
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+
+log = logging.getLogger(__name__)
+
+
+def shard_table(workdir: Path) -> dict[str, dict]:
+    """Per source: rows, tokens and shards (path relative to the workdir, rows, sha256)."""
+    import duckdb
+
+    indexes = [str(p) for p in tokenize.index_files(workdir)]
+    if not indexes:
+        return {}
+    con = duckdb.connect()
+    shards = con.execute(
+        """SELECT source, s.file AS file, s.rows AS rows, s.tokens AS tokens, s.sha256 AS sha256
+           FROM (SELECT source, unnest(shards) AS s FROM read_json_auto(?, union_by_name = true))
+           ORDER BY source, file""",
+        [indexes],
+    ).fetchall()
+    totals = con.execute(
+        """SELECT source, max(seq_len)::INTEGER, max(dtype), max(tokenizer_sha256), max(eos_id)
+           FROM read_json_auto(?, union_by_name = true) GROUP BY source""",
+        [indexes],
+    ).fetchall()
+    table = {
+        source: {
+            "seq_len": seq_len,
+            "dtype": dtype,
+            "tokenizer_sha256": tok,
+            "eos_id": int(eos),
+            "rows": 0,
+            "tokens": 0,
+            "shards": [],
+        }
+        for source, seq_len, dtype, tok, eos in totals
+    }
+    for source, file, rows, tokens, sha in shards:
+        entry = table[source]
+        entry["rows"] += rows
+        entry["tokens"] += tokens
+        entry["shards"].append({"path": tokenize.shard_path(source, file), "rows": rows, "sha256": sha})
+    return table
+
+
+def phase_plan(recipe: Recipe, schedule: Schedule) -> list[dict]:
+    """Start step, steps and tokens of each phase from the schedule."""
+    starts = [0 if p.lr_below is None else schedule.first_step_at_or_below(p.lr_below) for p in recipe.phases]
+    plan = []
+    for i, phase in enumerate(recipe.phases):
+        start = starts[i] if starts[i] is not None else schedule.total_steps
+        later = [s for s in starts[i + 1 :] if s is not None]
+        end = min(later) if later else schedule.total_steps
+        steps = max(0, end - start)
+        plan.append(
+            {
+                "name": phase.name,
+                "lr_below": phase.lr_below,
+                "weights": phase.normalised(),
+                "start_step": start,
+                "steps": steps,
+                "start_fraction": start / schedule.total_steps,
+                "start_tokens": start * tokens_per_step(recipe),
+                "tokens": steps * tokens_per_step(recipe),
+                "start_lr": schedule.lr(start) if start < schedule.total_steps else None,
+            }
+        )
+    return plan
+
+
+def build_manifest(recipe: Recipe, workdir: Path) -> dict:
+    schedule = schedule_for(recipe)
+    table = shard_table(workdir)
+    phases = phase_plan(recipe, schedule)
+    warnings = []
+    sources = {}
+    for source in recipe.sources:
+        entry = table.get(source.name, {"rows": 0, "tokens": 0, "shards": []})
+        drawn = sum(p["steps"] * recipe.train.sequences_per_step * p["weights"].get(source.name, 0.0) for p in phases)
+        epochs = drawn / entry["rows"] if entry["rows"] else (float("inf") if drawn else 0.0)
+        sources[source.name] = {
+            "role": source.role,
+            "rows": entry["rows"],
+            "tokens": entry["tokens"],
+            "shards": entry["shards"],
+            "drawn_sequences": round(drawn),
+            "drawn_tokens": round(drawn) * recipe.tokenize.seq_len,
+            "epochs": epochs,
+        }
+        if drawn and not entry["rows"]:
+            warnings.append(f"source {source.name} has weight but no tokens: nothing can be drawn from it")
+        elif epochs > recipe.mixture.max_epochs:
+            warnings.append(
+                f"source {source.name} is drawn {epochs:.1f} times (more than mixture.max_epochs "
+                f"{recipe.mixture.max_epochs:g}): add data, lower its weight or the token budget"
+            )
+    for phase in phases:
+        if phase["steps"] == 0:
+            warnings.append(f"phase {phase['name']} gets no steps")
+    first = next(iter(table.values()), {})
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "recipe": recipe.name,
+        "tokenizer_sha256": first.get("tokenizer_sha256"),
+        "dtype": first.get("dtype"),
+        "eos_id": first.get("eos_id"),
+        "seq_len": recipe.tokenize.seq_len,
+        "sequences_per_step": recipe.train.sequences_per_step,
+        "tokens_per_step": tokens_per_step(recipe),
+        "total_steps": schedule.total_steps,
+        "total_tokens": schedule.total_steps * tokens_per_step(recipe),
+        "seed": recipe.train.seed,
+        "schedule": {
+            "max_lr": schedule.max_lr,
+            "min_lr_ratio": schedule.min_lr_ratio,
+            "warmup_steps": schedule.warmup_steps,
+            "decay": schedule.decay,
+            "wsd_decay_steps": schedule.wsd_decay_steps,
+        },
+        "phases": phases,
+        "sources": sources,
+        "warnings": warnings,
+    }
+    manifest["sha256"] = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
+    return manifest
+
+
+def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
+    sections = {k: getattr(recipe, k).model_dump(mode="json") for k in ("mixture", "schedule", "train", "tokenize")}
+    return fingerprint("mix", sections, [tokenize.STAGE.produced(workdir, "mix")], code_version(__name__))
+
+
+def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+    """Write `<workdir>/mix/manifest.json` (done marker beside it); returns the manifest."""
+    workdir = Path(workdir)
+    final = workdir / FOLDER
+    expected = input_fingerprint(recipe, workdir)
+    if not force and is_done(final, expected):
+        return read_manifest(workdir)
+    started = time.time()
+    manifest = build_manifest(recipe, workdir)
+    for warning in manifest["warnings"]:  # also in the audit report and the run's summary
+        log.warning("mix: %s", warning)
+    with staged_output(final) as out:
+        write_json_atomic(out / MANIFEST, manifest)
+        write_marker(out, "mix", expected, started, code_version(__name__), {"manifest_sha256": manifest["sha256"]})
+    return manifest
+
+
+def manifest_path(workdir: Path) -> Path:
+    """The manifest of the finished mix stage: the only file training reads."""
+    return Path(workdir) / FOLDER / MANIFEST
+
+
+def read_manifest(workdir: Path) -> dict:
+    return json.loads(manifest_path(workdir).read_text())
+
+
+def verify_shards(workdir: Path) -> int:
+    """Check that every shard the manifest names still has the sha256 tokenize wrote; a damaged
+    one raises DamagedOutput naming it. Reading the shards once costs little beside training on
+    them, and a bit flipped in a shard would otherwise train silently on other tokens. Returns
+    the bytes read."""
+    checked = 0
+    for source in read_manifest(workdir)["sources"].values():
+        for shard in source["shards"]:
+            path = Path(workdir) / shard["path"]
+            check_sha256(path, shard["sha256"], "tokenize")
+            checked += path.stat().st_size
+    return checked
+
+
+def format_plan(manifest: dict) -> str:
+    """The manifest as tables: phases (steps, tokens, switch) and sources (share, epochs)."""
+    total = manifest["total_steps"]
+    lines = [
+        f"{manifest['recipe']}: {total} steps x {manifest['tokens_per_step']:,} tokens = "
+        f"{manifest['total_tokens']:,} tokens "
+        f"({manifest['schedule']['decay']}, max_lr {manifest['schedule']['max_lr']:.2e})",
+        "",
+        f"{'phase':<12}{'trigger':<16}{'start step':>11}{'% of run':>10}{'steps':>8}{'tokens':>13}  weights",
+    ]
+    for p in manifest["phases"]:
+        trigger = "step 0" if p["lr_below"] is None else f"LR <= {p['lr_below']:g} max"
+        weights = ", ".join(f"{k} {v:.0%}" for k, v in p["weights"].items())
+        lines.append(
+            f"{p['name']:<12}{trigger:<16}{p['start_step']:>11}{p['start_fraction']:>10.1%}{p['steps']:>8}"
+            f"{p['tokens']:>13,}  {weights}"
+        )
+    lines += ["", f"{'source':<12}{'role':<8}{'available':>13}{'drawn':>13}{'share':>8}{'epochs':>8}"]
+    drawn_total = sum(s["drawn_tokens"] for s in manifest["sources"].values()) or 1
+    for name, s in manifest["sources"].items():
+        lines.append(
+            f"{name:<12}{s['role']:<8}{s['tokens']:>13,}{s['drawn_tokens']:>13,}{s['drawn_tokens'] / drawn_total:>8.1%}"
+            f"{s['epochs']:>8.2f}"
+        )
+    switches = [p for p in manifest["phases"] if p["lr_below"] is not None]
+    for p in switches:
+        lines.append(
+            f"\nswitch to {p['name']} at step {p['start_step']} of {total} ({p['start_fraction']:.1%} of the run)"
+        )
+    lines += [f"warning: {w}" for w in manifest["warnings"]]
+    return "\n".join(lines)
+
+
+STAGE = Stage(
+    name="mix",
+    reads=("tokenize",),
+    sections=("mixture", "schedule", "train", "tokenize"),
+    folder=FOLDER,
+    run_function=run_mix,
+    fingerprint_function=input_fingerprint,
+)

@@ -1,0 +1,1 @@
+"""tokenize: curated documents into packed Arrow shards (stage.py)."""
