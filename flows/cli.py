@@ -103,9 +103,12 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from refit.flows.report import format_power
+
     recipe = load_recipe(args.recipe)
     print(f"{args.recipe}: valid")
     print(describe(recipe))
+    print(format_power(recipe))
     if note := missing_pretraining_facts(recipe):
         print(f"note: {note}")
     return 0
@@ -142,8 +145,11 @@ def run_plan(recipe: Recipe, workdir: Path) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
+    from refit.flows.report import format_power
+
     with workdir_lock(_workdir(args, recipe), f"refit plan {args.recipe}", wait=args.wait):
         print(run_plan(recipe, _workdir(args, recipe)))
+    print(format_power(recipe))
     return 0
 
 

@@ -6,7 +6,9 @@ import json
 from pathlib import Path
 
 from refit.stages.audit import stage as audit
+from refit.stages.core.config import Recipe
 from refit.stages.core.markers import read_marker
+from refit.stages.core.scores import detectable_differences, underpowered
 from refit.stages.evaluate import stage as evaluate
 from refit.stages.publish import stage as publish
 
@@ -34,7 +36,8 @@ def format_evaluation(scores: dict, validation: dict, safety: dict | None = None
                 f"{_pm(figure['candidate'], figure['candidate_stderr']):>16}"
                 f"{_pm(figure['delta'], figure['delta_stderr']):>16}"
             )
-    averages = [("average*", "counted", scores["average"])]
+    averages = [(f"average* ({scores['estimator']})", "counted", scores["average"])]
+    averages += [("average (equal weight)", "counted", scores["average_equal"])]
     averages += [(f"average {m}", m, scores[f"average_{m}"]) for m in ("acc", "acc_norm")]
     for label, metric, figure in averages:
         if figure:
@@ -44,7 +47,10 @@ def format_evaluation(scores: dict, validation: dict, safety: dict | None = None
                 f"{_pm(figure['delta'], figure['delta_stderr']):>16}"
             )
     if scores["benchmarks"]:
-        lines.append("(* the metric the gates count; averages weighted by each benchmark's weight)")
+        lines.append(
+            f"(* the metric and the average the gates count: gates.gain_estimator {scores['estimator']}, each "
+            "benchmark's weight times its items (items), the inverse variance of its difference (precision) or 1)"
+        )
     lines += ["", f"{'validation':<16}{'role':<8}{'docs':>6}{'base loss':>16}{'candidate loss':>16}{'bits/byte':>16}"]
     for name, v in validation.items():
         lines.append(
@@ -122,3 +128,27 @@ def format_audit(workdir: Path) -> tuple[bool, str]:
         lines.append(f"published: {record['version']} at {record['path']}")
     lines.append(f"full report: {audit.report_markdown(workdir)}")
     return report["passed"], "\n".join(lines)
+
+
+def format_power(recipe: Recipe) -> str:
+    """Each benchmark's and the counted average's smallest detectable difference, and the
+    benchmarks too small for the regression gate, as `refit validate` and `refit plan` print them."""
+    power = detectable_differences(recipe)
+    if power is None:
+        return "benchmarks: none counted, so the gain gate cannot pass"
+    lines = [f"{'benchmark':<24}{'items':>8}{'weight':>8}{'stderr at most':>16}{'detectable':>12}"]
+    for name, b in power["benchmarks"].items():
+        if b["stderr"] is not None:
+            lines.append(
+                f"{name:<24}{b['items']:>8}{b['weight']:>8g}{100 * b['stderr']:>15.1f}p{100 * b['detectable']:>11.1f}p"
+            )
+    average = power["average"]
+    lines.append(
+        f"{'average (' + recipe.gates.gain_estimator + ')':<40}{100 * average['stderr']:>15.1f}p"
+        f"{100 * average['detectable']:>11.1f}p"
+    )
+    lines.append(
+        f"(points; detectable: {recipe.gates.noise_sigmas:g} standard errors of a paired difference, at most "
+        "sqrt(0.5/items): measured ones are smaller)"
+    )
+    return "\n".join(lines + [f"warning: {w}" for w in underpowered(recipe, power)])

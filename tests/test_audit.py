@@ -8,13 +8,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import BASE_RECIPE, arrow_peaks, write_recipe
+from conftest import BASE_RECIPE, arrow_peaks, write_jsonl, write_recipe
 from safetensors.torch import load_file, save_file
 
 from refit.stages.audit.gates import accuracy_gates, health_gate, lineage_gate, loss_gates, validation_warnings
 from refit.stages.audit.stage import AuditFailed, lineage, run_audit
 from refit.stages.core.config import load_recipe
-from refit.stages.core.scores import chosen_metric, judged_scores, paired_comparison
+from refit.stages.core.scores import (
+    chosen_metric,
+    detectable_differences,
+    judged_scores,
+    paired_comparison,
+    underpowered,
+)
 from refit.stages.evaluate.stage import run_evaluate
 
 
@@ -106,27 +112,118 @@ def test_acc_norm_learning_on_the_new_cloze_passes_the_gain_gate_naming_what_dro
         "validation": {},
     }
     benchmarks = [{"name": name, "path": "data/old.jsonl", "domain": "new"} for name in report["benchmarks"]]
-    by_default = load_recipe(write_recipe(tmp_path, {**BASE_RECIPE, "evaluate": {"benchmarks": benchmarks}}))
+    equal = {**BASE_RECIPE, "gates": {"gain_estimator": "equal"}}  # the figures below are the macro average's
+    by_default = load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": benchmarks}}))
     gain = accuracy_gates(by_default, report, None)[0]
     assert gain["passed"] and gain["value"] == pytest.approx((0.10 - 0.004) / 4)
     assert gain["drivers"] == ["sql_cloze"] and "driven by sql_cloze;" in gain["reason"]
-    assert "sql_cloze acc_norm x1 (+2.5)" in gain["reason"]
+    assert "sql_cloze acc_norm x1 1000 items, 25% of the average (+2.5)" in gain["reason"]
     # the same run counted by unnormalised accuracy: +0.35 points on average, within noise
     as_acc = [{**b, "metric": "acc"} for b in benchmarks]
     gain = accuracy_gates(
-        load_recipe(write_recipe(tmp_path, {**BASE_RECIPE, "evaluate": {"benchmarks": as_acc}})), report, None
+        load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": as_acc}})), report, None
     )[0]
     assert not gain["passed"] and gain["value"] == pytest.approx((0.018 - 0.004) / 4)
     # weights: the QA sets at chance not counted in the average (still gated for regression)
     weighted = [{**b, "weight": 0} if b["name"] in ("sql_qa", "sql_commands") else b for b in benchmarks]
     gates = accuracy_gates(
-        load_recipe(write_recipe(tmp_path, {**BASE_RECIPE, "evaluate": {"benchmarks": weighted}})), report, None
+        load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": weighted}})), report, None
     )
     assert gates[0]["value"] == pytest.approx((0.10 - 0.004) / 2) and gates[0]["passed"]
     assert {g["name"] for g in gates[1:]} == {f"benchmark_regression:{n}" for n in report["benchmarks"]}
     scores = judged_scores(by_default, report)
     assert scores["average_acc"]["delta"] == pytest.approx((0.018 - 0.004) / 4)  # both metrics shown
     assert scores["benchmarks"]["sql_cloze"]["metric_reason"] == "default: choices of up to 3 tokens"
+
+
+def _issue_run(large: dict[str, tuple[int, int]], small: dict[str, tuple[int, int]]) -> dict:
+    """The shape of a real run (the gain gate's issue): two large cloze benchmarks and two QA sets
+    of 60-70 items at chance; (up, down) per benchmark: items the candidate gets newly right and
+    newly wrong, the same for both metrics."""
+    shapes = {"pg_cloze": (1000, 322, "new"), "py_cloze": (901, 325, "legacy"), "pg_qa": (63, 15, "new")}
+    shapes["py_qa"] = (71, 18, "legacy")
+    moves = {**large, **small}
+    return {
+        "benchmarks": {
+            name: planted(*moves[name], *moves[name], domain=domain, items=items, right=right)
+            for name, (items, right, domain) in shapes.items()
+        },
+        "validation": {},
+    }
+
+
+def _with(tmp_path, report: dict, **gates):
+    benchmarks = [{"name": n, "path": "data/old.jsonl", "domain": b["domain"]} for n, b in report["benchmarks"].items()]
+    spec = {**BASE_RECIPE, "gates": gates, "evaluate": {"benchmarks": benchmarks}}
+    return load_recipe(write_recipe(tmp_path, spec), check_files=False)  # gates read no file
+
+
+# the issue's table: pg_cloze +8.3 +- 1.3, pg_qa +3.2 +- 7.5, py_cloze +4.4 +- 1.0, py_qa -2.8 +- 3.5 (points)
+ISSUE = {"pg_cloze": (130, 47), "py_cloze": (62, 22)}, {"pg_qa": (12, 10), "py_qa": (2, 4)}
+
+
+def test_two_large_benchmarks_improving_beyond_noise_pass_the_default_gain_gate(tmp_path):
+    report = _issue_run(*ISSUE)
+    scores = judged_scores(_with(tmp_path, report), report)
+    assert scores["benchmarks"]["pg_cloze"]["acc_norm"]["delta_stderr"] == pytest.approx(0.013, abs=0.001)
+    assert scores["benchmarks"]["pg_qa"]["acc_norm"]["delta_stderr"] == pytest.approx(0.075, abs=0.003)
+    gain = accuracy_gates(_with(tmp_path, report), report, None)[0]
+    assert gain["passed"] and gain["estimator"] == "items"
+    assert gain["value"] == pytest.approx((83 + 40 + 2 - 2) / (1000 + 901 + 63 + 71))  # every item counted once
+    assert "items-weighted average accuracy (gates.gain_estimator: items)" in gain["reason"]
+    assert "driven by pg_cloze, py_cloze" in gain["reason"]
+    # the equal-weight average is reported beside it: +3.3 +- 2.1 points, no power at 2 standard errors
+    assert gain["equal_weight"]["delta"] == pytest.approx(0.033, abs=0.001)
+    assert gain["equal_weight"]["delta_stderr"] == pytest.approx(0.021, abs=0.001)
+    assert "equal-weight average 0." in gain["reason"]
+    assert accuracy_gates(_with(tmp_path, report, gain_estimator="precision"), report, None)[0]["passed"]
+
+
+def test_a_failing_gain_gate_names_the_benchmarks_behind_its_noise_and_what_would_decide(tmp_path):
+    report = _issue_run(*ISSUE)
+    gain = accuracy_gates(_with(tmp_path, report, gain_estimator="equal"), report, None)[0]
+    assert not gain["passed"]
+    assert "its standard error comes mostly from pg_qa (63 items, 79% of the variance)" in gain["reason"]
+    decide = gain["reason"].split("what would let the data decide: ")[1]
+    assert decide.startswith("gates.gain_estimator: items (") and "gates.gain_estimator: precision (" in decide
+    assert "weight 0 for pg_qa (" in decide and decide.endswith("x the items of every benchmark")
+
+
+def test_small_benchmarks_moving_by_noise_alone_fail_under_every_estimator(tmp_path):
+    report = _issue_run({"pg_cloze": (88, 88), "py_cloze": (42, 42)}, ISSUE[1])
+    for estimator in ("items", "precision", "equal"):
+        gain = accuracy_gates(_with(tmp_path, report, gain_estimator=estimator), report, None)[0]
+        assert not gain["passed"], (estimator, gain["reason"])
+        assert gain["drivers"] == [] and "no benchmark moved beyond noise on its own" in gain["reason"]
+
+
+def test_a_regression_on_a_large_benchmark_fails_whatever_the_average_does(tmp_path):
+    report = _issue_run({"pg_cloze": (130, 47), "py_cloze": (22, 62)}, ISSUE[1])  # py_cloze -4.4 +- 1.0
+    gates = {g["name"]: g for g in accuracy_gates(_with(tmp_path, report), report, None)}
+    assert gates["average_accuracy_gain"]["passed"]  # the average still rises beyond noise
+    assert not gates["benchmark_regression:py_cloze"]["passed"]
+
+
+def test_the_detectable_difference_of_each_benchmark_and_of_the_average_before_a_run(tmp_path, capsys):
+    from refit.flows.cli import main as refit
+
+    write_jsonl(tmp_path / "big.jsonl", [{"id": i} for i in range(1000)])
+    write_jsonl(tmp_path / "small.jsonl", [{"id": i} for i in range(63)])
+    for name in ("base", "data"):
+        (tmp_path / name).mkdir(exist_ok=True)
+    (tmp_path / "base" / "config.json").write_text("{}")
+    for name in ("old", "qa"):
+        (tmp_path / "data" / f"{name}.jsonl").write_text("{}\n")
+    benchmarks = [{"name": n, "path": f"{n}.jsonl", "domain": "new"} for n in ("big", "small")]
+    path = write_recipe(tmp_path, {**BASE_RECIPE, "evaluate": {"benchmarks": benchmarks}})
+    power = detectable_differences(load_recipe(path))
+    assert power["benchmarks"]["small"]["detectable"] == pytest.approx(2 * (0.5 / 63) ** 0.5)
+    assert power["average"]["stderr"] == pytest.approx((0.5 * 1063) ** 0.5 / 1063)  # items-weighted: all items
+    (warning,) = underpowered(load_recipe(path), power)
+    assert warning.startswith("benchmark small: 63 items detect only differences beyond 17.8 points")
+    assert refit(["validate", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "small" in out and "17.8p" in out and "average (items)" in out and f"warning: {warning}" in out
 
 
 def test_default_metric_follows_the_choices_length_in_tokens():

@@ -213,6 +213,7 @@ def result_row(recipe: Recipe, variant: Variant, trained: dict, evaluation: dict
         "description": variant.description,
         "status": "ok",
         "overrides": variant.overrides,
+        "estimator": scores["estimator"],
         "score": average["candidate"] if average else None,
         "score_stderr": average["candidate_stderr"] if average else None,
         "score_gain": average["delta"] if average else None,
@@ -379,8 +380,10 @@ def results_markdown(
         lines += ["", "Warnings (data mix):", ""] + [f"- {variant}: {warning}" for variant, warning in warned]
     lines += [
         "",
-        "Score: the weighted average of each benchmark's counted metric (named in its column), as the audit's "
-        "gain gate counts it, in points with its standard error; avg acc and avg acc_norm: the same weights, "
+        "Score: the average of each benchmark's counted metric (named in its column) under gates.gain_estimator "
+        f"{', '.join(sorted({r.get('estimator', 'equal') for r in ok})) or '-'}, as the audit's gain gate counts "
+        "it, in points with its standard error; "
+        "avg acc and avg acc_norm: the same weights, "
         "one metric everywhere. Gates: the audit's, computed per variant at this budget; a winner must pass "
         f"those in bold ({', '.join(required)}). Losses in nats per token on held-out documents; wall time is "
         "training plus evaluation; device-hours count training only.",

@@ -46,6 +46,79 @@ def _drivers(scores: dict, sigmas: float) -> list[str]:
     ]
 
 
+ESTIMATED = {"items": "items-weighted", "precision": "precision-weighted", "equal": "equal-weight"}
+
+
+def _gain_shown(average: dict, g) -> bool:
+    return average["delta"] - sigma(average["delta_stderr"], g.noise_sigmas) > g.min_average_gain
+
+
+def gain_gate(recipe: Recipe, evaluation: dict, scores: dict) -> dict:
+    """The average gain under `gates.gain_estimator`, beyond noise; the equal-weight average
+    beside it; when it fails, what dominates its standard error and what would decide."""
+    g, average, estimator = recipe.gates, scores["average"], scores["estimator"]
+    drivers = _drivers(scores, g.noise_sigmas)
+    counted = ", ".join(
+        f"{n} {b['metric']} x{b['weight']:g} {b['items']} items, {100 * b['share']:.0f}% of the average "
+        f"({100 * scores['contributions'][n]:+.1f})"
+        for n, b in scores["benchmarks"].items()
+    )
+    passed = _gain_shown(average, g)
+    reason = (
+        f"{ESTIMATED[estimator]} average accuracy (gates.gain_estimator: {estimator}) {_figure(average)}; must "
+        f"exceed {g.min_average_gain:+.4f} by {g.noise_sigmas:g} standard errors; equal-weight average "
+        f"{_figure(scores['average_equal'])}; "
+        + (f"driven by {', '.join(drivers)}" if drivers else "no benchmark moved beyond noise on its own")
+        + f"; counted (metric x weight, items, share of the average, points of its difference): {counted}"
+    )
+    if not passed:
+        reason += "; " + _what_would_decide(recipe, evaluation, scores)
+    return gate(
+        "average_accuracy_gain",
+        passed,
+        average["delta"],
+        g.min_average_gain,
+        reason,
+        drivers=drivers,
+        estimator=estimator,
+        equal_weight=scores["average_equal"],
+    )
+
+
+def _what_would_decide(recipe: Recipe, evaluation: dict, scores: dict) -> str:
+    """Which benchmarks make most of the average's standard error, and the changes that would let
+    the data decide, cheapest first: another estimator, those benchmarks weighed out, more items."""
+    g, average, shares = recipe.gates, scores["average"], scores["variance_shares"]
+    dominant, covered = [], 0.0
+    for name in sorted(shares, key=shares.get, reverse=True):  # the fewest that make half the variance
+        if covered >= 0.5:
+            break
+        dominant.append(name)
+        covered += shares[name]
+    said = "its standard error comes mostly from " + ", ".join(
+        f"{n} ({scores['benchmarks'][n]['items']} items, {100 * shares[n]:.0f}% of the variance)" for n in dominant
+    )
+    if average["delta"] <= g.min_average_gain:
+        return (
+            f"{said}; the difference itself does not exceed {g.min_average_gain:+.4f}: more data would not show a gain"
+        )
+    options = []
+    for other in ESTIMATED:
+        if other != scores["estimator"] and _gain_shown(
+            other_average := judged_scores(recipe, evaluation, other)["average"], g
+        ):
+            options.append(f"gates.gain_estimator: {other} ({_figure(other_average)})")
+    weighed_out = [
+        b.model_copy(update={"weight": 0.0}) if b.name in dominant else b for b in recipe.evaluate.benchmarks
+    ]
+    without = recipe.model_copy(update={"evaluate": recipe.evaluate.model_copy(update={"benchmarks": weighed_out})})
+    if (rest := judged_scores(without, evaluation)["average"]) is not None and _gain_shown(rest, g):
+        options.append(f"weight 0 for {', '.join(dominant)} ({_figure(rest)})")
+    needed = (average["delta"] - g.min_average_gain) / g.noise_sigmas  # the standard error that would decide
+    options.append(f"about {(average['delta_stderr'] / needed) ** 2:.1f}x the items of every benchmark")
+    return f"{said}; what would let the data decide: " + ", or ".join(options)
+
+
 def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> list[dict]:
     """Average gain, above the previous version, per-benchmark regression: each on the metric
     and weight the recipe counts for each benchmark (stages/core/scores.py)."""
@@ -62,26 +135,7 @@ def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> l
                 "no benchmarks in the recipe: nothing shows the candidate is better",
             )
         ]
-    margin = sigma(average["delta_stderr"], g.noise_sigmas)
-    drivers = _drivers(scores, g.noise_sigmas)
-    counted = ", ".join(
-        f"{n} {b['metric']} x{b['weight']:g} ({100 * scores['contributions'][n]:+.1f})"
-        for n, b in scores["benchmarks"].items()
-    )
-    gates.append(
-        gate(
-            "average_accuracy_gain",
-            average["delta"] - margin > g.min_average_gain,
-            average["delta"],
-            g.min_average_gain,
-            f"weighted average accuracy {_figure(average)}; must exceed {g.min_average_gain:+.4f} by "
-            f"{g.noise_sigmas:g} standard errors; "
-            + (f"driven by {', '.join(drivers)}" if drivers else "no benchmark moved beyond noise on its own")
-            + "; counted (metric x weight, "
-            f"points of the average's difference): {counted}",
-            drivers=drivers,
-        )
-    )
+    gates.append(gain_gate(recipe, evaluation, scores))
     if previous is not None and (prior_average := previous_average(scores, previous)) is not None:
         prior = prior_average["candidate"]
         bar = prior - sigma(prior_average["candidate_stderr"], g.noise_sigmas)
@@ -91,7 +145,8 @@ def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> l
                 average["candidate"] >= bar,
                 average["candidate"],
                 prior,
-                f"weighted average accuracy {average['candidate']:.4f} against the previous published version's "
+                f"{ESTIMATED[scores['estimator']]} average accuracy {average['candidate']:.4f} against the previous "
+                f"published version's "
                 f"{prior:.4f} on the same metrics and weights (fails only if lower by more than "
                 f"{g.noise_sigmas:g} standard errors)",
             )

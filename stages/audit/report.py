@@ -96,7 +96,8 @@ def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict],
             + " | ".join(_points(b[metric]) for metric in ("acc", "acc_norm"))
             + " |"
         )
-    averages = [("**weighted average, counted metrics**", scores["average"])]
+    averages = [(f"**{scores['estimator']}-weighted average, counted metrics** (the gain gate's)", scores["average"])]
+    averages += [("equal-weight average, counted metrics", scores["average_equal"])]
     averages += [(f"weighted average, {m} everywhere", scores[f"average_{m}"]) for m in ("acc", "acc_norm")]
     for label, average in averages:
         if average:

@@ -496,9 +496,9 @@ class BenchmarkSpec(Section):
     more than one token under the model's tokenizer (longer choices would lose on total
     log-likelihood for their length alone), acc when every choice is a single token."""
     weight: float = Field(default=1.0, ge=0)
-    """Weight in the average the gain gate and the sweep use (0: not counted there; the
-    benchmark is still gated for regression). A benchmark sitting at chance adds noise, not
-    signal, to the average: weigh it down."""
+    """Weight in the average the gain gate and the sweep use, multiplied by what
+    `gates.gain_estimator` weighs by (0: not counted there; the benchmark is still gated for
+    regression). A benchmark sitting at chance adds noise, not signal, to the average: weigh it down."""
 
 
 class SafetySpec(Section):
@@ -586,6 +586,14 @@ class EvaluateSpec(Section):
 class GatesSpec(Section):
     min_average_gain: float = 0.0
     """Average accuracy gain (candidate - base, in points of 0..1) must exceed this."""
+    gain_estimator: Literal["items", "precision", "equal"] = "items"
+    """The average the gain gate, `refit sweep` and the reports count, each benchmark weighted by
+    its `weight` times: items, its number of items (the accuracy over all items, as
+    lm-evaluation-harness groups weigh by size; a benchmark of 60 items cannot veto one of 1000);
+    precision, the inverse variance of its paired difference (the most precise estimate of a
+    common gain, but its weights follow the data); equal, 1 (the macro average, the paper's
+    "average accuracy", whose standard error the smallest benchmarks dominate). The equal-weight
+    average is reported beside the counted one whichever is chosen."""
     max_benchmark_drop: float = Field(default=0.02, ge=0)
     """No benchmark may fall by more than this (accuracy, 0..1)."""
     max_legacy_loss_increase: float = Field(default=0.05, ge=0)

@@ -68,29 +68,58 @@ def weighted_average(entries: dict[str, dict], weights: dict[str, float]) -> dic
     return average
 
 
-def judged_scores(recipe: Recipe, evaluation: dict) -> dict:
-    """Per benchmark: the metric counted, why, its weight and both metrics; the weighted average
-    of the counted metric (`average`, what the gates and the sweep use) and of each metric alone,
-    and each benchmark's contribution to the average's difference."""
+def estimator_weights(estimator: str, counted: dict[str, dict], recipe_weights: dict[str, float], items: dict) -> dict:
+    """Each benchmark's weight in the average the gain gate counts (`gates.gain_estimator`), the
+    recipe's weight times: its item count (items: the accuracy over all items, as
+    lm-evaluation-harness groups weigh by size), the inverse variance of its paired difference
+    (precision: the most precise average of a common gain, the fixed-effect meta-analysis
+    one), or 1 (equal: the macro average, the paper's "average accuracy")."""
+    if estimator == "items":
+        return {n: recipe_weights[n] * items[n] for n in counted}
+    if estimator == "precision":  # a difference measured without error (all items alike) still has a binomial floor
+        floor = {n: 0.5 / items[n] for n in counted}
+        return {n: recipe_weights[n] / max(e["delta_stderr"] or 0.0, floor[n]) ** 2 for n, e in counted.items()}
+    return dict(recipe_weights)
+
+
+def variance_shares(entries: dict[str, dict], weights: dict[str, float]) -> dict[str, float]:
+    """Each benchmark's share of the variance of the average's paired difference."""
+    parts = {n: (weights[n] * (e["delta_stderr"] or 0.0)) ** 2 for n, e in entries.items()}
+    total = sum(parts.values())
+    return {n: part / total for n, part in parts.items()} if total > 0 else dict.fromkeys(parts, 0.0)
+
+
+def judged_scores(recipe: Recipe, evaluation: dict, estimator: str | None = None) -> dict:
+    """Per benchmark: the metric counted, why, its recipe weight, its weight in the average and
+    both metrics; the average of the counted metric under the gain estimator (`average`, what
+    the gates and the sweep use; `estimator` overrides the recipe's), the equal-weight average
+    beside it (`average_equal`, the paper's), the average of each metric alone, and each
+    benchmark's contribution to the average's difference and share of its variance."""
+    estimator = estimator or recipe.gates.gain_estimator
     specs = {b.name: b for b in recipe.evaluate.benchmarks}
-    benchmarks, counted, weights = {}, {}, {}
+    benchmarks, counted, recipe_weights, items = {}, {}, {}, {}
     for name, entry in evaluation["benchmarks"].items():
         spec = specs.get(name)
         metric, why = chosen_metric(spec.metric if spec else None, entry.get("longest_choice_tokens"))
-        weights[name] = spec.weight if spec else 1.0
-        counted[name] = entry[metric]
+        recipe_weights[name] = spec.weight if spec else 1.0
+        counted[name], items[name] = entry[metric], entry["items"]
         benchmarks[name] = {
             "domain": entry["domain"],
             "items": entry["items"],
             "metric": metric,
             "metric_reason": why,
-            "weight": weights[name],
+            "weight": recipe_weights[name],
             **{m: entry[m] for m in METRICS},
         }
+    weights = estimator_weights(estimator, counted, recipe_weights, items)
     total = sum(weights.values())
+    for name in benchmarks:
+        benchmarks[name]["share"] = weights[name] / total if total > 0 else 0.0
     return {
+        "estimator": estimator,
         "benchmarks": benchmarks,
         "average": weighted_average(counted, weights) if benchmarks else None,
+        "average_equal": weighted_average(counted, recipe_weights) if benchmarks else None,
         **{
             f"average_{m}": weighted_average({n: e[m] for n, e in evaluation["benchmarks"].items()}, weights)
             if benchmarks
@@ -98,22 +127,67 @@ def judged_scores(recipe: Recipe, evaluation: dict) -> dict:
             for m in METRICS
         },
         "contributions": {n: weights[n] * counted[n]["delta"] / total for n in benchmarks} if total > 0 else {},
+        "variance_shares": variance_shares(counted, weights) if total > 0 else {},
     }
 
 
 def previous_average(scores: dict, previous_evaluation: dict) -> dict | None:
-    """A published version's weighted average under this run's metrics and weights (its
-    evaluation holds both metrics), over the benchmarks both share; None if none."""
+    """A published version's weighted average under this run's metrics and weights in the
+    average (its evaluation holds both metrics), over the benchmarks both share; None if none."""
     theirs = previous_evaluation.get("benchmarks") or {}
     shared = {n: b for n, b in scores["benchmarks"].items() if n in theirs and b["metric"] in theirs[n]}
     if not shared:
         return None
     return weighted_average(
-        {n: theirs[n][b["metric"]] for n, b in shared.items()}, {n: b["weight"] for n, b in shared.items()}
+        {n: theirs[n][b["metric"]] for n, b in shared.items()}, {n: b["share"] for n, b in shared.items()}
     )
 
 
 def metric_label(scores: dict) -> str:
     """'acc_norm' when every counted benchmark uses it, else 'acc/acc_norm per benchmark'."""
-    metrics = {b["metric"] for b in scores["benchmarks"].values() if b["weight"] > 0}
+    metrics = {b["metric"] for b in scores["benchmarks"].values() if b["share"] > 0}
     return metrics.pop() if len(metrics) == 1 else "acc or acc_norm per benchmark"
+
+
+def detectable_differences(recipe: Recipe) -> dict | None:
+    """Before anything runs: each benchmark's items and the smallest paired difference the gates
+    can tell from noise on it (`gates.noise_sigmas` standard errors), and the same for the
+    average the gain gate counts. The standard error is the largest a paired difference of two
+    accuracies can have on n items, both at 50% and uncorrelated: sqrt(0.5 / n); pairing and
+    accuracies far from 50% make the measured one smaller. None without benchmarks."""
+    sigmas, benchmarks = recipe.gates.noise_sigmas, {}
+    for bench in recipe.evaluate.benchmarks:
+        with open(bench.path, encoding="utf-8", errors="replace") as lines:
+            items = sum(1 for line in lines if line.strip())
+        stderr = math.sqrt(0.5 / items) if items else None
+        benchmarks[bench.name] = {
+            "items": items,
+            "weight": bench.weight,
+            "stderr": stderr,
+            "detectable": sigmas * stderr if stderr is not None else None,
+        }
+    counted = {n: b for n, b in benchmarks.items() if b["weight"] > 0 and b["stderr"] is not None}
+    if not counted:
+        return None
+    # at equal accuracies every item has the same variance: precision weights are items weights here
+    by_items = recipe.gates.gain_estimator != "equal"
+    weights = {n: b["weight"] * (b["items"] if by_items else 1) for n, b in counted.items()}
+    stderr = math.sqrt(sum((weights[n] * b["stderr"]) ** 2 for n, b in counted.items())) / sum(weights.values())
+    return {"benchmarks": benchmarks, "average": {"stderr": stderr, "detectable": sigmas * stderr}}
+
+
+def underpowered(recipe: Recipe, power: dict | None) -> list[str]:
+    """Benchmarks whose standard error is over 3x the regression gate's margin
+    (`gates.max_benchmark_drop`): a drop that size cannot be told from noise on them."""
+    limit, warnings = 3 * recipe.gates.max_benchmark_drop, []
+    for name, b in (power or {}).get("benchmarks", {}).items():
+        if b["stderr"] is None:
+            warnings.append(f"benchmark {name} has no items: it measures nothing")
+        elif b["stderr"] > limit:
+            warnings.append(
+                f"benchmark {name}: {b['items']} items detect only differences beyond {100 * b['detectable']:.1f} "
+                f"points ({recipe.gates.noise_sigmas:g} standard errors of up to {100 * b['stderr']:.1f}), against a "
+                f"regression margin of {100 * recipe.gates.max_benchmark_drop:.1f}: add items, or weigh it down "
+                "(evaluate.benchmarks[].weight) so it does not blur the average"
+            )
+    return warnings
