@@ -45,6 +45,13 @@ def _edit(path: Path, **sections) -> Path:
     return path
 
 
+def _searched(tmp_path: Path, tiny_model_dir: Path, search: dict) -> tuple[Path, Path]:
+    """A recipe whose every trial passes the gates it is judged on, with this search space."""
+    gates = {"min_average_gain": -1.0, "max_legacy_loss_increase": 10.0}
+    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3, run_data_stages=False, gates=gates)
+    return _edit(path, sweep={"search": search}), workdir
+
+
 def test_space_comes_from_the_recipe_and_qa_share_rescales_the_last_phase(tmp_path, tiny_model_dir):
     path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     with pytest.raises(SweepError, match="qa_share: the last phase needs QA"):
@@ -120,14 +127,7 @@ def test_a_killed_search_resumes_and_does_not_rerun_finished_trials(prefect_harn
 
     from refit.flows.search import search
 
-    path, workdir = prepare(
-        tmp_path,
-        tiny_model_dir,
-        validation_fraction=0.3,
-        run_data_stages=False,
-        gates={"min_average_gain": -1.0, "max_legacy_loss_increase": 10.0},
-    )
-    _edit(path, sweep={"search": {"qa_share": None, "startup_trials": 2, "pruner": "median"}})
+    path, workdir = _searched(tmp_path, tiny_model_dir, {"qa_share": None, "startup_trials": 2, "pruner": "median"})
     sweep_dir = workdir / "sweep"
     code = (
         "from refit.flows.search import search; "
@@ -200,14 +200,7 @@ def test_a_resumed_search_proposes_new_settings_and_lists_each_trial_once(
 ):
     import refit.flows.search as search_flow
 
-    path, workdir = prepare(
-        tmp_path,
-        tiny_model_dir,
-        validation_fraction=0.3,
-        run_data_stages=False,
-        gates={"min_average_gain": -1.0, "max_legacy_loss_increase": 10.0},
-    )
-    _edit(path, sweep={"search": {"qa_share": None, "pruner": "none"}})  # 3 startup trials: drawn at random
+    path, workdir = _searched(tmp_path, tiny_model_dir, {"qa_share": None, "pruner": "none"})  # 3 random startup trials
     sweep_dir = workdir / "sweep"
 
     def killed(*args):
