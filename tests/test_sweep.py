@@ -163,6 +163,8 @@ def test_a_sweep_where_no_variant_passes_says_so_and_writes_no_best_recipe(tmp_p
     (sweep_dir / f"{recipe.name}.best.yaml").write_text("# an earlier sweep's winner\n")
     rows = [_row("a", 0.40, forgetting_ok=False), _row("b", 0.45, gain_ok=False)]
     rows[0]["warnings"] = ["source old is drawn 6.8 times (more than mixture.max_epochs 4)"]
+    why = "items-weighted average accuracy ...; its standard error comes mostly from b (65 items, 80% of the variance)"
+    rows[1]["failed_gates"] = {"average_accuracy_gain": why}  # as result_row keeps each failed gate's reason
     winner, reason = choose_winner(recipe, rows)
     assert winner is None and reason.startswith("no grid variant passed every required gate")
     assert "a failed forgetting:old" in reason and "b failed average_accuracy_gain" in reason
@@ -175,3 +177,4 @@ def test_a_sweep_where_no_variant_passes_says_so_and_writes_no_best_recipe(tmp_p
     assert "FAIL: **forgetting:old**" in markdown and "FAIL: **average_accuracy_gain**" in markdown
     assert "| b (acc_norm) |" in markdown and "avg acc_norm" in markdown
     assert "- a: source old is drawn 6.8 times" in markdown  # the mix's warnings travel with the results
+    assert f"Why gates failed:\n\n- b: average_accuracy_gain: {why}" in markdown

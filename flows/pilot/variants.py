@@ -375,6 +375,9 @@ def results_markdown(
             f"{r['device_hours']:.4f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    failures = [(r["variant"], name, why) for r in ok for name, why in r.get("failed_gates", {}).items()]
+    if failures:  # the gain gate's says which benchmarks make its noise and what would decide
+        lines += ["", "Why gates failed:", ""] + [f"- {variant}: {name}: {why}" for variant, name, why in failures]
     warned = [(r["variant"], w) for r in ok for w in r.get("warnings", [])]
     if warned:
         lines += ["", "Warnings (data mix):", ""] + [f"- {variant}: {warning}" for variant, warning in warned]
