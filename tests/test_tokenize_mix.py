@@ -191,3 +191,19 @@ def test_shards_are_identical_on_one_or_two_local_workers_and_ray(curated):
         assert not (workdir / "tokenize" / "logs").exists()
     assert len(outputs[0]) >= 4 and outputs[0] == outputs[1] == outputs[2]
     assert not ray.is_initialized()
+
+
+def test_a_document_longer_than_the_model_context_is_encoded_without_the_library_warning(
+    tmp_path, tiny_tokenizer_dir, caplog
+):
+    """Refit packs whole documents into rows itself: transformers' "Token indices sequence length
+    is longer than the specified maximum" would be noise in every run's log."""
+    import shutil
+
+    from refit.stages.tokenize.stage import load_tokenizer
+
+    tokenizer_dir = shutil.copytree(tiny_tokenizer_dir, tmp_path / "tokenizer")
+    settings = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    (tokenizer_dir / "tokenizer_config.json").write_text(json.dumps({**settings, "model_max_length": 16}))
+    ids = load_tokenizer(tokenizer_dir)("a long document " * 50)["input_ids"]
+    assert len(ids) > 16 and "longer than the specified maximum" not in caplog.text

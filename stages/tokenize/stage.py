@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -75,6 +76,9 @@ def load_tokenizer(path: Path):
         raise ValueError(f"{path}: Refit needs a fast (Rust) tokenizer, found {type(tokenizer).__name__}")
     if tokenizer.eos_token_id is None:
         raise ValueError(f"{path}: the tokenizer has no EOS token to separate documents")
+    # whole documents are encoded, then packed into rows of tokenize.seq_len by Refit: a document
+    # longer than the model's context is expected, and the library's warning about it is noise
+    tokenizer.model_max_length = sys.maxsize
     return tokenizer
 
 
