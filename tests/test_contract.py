@@ -99,9 +99,10 @@ def test_code_version_covers_exactly_the_modules_a_stage_imports():
     assert "refit.stages.curate.stage" in closure["tokenize"] and "refit.stages.tokenize.stage" not in closure["curate"]
 
 
-def test_rewording_a_comment_in_the_audit_report_module_changes_only_audit_and_publish(tmp_path):
+def test_a_stage_reruns_for_a_code_change_in_what_it_imports_never_for_a_comment_or_docstring(tmp_path):
     """On a copy of the project (so the real sources are never touched): the code version of
-    every stage before and after a comment in stages/audit/report.py is reworded."""
+    every stage after rewording a comment and a docstring in the report module, the config
+    module's docstrings (a field's too), then after a change of code in the report module."""
     root = tmp_path / "refit"
     for folder in ("stages", "flows"):
         shutil.copytree(REPO / folder, root / folder, ignore=shutil.ignore_patterns("__pycache__"))
@@ -118,9 +119,20 @@ def test_rewording_a_comment_in_the_audit_report_module_changes_only_audit_and_p
         assert done.returncode == 0, done.stderr
         return json.loads(done.stdout)
 
+    def edit(relative: str, old: str, new: str) -> None:
+        path = root / relative
+        text = path.read_text()
+        assert old in text, (relative, old)
+        path.write_text(text.replace(old, new, 1))
+
     before = versions()
-    report_module = root / "stages" / "audit" / "report.py"
-    report_module.write_text(report_module.read_text() + "\n# reworded: a comment, nothing else\n")
+    report, config = "stages/audit/report.py", "stages/core/config.py"
+    edit(report, '"""The audit report a reviewer reads', '"""The report a reviewer reads (reworded)')
+    edit(report, "from __future__ import annotations\n", "from __future__ import annotations  # reworded\n")
+    edit(config, '"""The recipe: one YAML file is one complete run.', '"""The recipe (reworded): one file, one run.')
+    edit(config, '"""Free text for the model card."""', '"""Free text for the model card (reworded)."""')
+    assert versions() == before  # nothing reruns
+    edit(report, "from __future__ import annotations", "from __future__ import annotations\n\nREWORDED = True")
     after = versions()
     assert [name for name in NAMES if before[name] != after[name]] == ["audit", "publish"]
 

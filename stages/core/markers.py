@@ -71,13 +71,34 @@ def project_modules(module: str) -> dict[str, Path]:
     return found
 
 
+def _meaning(source: str) -> bytes:
+    """A module as Python runs it: its syntax tree without comments (the parser drops them),
+    line numbers, or string statements (docstrings, and the field docstrings pydantic turns into
+    descriptions, which only the documentation reads)."""
+    tree = ast.parse(source)
+    for node in ast.walk(tree):
+        for field in ("body", "orelse", "finalbody"):
+            statements = getattr(node, field, None)
+            if isinstance(statements, list) and statements and isinstance(statements[0], ast.stmt):
+                kept = [
+                    s
+                    for s in statements
+                    if not (
+                        isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
+                    )
+                ]
+                setattr(node, field, kept or [ast.Pass()])
+    return ast.dump(tree).encode()
+
+
 @functools.cache
 def code_version(module: str) -> str:
-    """Hash of the sources of the project modules `module` imports (see `project_modules`):
-    editing a stage's code reruns that stage and those that read its output, not the others."""
+    """Hash of what the project modules `module` imports do (see `project_modules`, `_meaning`):
+    editing a stage's code reruns that stage and those that read its output, not the others;
+    rewording a comment or a docstring reruns nothing."""
     digest = hashlib.sha256()
     for name, path in sorted(project_modules(module).items()):
-        digest.update(name.encode() + b"\0" + path.read_bytes())
+        digest.update(name.encode() + b"\0" + _meaning(path.read_text()))
     return digest.hexdigest()[:16]
 
 
