@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import re
 from pathlib import Path
@@ -870,14 +871,16 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
                 f"(or in {PRETRAINING_RECORD} beside the checkpoint) to default to it",
             )
         )
-    sources = list(dict.fromkeys(name for s in data.get("sources") or [] if isinstance(name := _read(s, "name"), str)))
+    declared = data.get("sources") if isinstance(data.get("sources"), list) else []
+    sources = list(dict.fromkeys(name for s in declared if isinstance(name := _read(s, "name"), str)))
     decay = _setting(data, ScheduleSpec, "schedule", "decay")
     floor = _setting(data, ScheduleSpec, "schedule", "min_lr_ratio")
     phases = _read(data, "mixture", "phases")
     previous = 1.0
     for i, phase in enumerate(phases if isinstance(phases, list) else []):
         loc = ("mixture", "phases", i, "lr_below")
-        for source in _read(phase, "weights") or {}:
+        weights = _read(phase, "weights")
+        for source in weights if isinstance(weights, dict) else {}:
             if source not in sources:
                 problems.append(
                     _problem(
@@ -927,7 +930,8 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
             )
         )
     warmup = _setting(data, ScheduleSpec, "schedule", "warmup_fraction")
-    if all(isinstance(v, number) and v > 0 for v in (tokens, per_step, seq_len)) and isinstance(warmup, number):
+    counts = (tokens, per_step, seq_len, warmup)
+    if all(isinstance(v, number) and math.isfinite(v) for v in counts) and min(tokens, per_step, seq_len) > 0:
         steps = int(tokens // (per_step * seq_len))
         if steps < 2 or steps <= int(warmup * steps):
             problems.append(
@@ -1108,8 +1112,8 @@ def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]
         path = _absolute(value, base_dir)
         return None if path is None else Path(path)
 
-    def entries(key: str) -> list[tuple[int, dict]]:
-        items = data.get(key) if key != "benchmarks" else (data.get("evaluate") or {}).get("benchmarks")
+    def entries(*path: str) -> list[tuple[int, dict]]:
+        items = _read(data, *path)
         return [(i, item) for i, item in enumerate(items) if isinstance(item, dict)] if isinstance(items, list) else []
 
     problems: list[tuple[Loc, str]] = []
@@ -1120,12 +1124,12 @@ def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]
                 path = resolved(pattern)
                 if path is not None and not glob.glob(str(path), recursive=True):
                     problems.append((("sources", i, key, j), f"matches no file: {path}"))
-    base = resolved((data.get("base_model") or {}).get("path") if isinstance(data.get("base_model"), dict) else None)
+    base = resolved(_read(data, "base_model", "path"))
     if base is not None and not (base / "config.json").is_file():
         problems.append((("base_model", "path"), f"no Hugging Face checkpoint (config.json) at {base}"))
     elif base is not None:
         problems += [(("base_model", "path"), problem) for problem in _checkpoint_problems(base)]
-    for i, bench in entries("benchmarks"):
+    for i, bench in entries("evaluate", "benchmarks"):
         path = resolved(bench.get("path"))
         if path is not None and not path.is_file():
             problems.append((("evaluate", "benchmarks", i, "path"), f"no such file: {path}"))
