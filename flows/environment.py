@@ -8,6 +8,7 @@ beside the package, so there is nothing to compare and nothing is said.
 
 from __future__ import annotations
 
+import functools
 from importlib import metadata
 from pathlib import Path
 
@@ -38,9 +39,13 @@ def locked_versions(lock: Path) -> dict[str, str]:
 def drift(lock: Path | None = None) -> list[str]:
     """One line per locked package installed at another version or not at all; [] when the
     environment matches the lock (the repository's, unless given) or there is no lock."""
-    lock = lock or LOCK
+    return list(_drift(lock or LOCK))
+
+
+@functools.cache  # what is installed does not change under a running process: read it once
+def _drift(lock: Path) -> tuple[str, ...]:
     if not lock.is_file():
-        return []
+        return ()
     installed = {}
     for distribution in metadata.distributions():  # the first on sys.path wins, as for imports
         installed.setdefault(canonicalize_name(distribution.metadata["Name"] or ""), distribution.version)
@@ -50,7 +55,7 @@ def drift(lock: Path | None = None) -> list[str]:
             differences.append(f"{name}: locked {pinned}, not installed")
         elif installed[name] != pinned:
             differences.append(f"{name}: locked {pinned}, installed {installed[name]}")
-    return differences
+    return tuple(differences)
 
 
 def drift_warning(lock: Path | None = None) -> str | None:
