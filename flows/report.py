@@ -36,8 +36,10 @@ def format_evaluation(scores: dict, validation: dict, safety: dict | None = None
                 f"{_pm(figure['candidate'], figure['candidate_stderr']):>16}"
                 f"{_pm(figure['delta'], figure['delta_stderr']):>16}"
             )
-    averages = [(f"average* ({scores['estimator']})", "counted", scores["average"])]
-    averages += [("average (equal weight)", "counted", scores["average_equal"])]
+    estimator = scores.get("estimator", "equal")  # audits before gates.gain_estimator counted equal weights
+    averages = [(f"average* ({estimator})", "counted", scores["average"])]
+    if estimator != "equal":
+        averages += [("average (equal weight)", "counted", scores["average_equal"])]
     averages += [(f"average {m}", m, scores[f"average_{m}"]) for m in ("acc", "acc_norm")]
     for label, metric, figure in averages:
         if figure:
@@ -48,7 +50,7 @@ def format_evaluation(scores: dict, validation: dict, safety: dict | None = None
             )
     if scores["benchmarks"]:
         lines.append(
-            f"(* the metric and the average the gates count: gates.gain_estimator {scores['estimator']}, each "
+            f"(* the metric and the average the gates count: gates.gain_estimator {estimator}, each "
             "benchmark's weight times its items (items), the inverse variance of its difference (precision) or 1)"
         )
     lines += ["", f"{'validation':<16}{'role':<8}{'docs':>6}{'base loss':>16}{'candidate loss':>16}{'bits/byte':>16}"]

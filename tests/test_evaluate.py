@@ -218,9 +218,12 @@ def test_cli_table_shows_points_with_standard_errors():
             "candidate_bits_per_byte": 1.05,
         }
     }
-    text = format_evaluation(scores, validation)
+    text = format_evaluation(scores, validation)  # an audit written before gates.gain_estimator: equal weights
     assert "50.0 +- 2.0" in text and "60.0 +- 3.0" in text and "10.0 +- 1.0" in text and "1.000 -> 1.050" in text
     assert "-2.0 +- 1.0" in text and "acc_norm*" in text and "average acc_norm" in text  # both metrics, counted marked
+    assert "average* (equal)" in text and "average (equal weight)" not in text
+    text = format_evaluation({**scores, "estimator": "items", "average_equal": other}, validation)
+    assert "average* (items)" in text and "average (equal weight)" in text
 
 
 def test_token_weighted_loss_comparison_with_ratio_standard_errors():

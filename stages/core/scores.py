@@ -143,12 +143,6 @@ def previous_average(scores: dict, previous_evaluation: dict) -> dict | None:
     )
 
 
-def metric_label(scores: dict) -> str:
-    """'acc_norm' when every counted benchmark uses it, else 'acc/acc_norm per benchmark'."""
-    metrics = {b["metric"] for b in scores["benchmarks"].values() if b["share"] > 0}
-    return metrics.pop() if len(metrics) == 1 else "acc or acc_norm per benchmark"
-
-
 def detectable_differences(recipe: Recipe) -> dict | None:
     """Before anything runs: each benchmark's items and the smallest paired difference the gates
     can tell from noise on it (`gates.noise_sigmas` standard errors), and the same for the
