@@ -37,7 +37,7 @@ from refit.stages.core.config import (
     name_problem,
     parse_recipe,
 )
-from refit.stages.core.disk import DiskFull, full_disk_cause, full_disk_line
+from refit.stages.core.disk import DiskFull, full_disk_cause, no_space
 from refit.stages.core.lock import WorkdirBusy, check_workdir_free, workdir_lock
 from refit.stages.core.markers import StageNotReady, write_text_atomic
 from refit.stages.core.remote_code import RemoteCodeRefused
@@ -500,11 +500,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # a full disk outside any stage: the workdir lock, the flow's records
         if (cause := full_disk_cause(error)) is None:
             raise
-        where = f" writing {cause.filename}" if getattr(cause, "filename", None) else ""
-        print(
-            f"error: no space left on device{where} ({full_disk_line(str(cause))}): free space and rerun",
-            file=sys.stderr,
-        )
+        print(f"error: {no_space(cause, getattr(cause, 'filename', None))}: free space and rerun", file=sys.stderr)
         return 1
 
 

@@ -53,9 +53,7 @@ class AuditFailed(RuntimeError):
 def lineage(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
     base = Path(recipe.base_model.path)
     weights = {p.name: file_sha256(p) for p in sorted(base.glob("*.safetensors"))}
-    shards_ok = all(
-        file_sha256(workdir / s["path"]) == s["sha256"] for src in manifest["sources"].values() for s in src["shards"]
-    )
+    shards_ok = not mix.damaged_shards(manifest, workdir)
     return {
         "base_model": str(base),
         "base_config_sha256": file_sha256(base / "config.json") if (base / "config.json").exists() else None,

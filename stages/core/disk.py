@@ -39,6 +39,12 @@ def full_disk_line(text: str) -> str | None:
     return next((line[:200] for line in said if any(full in line for full in FULL_DISK_TEXTS)), None)
 
 
+def no_space(cause: BaseException, where: str | None) -> str:
+    """`no space left on device writing WHERE (the line that says so)`."""
+    writing = f" writing {where}" if where else ""
+    return f"no space left on device{writing} ({full_disk_line(str(cause)) or type(cause).__name__})"
+
+
 @contextmanager
 def full_disk_reported(stage: str, folder: Path) -> Iterator[None]:
     """Raise DiskFull, one line, for a full disk anywhere in the block; other errors pass."""
@@ -48,9 +54,8 @@ def full_disk_reported(stage: str, folder: Path) -> Iterator[None]:
         cause = full_disk_cause(error)
         if cause is None or isinstance(error, DiskFull):
             raise
-        path = getattr(cause, "filename", None) or f"{folder}.tmp"
-        said = full_disk_line(str(cause)) or type(cause).__name__
+        where = getattr(cause, "filename", None) or f"{folder}.tmp"
         raise DiskFull(
-            f"{stage}: no space left on device writing {path} ({said}): free space and rerun; "
-            f"the previous {stage} output in {folder} is unchanged"
+            f"{stage}: {no_space(cause, where)}: free space and rerun; the previous {stage} output in {folder} is "
+            "unchanged"
         ) from error

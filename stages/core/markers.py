@@ -1,10 +1,11 @@
 """Done markers, fingerprints, code versions and the one atomic-output rule of every stage.
 
 The rule: a stage builds its output in `<folder>.tmp/`, writes `_SUCCESS.json` there last,
-then swaps the folder into place (two renames). A stage is done iff the marker exists and
-names the same input fingerprint, so a half-written output is never visible and never
-reused, and the previous good output is only replaced once the new one is complete. A run
-killed anywhere in between is put right by `recover` at the next start.
+then swaps the folder into place (two renames). A stage is done iff the marker exists,
+names the same input fingerprint and every output it lists is still there at its size, so a
+half-written or damaged output is never visible and never reused, and the previous good
+output is only replaced once the new one is complete. A run killed anywhere in between is
+put right by `recover` at the next start.
 """
 
 from __future__ import annotations
@@ -177,17 +178,6 @@ class DamagedOutput(StageNotReady):
         super().__init__(
             f"the {stage} stage's output in {folder} is damaged: {name} {wrong}{more}; rerun that stage with "
             f"`refit run RECIPE --force {stage}` (or `refit stage {stage} RECIPE --force`)"
-        )
-
-
-def check_sha256(path: Path, expected: str, stage: str) -> None:
-    """Raise DamagedOutput unless the file `stage` wrote still has the sha256 it recorded."""
-    path = Path(path)
-    if not path.is_file():
-        raise DamagedOutput(path.parent, stage, {path.name: "is missing"})
-    if (actual := file_sha256(path)) != expected:
-        raise DamagedOutput(
-            path.parent, stage, {path.name: f"has sha256 {actual[:12]}..., {expected[:12]}... when written"}
         )
 
 

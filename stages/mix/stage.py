@@ -16,8 +16,9 @@ from pathlib import Path
 from refit.stages.core.config import Recipe
 from refit.stages.core.contract import Stage
 from refit.stages.core.markers import (
-    check_sha256,
+    DamagedOutput,
     code_version,
+    file_sha256,
     fingerprint,
     is_done,
     staged_output,
@@ -186,18 +187,32 @@ def read_manifest(workdir: Path) -> dict:
     return json.loads(manifest_path(workdir).read_text())
 
 
+def damaged_shards(manifest: dict, workdir: Path) -> dict[Path, str]:
+    """Every shard the manifest names that is gone or no longer has the sha256 tokenize wrote:
+    path -> what is wrong (the audit's lineage, and training before it starts)."""
+    damaged = {}
+    for source in manifest["sources"].values():
+        for shard in source["shards"]:
+            path = Path(workdir) / shard["path"]
+            if not path.is_file():
+                damaged[path] = "is missing"
+            elif (actual := file_sha256(path)) != shard["sha256"]:
+                damaged[path] = f"has sha256 {actual[:12]}..., {shard['sha256'][:12]}... when written"
+    return damaged
+
+
 def verify_shards(workdir: Path) -> int:
     """Check that every shard the manifest names still has the sha256 tokenize wrote; a damaged
     one raises DamagedOutput naming it. Reading the shards once costs little beside training on
     them, and a bit flipped in a shard would otherwise train silently on other tokens. Returns
     the bytes read."""
-    checked = 0
-    for source in read_manifest(workdir)["sources"].values():
-        for shard in source["shards"]:
-            path = Path(workdir) / shard["path"]
-            check_sha256(path, shard["sha256"], "tokenize")
-            checked += path.stat().st_size
-    return checked
+    manifest = read_manifest(workdir)
+    if damaged := damaged_shards(manifest, workdir):
+        path, wrong = next(iter(damaged.items()))
+        raise DamagedOutput(path.parent, "tokenize", {path.name: wrong})
+    return sum(
+        (Path(workdir) / s["path"]).stat().st_size for src in manifest["sources"].values() for s in src["shards"]
+    )
 
 
 def format_plan(manifest: dict) -> str:
