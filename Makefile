@@ -42,12 +42,17 @@ browser:
 		&& apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \
 		|| echo "chromium not installed (needs root and apt-get): the browser test will be skipped"
 
+# two pytest workers (pytest-xdist): much of a test's time is a subprocess starting or a server
+# answering, so two keep two cores busy; tests sharing a resource name an xdist_group
+TEST_WORKERS ?= 2
+PYTEST  := HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+
 test: lint browser
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest
+	$(PYTEST)
 
 # the tests that start no training and no server
 test-fast: lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 clean-runs:
 	rm -rf runs

@@ -62,6 +62,7 @@ def _outputs(workdir: Path) -> dict[str, bytes]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.xdist_group("ray")  # one private Ray cluster at a time: make test runs two workers
 def test_decisions_and_output_are_identical_on_one_or_two_local_workers_and_ray(tmp_path):
     ray = pytest.importorskip("ray", reason="the ray extra is part of dev: pip install -e '.[dev]'")
     sources = _sources(tmp_path / "data")
