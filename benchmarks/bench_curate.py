@@ -83,7 +83,7 @@ def main() -> None:
     args = parser.parse_args()
     recipe = load_recipe(RECIPE, check_files=False)
     recipe = recipe.model_copy(update={"curate": recipe.curate.model_copy(update={"workers": args.workers})})
-    files = [f for s in recipe.sources for f in source_files(s)]
+    files = [f for s in recipe.sources for f in source_files(s)[0]]
     megabytes = sum(len(gzip.open(f).read()) for f in files) / 1e6
     best = {"baseline": float("inf"), "refit": float("inf")}
     for _ in range(args.repeat):

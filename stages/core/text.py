@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 import unicodedata
 from pathlib import Path
+
+from refit.stages.core.input_files import load_benchmark
 
 WORD = re.compile(r"\w+")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
@@ -29,16 +30,11 @@ def word_ngrams(text: str, n: int) -> set[tuple[str, ...]]:
     return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as lines:
-        return [json.loads(line) for line in lines if line.strip()]
-
-
 def benchmark_ngrams(benchmarks: list, n: int) -> dict[tuple[str, ...], str]:
     """n-gram -> "benchmark:item id", over each item's query and gold answer."""
     owners: dict[tuple[str, ...], str] = {}
     for bench in benchmarks:
-        for item in read_jsonl(Path(bench.path)):
+        for item in load_benchmark(Path(bench.path)):
             for gram in word_ngrams(item["query"] + item["choices"][item["gold"]], n):
                 owners.setdefault(gram, f"{bench.name}:{item['id']}")
     return owners

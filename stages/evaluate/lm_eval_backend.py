@@ -26,7 +26,7 @@ import numpy as np
 import yaml
 
 from refit.stages.core.config import BenchmarkSpec
-from refit.stages.core.text import read_jsonl
+from refit.stages.core.input_files import load_benchmark
 from refit.stages.evaluate.scorer import ScoringSettings, context_length, free_memory
 
 log = logging.getLogger(__name__)
@@ -160,7 +160,7 @@ def score_benchmarks(model: HarnessModel, benchmarks: list[BenchmarkSpec]) -> di
     scores = {}
     for bench in benchmarks:
         name = task_name(bench)
-        items = read_jsonl(Path(bench.path))
+        items = load_benchmark(Path(bench.path))
         samples = sorted(output["samples"][name], key=lambda s: s["doc_id"])
         if [s["doc"]["id"] for s in samples] != [item["id"] for item in items]:
             raise RuntimeError(f"lm-eval scored other items than {bench.path} holds")

@@ -23,18 +23,18 @@ standard errors (same resampled items for both models, fixed seed).
 from __future__ import annotations
 
 import csv
-import gzip
-import json
 import logging
 import math
 import random
 import re
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from refit.stages.core.config import Recipe, SafetySpec
+from refit.stages.core.input_files import InputFileError, item_at, json_lines, text_lines
 from refit.stages.core.scores import paired_comparison
 from refit.stages.curate import stage as curate
 from refit.stages.evaluate.scorer import Scorer, ScoringSettings, ScoringTask, choice_loglikelihoods, context_length
@@ -66,12 +66,7 @@ BOOTSTRAP_RESAMPLES = 1000
 DECODINGS = ("greedy", "sampled")
 
 
-class ProbeFileError(ValueError):
-    """A probe file that cannot be used, with the file and line at fault."""
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8", newline="") if path.suffix == ".gz" else open(path, newline="")
+ProbeFileError = InputFileError  # a probe file that cannot be used, with the file and line at fault
 
 
 def _bundled(configured, *default: str) -> Path:
@@ -79,6 +74,23 @@ def _bundled(configured, *default: str) -> Path:
 
 
 # ----------------------------------------------------------------------------- probe files
+# Each line is checked by a function of its own, called through `item_at`: whatever a
+# malformed item raises that no check foresaw is still a ProbeFileError naming file and line.
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[str, dict]]:
+    """(where, row) of each row of a CSV file, whose header must name CROWS_COLUMNS."""
+    reader = csv.DictReader(line for _, line in text_lines(path))
+    try:
+        missing = [c for c in CROWS_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ProbeFileError(
+                f"{path}, line 1: missing column(s) {', '.join(missing)} (header: {reader.fieldnames})"
+            )
+        for row in reader:
+            yield f"{path}, line {reader.line_num}", row
+    except csv.Error as error:  # a NUL byte, a field over the csv module's size limit
+        raise ProbeFileError(f"{path}, line {reader.line_num}: not CSV ({error})") from None
 
 
 def load_crows_pairs(path: Path) -> list[dict]:
@@ -86,37 +98,27 @@ def load_crows_pairs(path: Path) -> list[dict]:
     empty sentence or an empty file is a ProbeFileError naming file and line."""
     path = Path(path)
     pairs = []
-    with _open_text(path) as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in CROWS_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ProbeFileError(
-                f"{path}, line 1: missing column(s) {', '.join(missing)} (header: {reader.fieldnames})"
-            )
-        for row in reader:
-            where = f"{path}, line {reader.line_num}"
-            if row["stereo_antistereo"] not in ("stereo", "antistereo"):
-                raise ProbeFileError(
-                    f"{where}: stereo_antistereo is {row['stereo_antistereo']!r}, not stereo/antistereo"
-                )
-            if row["bias_type"] not in CROWS_BIAS_TYPES:
-                raise ProbeFileError(
-                    f"{where}: bias_type {row['bias_type']!r} is not one of {', '.join(CROWS_BIAS_TYPES)}"
-                )
-            if not (row["sent_more"] or "").strip() or not (row["sent_less"] or "").strip():
-                raise ProbeFileError(f"{where}: sent_more and sent_less must both be non-empty")
-            pairs.append(
-                {
-                    "id": row.get("") or str(len(pairs)),  # the file's unnamed index column
-                    "sent_more": row["sent_more"],
-                    "sent_less": row["sent_less"],
-                    "direction": row["stereo_antistereo"],
-                    "bias_type": row["bias_type"],
-                }
-            )
+    for where, row in _csv_rows(path):
+        pairs.append(item_at(where, _crows_pair, where, row, len(pairs)))
     if not pairs:
         raise ProbeFileError(f"{path}, line 1: no pairs in the file")
     return pairs
+
+
+def _crows_pair(where: str, row: dict, index: int) -> dict:
+    if row["stereo_antistereo"] not in ("stereo", "antistereo"):
+        raise ProbeFileError(f"{where}: stereo_antistereo is {row['stereo_antistereo']!r}, not stereo/antistereo")
+    if row["bias_type"] not in CROWS_BIAS_TYPES:
+        raise ProbeFileError(f"{where}: bias_type {row['bias_type']!r} is not one of {', '.join(CROWS_BIAS_TYPES)}")
+    if not (row["sent_more"] or "").strip() or not (row["sent_less"] or "").strip():
+        raise ProbeFileError(f"{where}: sent_more and sent_less must both be non-empty")
+    return {
+        "id": row.get("") or str(index),  # the file's unnamed index column
+        "sent_more": row["sent_more"],
+        "sent_less": row["sent_less"],
+        "direction": row["stereo_antistereo"],
+        "bias_type": row["bias_type"],
+    }
 
 
 def _group_labels(labels: list[str]) -> set[str]:
@@ -146,58 +148,56 @@ def load_bbq(paths: list[Path]) -> list[dict]:
     polarity, no unknown answer) or an empty file is a ProbeFileError naming file and line."""
     items = []
     for path in map(Path, paths):
-        count = 0
-        with _open_text(path) as handle:
-            for line_number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}, line {line_number}"
-                try:
-                    raw = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ProbeFileError(f"{where}: not JSON ({error.msg})") from None
-                missing = [f for f in (*BBQ_FIELDS, "context_condition", "question_polarity") if f not in raw]
-                missing += [f for f in ("answer_info", "additional_metadata") if not isinstance(raw.get(f), dict)]
-                if missing:
-                    raise ProbeFileError(f"{where}: missing field(s) {', '.join(missing)}")
-                if raw["label"] not in (0, 1, 2) or isinstance(raw["label"], bool):
-                    raise ProbeFileError(f"{where}: label {raw['label']!r} is not 0, 1 or 2")
-                if raw["context_condition"] not in ("ambig", "disambig"):
-                    raise ProbeFileError(
-                        f"{where}: context_condition {raw['context_condition']!r} is not ambig/disambig"
-                    )
-                if raw["question_polarity"] not in ("neg", "nonneg"):
-                    raise ProbeFileError(f"{where}: question_polarity {raw['question_polarity']!r} is not neg/nonneg")
-                info = raw["answer_info"]
-                if any(not isinstance(info.get(f"ans{n}"), list) for n in range(3)):
-                    raise ProbeFileError(f"{where}: answer_info needs a list of labels for ans0, ans1 and ans2")
-                unknown = [n for n in range(3) if "unknown" in _group_labels(info[f"ans{n}"])]
-                if len(unknown) != 1:
-                    raise ProbeFileError(f"{where}: answer_info marks {len(unknown)} answers unknown, not 1")
-                if not isinstance(raw["additional_metadata"].get("stereotyped_groups"), list):
-                    raise ProbeFileError(f"{where}: additional_metadata.stereotyped_groups is missing")
-                items.append(
-                    {
-                        "id": f"{raw['category']}:{raw['example_id']}",
-                        "category": raw["category"],
-                        "query": f"{raw['context']}\n\nQ: {raw['question']}\nA:",
-                        "choices": [" " + raw[f"ans{n}"] for n in range(3)],
-                        "gold": raw["label"],
-                        "ambiguous": raw["context_condition"] == "ambig",
-                        "unknown": unknown[0],
-                        "biased": _biased_answers(raw),
-                    }
-                )
-                count += 1
-        if not count:
+        count = len(items)
+        items += [item_at(where, _bbq_item, where, raw) for _, where, raw in json_lines(path)]
+        if len(items) == count:
             raise ProbeFileError(f"{path}, line 1: no items in the file")
     return items
+
+
+def _strings(value) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _bbq_item(where: str, raw) -> dict:
+    if not isinstance(raw, dict):
+        raise ProbeFileError(f"{where}: a JSON {type(raw).__name__}, not an object")
+    missing = [f for f in (*BBQ_FIELDS, "context_condition", "question_polarity") if f not in raw]
+    missing += [f for f in ("answer_info", "additional_metadata") if not isinstance(raw.get(f), dict)]
+    if missing:
+        raise ProbeFileError(f"{where}: missing field(s) {', '.join(missing)}")
+    if type(raw["label"]) is not int or raw["label"] not in (0, 1, 2):  # not 1.0, not True: it indexes the answers
+        raise ProbeFileError(f"{where}: label {raw['label']!r} is not 0, 1 or 2")
+    if raw["context_condition"] not in ("ambig", "disambig"):
+        raise ProbeFileError(f"{where}: context_condition {raw['context_condition']!r} is not ambig/disambig")
+    if raw["question_polarity"] not in ("neg", "nonneg"):
+        raise ProbeFileError(f"{where}: question_polarity {raw['question_polarity']!r} is not neg/nonneg")
+    if not all(isinstance(raw[f], str) for f in ("context", "question", "ans0", "ans1", "ans2")):
+        raise ProbeFileError(f"{where}: context, question, ans0, ans1 and ans2 must be strings")
+    info = raw["answer_info"]
+    if not all(_strings(info.get(f"ans{n}")) for n in range(3)):
+        raise ProbeFileError(f"{where}: answer_info needs a list of labels for ans0, ans1 and ans2")
+    unknown = [n for n in range(3) if "unknown" in _group_labels(info[f"ans{n}"])]
+    if len(unknown) != 1:
+        raise ProbeFileError(f"{where}: answer_info marks {len(unknown)} answers unknown, not 1")
+    if not _strings(raw["additional_metadata"].get("stereotyped_groups")):
+        raise ProbeFileError(f"{where}: additional_metadata.stereotyped_groups is missing")
+    return {
+        "id": f"{raw['category']}:{raw['example_id']}",
+        "category": raw["category"],
+        "query": f"{raw['context']}\n\nQ: {raw['question']}\nA:",
+        "choices": [" " + raw[f"ans{n}"] for n in range(3)],
+        "gold": raw["label"],
+        "ambiguous": raw["context_condition"] == "ambig",
+        "unknown": unknown[0],
+        "biased": _biased_answers(raw),
+    }
 
 
 def load_word_list(path: Path) -> list[str]:
     """The terms of a word list (one per line, blank lines ignored); an empty list is an error."""
     path = Path(path)
-    terms = [line.strip() for line in _open_text(path) if line.strip()]
+    terms = [line.strip() for _, line in text_lines(path) if line.strip()]
     if not terms:
         raise ProbeFileError(f"{path}, line 1: the word list is empty")
     return terms
@@ -206,21 +206,16 @@ def load_word_list(path: Path) -> list[str]:
 def load_prompts(path: Path) -> list[dict]:
     """Neutral prompts, JSONL {"id", "text"} with non-empty text."""
     path = Path(path)
-    prompts = []
-    with _open_text(path) as handle:
-        for line_number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ProbeFileError(f"{path}, line {line_number}: not JSON ({error.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
-                raise ProbeFileError(f"{path}, line {line_number}: needs a non-empty string field 'text'")
-            prompts.append({"id": str(row.get("id", line_number)), "text": row["text"]})
+    prompts = [item_at(where, _prompt, where, row, number) for number, where, row in json_lines(path)]
     if not prompts:
         raise ProbeFileError(f"{path}, line 1: no prompts in the file")
     return prompts
+
+
+def _prompt(where: str, row, number: int) -> dict:
+    if not isinstance(row, dict) or not isinstance(row.get("text"), str) or not row["text"].strip():
+        raise ProbeFileError(f"{where}: needs a non-empty string field 'text'")
+    return {"id": str(row.get("id", number)), "text": row["text"]}
 
 
 def seeded_subset(items: list, size: int, seed: int) -> list:
