@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from refit.stages.audit import stage as audit
+from refit.stages.core.capacity import USABLE, GiB, Plan, Setup
 from refit.stages.core.config import Recipe
 from refit.stages.core.markers import read_marker
 from refit.stages.core.scores import detectable_differences, underpowered
@@ -154,3 +155,110 @@ def format_power(recipe: Recipe) -> str:
         "sqrt(0.5/items): measured ones are smaller)"
     )
     return "\n".join(lines + [f"warning: {w}" for w in underpowered(recipe, power)])
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 2**20:.1f} MiB"
+
+
+def _count(n: float) -> str:
+    """8.03B, 218M, 2.6M, 400k."""
+    for scale, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return f"{n:.3g}"
+
+
+def _duration(seconds: float) -> str:
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.3g} {unit}"
+    return f"{seconds:.3g} s"
+
+
+def _setup(setup: Setup) -> str:
+    checkpointing = "with" if setup.activation_checkpointing else "without"
+    return (
+        f"{setup.strategy} over {setup.num_processes} process(es), micro_batch_size {setup.micro_batch_size}, "
+        f"{checkpointing} activation checkpointing"
+    )
+
+
+def _changes(changes: dict) -> str:
+    """As the recipe writes them: train.strategy: fsdp, train.activation_checkpointing: true."""
+    return ", ".join(f"train.{k}: {str(v).lower() if isinstance(v, bool) else v}" for k, v in changes.items())
+
+
+def capacity_problem(plan: Plan) -> str | None:
+    """Why the recipe's setup does not fit its devices and the smallest change that would, in
+    one line for `refit validate`; None when it fits or the device's memory is unknown."""
+    if plan.fits() is not False:
+        return None
+    device, usable = plan.device, plan.usable
+    said = (
+        f"{_setup(plan.setup)} needs {_size(plan.memory.total)} per device, more than the {_size(usable)} "
+        f"({USABLE:.0%}) usable of the {_size(device.memory)} of {device.memory_from}"
+    )
+    if plan.fix is None:
+        return (
+            f"{said}; no smaller micro-batch, fsdp, activation checkpointing or more processes (dividing "
+            "train.sequences_per_step) fits: shorten tokenize.seq_len or use devices with more memory"
+        )
+    changes, needs = plan.fix
+    return f"{said}; the smallest change that fits: {_changes(changes)} ({_size(needs.total)})"
+
+
+def format_capacity(plan: Plan) -> str:
+    """The capacity plan as `refit plan` and `refit validate` print it: memory per device under
+    each strategy with and without activation checkpointing, whether it fits, and the time and
+    cost of the full run and of a pilot variant."""
+    shape, device, setup = plan.shape, plan.device, plan.setup
+    dtype = "bf16" if device.compute_bytes == 2 else "fp32"
+    lines = [
+        f"capacity: {_count(shape.parameters)} parameters ({shape.layers} layers of {_count(shape.layer_parameters)}, "
+        f"hidden {shape.hidden}, vocabulary {shape.vocab}), computing in {dtype} on {device.name}",
+        f"per device: {setup.num_processes} process(es), micro-batches of {setup.micro_batch_size} x {setup.seq_len} "
+        f"tokens, {setup.accumulation} per step",
+        f"  {'strategy':<10}{'checkpointing':<15}{'parameters':>12}{'gradients':>12}{'optimizer':>12}"
+        f"{'activations':>13}{'peak':>12}  fits",
+    ]
+    for (strategy, checkpointing), needs in plan.table.items():
+        mine = (strategy, checkpointing) == (setup.strategy, setup.activation_checkpointing)
+        fits = {None: "", True: "yes", False: "no"}[plan.fits(needs)]
+        lines.append(
+            f"{'*' if mine else ' '} {strategy:<10}{'on' if checkpointing else 'off':<15}{_size(needs.parameters):>12}"
+            f"{_size(needs.gradients):>12}{_size(needs.optimizer):>12}{_size(needs.activations):>13}"
+            f"{_size(needs.total):>12}  {fits}".rstrip()
+        )
+    if device.memory is None:
+        memory = "not checked: no train.device_memory stated and no GPU visible"
+    else:
+        memory = f"at most {_size(plan.usable)} ({USABLE:.0%} of the {_size(device.memory)} of {device.memory_from})"
+    lines.append(f"(* the recipe's; fits: {memory})")
+    if setup.accumulation == 1:
+        lines.append("(one micro-batch per step: the gradients grow as the backward pass frees the activations)")
+    else:
+        lines.append(
+            f"(fsdp: between the {setup.accumulation} micro-batches of a step each process holds all the fp32 "
+            "gradients, unsharded; one micro-batch per step and process keeps them sharded)"
+        )
+    if problem := capacity_problem(plan):
+        lines.append(f"does not fit: {problem}")
+    if plan.tokens_per_second is None:
+        lines.append(
+            f"time and cost: not estimated, the peak FLOP/s is {device.peak_from}: give cost.device_peak_flops"
+        )
+        return "\n".join(lines)
+    lines.append(
+        f"throughput: {plan.tokens_per_second:,.0f} tokens/s per device at {plan.mfu:.0%} MFU of "
+        f"{device.peak_flops / 1e12:.3g} TFLOP/s ({device.peak_from}), "
+        f"{plan.tokens_per_second * setup.num_processes:,.0f} tokens/s in all"
+    )
+    labels = {"full": "full run", "pilot": "pilot variant"}
+    for name, run in plan.runs.items():
+        share = f" ({run.tokens / plan.runs['full'].tokens:.0%})" if name == "pilot" else ""
+        lines.append(
+            f"  {labels[name] + share:<22}{_count(run.tokens):>8} tokens{_duration(run.seconds):>12}"
+            f"{run.device_hours:>12.3g} device-hours{run.cost:>12,.2f} USD"
+        )
+    return "\n".join(lines)

@@ -450,6 +450,12 @@ class TrainSpec(Section):
     checkpoint (`val_loss` in metrics.jsonl, the train report; what `refit sweep --search tpe`
     prunes on): the first curated validation documents of each source, in order, the count
     shared out equally between sources, packed into rows of tokenize.seq_len. 0: no validation pass."""
+    device_memory: float | None = Field(default=None, gt=0)
+    """Memory of each training device in GiB (2^30 bytes; an H100 80GB has 79.6), for the
+    capacity plan that `refit plan` prints and `refit validate` checks: a setup that needs more
+    than 90% of it is refused, with the smallest change that fits. Default: the visible GPU's
+    (the first of train.devices); with no GPU visible, not checked. State it to plan on this
+    machine for GPUs elsewhere (bf16 is then assumed under precision auto)."""
 
     @model_validator(mode="after")
     def _batch_divides(self) -> TrainSpec:
@@ -678,7 +684,15 @@ class CostSpec(Section):
     device_hour_price: float = Field(default=2.0, ge=0)
     """Price of one device-hour (USD) for the cost report."""
     device_peak_flops: float | None = Field(default=None, gt=0)
-    """Peak FLOP/s of one device, for model FLOPs utilisation. Default: detected when known."""
+    """Peak FLOP/s of one device at the training precision, from which the capacity plan's
+    tokens/s, time and cost follow. Default: from the visible GPU's name for the H100, H200,
+    A100, L40S, L40 and L4 (dense bf16, or fp32 without TF32); on the CPU 1e11 per core, the
+    cores shared by the processes; else unknown, and the plan gives no time or cost."""
+    assumed_mfu: Fraction = 0.4
+    """Model FLOPs utilisation the capacity plan assumes: the share of device_peak_flops spent
+    on the model's own FLOPs (6 per parameter and token, plus attention, as PaLM counts them).
+    Activation checkpointing's second forward pass is extra work at the same utilisation (8
+    FLOPs per parameter instead of 6)."""
 
 
 Range = tuple[float, float]
@@ -1134,6 +1148,13 @@ def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]
         if path is not None and not path.is_file():
             problems.append((("evaluate", "benchmarks", i, "path"), f"no such file: {path}"))
     return problems
+
+
+def recipe_problem(path: str | Path, loc: Loc, message: str) -> RecipeError:
+    """A problem of a valid recipe found beyond its validation (the capacity plan's), named as
+    load_recipe names its own: the field and its line in the recipe file."""
+    line = _yaml_line(yaml.compose(Path(path).read_text()), loc)
+    return RecipeError(str(path), [(format_loc(loc), line, message)])
 
 
 def load_recipe(path: str | Path, check_files: bool = True) -> Recipe:
