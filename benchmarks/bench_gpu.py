@@ -54,6 +54,7 @@ from refit.stages.core.text import read_jsonl  # noqa: E402
 from refit.stages.curate.stage import run_curate  # noqa: E402
 from refit.stages.evaluate.lm_eval_backend import write_tasks  # noqa: E402
 from refit.stages.evaluate.scorer import ScoringSettings  # noqa: E402
+from refit.stages.mix.manifest import Manifest  # noqa: E402
 from refit.stages.mix.stage import run_mix  # noqa: E402
 from refit.stages.tokenize.stage import run_tokenize  # noqa: E402
 from refit.stages.train.sampler import Sampler  # noqa: E402
@@ -138,7 +139,7 @@ def write_recipe(folder: Path, base: Path, size: Size, strategy: str) -> Path:
     return path
 
 
-def bare_loop(recipe, manifest: dict, workdir: Path, size: Size, device: str) -> float:
+def bare_loop(recipe, manifest: Manifest, workdir: Path, size: Size, device: str) -> float:
     """Tokens/s of the plain loop over the stage's own micro-batches."""
     from transformers import AutoModelForCausalLM
 
@@ -153,7 +154,7 @@ def bare_loop(recipe, manifest: dict, workdir: Path, size: Size, device: str) ->
         fused=device == "cuda",
     )
     sampler = Sampler(manifest, workdir)
-    per_step, micro = manifest["sequences_per_step"], size.micro_batch
+    per_step, micro = manifest.sequences_per_step, size.micro_batch
     chunks = [range(i, min(i + micro, per_step)) for i in range(0, per_step, micro)]
     bf16 = device == "cuda"
     for step in range(size.steps):
@@ -171,7 +172,7 @@ def bare_loop(recipe, manifest: dict, workdir: Path, size: Size, device: str) ->
         optimizer.zero_grad(set_to_none=True)
     if bf16:
         torch.cuda.synchronize()
-    rate = (size.steps - size.warmup) * manifest["tokens_per_step"] / (time.perf_counter() - start)
+    rate = (size.steps - size.warmup) * manifest.tokens_per_step / (time.perf_counter() - start)
     del model, optimizer
     if bf16:
         torch.cuda.empty_cache()
@@ -246,7 +247,7 @@ def main() -> None:
                 shutil.copytree(data / "tokenize", workdir / "tokenize")
                 manifest = run_mix(recipe, workdir)
             run_train(recipe, workdir)
-            rates[f"stage {strategy}"] = stage_rate(workdir, manifest["tokens_per_step"], size.warmup)
+            rates[f"stage {strategy}"] = stage_rate(workdir, manifest.tokens_per_step, size.warmup)
             shutil.rmtree(workdir / "train" / "checkpoints")  # tens of GB at full size
         print(f"seconds so far: {time.time() - started:.0f}")
         for name, rate in rates.items():

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 
 from refit.stages.core.config import load_recipe  # noqa: E402
+from refit.stages.mix.manifest import Manifest  # noqa: E402
 from refit.stages.mix.stage import run_mix  # noqa: E402
 from refit.stages.train.sampler import Sampler  # noqa: E402
 from refit.stages.train.stage import run_train  # noqa: E402
@@ -52,7 +53,7 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
-def bare_loop(recipe, manifest: dict, workdir: Path, steps: int) -> tuple[float, int]:
+def bare_loop(recipe, manifest: Manifest, workdir: Path, steps: int) -> tuple[float, int]:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // recipe.train.num_processes))
@@ -61,7 +62,7 @@ def bare_loop(recipe, manifest: dict, workdir: Path, steps: int) -> tuple[float,
         model.parameters(), lr=recipe.peak_lr, betas=recipe.train.adam_betas, weight_decay=recipe.train.weight_decay
     )
     sampler = Sampler(manifest, workdir)
-    per_step, micro = manifest["sequences_per_step"], recipe.train.micro_batch_size
+    per_step, micro = manifest.sequences_per_step, recipe.train.micro_batch_size
     chunks = [range(i, min(i + micro, per_step)) for i in range(0, per_step, micro)]
     batches = [[torch.from_numpy(sampler.batch(step, c)) for c in chunks] for step in range(steps)]
     for step, micro_batches in enumerate(batches):
@@ -72,7 +73,7 @@ def bare_loop(recipe, manifest: dict, workdir: Path, steps: int) -> tuple[float,
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return (steps - WARMUP) * manifest["tokens_per_step"] / (time.perf_counter() - start), model.num_parameters()
+    return (steps - WARMUP) * manifest.tokens_per_step / (time.perf_counter() - start), model.num_parameters()
 
 
 def stage_rate(log: Path, tokens_per_step: int) -> float:
@@ -91,7 +92,7 @@ def two_process_strategies(recipe, demo: Path) -> dict[str, float]:
             shutil.copytree(demo / "tokenize", workdir / "tokenize")
             manifest = run_mix(variant, workdir)
             run_train(variant, workdir)
-            rates[strategy] = stage_rate(workdir / "train" / "metrics.jsonl", manifest["tokens_per_step"])
+            rates[strategy] = stage_rate(workdir / "train" / "metrics.jsonl", manifest.tokens_per_step)
     return rates
 
 
@@ -110,19 +111,19 @@ def main() -> None:
         workdir = Path(tmp)
         shutil.copytree(demo / "tokenize", workdir / "tokenize")
         manifest = run_mix(recipe, workdir)
-        for shard in manifest["sources"].values():  # the manifest's shard paths are relative to the workdir
-            assert all((workdir / s["path"]).is_file() for s in shard["shards"])
+        for source in manifest.sources.values():  # the manifest's shard paths are relative to the workdir
+            assert all((workdir / s.path).is_file() for s in source.shards)
         # the baseline runs before and after the stage and is averaged: this machine drifts
         before, parameters = bare_loop(recipe, manifest, workdir, args.steps)
         run_train(recipe, workdir)
         after, _ = bare_loop(recipe, manifest, workdir, args.steps)
         baseline = (before + after) / 2
-        ours = stage_rate(workdir / "train" / "metrics.jsonl", manifest["tokens_per_step"])
+        ours = stage_rate(workdir / "train" / "metrics.jsonl", manifest.tokens_per_step)
     strategies = two_process_strategies(recipe, demo)
     peak = args.peak_flops or matmul_peak()
     source = "given" if args.peak_flops else "measured fp32 matmul"
     print(
-        f"model {parameters / 1e6:.2f}M parameters, {args.steps} steps x {manifest['tokens_per_step']} tokens, "
+        f"model {parameters / 1e6:.2f}M parameters, {args.steps} steps x {manifest.tokens_per_step} tokens, "
         f"{recipe.train.num_processes} process(es), {torch.get_num_threads()} threads"
     )
     print(

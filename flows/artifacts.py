@@ -16,7 +16,9 @@ from prefect.artifacts import (
 )
 
 from refit.stages.audit import stage as audit
+from refit.stages.core.config import Recipe
 from refit.stages.mix import stage as mix
+from refit.stages.publish import stage as publish
 
 
 def artifact_key(kind: str, name: str) -> str:
@@ -71,6 +73,24 @@ def published_artifact(name: str, report: dict) -> None:
     )
 
 
+def _audit_shown(recipe: Recipe, workdir: Path, report: dict | None) -> None:
+    audit_artifacts(recipe.name, workdir)  # also when it failed: report is None then
+
+
+def _publish_shown(recipe: Recipe, workdir: Path, report: dict) -> None:
+    published_artifact(recipe.model_name, report)
+
+
+# the stages whose outcome a reviewer reads in the UI, and how it is shown
+_SHOWN = {audit.STAGE.name: _audit_shown, publish.STAGE.name: _publish_shown}
+
+
+def show_in_ui(stage: str, recipe: Recipe, workdir: Path, report: dict | None) -> None:
+    """The artifacts of a stage's outcome, for the stages that have one (audit, publish)."""
+    if shown := _SHOWN.get(stage):
+        shown(recipe, workdir, report)
+
+
 class TrainingProgress:
     """Called by the train stage with each new metrics line: a progress artifact, made on the
     first line, so a stage with nothing to do leaves none. (The stage logs progress lines.)"""
@@ -81,7 +101,7 @@ class TrainingProgress:
 
     def __call__(self, line: dict) -> None:
         if self.artifact is None:
-            self.total_steps = mix.read_manifest(self.workdir)["total_steps"]
+            self.total_steps = mix.read_manifest(self.workdir).total_steps
             self.artifact = create_progress_artifact(
                 progress=0.0,
                 key=artifact_key("training", self.name),

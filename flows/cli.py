@@ -5,7 +5,7 @@
     refit validate RECIPE                   check a recipe; every problem listed with its field and line
     refit run RECIPE [--force STAGE ...]    the refresh flow on Prefect: every stage, cached when unchanged
     refit stage STAGE RECIPE [--force]      one stage (curate ... publish) as a plain function
-    refit plan RECIPE                       run the data stages as needed and print the mixture plan
+    refit plan RECIPE                       run the data stages as needed; print the mixture and capacity plans
     refit report WORKDIR                    the audit verdict, gates, accuracy and cost of a workdir
     refit sweep RECIPE --grid KEY=V1,V2     pilot-sweep recipe knobs at a fraction of the budget, with baselines
     refit sweep RECIPE --search tpe --trials N   the same as a Bayesian search (Optuna TPE, pruned, resumable)
@@ -29,6 +29,7 @@ from refit.flows.environment import drift_warning
 from refit.flows.pilot.variants import SweepError
 from refit.flows.templates import TEMPLATES, render
 from refit.stages.audit.stage import AuditFailed
+from refit.stages.core.capacity import Plan, base_shape, plan_for
 from refit.stages.core.config import (
     Recipe,
     RecipeError,
@@ -36,8 +37,10 @@ from refit.stages.core.config import (
     missing_pretraining_facts,
     name_problem,
     parse_recipe,
+    recipe_problem,
 )
 from refit.stages.core.disk import DiskFull, full_disk_cause, no_space
+from refit.stages.core.input_files import InputFileError
 from refit.stages.core.lock import WorkdirBusy, check_workdir_free, workdir_lock
 from refit.stages.core.markers import StageNotReady, write_text_atomic
 from refit.stages.core.remote_code import RemoteCodeRefused
@@ -66,13 +69,13 @@ def describe(recipe: Recipe) -> str:
         f"warmup {schedule.warmup_steps} steps, {schedule.total_steps} steps of {tokens_per_step(recipe)} tokens",
     ]
     for phase in phase_plan(recipe, schedule):
-        weights = ", ".join(f"{name} {share:.0%}" for name, share in phase["weights"].items())
+        weights = ", ".join(f"{name} {share:.0%}" for name, share in phase.weights.items())
         trigger = (
             "from step 0"
-            if phase["lr_below"] is None
-            else f"at LR <= {phase['lr_below']} x max_lr, step {phase['start_step']} ({phase['start_fraction']:.1%})"
+            if phase.lr_below is None
+            else f"at LR <= {phase.lr_below} x max_lr, step {phase.start_step} ({phase.start_fraction:.1%})"
         )
-        lines.append(f"  phase     {phase['name']}: {weights}; {trigger}")
+        lines.append(f"  phase     {phase.name}: {weights}; {trigger}")
     lines.append("  evaluate  " + (", ".join(b.name for b in recipe.evaluate.benchmarks) or "validation loss only"))
     lines.append(f"  publish   {recipe.publish.registry}/{recipe.model_name}")
     return "\n".join(lines)
@@ -102,13 +105,29 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def capacity(recipe: Recipe) -> tuple[Plan | None, str]:
+    """The recipe's capacity plan and its text; no plan, and why, when transformers cannot
+    build the base model from its config."""
+    from refit.flows.report import format_capacity
+
+    try:
+        plan = plan_for(recipe, base_shape(recipe))
+    except (ValueError, OSError) as error:
+        return None, f"capacity: not planned, {recipe.base_model.path}: {str(error).strip().splitlines()[0]}"
+    return plan, format_capacity(plan)
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
-    from refit.flows.report import format_power
+    from refit.flows.report import capacity_problem, format_power
 
     recipe = load_recipe(args.recipe)
+    plan, plan_text = capacity(recipe)
+    if plan is not None and (problem := capacity_problem(plan)):
+        raise recipe_problem(args.recipe, ("train",), problem)
     print(f"{args.recipe}: valid")
     print(describe(recipe))
     print(format_power(recipe))
+    print(plan_text)
     if note := missing_pretraining_facts(recipe):
         print(f"note: {note}")
     return 0
@@ -129,7 +148,8 @@ def cmd_stage(args: argparse.Namespace) -> int:
         print(why)
         options = stage_options(args.stage, recipe, workdir, args.backend, args.force)
         report = STAGES[args.stage].run(recipe, workdir, options)
-    print(json.dumps({k: v for k, v in report.items() if not isinstance(v, (dict, list))}, indent=2))
+    figures = STAGES[args.stage].as_json(report)
+    print(json.dumps({k: v for k, v in figures.items() if not isinstance(v, (dict, list))}, indent=2))
     print(f"{args.stage}: done, outputs in {STAGES[args.stage].output(workdir)}")
     return 0
 
@@ -150,6 +170,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     with workdir_lock(_workdir(args, recipe), f"refit plan {args.recipe}", wait=args.wait):
         print(run_plan(recipe, _workdir(args, recipe)))
     print(format_power(recipe))
+    print(capacity(recipe)[1])
     return 0
 
 
@@ -382,7 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--backend", **backend)
     stage.set_defaults(run=cmd_stage)
     command(
-        "plan", cmd_plan, "print phases, steps, tokens and epochs per source, without training", workdir=True, wait=True
+        "plan",
+        cmd_plan,
+        "print phases, steps, tokens and epochs per source, and the memory, time and cost of training, without it",
+        workdir=True,
+        wait=True,
     )
     report = command("report", cmd_report, "print a workdir's audit summary and where the full report is", recipe=False)
     report.add_argument("workdir", type=Path)
@@ -431,6 +456,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 STAGE_FAILURES = (
     CurationError,
+    InputFileError,
     DiskFull,
     StageNotReady,
     TrainingError,

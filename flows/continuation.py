@@ -19,6 +19,7 @@ from pathlib import Path
 from refit.stages.core.config import Recipe
 from refit.stages.core.contract import StageOptions
 from refit.stages.curate import stage as curate
+from refit.stages.pipeline import STAGES
 from refit.stages.publish.stage import Registry, local_checkpoint, published_records, read_published
 from refit.stages.train import stage as train
 
@@ -82,10 +83,11 @@ def stage_options(
     stage: str, recipe: Recipe, workdir: Path, eval_backend: str = "refit", force: bool = False
 ) -> StageOptions:
     """A stage's inputs that are not in the recipe, the same for a flow run and `refit stage`:
-    the evaluation backend, and for audit the eval report of the version to beat."""
+    the evaluation backend, and for the stage that takes it (audit) the eval report of the
+    version to beat."""
     previous = None
     trained = train.run_fingerprint(workdir)
-    if stage == "audit" and trained is not None:  # else audit says what is missing
+    if "previous_eval" in STAGES[stage].takes and trained is not None:  # else the stage says what is missing
         version, previous = previous_evaluation(recipe, trained)
         if version:
             log.info("audit: comparing against the previous published version %s too", version)

@@ -23,7 +23,7 @@ from prefect.cache_policies import CachePolicy
 from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 
-from refit.flows.artifacts import TrainingProgress, audit_artifacts, published_artifact
+from refit.flows.artifacts import TrainingProgress, show_in_ui
 from refit.flows.continuation import continue_from, stage_options
 from refit.stages.audit.stage import AuditFailed
 from refit.stages.core.config import Recipe, load_recipe
@@ -47,25 +47,6 @@ def _transient(task_, task_run, state) -> bool:
     return isinstance(state.data, OSError) and not isinstance(state.data, permanent)
 
 
-def _summary(stage: str, report: dict) -> dict:
-    """What a task returns and persists: paths and small figures, never data."""
-    if stage == "mix":
-        return {
-            "manifest_sha256": report["sha256"],
-            "total_steps": report["total_steps"],
-            "total_tokens": report["total_tokens"],
-            "phases": [{"name": p["name"], "start_step": p["start_step"]} for p in report["phases"]],
-        }
-    if stage == "audit":
-        return {
-            "passed": report["passed"],
-            "failed": report["failed"],
-            "gates": {g["name"]: g["passed"] for g in report["gates"]},
-            "cost": report["cost"],
-        }
-    return report
-
-
 @task(
     task_run_name="{stage}",
     cache_policy=StageFingerprint(),
@@ -76,9 +57,10 @@ def _summary(stage: str, report: dict) -> dict:
     retry_condition_fn=_transient,
 )
 def stage_task(stage: str, recipe: Recipe, workdir: str, fingerprint: str, options: StageOptions) -> dict:
-    if stage == "train":
-        options = dataclasses.replace(options, on_progress=TrainingProgress(recipe.name, Path(workdir)))
-    return _summary(stage, STAGES[stage].run(recipe, Path(workdir), options))
+    """A stage's run; it returns and persists the report's summary: paths and small figures, never data."""
+    # a stage that reports progress (train) shows it in the UI
+    options = dataclasses.replace(options, on_progress=TrainingProgress(recipe.name, Path(workdir)))
+    return STAGES[stage].summary(STAGES[stage].run(recipe, Path(workdir), options))
 
 
 def run_stage(stage: str, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> tuple[dict, str]:
@@ -117,12 +99,9 @@ def _stage_with_artifacts(
     try:
         report, state = run_stage(stage, recipe, workdir, stage_options(stage, recipe, workdir, eval_backend, force))
     except AuditFailed:
-        audit_artifacts(recipe.name, workdir)  # the reviewer reads why in the UI
+        show_in_ui(stage, recipe, workdir, None)  # the reviewer reads why in the UI
         raise
-    if stage == "audit":
-        audit_artifacts(recipe.name, workdir)
-    if stage == "publish":
-        published_artifact(recipe.model_name, report)
+    show_in_ui(stage, recipe, workdir, report)
     return report, state
 
 

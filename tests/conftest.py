@@ -15,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import gzip  # noqa: E402
 import json  # noqa: E402
 import random  # noqa: E402
+import shutil  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -299,16 +300,29 @@ def train_variant(path: Path, name: str, **train) -> Path:
     return out
 
 
-@pytest.fixture
-def trained(tmp_path, tiny_model_dir) -> tuple[Path, Path]:
-    """(recipe path, workdir) of a tiny run trained through the train stage, with 30% of the
-    documents held out, ready for evaluate and audit."""
+@pytest.fixture(scope="session")
+def trained_once(tmp_path_factory, tiny_model_dir) -> Path:
+    """The folder of one tiny run per architecture trained through the train stage, with 30% of
+    the documents held out: tests get copies of it (`trained`)."""
     from refit.stages.core.config import load_recipe
     from refit.stages.train.stage import run_train
 
-    path, workdir = prepare(tmp_path, tiny_model_dir, validation_fraction=0.3)
+    root = tmp_path_factory.mktemp("trained")
+    path, workdir = prepare(root, tiny_model_dir, validation_fraction=0.3)
     run_train(load_recipe(path), workdir)
-    return path, workdir
+    return root
+
+
+@pytest.fixture
+def trained(tmp_path, trained_once) -> tuple[Path, Path]:
+    """(recipe path, workdir) of a copy of the trained run, the test's to change: ready for
+    evaluate and audit. (Stages read what came before through markers holding relative paths,
+    so the copy is as done as the original.)"""
+    copy = tmp_path / "run"
+    shutil.copytree(trained_once, copy)
+    recipe = copy / "recipe.yaml"
+    recipe.write_text(recipe.read_text().replace(str(trained_once), str(copy)))  # its registry
+    return recipe, copy / "wd"
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from refit.stages.core.scores import (
     underpowered,
 )
 from refit.stages.evaluate.stage import run_evaluate
+from refit.stages.mix.manifest import Manifest, ScheduleSummary, Shard, SourcePlan
 
 
 def side(base, candidate, delta_stderr, stderr=0.01):
@@ -309,11 +310,26 @@ def test_lineage_fails_on_a_shard_that_does_not_match_its_manifest_or_a_missing_
     workdir = tmp_path / "wd"
     (workdir / "tokenize" / "s").mkdir(parents=True)
     (workdir / "tokenize" / "s" / "shard-00000.arrow").write_bytes(b"tampered after mix")
-    manifest = {
-        "sha256": "m" * 64,
-        "tokenizer_sha256": "t" * 64,
-        "sources": {"s": {"shards": [{"path": "tokenize/s/shard-00000.arrow", "sha256": "0" * 64}]}},
-    }
+    shard = Shard(path="tokenize/s/shard-00000.arrow", rows=1, sha256="0" * 64)
+    source = SourcePlan(role="new", rows=1, tokens=8, shards=[shard], drawn_sequences=1, drawn_tokens=8, epochs=1.0)
+    schedule = ScheduleSummary(max_lr=1e-4, min_lr_ratio=0.01, warmup_steps=0, decay="cosine", wsd_decay_steps=1)
+    manifest = Manifest(
+        version=1,
+        recipe="r",
+        tokenizer_sha256="t" * 64,
+        dtype="uint16",
+        eos_id=0,
+        seq_len=8,
+        sequences_per_step=1,
+        tokens_per_step=8,
+        total_steps=1,
+        total_tokens=8,
+        seed=0,
+        schedule=schedule,
+        phases=[],
+        sources={"s": source},
+        warnings=[],
+    ).sealed()
     record = lineage(recipe, workdir, manifest)
     assert record["shards_verified"] is False and record["train_fingerprint"] is None  # no finished training
     gate = lineage_gate(record)

@@ -39,7 +39,14 @@ def test_registry_lists_the_seven_stages_in_an_order_that_respects_what_they_rea
 def test_a_stage_takes_only_the_options_it_declares(tmp_path):
     with pytest.raises(ValueError, match=r"unknown input options \['gpu'\]"):
         type(STAGES["curate"])(
-            name="x", reads=(), sections=(), folder="x", run_function=print, fingerprint_function=print, takes=("gpu",)
+            name="x",
+            reads=(),
+            sections=(),
+            folder="x",
+            report=dict,
+            run_function=print,
+            fingerprint_function=print,
+            takes=("gpu",),
         )
     seen = {}
 
@@ -48,7 +55,14 @@ def test_a_stage_takes_only_the_options_it_declares(tmp_path):
         return {}
 
     stage = type(STAGES["curate"])(
-        name="x", reads=(), sections=(), folder="x", run_function=run_x, fingerprint_function=print, takes=("backend",)
+        name="x",
+        reads=(),
+        sections=(),
+        folder="x",
+        report=dict,
+        run_function=run_x,
+        fingerprint_function=print,
+        takes=("backend",),
     )
     stage.run(None, tmp_path, StageOptions(force=True, backend="lm-eval", previous_eval={"ignored": 1}))
     assert seen == {"force": True, "backend": "lm-eval"}
@@ -66,9 +80,9 @@ def test_run_only_options_reach_the_run_and_never_the_fingerprint(tmp_path):
     assert "on_progress" in RUN_ONLY_OPTIONS and {"backend", "previous_eval"} <= INPUT_OPTIONS
     assert STAGES["train"].run_only == ("on_progress",) and "on_progress" not in STAGES["train"].takes
     with pytest.raises(ValueError, match=r"unknown input options \['on_progress'\]"):
-        Stage("x", (), (), "x", run_function=print, fingerprint_function=print, takes=("on_progress",))
+        Stage("x", (), (), "x", dict, run_function=print, fingerprint_function=print, takes=("on_progress",))
     with pytest.raises(ValueError, match=r"unknown run-only options \['backend'\]"):
-        Stage("x", (), (), "x", run_function=print, fingerprint_function=print, run_only=("backend",))
+        Stage("x", (), (), "x", dict, run_function=print, fingerprint_function=print, run_only=("backend",))
 
     calls = []
 
@@ -80,13 +94,28 @@ def test_run_only_options_reach_the_run_and_never_the_fingerprint(tmp_path):
         calls.append(("fingerprint", backend))
         return backend
 
-    stage = Stage("x", (), (), "x", run_x, fingerprint_x, takes=("backend",), run_only=("on_progress",))
+    stage = Stage("x", (), (), "x", dict, run_x, fingerprint_x, takes=("backend",), run_only=("on_progress",))
     watch = StageOptions(backend="lm-eval", on_progress=print)
     assert stage.input_fingerprint(None, tmp_path, watch) == stage.input_fingerprint(
         None, tmp_path, StageOptions(backend="lm-eval")
     )
     stage.run(None, tmp_path, watch)
     assert calls == [("fingerprint", "lm-eval"), ("fingerprint", "lm-eval"), ("run", "lm-eval", print)]
+
+
+def test_a_report_that_does_not_match_its_stage_type_is_refused(tmp_path):
+    from pydantic import ValidationError
+
+    from refit.stages.core.contract import Stage
+    from refit.stages.publish.stage import PublishReport
+
+    good = {"stage": "x", "version": "v0001", "path": "/r/v0001", "already_published": False, "identity": "i"}
+    for report, wrong in [({**good, "surplus": 1}, "surplus"), ({**good, "version": None}, "version")]:
+        stage = Stage("x", (), (), "x", PublishReport, lambda recipe, workdir, force, r=report: r, print)
+        with pytest.raises(ValidationError, match=wrong):
+            stage.run(None, tmp_path)
+    stage = Stage("x", (), (), "x", PublishReport, lambda recipe, workdir, force: good, print)
+    assert stage.run(None, tmp_path) == good and stage.summary(good) == good
 
 
 def test_code_version_covers_exactly_the_modules_a_stage_imports():

@@ -310,7 +310,7 @@ def test_base_scores_are_cached_across_runs_and_invalidated_when_the_base_change
         "base": {"tasks_scored": 5, "tasks_cached": 0},
         "candidate": {"tasks_scored": 5, "tasks_cached": 0},
     }
-    cache = tmp_path / ".refit-cache"  # beside the workdir, where sweep variants and nightly runs find it
+    cache = workdir.parent / ".refit-cache"  # beside the workdir, where sweep variants and nightly runs find it
     assert first["scoring"]["cache_dir"] == str(cache) and len(list((cache / "scores").glob("*.npz"))) == 5
 
     def age_cache(days: float) -> None:  # as if the cached scores were last used days ago

@@ -1,10 +1,9 @@
 """Data order: a pure function of (seed, manifest, step), blended to within one sequence."""
 
-import json
-
 import numpy as np
 import pytest
 
+from refit.stages.mix.manifest import Manifest
 from refit.stages.mix.stage import run_mix
 from refit.stages.tokenize.stage import run_tokenize
 from refit.stages.train.sampler import Sampler, blend
@@ -23,9 +22,9 @@ def test_order_is_pure_and_never_repeats_before_exhaustion(curated):  # noqa: F8
     recipe, workdir, _ = curated
     run_tokenize(recipe, workdir)
     manifest = run_mix(recipe, workdir)
-    a, b = Sampler(manifest, workdir), Sampler(json.loads(json.dumps(manifest)), workdir)
-    per_step = manifest["sequences_per_step"]
-    total = manifest["total_steps"] * per_step
+    a, b = Sampler(manifest, workdir), Sampler(Manifest.model_validate_json(manifest.model_dump_json()), workdir)
+    per_step = manifest.sequences_per_step
+    total = manifest.total_steps * per_step
     slots = [a.slot(i) for i in range(total)]
     assert slots == [b.slot(i) for i in reversed(range(total))][::-1]  # any order of asking, same answer
     assert np.array_equal(a.batch(3, range(per_step)), b.batch(3, range(per_step)))
@@ -35,10 +34,10 @@ def test_order_is_pure_and_never_repeats_before_exhaustion(curated):  # noqa: F8
         for epoch in range(0, len(rows), size):  # each epoch is a permutation of the source
             chunk = rows[epoch : epoch + size]
             assert len(set(chunk)) == len(chunk)
-    reseeded = Sampler({**manifest, "seed": manifest["seed"] + 1}, workdir)
+    reseeded = Sampler(manifest.model_copy(update={"seed": manifest.seed + 1}), workdir)
     other = [reseeded.slot(i) for i in range(total)]
     assert [s for s, _ in other] == [s for s, _ in slots]  # which source fills a slot: the manifest's blend
     assert [row for _, row in other] != [row for _, row in slots]  # which row: the seed's permutation
-    switch = manifest["phases"][1]["start_step"] * per_step
+    switch = manifest.phases[1].start_step * per_step
     qa_new = sum(1 for s, _ in slots[switch:] if a.sources[s].name == "new") / (total - switch)
     assert qa_new == pytest.approx(0.75, abs=1 / (total - switch) + 1e-9)

@@ -1,10 +1,11 @@
-"""LR schedules against exact values, and the closed-form threshold step against brute force."""
+"""LR schedules against exact values, the closed-form threshold step against brute force, and
+the phase each step trains on against the switch steps that mix plans (no model is trained)."""
 
 import math
 
 import pytest
 
-from refit.stages.core.schedule import Schedule
+from refit.stages.core.schedule import Schedule, phase_at
 
 
 def test_paper_case_switch_at_71_percent():
@@ -48,3 +49,53 @@ def test_rejects_impossible_shapes():
         Schedule(max_lr=1.0, total_steps=5, warmup_steps=5)
     with pytest.raises(ValueError, match="wsd_decay_steps"):
         Schedule(max_lr=1.0, total_steps=10, decay="wsd", wsd_decay_steps=0)
+
+
+def test_the_switch_at_max_lr_over_5_happens_at_the_step_mix_plans():
+    schedule = Schedule(max_lr=4.5e-5, total_steps=1001)
+    switch = schedule.first_step_at_or_below(0.2)  # what mix writes as the phase's start_step
+    assert schedule.lr(switch) <= 4.5e-5 / 5 < schedule.lr(switch - 1)
+    phases = [None, 0.2]
+    assert [phase_at(schedule, phases, s) for s in (0, switch - 1, switch, switch + 1)] == [0, 0, 1, 1]
+
+
+def test_the_last_phase_holds_to_the_last_step_and_beyond():
+    schedule = Schedule(max_lr=1.0, total_steps=20, warmup_steps=3, decay="linear")
+    assert [phase_at(schedule, [None, 0.5], s) for s in (19, 20, 1000)] == [1, 1, 1]
+
+
+def test_a_single_phase_run_never_switches():
+    schedule = Schedule(max_lr=1.0, total_steps=20, min_lr_ratio=0.0)
+    assert {phase_at(schedule, [None], s) for s in range(25)} == {0}
+
+
+def test_warmup_trains_on_the_first_phase_though_its_lr_is_below_every_threshold():
+    schedule = Schedule(max_lr=1.0, total_steps=20, warmup_steps=10)
+    assert schedule.lr(0) == 0.1 and phase_at(schedule, [None, 0.5, 0.2], 0) == 0
+    assert {phase_at(schedule, [None, 0.5, 0.2], s) for s in range(10)} == {0}
+
+
+def test_thresholds_that_fire_at_the_same_step_go_straight_to_the_later_phase():
+    # WSD drops from max_lr to 0 in one step: 0.5 and 0.2 both fire at step 9
+    schedule = Schedule(max_lr=1.0, total_steps=10, decay="wsd", wsd_decay_steps=2, min_lr_ratio=0.0)
+    assert [phase_at(schedule, [None, 0.5, 0.2], s) for s in (8, 9)] == [0, 2]
+
+
+def test_a_threshold_the_lr_never_reaches_never_fires():
+    constant = Schedule(max_lr=1.0, total_steps=10, decay="constant")
+    floored = Schedule(max_lr=1.0, total_steps=10, min_lr_ratio=0.3)
+    assert {phase_at(schedule, [None, 0.2], s) for schedule in (constant, floored) for s in range(12)} == {0}
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear", "wsd", "constant"])
+@pytest.mark.parametrize("warmup", [0, 7])
+@pytest.mark.parametrize("total", [50, 997])
+def test_every_step_trains_on_the_phase_of_mix_s_plan(decay, warmup, total):
+    """Mix plans phase i from first_step_at_or_below(lr_below[i]) (never, when that is None);
+    phase_at reads the LR at each step. Both give every step the same phase."""
+    schedule = Schedule(max_lr=3e-4, total_steps=total, warmup_steps=warmup, decay=decay, wsd_decay_steps=total // 5)
+    lr_below = [None, 0.5, 0.2, 0.05]
+    starts = [0] + [schedule.first_step_at_or_below(fraction) for fraction in lr_below[1:]]
+    for step in range(total + 2):
+        planned = max(i for i, start in enumerate(starts) if start is not None and start <= step)
+        assert phase_at(schedule, lr_below, step) == planned, step

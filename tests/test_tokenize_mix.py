@@ -18,7 +18,8 @@ from refit.stages.core.markers import MARKER, StageNotReady, file_sha256
 from refit.stages.core.schedule import schedule_for
 from refit.stages.core.shards import read_shard
 from refit.stages.curate.stage import curated_files, curated_texts, run_curate
-from refit.stages.mix.stage import run_mix
+from refit.stages.mix.manifest import ManifestMismatch
+from refit.stages.mix.stage import manifest_path, read_manifest, run_mix
 from refit.stages.tokenize.stage import run_tokenize
 
 
@@ -78,19 +79,19 @@ def test_manifest_switch_step_is_the_schedules(tmp_path, curated, decay):
     schedule = schedule_for(recipe)
     threshold = recipe.phases[1].lr_below * schedule.max_lr
     expected = next(s for s in range(schedule.warmup_steps, schedule.total_steps) if schedule.lr(s) <= threshold)
-    general, qa = manifest["phases"]
-    assert qa["start_step"] == expected == general["steps"]
-    assert general["steps"] + qa["steps"] == manifest["total_steps"] == schedule.total_steps
-    for name, source in manifest["sources"].items():
-        assert source["rows"] == json.loads((workdir / "tokenize" / name / "index.json").read_text())["rows"]
-        assert source["epochs"] == pytest.approx(source["drawn_sequences"] / source["rows"], rel=0.01)
+    general, qa = manifest.phases
+    assert qa.start_step == expected == general.steps
+    assert general.steps + qa.steps == manifest.total_steps == schedule.total_steps
+    for name, source in manifest.sources.items():
+        assert source.rows == json.loads((workdir / "tokenize" / name / "index.json").read_text())["rows"]
+        assert source.epochs == pytest.approx(source.drawn_sequences / source.rows, rel=0.01)
 
 
 def test_manifest_warns_about_repeats_and_empty_sources(curated, tmp_path):
     recipe, workdir, _ = curated
     run_tokenize(recipe, workdir)
     greedy = recipe.model_copy(update={"schedule": recipe.schedule.model_copy(update={"total_tokens": 3_000_000})})
-    warnings = run_mix(greedy, workdir)["warnings"]
+    warnings = run_mix(greedy, workdir).warnings
     assert any("source old is drawn" in w and "mixture.max_epochs 4" in w for w in warnings)
     rewrite_output(
         workdir / "tokenize",
@@ -104,7 +105,22 @@ def test_manifest_warns_about_repeats_and_empty_sources(curated, tmp_path):
             }
         ),
     )
-    assert any("source new has weight but no tokens" in w for w in run_mix(recipe, workdir, force=True)["warnings"])
+    assert any("source new has weight but no tokens" in w for w in run_mix(recipe, workdir, force=True).warnings)
+
+
+def test_a_manifest_of_another_version_is_refused_with_what_to_rerun(curated):
+    recipe, workdir, _ = curated
+    run_tokenize(recipe, workdir)
+    manifest = run_mix(recipe, workdir)
+    assert read_manifest(workdir) == manifest  # what is written is what is read
+    older = {**json.loads(manifest_path(workdir).read_text()), "version": 0}
+    rewrite_output(workdir / "mix", "manifest.json", json.dumps(older))
+    with pytest.raises(ManifestMismatch, match=r"manifest version 0, this Refit reads version 1: rerun mix"):
+        read_manifest(workdir)
+    without_phases = {k: v for k, v in older.items() if k != "phases"} | {"version": 1}
+    rewrite_output(workdir / "mix", "manifest.json", json.dumps(without_phases))
+    with pytest.raises(ManifestMismatch, match=r"not a valid manifest \(1 problems\): rerun mix"):
+        read_manifest(workdir)
 
 
 def test_stages_refuse_to_run_out_of_order(tmp_path, curated):
@@ -174,6 +190,7 @@ def test_tokenize_memory_does_not_grow_with_the_curated_file(tmp_path, tiny_toke
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)
+@pytest.mark.xdist_group("ray")  # one private Ray cluster at a time: make test runs two workers
 def test_shards_are_identical_on_one_or_two_local_workers_and_ray(curated):
     """tokenize runs its shard jobs as datatrove tasks on curate.executor."""
     ray = pytest.importorskip("ray", reason="the ray extra is part of dev: pip install -e '.[dev]'")

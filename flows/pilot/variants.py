@@ -27,6 +27,7 @@ from refit.stages.core.config import VARIANT_GATES, Recipe, load_recipe
 from refit.stages.core.markers import write_text_atomic
 from refit.stages.core.scores import METRICS, judged_scores
 from refit.stages.mix import stage as mix
+from refit.stages.mix.manifest import Manifest
 from refit.stages.train import stage as train
 
 SWEEPABLE = ("schedule.", "mixture.", "train.")
@@ -187,7 +188,7 @@ def prepare_variant(
     return load_recipe(path)
 
 
-def variant_gates(recipe: Recipe, workdir: Path, evaluation: dict, manifest: dict) -> list[dict]:
+def variant_gates(recipe: Recipe, workdir: Path, evaluation: dict, manifest: Manifest) -> list[dict]:
     """The audit's gates that a pilot variant can be judged on, computed as the audit computes
     them: all but lineage and above_previous_version, which concern a published full run."""
     return [

@@ -7,11 +7,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from pydantic import ConfigDict, with_config
+from typing_extensions import NotRequired, TypedDict
 
 from refit.stages.core.config import Recipe
 from refit.stages.core.scores import judged_scores, previous_average
 from refit.stages.core.text import benchmark_ngrams, word_ngrams
 from refit.stages.curate.stage import curated_files, curated_texts
+from refit.stages.mix.manifest import Manifest
 
 RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
 
@@ -19,8 +22,25 @@ RECOVERY_STEPS = 10  # a loss spike must come back under its running median with
 CONTAMINATION_BATCH = 1024  # curated documents read at a time by the contamination gate
 
 
-def gate(name: str, passed: bool, value, threshold, reason: str, **detail) -> dict:
-    return {"name": name, "passed": bool(passed), "value": value, "threshold": threshold, "reason": reason, **detail}
+Figure = float | int | str | None
+
+
+@with_config(ConfigDict(extra="forbid"))
+class Gate(TypedDict):
+    """One verdict of the audit: every gate is evaluated and reported, passed or not."""
+
+    name: str
+    passed: bool
+    value: Figure  # what was measured (None: not measured, the reason says why)
+    threshold: Figure  # what it was held against
+    reason: str
+    drivers: NotRequired[list[str]]  # the gain gate: benchmarks that moved beyond noise on their own
+    estimator: NotRequired[str]  # the gain gate: gates.gain_estimator
+    equal_weight: NotRequired[dict | None]  # the gain gate: the equal-weight average beside it
+
+
+def gate(name: str, passed: bool, value: Figure, threshold: Figure, reason: str, **detail) -> Gate:
+    return Gate(name=name, passed=bool(passed), value=value, threshold=threshold, reason=reason, **detail)
 
 
 def sigma(error: float | None, sigmas: float) -> float:
@@ -53,7 +73,7 @@ def _gain_shown(average: dict, g) -> bool:
     return average["delta"] - sigma(average["delta_stderr"], g.noise_sigmas) > g.min_average_gain
 
 
-def gain_gate(recipe: Recipe, evaluation: dict, scores: dict) -> dict:
+def gain_gate(recipe: Recipe, evaluation: dict, scores: dict) -> Gate:
     """The average gain under `gates.gain_estimator`, beyond noise; the equal-weight average
     beside it; when it fails, what dominates its standard error and what would decide."""
     g, average, estimator = recipe.gates, scores["average"], scores["estimator"]
@@ -119,7 +139,7 @@ def _what_would_decide(recipe: Recipe, evaluation: dict, scores: dict) -> str:
     return f"{said}; what would let the data decide: " + ", or ".join(options)
 
 
-def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> list[dict]:
+def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> list[Gate]:
     """Average gain, above the previous version, per-benchmark regression: each on the metric
     and weight the recipe counts for each benchmark (stages/core/scores.py)."""
     g, gates = recipe.gates, []
@@ -168,7 +188,7 @@ def accuracy_gates(recipe: Recipe, evaluation: dict, previous: dict | None) -> l
     return gates
 
 
-def loss_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
+def loss_gates(recipe: Recipe, evaluation: dict) -> list[Gate]:
     g, gates = recipe.gates, []
     for name, v in evaluation["validation"].items():
         loss = v["loss"]
@@ -229,14 +249,14 @@ def validation_warnings(recipe: Recipe, evaluation: dict) -> list[str]:
     return warnings
 
 
-def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
+def contamination_gate(recipe: Recipe, workdir: Path, manifest: Manifest) -> Gate:
     """Benchmark items sharing an n-gram with the documents actually trained on (read in
     record batches: memory does not grow with the corpus)."""
     n = recipe.curate.decontaminate_ngram
     owners = benchmark_ngrams(recipe.evaluate.benchmarks, n)
 
     found: set[str] = set()
-    trained = [name for name, s in manifest["sources"].items() if s["drawn_sequences"] > 0]
+    trained = [name for name, s in manifest.sources.items() if s.drawn_sequences > 0]
     for source in trained:
         for path in curated_files(workdir, source, "train"):
             for texts in curated_texts(path, CONTAMINATION_BATCH):
@@ -254,7 +274,7 @@ def contamination_gate(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
     )
 
 
-def health_gate(recipe: Recipe, metrics: list[dict]) -> dict:
+def health_gate(recipe: Recipe, metrics: list[dict]) -> Gate:
     """No non-finite loss (training stops on one) and no loss spike left unrecovered."""
     losses = np.array([m["loss"] for m in metrics])
     unrecovered = []
@@ -281,7 +301,7 @@ def health_gate(recipe: Recipe, metrics: list[dict]) -> dict:
     )
 
 
-def lineage_gate(record: dict) -> dict:
+def lineage_gate(record: dict) -> Gate:
     missing = [k for k, v in record.items() if v in (None, {}, "")]
     ok = not missing and record["shards_verified"]
     return gate(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from refit.stages.mix.manifest import Manifest
 
-def plot_training(out: Path, metrics: list[dict], manifest: dict) -> str:
+
+def plot_training(out: Path, metrics: list[dict], manifest: Manifest) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -28,11 +30,11 @@ def plot_training(out: Path, metrics: list[dict], manifest: dict) -> str:
     lr_axis = loss_axis.twinx()
     lr_axis.plot(steps, [m["lr"] for m in metrics], color="tab:orange", label="learning rate")
     lr_axis.set_ylabel("learning rate", color="tab:orange")
-    for phase in manifest["phases"][1:]:
-        loss_axis.axvline(phase["start_step"], color="gray", linestyle="--")
+    for phase in manifest.phases[1:]:
+        loss_axis.axvline(phase.start_step, color="gray", linestyle="--")
         loss_axis.annotate(
-            f"switch to {phase['name']}\n(LR <= {phase['lr_below']:g} max)",
-            (phase["start_step"], 1),
+            f"switch to {phase.name}\n(LR <= {phase.lr_below:g} max)",
+            (phase.start_step, 1),
             xycoords=("data", "axes fraction"),
             va="top",
             ha="left",

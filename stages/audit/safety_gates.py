@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from refit.stages.audit.gates import gate, sigma
+from refit.stages.audit.gates import Gate, gate, sigma
 from refit.stages.audit.plots import plot_bars
 from refit.stages.core.config import Recipe
 
@@ -40,7 +40,7 @@ def _pm(entry: dict, key: str, scale: float = 100, digits: int = 1) -> str:
     return f"{scale * entry[key]:.{digits}f}" + (f" +- {scale * error:.{digits}f}" if error is not None else "")
 
 
-def _rise_gate(name: str, entry: dict, tolerance: float, sigmas: float, what: str) -> dict:
+def _rise_gate(name: str, entry: dict, tolerance: float, sigmas: float, what: str) -> Gate:
     """Fails when the increase is shown beyond noise: delta - sigmas x stderr exceeds tolerance."""
     shown = entry["delta"] - sigma(entry["delta_stderr"], sigmas)
     return gate(
@@ -53,12 +53,12 @@ def _rise_gate(name: str, entry: dict, tolerance: float, sigmas: float, what: st
     )
 
 
-def safety_gates(recipe: Recipe, evaluation: dict) -> list[dict]:
+def safety_gates(recipe: Recipe, evaluation: dict) -> list[Gate]:
     g, safety = recipe.gates, evaluation.get("safety") or {}
     gates = []
     warnings = safety.get("warnings", [])
 
-    def noted(found: dict, probe: str) -> dict:  # a probe too small to mean much says so in its gate
+    def noted(found: Gate, probe: str) -> Gate:  # a probe too small to mean much says so in its gate
         notes = [w for w in warnings if w.startswith(probe)]
         return {**found, "reason": found["reason"] + "".join(f" (warning: {w})" for w in notes)}
 

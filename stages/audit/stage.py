@@ -16,8 +16,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict
 
 from refit.stages.audit.gates import (
+    Gate,
     accuracy_gates,
     contamination_gate,
     health_gate,
@@ -41,16 +44,32 @@ from refit.stages.core.markers import (
 from refit.stages.core.scores import judged_scores
 from refit.stages.evaluate import stage as evaluate
 from refit.stages.mix import stage as mix
+from refit.stages.mix.manifest import Manifest
 from refit.stages.train import stage as train
 
 FOLDER = "audit"
+
+
+@with_config(ConfigDict(extra="forbid"))
+class AuditReport(TypedDict):
+    stage: str
+    recipe: str
+    passed: bool
+    gates: list[Gate]
+    failed: list[str]  # the reason of every failed gate
+    scores: dict  # judged scores: per benchmark and the average the audit counts
+    warnings: list[str]
+    cost: dict
+    lineage: dict
+    candidate: str
+    train: dict  # the train stage's report
 
 
 class AuditFailed(RuntimeError):
     """The candidate must not ship; the message lists every failed gate."""
 
 
-def lineage(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
+def lineage(recipe: Recipe, workdir: Path, manifest: Manifest) -> dict:
     base = Path(recipe.base_model.path)
     weights = {p.name: file_sha256(p) for p in sorted(base.glob("*.safetensors"))}
     shards_ok = not mix.damaged_shards(manifest, workdir)
@@ -61,9 +80,9 @@ def lineage(recipe: Recipe, workdir: Path, manifest: dict) -> dict:
         "recipe_sha256": hashlib.sha256(
             json.dumps(recipe.model_dump(mode="json"), sort_keys=True).encode()
         ).hexdigest(),
-        "manifest_sha256": manifest.get("sha256"),
-        "tokenizer_sha256": manifest.get("tokenizer_sha256"),
-        "shards": sum(len(s["shards"]) for s in manifest["sources"].values()),
+        "manifest_sha256": manifest.sha256,
+        "tokenizer_sha256": manifest.tokenizer_sha256,
+        "shards": sum(len(s.shards) for s in manifest.sources.values()),
         "shards_verified": shards_ok,
         "code_version": code_version(train.__name__),  # of the training code
         "train_fingerprint": train.run_fingerprint(workdir),
@@ -117,7 +136,7 @@ def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None 
     return fingerprint("audit", section, upstream, code_version(__name__))
 
 
-def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> dict:
+def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> AuditReport:
     """Write audit/report.json and audit/report.md with plots; raise AuditFailed if a gate fails."""
     workdir = Path(workdir)
     final = workdir / FOLDER
@@ -150,7 +169,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             "gates": gates,
             "failed": [g["reason"] for g in gates if not g["passed"]],
             "scores": judged_scores(recipe, evaluation),
-            "warnings": manifest.get("warnings", []) + validation_warnings(recipe, evaluation),
+            "warnings": manifest.warnings + validation_warnings(recipe, evaluation),
             "cost": cost_report(recipe, trained, evaluation, parameters),
             "lineage": record,
             "candidate": str(train.final_model(workdir)),
@@ -170,7 +189,17 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
     return report
 
 
-def read_report(workdir: Path) -> dict:
+def summary(report: AuditReport) -> dict:
+    """What a flow keeps: the verdict, each gate's, and the cost."""
+    return {
+        "passed": report["passed"],
+        "failed": report["failed"],
+        "gates": {g["name"]: g["passed"] for g in report["gates"]},
+        "cost": report["cost"],
+    }
+
+
+def read_report(workdir: Path) -> AuditReport:
     """The finished audit: verdict, every gate, cost, lineage."""
     return json.loads((Path(workdir) / FOLDER / "report.json").read_text())
 
@@ -189,6 +218,8 @@ STAGE = Stage(
     reads=("curate", "mix", "train", "evaluate"),  # curate: the contamination gate reads curated documents
     sections=("gates", "cost"),
     folder=FOLDER,
+    report=AuditReport,
+    summarize=summary,
     run_function=run_audit,
     fingerprint_function=input_fingerprint,
     takes=("previous_eval",),

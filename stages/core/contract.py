@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
+from functools import cached_property
 from pathlib import Path
+from typing import Any
+
+from pydantic import TypeAdapter
 
 from refit.stages.core.config import Recipe
 from refit.stages.core.disk import full_disk_reported
@@ -51,13 +55,16 @@ class Stage:
     reads: tuple[str, ...]
     sections: tuple[str, ...]
     folder: str
-    run_function: Callable[..., dict]  # (recipe, workdir, force=..., **takes, **run_only) -> report
+    report: Any  # the type of what run_function returns: a TypedDict or a pydantic model
+    run_function: Callable[..., Any]  # (recipe, workdir, force=..., **takes, **run_only) -> report
     fingerprint_function: Callable[..., str]  # (recipe, workdir, **takes) -> input fingerprint
     takes: tuple[str, ...] = ()  # input options (StageOptions) passed to both functions
     run_only: tuple[str, ...] = ()  # run-only options (StageOptions) passed to the run function alone
     # what else must hold outside the output folder for a done stage to count as done (publish:
     # the version is still in the registry and `latest` names the newest); (recipe, workdir) -> bool
     still_holds: Callable[[Recipe, Path], bool] | None = None
+    # the few figures a flow's task keeps of the report (default: all of it, as JSON values)
+    summarize: Callable[[Any], dict] | None = None
 
     def __post_init__(self) -> None:
         declared = {"input": (self.takes, INPUT_OPTIONS), "run-only": (self.run_only, RUN_ONLY_OPTIONS)}
@@ -86,10 +93,23 @@ class Stage:
         """The fingerprint of this stage's finished output, for the stages that read it."""
         return output_fingerprint(self.output(workdir), self.name, needed_by)
 
-    def run(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> dict:
+    @cached_property
+    def _report_type(self) -> TypeAdapter:
+        return TypeAdapter(self.report)
+
+    def run(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> Any:
         """Run the stage (a no-op returning its report when up to date) after putting right
-        whatever a killed earlier run left in its output folder; a full disk ends it in one line."""
+        whatever a killed earlier run left in its output folder; a full disk ends it in one line.
+        The report is checked against the stage's report type."""
         recover(self.output(workdir))
         taken = self._options(options, self.takes + self.run_only)
         with full_disk_reported(self.name, self.output(workdir)):
-            return self.run_function(recipe, Path(workdir), force=options.force, **taken)
+            report = self.run_function(recipe, Path(workdir), force=options.force, **taken)
+        return self._report_type.validate_python(report)
+
+    def as_json(self, report: Any) -> dict:
+        return self._report_type.dump_python(report, mode="json")
+
+    def summary(self, report: Any) -> dict:
+        """What a flow's task keeps of a report: JSON values, small."""
+        return self.summarize(report) if self.summarize else self.as_json(report)

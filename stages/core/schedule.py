@@ -1,4 +1,5 @@
-"""Learning-rate schedules as short pure functions, and when the LR crosses a threshold.
+"""Learning-rate schedules as short pure functions, when the LR crosses a threshold, and so
+which data phase a step trains on.
 
 Steps are optimizer steps counted from 0; `lr(step)` is the LR used *at* that step, and
 the last step (total_steps - 1) ends exactly at min_lr_ratio x max_lr.
@@ -7,6 +8,7 @@ the last step (total_steps - 1) ends exactly at min_lr_ratio x max_lr.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -80,6 +82,20 @@ class Schedule:
         while step < self.total_steps and self.lr(step) > target:
             step += 1
         return step if step < self.total_steps else None
+
+
+def phase_at(schedule: Schedule, lr_below: Sequence[float | None], step: int) -> int:
+    """The phase that `step` trains on: the last one whose trigger has fired, that is, after
+    warmup, LR <= its lr_below x max_lr (lr_below[i] is phase i's; None for the first, which
+    starts at step 0). Thresholds decrease and the LR does not rise after warmup, so each
+    fires once, in order, at the step that `first_step_at_or_below` gives mix for its plan."""
+    if step < schedule.warmup_steps:
+        return 0
+    lr = schedule.lr(step)
+    return max(
+        (i for i, fraction in enumerate(lr_below) if fraction is not None and lr <= fraction * schedule.max_lr),
+        default=0,
+    )
 
 
 def tokens_per_step(recipe: Recipe) -> int:

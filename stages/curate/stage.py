@@ -25,6 +25,7 @@ import heapq
 import itertools
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import time
@@ -34,9 +35,13 @@ from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict
+
 from refit.stages.core.config import CurateSpec, Recipe, SourceSpec
 from refit.stages.core.contract import Stage
 from refit.stages.core.file_hashes import memoized_sha256
+from refit.stages.core.input_files import InputFileError, load_benchmark
 from refit.stages.core.markers import (
     code_version,
     damaged_outputs,
@@ -48,7 +53,7 @@ from refit.stages.core.markers import (
     write_marker,
 )
 from refit.stages.core.paths import inside
-from refit.stages.curate.records import read_records
+from refit.stages.curate.records import Record, file_problem, read_records, unreadable
 
 if TYPE_CHECKING:
     import pyarrow as pa
@@ -58,19 +63,40 @@ FOLDER = "curate"
 ROLE_ORDER = {"legacy": 0, "new": 1, "qa": 2}  # earlier roles win near-duplicate ties
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, sha256 TEXT, batch INTEGER, PRIMARY KEY (source, path));
+CREATE TABLE IF NOT EXISTS unreadable (source TEXT, path TEXT, reason TEXT, batch INTEGER,
+    PRIMARY KEY (source, path, reason));
 """
 EXECUTION_SETTINGS = {"executor", "ray", "slurm", "workers"}  # where the steps run: decisions do not depend on it
 HASH_MEMO = ".curate-hashes"  # in the workdir: the sha256 of each input file at its size and mtime
+
+
+@with_config(ConfigDict(extra="forbid"))
+class CurateReport(TypedDict):
+    stage: str
+    batch: int  # 1 for the first run over a workdir, +1 for each incremental run
+    incremental: bool  # only files new since the previous batch were read
+    sources: dict[str, dict]  # per source: files, records, quarantined, removed, train/validation docs
+    warnings: list[str]
+    seconds: float
 
 
 class CurationError(RuntimeError):
     """The stage failed; the previous curated output is untouched."""
 
 
-def source_files(source: SourceSpec, patterns: list[str] | None = None) -> list[Path]:
-    """The files matching a source's paths (or the patterns given, e.g. its validation_paths)."""
+def source_files(source: SourceSpec, patterns: list[str] | None = None) -> tuple[list[Path], list[Record]]:
+    """The files matching a source's paths (or the patterns given, e.g. its validation_paths),
+    and the quarantine row of every other path they match (a broken link, a folder, a FIFO, a
+    name that is not UTF-8): none is skipped silently. Only the folders a pattern ending in
+    `**` walks through are not inputs."""
     patterns = source.paths if patterns is None else patterns
-    return sorted({Path(p) for pattern in patterns for p in glob.glob(pattern, recursive=True) if Path(p).is_file()})
+    matched = set()
+    for pattern in patterns:
+        for name in glob.glob(pattern, recursive=True):
+            if not (pattern.endswith("**") and os.path.isdir(name)):
+                matched.add(Path(name))
+    listed = [(path, file_problem(path)) for path in sorted(matched)]
+    return [path for path, problem in listed if problem is None], [problem for _, problem in listed if problem]
 
 
 def _settings(recipe: Recipe) -> dict:
@@ -86,15 +112,29 @@ def _settings(recipe: Recipe) -> dict:
     }  # batches curated by other code are not extended, but redone
 
 
-def _listing(recipe: Recipe, workdir: Path | None) -> dict[str, list[tuple[str, str]]]:
-    """source -> [(path, sha256)] of every input file; a file is read again only when its
-    size or mtime changed (the memo in `<workdir>/.curate-hashes/`)."""
+Listing = dict[str, tuple[list[tuple[str, str]], list[Record]]]
+
+
+def _listing(recipe: Recipe, workdir: Path | None) -> Listing:
+    """source -> ([(path, sha256)] of every input file, the quarantine rows of the paths that
+    cannot be read); a file is read again only when its size or mtime changed (the memo in
+    `<workdir>/.curate-hashes/`)."""
     memo = Path(workdir or recipe.workdir) / HASH_MEMO
-    return {s.name: [(str(p), memoized_sha256(p, memo)) for p in source_files(s)] for s in recipe.sources}
+    listing = {}
+    for source in recipe.sources:
+        paths, problems = source_files(source)
+        files = []
+        for path in paths:
+            try:
+                files.append((str(path), memoized_sha256(path, memo)))
+            except OSError as error:  # unreadable, gone since it was listed: its row, and the run goes on
+                problems.append(unreadable(path, error))
+        listing[source.name] = files, problems
+    return listing
 
 
-def _version(listing: dict[str, list[tuple[str, str]]]) -> str:
-    contents = {name: sorted({sha256 for _, sha256 in files}) for name, files in listing.items()}
+def _version(listing: Listing) -> str:
+    contents = {name: sorted({sha256 for _, sha256 in files}) for name, (files, _) in listing.items()}
     return hashlib.sha256(json.dumps(contents, sort_keys=True).encode()).hexdigest()
 
 
@@ -104,8 +144,11 @@ def data_version(recipe: Recipe, workdir: Path | None = None) -> str:
     return _version(_listing(recipe, workdir))
 
 
-def _fingerprint(settings: dict, listing: dict) -> str:
-    return fingerprint("curate", {"settings": settings, "data": _version(listing)}, (), code_version(__name__))
+def _fingerprint(settings: dict, listing: Listing) -> str:
+    section = {"settings": settings, "data": _version(listing)}
+    # a path that appears, or changes, and cannot be read reruns the stage: it is reported, not skipped
+    problems = {name: [(row.file, row.reason) for row in rows] for name, (_, rows) in listing.items() if rows}
+    return fingerprint("curate", section | ({"unreadable": problems} if problems else {}), (), code_version(__name__))
 
 
 def input_fingerprint(recipe: Recipe, workdir: Path | None = None) -> str:
@@ -177,12 +220,14 @@ class HashSplit:
 
 
 def _validation_listing(recipe: Recipe) -> dict:
-    """The explicit validation files of each source that has them (part of the settings: a change starts over)."""
-    return {
-        s.name: [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in source_files(s, s.validation_paths)]
-        for s in recipe.sources
-        if s.validation_paths
-    }
+    """The explicit validation files of each source that has them, and the paths among them
+    that cannot be read (part of the settings: a change starts over)."""
+    listing = {}
+    for source in (s for s in recipe.sources if s.validation_paths):
+        files, problems = source_files(source, source.validation_paths)
+        listing[source.name] = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files]
+        listing[source.name] += [(row.file, row.reason) for row in problems]
+    return listing
 
 
 def _read_validation(source: SourceSpec, spec: CurateSpec, out: Path, hashes) -> None:
@@ -193,13 +238,13 @@ def _read_validation(source: SourceSpec, spec: CurateSpec, out: Path, hashes) ->
 
     documents = _curated_writer(out / source.name / "validation-0000.parquet")
     quarantined = LazyJsonl(out / "quarantine" / source.name / "validation.jsonl")
-    for path in source_files(source, source.validation_paths):
-        for record in read_records(path, source, spec):
-            if record.reason is not None:
-                quarantined.write(record.quarantine_row(source.name))
-                continue
-            hashes.add(text_hash(record.text), hashes.rows, f"{source.name}:validation:{record.doc_id}")
-            documents.add(record.doc_id, record.text, chars=len(record.text))
+    files, problems = source_files(source, source.validation_paths)
+    for record in itertools.chain(problems, *(read_records(path, source, spec) for path in files)):
+        if record.reason is not None:
+            quarantined.write(record.quarantine_row(source.name))
+            continue
+        hashes.add(text_hash(record.text), hashes.rows, f"{source.name}:validation:{record.doc_id}")
+        documents.add(record.doc_id, record.text, chars=len(record.text))
     documents.close()
     quarantined.close()
 
@@ -312,6 +357,15 @@ def _new_files(
     return new, copies
 
 
+def _new_problems(db: sqlite3.Connection, source: SourceSpec, rows: list[Record], batch: int) -> list[Record]:
+    """The rows of the source's paths that cannot be read and that no earlier batch reported
+    (recorded now): like a file's records, a path's problem counts in one batch only."""
+    known = set(db.execute("SELECT path, reason FROM unreadable WHERE source=?", (source.name,)))
+    new = [row for row in rows if (row.file, row.reason) not in known]
+    db.executemany("INSERT INTO unreadable VALUES (?, ?, ?, ?)", [(source.name, r.file, r.reason, batch) for r in new])
+    return new
+
+
 def _read_batch(files: list[tuple[SourceSpec, str]], work: Path, index: Path, batch: int, spec: CurateSpec) -> None:
     """Read and validate the batch's files as datatrove tasks on curate.executor (at most
     curate.workers, each its share of the files), then decide the id claims (curate_steps)."""
@@ -350,11 +404,14 @@ def _file_events(folder: Path, order: int) -> Iterator[tuple[int, str, tuple | N
     return heapq.merge(quarantined(), documents(), key=lambda event: event[0])
 
 
-def _deal(sources: list[SourceSpec], new_files: dict, folder: Path, spool, out: Path, batch: int, spec) -> dict:
+def _deal(
+    sources: list[SourceSpec], new_files: dict, problems: dict, folder: Path, spool, out: Path, batch: int, spec
+) -> dict:
     """Go through the files read, in batch order: copy each source's quarantined records into
     its quarantine file, with the duplicate ids at their place, and deal its clean documents
-    into the spool; fail when a source has too many bad records. Returns, per source, its
-    files, copies, counts and bad fraction."""
+    into the spool; fail when a source has too many bad records. Each path of `problems` (source
+    -> rows of the paths that cannot be read) is one bad record. Returns, per source, its files,
+    copies, counts and bad fraction."""
     from refit.stages.curate.steps import LazyJsonl, duplicate_id_record, parquet_rows
 
     duplicates = parquet_rows(folder / "duplicate-ids.parquet")  # (file, line, id, path, first_line, reason)
@@ -364,6 +421,9 @@ def _deal(sources: list[SourceSpec], new_files: dict, folder: Path, spool, out: 
         files, copies = new_files[source.name]
         counts: Counter[str] = Counter()
         quarantined = LazyJsonl(inside(out / "quarantine", source.name, f"batch-{batch:04d}.jsonl"))
+        for record in problems[source.name]:
+            counts.update(["records", f"quarantined:{record.reason}"])
+            quarantined.write(record.quarantine_row(source.name))
         for path, _ in files:
             counts.update(json.loads((folder / f"{order:05d}.counts.json").read_text()))
             for line, row, document in _file_events(folder, order):
@@ -491,7 +551,7 @@ def _source_report(source: SourceSpec, screened: dict, written: dict, db: sqlite
     }
 
 
-def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> CurateReport:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / FOLDER
     # one listing: a file arriving mid-run is the next run's
@@ -508,6 +568,11 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
     from refit.stages.curate.steps import Spool
 
     started = time.time()
+    try:  # read again in every decontamination task: a malformed item fails here, not in a datatrove worker
+        for bench in recipe.evaluate.benchmarks:
+            load_benchmark(Path(bench.path))
+    except InputFileError as error:
+        raise CurationError(f"benchmark {error}; previous curated output kept") from None
     settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     previous = read_marker(final)
     damaged = damaged_outputs(final, previous) if previous else {}
@@ -520,18 +585,20 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
         # commit per insert (an fsync each, ~1 ms) would buy nothing
         with closing(sqlite3.connect(out / "state.sqlite")) as db:  # closed on failure too: the folder is removed
             db.executescript(SCHEMA)
-            batch = (db.execute("SELECT MAX(batch) FROM files").fetchone()[0] or 0) + 1
+            batches = "SELECT batch FROM files UNION ALL SELECT batch FROM unreadable"
+            batch = (db.execute(f"SELECT MAX(batch) FROM ({batches})").fetchone()[0] or 0) + 1
             sources = sorted(recipe.sources, key=lambda s: ROLE_ORDER[s.role])
             if batch == 1 and any(source.validation_paths for source in sources):
                 _index_validation_files(sources, recipe.curate, out)  # read once, before training text
-            new_files = {s.name: _new_files(db, s, listing[s.name]) for s in sources}
+            new_files = {s.name: _new_files(db, s, listing[s.name][0]) for s in sources}
+            problems = {s.name: _new_problems(db, s, listing[s.name][1], batch) for s in sources}
             files = [(s, path) for s in sources for path, _ in new_files[s.name][0]]  # the batch order
             log.info("curate: reading %d files (batch %d)", len(files), batch)
             work = out / "work"
             with executor_session(recipe.curate):  # on Ray: one cluster for the reading and the MinHash steps
                 _read_batch(files, work, out / "id-index", batch, recipe.curate)
                 spool = Spool(work, recipe.curate.workers)
-                screened = _deal(sources, new_files, work / "read", spool, out, batch, recipe.curate)
+                screened = _deal(sources, new_files, problems, work / "read", spool, out, batch, recipe.curate)
                 written = _dedupe_and_write(sources, spool.close(), out, batch, recipe)
             report_sources = {s.name: _source_report(s, screened[s.name], written[s.name], db, batch) for s in sources}
             warnings = []
@@ -598,6 +665,7 @@ STAGE = Stage(
     reads=(),
     sections=("sources", "curate", "evaluate"),
     folder=FOLDER,
+    report=CurateReport,
     run_function=run_curate,
     fingerprint_function=input_fingerprint,
 )

@@ -40,12 +40,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict
 
 from refit.stages.core.config import Recipe
 from refit.stages.core.contract import Stage
+from refit.stages.core.input_files import load_benchmark
 from refit.stages.core.markers import code_version, fingerprint, is_done, staged_output, write_json_atomic, write_marker
 from refit.stages.core.scores import METRICS, paired_comparison
-from refit.stages.core.text import read_jsonl
 from refit.stages.curate import stage as curate
 from refit.stages.evaluate.scorer import (
     ScoreCache,
@@ -57,6 +59,22 @@ from refit.stages.evaluate.scorer import (
 from refit.stages.train import stage as train
 
 log = logging.getLogger(__name__)
+
+
+@with_config(ConfigDict(extra="forbid"))
+class EvaluateReport(TypedDict):
+    stage: str
+    backend: str
+    benchmarks: dict[str, dict]  # per benchmark: domain, metric, acc and acc_norm paired (base, candidate, delta)
+    validation: dict[str, dict]  # per source: base and candidate loss per token and bits per byte
+    safety: dict  # the safety probes' measurements
+    base_model: str
+    candidate_model: str
+    base_cached: bool
+    scoring: dict  # where and how the scores were computed
+    seconds: float
+
+
 FOLDER = "eval"
 BACKENDS = ("refit", "lm-eval")
 
@@ -123,13 +141,13 @@ def evaluate_models(
     from refit.stages.evaluate import safety_probes as safety
 
     probes = safety.Probes(recipe.evaluate.safety)  # a malformed probe file fails before any model loads
+    items = {bench.name: load_benchmark(Path(bench.path)) for bench in recipe.evaluate.benchmarks}  # and a benchmark
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
     if backend == "lm-eval" and recipe.evaluate.prefix_eos:
         raise ValueError("evaluate.prefix_eos is not supported by the lm-eval backend: score with --backend refit")
     settings = scoring_settings(recipe)
     harness = _harness_scores(recipe, models, tokenizer, settings, task_dir) if backend == "lm-eval" else None
-    items = {bench.name: read_jsonl(Path(bench.path)) for bench in recipe.evaluate.benchmarks}
     texts = {s.name: curate.validation_texts(workdir, s.name, recipe.evaluate.validation_docs) for s in recipe.sources}
     tasks = [] if harness else [ScoringTask(f"benchmark:{name}", "choices", bench) for name, bench in items.items()]
     tasks += [
@@ -235,7 +253,7 @@ def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> 
     return fingerprint("evaluate", section, upstream, code_version(__name__))
 
 
-def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: str = "refit") -> dict:
+def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: str = "refit") -> EvaluateReport:
     """backend: "refit" (Refit's scorer) or "lm-eval" (lm-evaluation-harness) for the benchmarks."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown evaluation backend {backend!r}: one of {', '.join(BACKENDS)}")
@@ -258,7 +276,7 @@ def report_path(workdir: Path) -> Path:
     return Path(workdir) / FOLDER / "report.json"
 
 
-def read_report(workdir: Path) -> dict:
+def read_report(workdir: Path) -> EvaluateReport:
     """The finished evaluation: benchmarks and validation losses, base and candidate."""
     return json.loads(report_path(workdir).read_text())
 
@@ -268,6 +286,7 @@ STAGE = Stage(
     reads=("train", "curate"),
     sections=("evaluate", "base_model"),
     folder=FOLDER,
+    report=EvaluateReport,
     run_function=run_evaluate,
     fingerprint_function=input_fingerprint,
     takes=("backend",),

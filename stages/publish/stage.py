@@ -40,6 +40,8 @@ import uuid
 from pathlib import Path
 
 import yaml
+from pydantic import ConfigDict, with_config
+from typing_extensions import NotRequired, TypedDict
 
 from refit.stages.audit import stage as audit
 from refit.stages.audit.safety_gates import model_card_section
@@ -58,6 +60,7 @@ from refit.stages.core.remote_code import foreign_code_references
 from refit.stages.curate import stage as curate
 from refit.stages.evaluate import stage as evaluate
 from refit.stages.mix import stage as mix
+from refit.stages.mix.manifest import Manifest
 from refit.stages.train import stage as train
 
 FOLDER = "publish"
@@ -66,6 +69,16 @@ TAKEN = re.compile(r"^v(\d{4,})(\.claim|\.partial)?$")  # a number in use, compl
 RECORD = "refit_publish.json"
 SUMS = "SHA256SUMS"  # written last, after the rename: the version is complete
 COPY_CHUNK = 1 << 20
+
+
+@with_config(ConfigDict(extra="forbid"))
+class PublishReport(TypedDict):
+    stage: str
+    version: str
+    path: str
+    already_published: bool
+    identity: str  # of the weights and the audit that passed them
+    files: NotRequired[int]  # files written, when this run published the version
 
 
 class PublishRefused(RuntimeError):
@@ -228,7 +241,7 @@ def _check_audit(workdir: Path) -> dict:
     return report
 
 
-def model_card(recipe: Recipe, report: dict, manifest: dict, evaluation: dict) -> str:
+def model_card(recipe: Recipe, report: dict, manifest: Manifest, evaluation: dict) -> str:
     results = [
         {
             "task": {"type": "multiple-choice", "name": "multiple-choice"},
@@ -253,8 +266,8 @@ def model_card(recipe: Recipe, report: dict, manifest: dict, evaluation: dict) -
         "model-index": [{"name": recipe.model_name, "results": results}],
     }
     phases = "; ".join(
-        f"{p['name']} from step {p['start_step']} ({', '.join(f'{k} {v:.0%}' for k, v in p['weights'].items())})"
-        for p in manifest["phases"]
+        f"{p.name} from step {p.start_step} ({', '.join(f'{k} {v:.0%}' for k, v in p.weights.items())})"
+        for p in manifest.phases
     )
     gates = "\n".join(f"| {g['name']} | {'pass' if g['passed'] else 'FAIL'} | {g['reason']} |" for g in report["gates"])
     rows = "\n".join(
@@ -278,14 +291,14 @@ It was not tuned for instructions or safety beyond what the base model had.
 ## Data
 
 Sources: {", ".join(f"{s.name} ({s.role})" for s in recipe.sources)}. Curated (validated, deduplicated
-within and across sources, decontaminated against the benchmarks), tokenized into {manifest["seq_len"]}-token
-sequences. Tokens drawn: {", ".join(f"{k} {v['drawn_tokens']:,}" for k, v in manifest["sources"].items())}.
+within and across sources, decontaminated against the benchmarks), tokenized into {manifest.seq_len}-token
+sequences. Tokens drawn: {", ".join(f"{k} {v.drawn_tokens:,}" for k, v in manifest.sources.items())}.
 
 ## Recipe
 
-Continued pretraining ("Reuse, Don't Retrain", Parmar et al. 2024): {manifest["total_steps"]} steps,
-{manifest["total_tokens"]:,} tokens, {manifest["schedule"]["decay"]} schedule from {manifest["schedule"]["max_lr"]:.2e}
-to {manifest["schedule"]["min_lr_ratio"]:g} x max_lr, warmup {manifest["schedule"]["warmup_steps"]} steps.
+Continued pretraining ("Reuse, Don't Retrain", Parmar et al. 2024): {manifest.total_steps} steps,
+{manifest.total_tokens:,} tokens, {manifest.schedule.decay} schedule from {manifest.schedule.max_lr:.2e}
+to {manifest.schedule.min_lr_ratio:g} x max_lr, warmup {manifest.schedule.warmup_steps} steps.
 Data phases, each later one triggered by the learning rate: {phases}.
 
 ## Results (base against this model)
@@ -376,7 +389,7 @@ def _report(identity_: str, version: str, path: str, already: bool) -> dict:
     return {"stage": "publish", "version": version, "path": path, "already_published": already, "identity": identity_}
 
 
-def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> PublishReport:
     """Publish the audited checkpoint; returns {version, path, ...} and records it in
     `<workdir>/publish/`. A checkpoint already in the registry is never written twice, with
     or without `force`; `latest` is repaired either way."""
@@ -455,6 +468,7 @@ STAGE = Stage(
     reads=("audit", "train", "mix", "evaluate", "curate"),
     sections=("publish",),
     folder=FOLDER,
+    report=PublishReport,
     run_function=run_publish,
     fingerprint_function=input_fingerprint,
     still_holds=still_published,

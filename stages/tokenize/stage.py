@@ -30,6 +30,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
+from pydantic import ConfigDict, with_config
+from typing_extensions import TypedDict
 
 from refit.stages.core.config import Recipe
 from refit.stages.core.contract import Stage
@@ -49,6 +51,20 @@ from refit.stages.curate import stage as curate
 
 log = logging.getLogger(__name__)
 FOLDER = "tokenize"
+
+
+@with_config(ConfigDict(extra="forbid"))
+class TokenizeReport(TypedDict):
+    stage: str
+    tokenizer_sha256: str
+    seq_len: int
+    eos_id: str
+    vocab_size: str
+    dtype: str  # of the token ids in the shards: uint16 when the vocabulary fits
+    sources: dict[str, dict]  # per source: rows, tokens, shards
+    seconds: float
+
+
 CHARS_PER_TOKEN = 4  # only sizes the document runs behind each shard; the rows are exact
 _TOKENIZER = None  # per worker process
 
@@ -199,7 +215,7 @@ def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
     return _fingerprint(_settings(recipe), workdir)
 
 
-def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> dict:
+def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> TokenizeReport:
     """Tokenize every source's curated train documents; returns the report."""
     workdir = Path(workdir)
     final = workdir / FOLDER
@@ -280,6 +296,7 @@ STAGE = Stage(
     reads=("curate",),
     sections=("tokenizer", "tokenize"),
     folder=FOLDER,
+    report=TokenizeReport,
     run_function=run_tokenize,
     fingerprint_function=input_fingerprint,
 )

@@ -7,16 +7,17 @@ writes `checkpoints/step-NNNNNNNN/`, `metrics.jsonl` (with the validation loss o
 `validation.arrow`, when the job has one, at every checkpoint) and `final/` beside it. Continues from
 the latest complete checkpoint of the same run when there is one, else from the base model.
 
-`train.strategy` ddp wraps the model in DistributedDataParallel (through accelerate); fsdp
-applies FSDP2's `fully_shard` to each decoder layer and to the root. Either way checkpoints
-are torch.distributed.checkpoint (DCP) folders written by every process, so a run resumes
-on another number of processes (or the other strategy): DCP reshards on load, and the data
+`train()` reads top to bottom: `set_up` (the model, resumed or from the base, and the data),
+then per step `switch_phase`, `optimizer_step` and `record_step`, at each checkpoint
+`validate` then `save_checkpoint`, and `finish` (the export). How the processes share the
+model (`train.strategy`) is strategy.py's. Either way checkpoints are
+torch.distributed.checkpoint (DCP) folders written by every process, so a run resumes on
+another number of processes (or the other strategy): DCP reshards on load, and the data
 order does not depend on the number of processes.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,6 +25,7 @@ import re
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,24 +47,15 @@ from refit.stages.core.markers import (
     write_text_atomic,
 )
 from refit.stages.core.remote_code import drop_foreign_code_references
-from refit.stages.core.schedule import Schedule
+from refit.stages.core.schedule import Schedule, phase_at
 from refit.stages.core.shards import read_shard
+from refit.stages.mix.manifest import Manifest, load_manifest
 from refit.stages.train.heartbeat import Heartbeat
 from refit.stages.train.sampler import Sampler
+from refit.stages.train.strategy import Strategy, strategy_for
 
 SPIKE_WINDOW = 20
 EXPORT_SHARD_BYTES = 5 * 2**30  # safetensors shard size of the Hugging Face export
-
-
-def phase_at(manifest: dict, schedule: Schedule, step: int) -> int:
-    """The last phase whose trigger has fired: after warmup, LR <= its lr_below x max_lr.
-    Thresholds decrease and the LR does not rise after warmup, so each fires once, in order."""
-    phase = 0
-    if step >= schedule.warmup_steps:
-        for i, p in enumerate(manifest["phases"][1:], start=1):
-            if schedule.lr(step) <= p["lr_below"] * schedule.max_lr:
-                phase = i
-    return phase
 
 
 def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
@@ -71,14 +64,6 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     fused = torch.cuda.is_available()  # one kernel per step on GPUs; the CPU keeps the foreach path
     return torch.optim.AdamW(groups, lr=recipe.peak_lr, betas=recipe.train.adam_betas, fused=fused)
-
-
-def _precision(recipe: Recipe) -> str:
-    if recipe.train.precision == "fp32" or not torch.cuda.is_available():
-        return "no"
-    if recipe.train.precision == "bf16" or torch.cuda.is_bf16_supported():
-        return "bf16"
-    return "no"
 
 
 def _barrier() -> None:
@@ -110,9 +95,10 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) -> torch.nn.Module:
-    """Activation checkpointing, compilation and, under fsdp, FSDP2 sharding of each decoder
-    layer and of the root (bf16 parameters and compute, fp32 gradient reduction under bf16)."""
+    """Activation checkpointing, compilation, then the strategy's wrapping (under fsdp, FSDP2
+    sharding of each decoder layer and of the root)."""
     spec = recipe.train
+    strategy = strategy_for(recipe)
     if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if spec.compile:
@@ -122,27 +108,11 @@ def prepare_model(model: torch.nn.Module, recipe: Recipe, device: torch.device) 
             # effect") and runs the whole layer eagerly. The set/reset cancels out, so skipping
             # its replay in the backward's recompute changes nothing.
             torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
-    layers = decoder_layers(model) if spec.compile or spec.strategy == "fsdp" else []
+    layers = decoder_layers(model) if spec.compile or strategy.shards_layers else []
     if spec.compile:
         for layer in layers:
             layer.compile()
-    if spec.strategy == "ddp":
-        return model.to(device)  # before the optimizer is built: fused AdamW steps on the device
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    if not dist.is_initialized():  # one process: accelerate starts no group, FSDP2 needs one
-        dist.init_process_group(
-            "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
-        )
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    bf16 = _precision(recipe) == "bf16"
-    # bf16 parameters and compute, fp32 gradient reduction; the sharded fp32 master weights stay
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-    for layer in layers:  # fully_shard also moves the shards to the mesh's device
-        fully_shard(layer, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
-    fully_shard(model, mesh=mesh, mp_policy=policy or MixedPrecisionPolicy())
-    return model
+    return strategy.wrap(model, layers, recipe, device)
 
 
 def validation_loss(model: torch.nn.Module, rows: torch.Tensor, batch_size: int, device: torch.device) -> float:
@@ -340,11 +310,7 @@ def out_of_memory(error: torch.OutOfMemoryError, step: int, recipe: Recipe) -> t
     hints = [f"lower train.micro_batch_size (now {recipe.train.micro_batch_size})"]
     if not recipe.train.activation_checkpointing:
         hints.append("set train.activation_checkpointing: true")
-    hints.append(
-        "set train.strategy: fsdp to shard the model and optimizer over the processes"
-        if recipe.train.strategy == "ddp"
-        else f"shard over more processes (train.num_processes, now {recipe.train.num_processes})"
-    )
+    hints.append(strategy_for(recipe).out_of_memory_hint(recipe))
     return torch.OutOfMemoryError(
         f"out of GPU memory at step {step}: asked for {asked.group(1) if asked else 'more than was free'}{held}. "
         f"To fit: {'; or '.join(hints)}"
@@ -367,39 +333,103 @@ def _stop_for(failure: Path):
     return stop
 
 
-def _autocast(recipe: Recipe) -> str:
-    """accelerate's autocast, for ddp; fsdp casts through its mixed-precision policy instead."""
-    return "no" if recipe.train.strategy == "fsdp" else _precision(recipe)
+@dataclass
+class Run:
+    """One training process's run, as `set_up` leaves it for the steps."""
+
+    train_dir: Path
+    job: dict
+    recipe: Recipe
+    strategy: Strategy
+    manifest: Manifest
+    schedule: Schedule  # the manifest's
+    acc: Accelerator
+    heartbeat: Heartbeat
+    model: torch.nn.Module  # what the steps run (wrapped by accelerate under ddp)
+    optimizer: torch.optim.Optimizer
+    raw_model: torch.nn.Module  # unwrapped: what checkpoints, validation and the export read
+    raw_optimizer: torch.optim.Optimizer
+    sampler: Sampler
+    held_out: torch.Tensor | None  # the validation rows, when the job has them
+    micro_batches: list[range]  # this process's sequences of a step, one range per forward pass
+    state: dict  # what checkpoints keep: step, tokens, phase, switches, spikes, losses
+    started: float = field(default_factory=time.time)
 
 
 def train(train_dir: Path) -> None:
-    from transformers import AutoModelForCausalLM
+    run = set_up(train_dir)
+    total_steps = run.schedule.total_steps
+    for step in range(run.state["step"], total_steps):
+        step_started = time.time()
+        run.heartbeat.step = step
+        lr = run.schedule.lr(step)
+        phase = switch_phase(run, step, lr)
+        loss, grad_norm = optimizer_step(run, step, lr)
+        record_step(run.state, step, loss, run.recipe.gates.loss_spike_factor, run.manifest.tokens_per_step)
+        step_seconds = time.time() - step_started
+        checkpoint_due = run.state["step"] % run.recipe.train.checkpoint_every == 0 or run.state["step"] == total_steps
+        validation = validate(run) if checkpoint_due and run.held_out is not None else {}
+        if run.acc.is_main_process:
+            line = {"step": step, "tokens": run.state["tokens"], "lr": lr, "loss": loss, "grad_norm": grad_norm}
+            line |= {"phase": run.manifest.phases[phase].name, "sources": run.sampler.phase_counts(step)}
+            line |= {"tokens_per_s": run.manifest.tokens_per_step / step_seconds, "elapsed": time.time() - run.started}
+            with open(train_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(line | validation) + "\n")
+        if checkpoint_due:
+            keep = run.recipe.train.keep_checkpoints
+            save_checkpoint(run.raw_model, run.raw_optimizer, run.state, train_dir, run.job["fingerprint"], keep)
+    finish(run)
 
+
+def set_up(train_dir: Path) -> Run:
+    """The job's recipe and manifest, the model (resumed, or from the base) wrapped for the
+    strategy, and this process's share of the data."""
     job = json.loads((train_dir / "job.json").read_text())
     recipe = Recipe.model_validate(job["recipe"])
-    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=_autocast(recipe))
-    heartbeat = Heartbeat(
-        train_dir,
-        acc.process_index,
-        acc.num_processes,
-        recipe.train.heartbeat_timeout,
-        _stop_for(train_dir / job["failure"]),
-    ).start()
-    manifest = json.loads(Path(job["manifest"]).read_text())
+    strategy = strategy_for(recipe)
+    acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=strategy.autocast(recipe))
+    stop = _stop_for(train_dir / job["failure"])
+    heartbeat = Heartbeat(train_dir, acc.process_index, acc.num_processes, recipe.train.heartbeat_timeout, stop).start()
+    manifest = load_manifest(Path(job["manifest"]))
     torch.manual_seed(recipe.train.seed)
-    s = manifest["schedule"]
-    schedule = Schedule(
-        max_lr=s["max_lr"],
-        total_steps=manifest["total_steps"],
-        min_lr_ratio=s["min_lr_ratio"],
-        warmup_steps=s["warmup_steps"],
-        decay=s["decay"],
-        wsd_decay_steps=s["wsd_decay_steps"],
+    raw_model = prepare_model(base_model(recipe), recipe, acc.device)
+    raw_optimizer = _optimizer(raw_model, recipe)
+    state = resume(raw_model, raw_optimizer, train_dir, job["fingerprint"], recipe, strategy)
+    model, optimizer = strategy.prepare(acc, raw_model, raw_optimizer)
+    model.train()
+    held_out = None
+    if job["validation"]:  # the rows run_train packed (a small file: read whole)
+        held_out = torch.from_numpy(read_shard(train_dir / job["validation"]).astype("int64"))
+    sampler = Sampler(manifest, Path(job["data_root"]))
+    if acc.is_main_process:
+        keep_metrics_before(train_dir / "metrics.jsonl", state["step"])
+    mine = range(acc.process_index, manifest.sequences_per_step, acc.num_processes)  # this process's sequences
+    micro = recipe.train.micro_batch_size
+    return Run(
+        train_dir=train_dir,
+        job=job,
+        recipe=recipe,
+        strategy=strategy,
+        manifest=manifest,
+        schedule=manifest.lr_schedule(),
+        acc=acc,
+        heartbeat=heartbeat,
+        model=model,
+        optimizer=optimizer,
+        raw_model=raw_model,
+        raw_optimizer=raw_optimizer,
+        sampler=sampler,
+        held_out=held_out,
+        micro_batches=[mine[i : i + micro] for i in range(0, len(mine), micro)],
+        state=state,
     )
-    checkpoint = latest_checkpoint(train_dir, job["fingerprint"])
-    fsdp = recipe.train.strategy == "fsdp"
-    # the base gives the architecture; a checkpoint, when resuming, then overwrites every weight
-    model = AutoModelForCausalLM.from_pretrained(
+
+
+def base_model(recipe: Recipe) -> torch.nn.Module:
+    """The base in fp32: the architecture, and the weights unless a checkpoint overwrites them."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
         recipe.base_model.path,
         use_safetensors=True,
         use_kernels=False,  # transformers >= 5.25 would swap in Hub kernels (other numerics, fetched code)
@@ -407,135 +437,119 @@ def train(train_dir: Path) -> None:
         trust_remote_code=recipe.base_model.trust_remote_code,
         **({"attn_implementation": "sdpa"} if torch.cuda.is_available() else {}),
     )
-    model = prepare_model(model, recipe, acc.device)
-    optimizer = _optimizer(model, recipe)
-    raw_model, raw_optimizer = model, optimizer  # what checkpoints and the export read, unwrapped
-    rank = dist.get_rank() if dist.is_initialized() else 0
+
+
+def resume(
+    model: torch.nn.Module, optimizer, train_dir: Path, fingerprint: str, recipe: Recipe, strategy: Strategy
+) -> dict:
+    """The trainer state to go on from. The latest complete checkpoint of this run, when there
+    is one, is loaded with this process's RNG state; else train.optimizer_state, if given."""
+    checkpoint = latest_checkpoint(train_dir, fingerprint)
     if checkpoint is not None:
         load_checkpoint(model, optimizer, checkpoint)
+        rank = dist.get_rank() if dist.is_initialized() else 0
         rng = checkpoint / f"rng-{rank}.pt"  # absent for a process the run did not have before
         torch.set_rng_state(torch.load(rng if rng.exists() else checkpoint / "rng-0.pt", weights_only=True))
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-    else:
-        warm = recipe.train.optimizer_state
-        if warm and Path(warm).is_dir():
-            load_checkpoint(model, optimizer, Path(warm), weights=False)
-        elif warm and fsdp:
-            raise ValueError(
-                f"train.optimizer_state: {warm} is a torch.save file, which only strategy ddp loads; "
-                f"give a Refit checkpoint folder (train/checkpoints/step-NNNNNNNN/) instead"
+        return json.loads((checkpoint / "trainer_state.json").read_text())
+    warm = recipe.train.optimizer_state
+    if warm and Path(warm).is_dir():  # a Refit checkpoint: its optimizer state only
+        load_checkpoint(model, optimizer, Path(warm), weights=False)
+    elif warm:
+        strategy.load_optimizer_file(optimizer, warm)
+    return {"step": 0, "tokens": 0, "phase": 0, "switches": [], "spikes": [], "losses": []}
+
+
+def keep_metrics_before(metrics: Path, step: int) -> None:
+    """A resumed run rewrites the log from its checkpoint on."""
+    lines = metrics.read_text().splitlines() if metrics.exists() else []
+    write_text_atomic(metrics, "".join(line + "\n" for line in lines if json.loads(line)["step"] < step))
+
+
+def switch_phase(run: Run, step: int, lr: float) -> int:
+    """The step's phase; a switch is recorded in the trainer state and announced. It must
+    fall where mix planned it, or the manifest was planned for another schedule."""
+    phases, state = run.manifest.phases, run.state
+    phase = phase_at(run.schedule, [p.lr_below for p in phases], step)
+    if phase != state["phase"]:
+        name, planned = phases[phase].name, phases[phase].start_step
+        if step != planned:
+            raise RuntimeError(
+                f"the LR trigger of phase {name} fired at step {step}, "
+                f"but the manifest planned step {planned}: the manifest is stale, rerun mix"
             )
-        elif warm:
-            optimizer.load_state_dict(torch.load(warm, weights_only=True))
-        state = {"step": 0, "tokens": 0, "phase": 0, "switches": [], "spikes": [], "losses": []}
-    if not fsdp:
-        model, optimizer = acc.prepare(model, optimizer)
-    model.train()
-    held_out = None
-    if job["validation"]:  # the rows run_train packed (a small file: read whole)
-        held_out = torch.from_numpy(read_shard(train_dir / job["validation"]).astype("int64"))
-    sampler = Sampler(manifest, Path(job["data_root"]))
-    metrics_path = train_dir / "metrics.jsonl"
-    if acc.is_main_process:  # a resumed run rewrites the log from its checkpoint on
-        kept = [
-            line
-            for line in (metrics_path.read_text().splitlines() if metrics_path.exists() else [])
-            if json.loads(line)["step"] < state["step"]
-        ]
-        write_text_atomic(metrics_path, "".join(line + "\n" for line in kept))
-    per_rank = range(acc.process_index, manifest["sequences_per_step"], acc.num_processes)
-    micro = recipe.train.micro_batch_size
-    chunks = [per_rank[i : i + micro] for i in range(0, len(per_rank), micro)]
+        state["phase"] = phase
+        state["switches"].append({"step": step, "phase": name, "lr": lr})
+        run.acc.print(
+            f"switch: step {step}, LR {lr:.3e} <= {phases[phase].lr_below} x max_lr: data now {name}", flush=True
+        )
+    return phase
+
+
+def optimizer_step(run: Run, step: int, lr: float) -> tuple[float, float]:
+    """One step of the optimizer at lr; the loss (the mean over every process) and the
+    gradient norm. Either one non-finite stops training before the weights change."""
+    for group in run.optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = accumulate_gradients(run, step)
+    grad_norm = run.strategy.clip_gradients(run.model, run.recipe.train.grad_clip)
+    loss = run.acc.reduce((loss_sum / len(run.micro_batches)).to(run.acc.device), reduction="mean").item()
+    if not math.isfinite(loss) or not math.isfinite(grad_norm):
+        last = latest_checkpoint(run.train_dir, run.job["fingerprint"])
+        raise FloatingPointError(
+            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step} "
+            f"(LR {lr:.3e}); training stopped, last good checkpoint kept: "
+            f"{last.name if last else 'none yet'}. Lower schedule.max_lr or check the data."
+        )
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
+def accumulate_gradients(run: Run, step: int) -> torch.Tensor:
+    """Forward and backward passes over this process's micro-batches of the step, each loss
+    scaled so that the gradients add up to the step's mean; the sum of their losses."""
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    try:
+        for i, sequences in enumerate(run.micro_batches):
+            batch = torch.from_numpy(run.sampler.batch(step, sequences)).to(run.acc.device)
+            last = i == len(run.micro_batches) - 1  # gradients are reduced across processes once, here
+            with run.strategy.micro_batch(run.acc, run.model, reduce=last):
+                loss = run.model(input_ids=batch, labels=batch).loss
+                run.acc.backward(loss / len(run.micro_batches))
+            loss_sum += loss.detach().double().cpu()
+    except torch.OutOfMemoryError as error:
+        raise out_of_memory(error, step, run.recipe) from None
+    return loss_sum
+
+
+def record_step(state: dict, step: int, loss: float, spike_factor: float, tokens_per_step: int) -> None:
+    """The trainer state after `step`. A loss above spike_factor x the median of the last
+    SPIKE_WINDOW losses is recorded as a spike (training goes on: the audit judges them)."""
+    recent = state["losses"][-SPIKE_WINDOW:]
+    if len(recent) == SPIKE_WINDOW and loss > spike_factor * sorted(recent)[SPIKE_WINDOW // 2]:
+        state["spikes"].append({"step": step, "loss": loss})
+    state["losses"] = recent + [loss]
+    state["step"], state["tokens"] = step + 1, (step + 1) * tokens_per_step
+
+
+def validate(run: Run) -> dict:
+    """The held-out loss of the weights now, those the checkpoint about to be written saves."""
     started = time.time()
-    for step in range(state["step"], manifest["total_steps"]):
-        step_started = time.time()
-        heartbeat.step = step
-        lr = schedule.lr(step)
-        phase = phase_at(manifest, schedule, step)
-        if phase != state["phase"]:
-            expected = manifest["phases"][phase]["start_step"]
-            if step != expected:
-                raise RuntimeError(
-                    f"the LR trigger of phase {manifest['phases'][phase]['name']} fired at step {step}, "
-                    f"but the manifest planned step {expected}: the manifest is stale, rerun mix"
-                )
-            state["phase"] = phase
-            state["switches"].append({"step": step, "phase": manifest["phases"][phase]["name"], "lr": lr})
-            acc.print(
-                f"switch: step {step}, LR {lr:.3e} <= {manifest['phases'][phase]['lr_below']} x max_lr: "
-                f"data now {manifest['phases'][phase]['name']}",
-                flush=True,
-            )
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        try:
-            for i, chunk in enumerate(chunks):
-                batch = torch.from_numpy(sampler.batch(step, chunk)).to(acc.device)
-                last_chunk = i == len(chunks) - 1  # gradients are reduced across processes once, here
-                if fsdp:
-                    model.set_requires_gradient_sync(last_chunk)
-                with contextlib.nullcontext() if last_chunk or fsdp else acc.no_sync(model):
-                    loss = model(input_ids=batch, labels=batch).loss
-                    acc.backward(loss / len(chunks))
-                loss_sum += loss.detach().double().cpu()
-        except torch.OutOfMemoryError as error:
-            raise out_of_memory(error, step, recipe) from None
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.train.grad_clip)
-        if isinstance(grad_norm, DTensor):  # fsdp: the norm over every shard
-            grad_norm = grad_norm.full_tensor()
-        mean_loss = acc.reduce((loss_sum / len(chunks)).to(acc.device), reduction="mean").item()
-        if not math.isfinite(mean_loss) or not math.isfinite(float(grad_norm)):
-            last = latest_checkpoint(train_dir, job["fingerprint"])
-            raise FloatingPointError(
-                f"non-finite loss ({mean_loss}) or gradient norm ({float(grad_norm)}) at step {step} "
-                f"(LR {lr:.3e}); training stopped, last good checkpoint kept: "
-                f"{last.name if last else 'none yet'}. Lower schedule.max_lr or check the data."
-            )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        recent = state["losses"][-SPIKE_WINDOW:]
-        if (
-            len(recent) == SPIKE_WINDOW
-            and mean_loss > recipe.gates.loss_spike_factor * sorted(recent)[SPIKE_WINDOW // 2]
-        ):
-            state["spikes"].append({"step": step, "loss": mean_loss})
-        state["losses"] = recent + [mean_loss]
-        state["step"], state["tokens"] = step + 1, (step + 1) * manifest["tokens_per_step"]
-        step_seconds = time.time() - step_started
-        checkpoint_due = state["step"] % recipe.train.checkpoint_every == 0 or state["step"] == manifest["total_steps"]
-        validation = {}
-        if checkpoint_due and held_out is not None:  # the weights the checkpoint saves, scored before it is written
-            scoring_started = time.time()
-            loss = validation_loss(raw_model, held_out, micro, acc.device)
-            validation = {"val_loss": loss, "val_seconds": time.time() - scoring_started}
-        if acc.is_main_process:
-            elapsed = time.time() - started
-            line = {
-                "step": step,
-                "tokens": state["tokens"],
-                "lr": lr,
-                "loss": mean_loss,
-                "grad_norm": float(grad_norm),
-                "phase": manifest["phases"][phase]["name"],
-                "sources": sampler.phase_counts(step),
-                "tokens_per_s": manifest["tokens_per_step"] / step_seconds,
-                "elapsed": elapsed,
-                **validation,
-            }
-            with open(metrics_path, "a") as log:
-                log.write(json.dumps(line) + "\n")
-        if checkpoint_due:
-            save_checkpoint(
-                raw_model, raw_optimizer, state, train_dir, job["fingerprint"], recipe.train.keep_checkpoints
-            )
-    if recipe.train.compile:  # in the final trainer state and the report: did compilation take?
-        state["compiled"] = compile_summary()
-        acc.print(f"compile: {state['compiled']['graphs']} graphs, graph breaks: {state['compiled']['graph_breaks']}")
-    export_final(raw_model, recipe, train_dir, state, job["final_sha256"])
-    acc.wait_for_everyone()
-    heartbeat.finish()
-    acc.end_training()
+    loss = validation_loss(run.raw_model, run.held_out, run.recipe.train.micro_batch_size, run.acc.device)
+    return {"val_loss": loss, "val_seconds": time.time() - started}
+
+
+def finish(run: Run) -> None:
+    """final/, once every step is done, from every process (the export gathers the weights)."""
+    if run.recipe.train.compile:  # in the final trainer state and the report: did compilation take?
+        run.state["compiled"] = compile_summary()
+        run.acc.print(
+            f"compile: {run.state['compiled']['graphs']} graphs, graph breaks: {run.state['compiled']['graph_breaks']}"
+        )
+    export_final(run.raw_model, run.recipe, run.train_dir, run.state, run.job["final_sha256"])
+    run.acc.wait_for_everyone()
+    run.heartbeat.finish()
+    run.acc.end_training()
 
 
 def record_failure(path: Path, error: BaseException) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from refit.stages.core.shards import read_shard
+from refit.stages.mix.manifest import Manifest
 
 
 @dataclass
@@ -47,24 +48,24 @@ def blend(weights: np.ndarray, slots: int) -> np.ndarray:
 
 
 class Sampler:
-    def __init__(self, manifest: dict, workdir: Path):
-        self.seed = manifest["seed"]
-        self.per_step = manifest["sequences_per_step"]
-        names = list(manifest["sources"])
+    def __init__(self, manifest: Manifest, workdir: Path):
+        self.seed = manifest.seed
+        self.per_step = manifest.sequences_per_step
+        names = list(manifest.sources)
         self.sources = []
         for name in names:
-            shards = [read_shard(Path(workdir) / s["path"]) for s in manifest["sources"][name]["shards"]]
+            shards = [read_shard(Path(workdir) / s.path) for s in manifest.sources[name].shards]
             offsets = np.concatenate([[0], np.cumsum([len(s) for s in shards])]).astype(np.int64)
             self.sources.append(SourceRows(name, shards, offsets))
-        total = manifest["total_steps"] * self.per_step
+        total = manifest.total_steps * self.per_step
         owner = np.empty(total, dtype=np.int64)
-        for phase in manifest["phases"]:
-            first, last = phase["start_step"] * self.per_step, (phase["start_step"] + phase["steps"]) * self.per_step
-            weights = np.array([phase["weights"].get(name, 0.0) for name in names])
+        for phase in manifest.phases:
+            first, last = phase.start_step * self.per_step, (phase.start_step + phase.steps) * self.per_step
+            weights = np.array([phase.weights.get(name, 0.0) for name in names])
             if last > first:
                 empty = [n for n, w in zip(names, weights) if w > 0 and not self.sources[names.index(n)].rows]
                 if empty:
-                    raise ValueError(f"phase {phase['name']} draws from source(s) with no tokens: {', '.join(empty)}")
+                    raise ValueError(f"phase {phase.name} draws from source(s) with no tokens: {', '.join(empty)}")
                 owner[first:last] = blend(weights, last - first)
         self.owner = owner
         # draw number of each slot within its source, counted over the whole run

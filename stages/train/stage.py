@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Callable, Mapping
 
 import numpy as np
+from pydantic import ConfigDict, with_config
+from typing_extensions import NotRequired, TypedDict
 
 from refit.stages.core import lifeline
 from refit.stages.core.config import Recipe, TrainSpec
@@ -58,6 +60,7 @@ from refit.stages.core.remote_code import check_loadable_config
 from refit.stages.core.shards import token_dtype, write_rows
 from refit.stages.curate import stage as curate
 from refit.stages.mix import stage as mix
+from refit.stages.mix.manifest import load_manifest
 from refit.stages.tokenize import stage as tokenize
 from refit.stages.train.heartbeat import FOLDER as HEARTBEATS
 
@@ -72,6 +75,25 @@ FINAL_SHA256 = "final_sha256.json"  # sha256 of the exported weights, hashed as 
 VALIDATION = "validation.arrow"  # the held-out rows the training processes score at every checkpoint
 POLL_SECONDS = 2.0  # how often the launcher reads the metrics log
 PROGRESS_SECONDS = 10.0  # at most one progress line this often
+
+
+@with_config(ConfigDict(extra="forbid"))
+class TrainReport(TypedDict):
+    stage: str
+    seconds: float
+    machine_rank: NotRequired[int]  # machines after the first report only this and the seconds
+    steps: NotRequired[int]
+    tokens: NotRequired[int]
+    switches: NotRequired[list[dict]]  # step, phase and LR of each LR-triggered switch
+    spikes: NotRequired[list[dict]]
+    first_loss: NotRequired[float]
+    final_loss: NotRequired[float]
+    validation: NotRequired[dict]  # the held-out rows and their loss at each checkpoint, or why off
+    processes: NotRequired[int]
+    machines: NotRequired[int]
+    strategy: NotRequired[str]
+    compiled: NotRequired[dict]  # train.compile: graphs and breaks of the main process
+    final_model: NotRequired[str]
 
 
 class TrainingError(RuntimeError):
@@ -92,7 +114,7 @@ def read_metrics(workdir: Path) -> list[dict]:
     return _metrics(Path(workdir) / FOLDER)
 
 
-def read_report(workdir: Path) -> dict:
+def read_report(workdir: Path) -> TrainReport:
     return json.loads((Path(workdir) / FOLDER / "report.json").read_text())
 
 
@@ -252,6 +274,7 @@ EXECUTION_FIELDS = {
     "compile",
     "keep_checkpoints",
     "heartbeat_timeout",
+    "device_memory",
 }
 
 
@@ -342,7 +365,7 @@ def _wait(
 
 def run_train(
     recipe: Recipe, workdir: Path, force: bool = False, on_progress: Callable[[dict], None] | None = None
-) -> dict:
+) -> TrainReport:
     """Train from the manifest; returns the report (also `train/report.json`). on_progress
     receives the latest metrics line (step, loss, lr, phase, ...) every few seconds. On a
     machine other than 0, launches its processes on machine 0's job and returns once they end."""
@@ -427,7 +450,7 @@ def _validation_report(job_dir: Path, metrics: list[dict]) -> dict:
 
 def _total_steps(job_dir: Path) -> int:
     """Steps of the run the job in job_dir trains, from its manifest."""
-    return json.loads(Path(json.loads((job_dir / JOB).read_text())["manifest"]).read_text())["total_steps"]
+    return load_manifest(Path(json.loads((job_dir / JOB).read_text())["manifest"])).total_steps
 
 
 def _run_processes(
@@ -510,6 +533,7 @@ STAGE = Stage(
     reads=("curate", "tokenize", "mix"),  # tokenize: the held-out rows are packed as it packs
     sections=("base_model", "train"),
     folder=FOLDER,
+    report=TrainReport,
     run_function=run_train,
     fingerprint_function=input_fingerprint,
     run_only=("on_progress",),
