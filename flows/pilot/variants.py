@@ -232,7 +232,7 @@ def result_row(recipe: Recipe, variant: Variant, trained: dict, evaluation: dict
         "switches": trained["switches"],
         "gates": {g["name"]: g["passed"] for g in gates},
         "failed_gates": {g["name"]: g["reason"] for g in gates if not g["passed"]},
-        "warnings": manifest.get("warnings", []),
+        "warnings": manifest.warnings,
     }
 
 
