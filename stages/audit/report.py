@@ -6,6 +6,7 @@ from pathlib import Path
 
 from refit.stages.audit.plots import plot_bars, plot_training
 from refit.stages.audit.safety_gates import safety_section
+from refit.stages.mix.manifest import Manifest
 
 
 def _validation_line(validation: dict) -> str:
@@ -36,7 +37,7 @@ def _points(figure: dict) -> str:
     )
 
 
-def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict], manifest: dict) -> None:
+def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict], manifest: Manifest) -> None:
     scores = report["scores"]
     benches = scores["benchmarks"]
     counted = {name: b[b["metric"]] for name, b in benches.items()}
