@@ -137,6 +137,21 @@ def distinct(docs: list[dict], count: int) -> list[dict]:
 
 LEGACY = distinct(rows(DATASETS / "legacy_python_docs.jsonl.gz"), 40)
 NEW = distinct(rows(DATASETS / "new_postgres_docs.jsonl.gz"), 40)
+# one well-formed BBQ item (ambiguous context, answer 2 unknown): the probe-file tests change one field at a time
+BBQ_ITEM = {
+    "example_id": 0,
+    "question_polarity": "neg",
+    "context_condition": "ambig",
+    "category": "Age",
+    "answer_info": {"ans0": ["old"], "ans1": ["nonOld"], "ans2": ["unknown"]},
+    "additional_metadata": {"stereotyped_groups": ["old"]},
+    "context": "Two people.",
+    "question": "Who?",
+    "ans0": "The old one",
+    "ans1": "The young one",
+    "ans2": "Unknown",
+    "label": 2,
+}
 
 
 def jaccard(a: str, b: str) -> float:

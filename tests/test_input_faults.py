@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import zstandard
-from conftest import NEW, make_recipe, write_jsonl
+from conftest import BBQ_ITEM, NEW, make_recipe, write_jsonl
 
 from refit.stages.core.config import CurateSpec, SourceSpec, load_recipe
 from refit.stages.core.input_files import InputFileError, load_benchmark
@@ -210,21 +210,7 @@ def test_malformed_benchmark_item_is_an_error_naming_file_and_line(tmp_path, lin
 
 
 def _bbq(**changes) -> bytes:
-    item = {
-        "example_id": 0,
-        "question_polarity": "neg",
-        "context_condition": "ambig",
-        "category": "Age",
-        "answer_info": {"ans0": ["old"], "ans1": ["nonOld"], "ans2": ["unknown"]},
-        "additional_metadata": {"stereotyped_groups": ["old"]},
-        "context": "Two people.",
-        "question": "Who?",
-        "ans0": "The old one",
-        "ans1": "The young one",
-        "ans2": "Unknown",
-        "label": 2,
-    }
-    return json.dumps(item | changes).encode() + b"\n"
+    return json.dumps(BBQ_ITEM | changes).encode() + b"\n"
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from unittest import mock
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zstandard
+from conftest import BBQ_ITEM
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -338,20 +339,6 @@ def test_every_path_a_pattern_matches_is_read_or_reported(tmp_path, entries, rec
 # ----------------------------------------------------------------------------- benchmark and probe files
 
 BENCH_ITEM = {"id": "q", "query": "The query", "choices": [" a", " b"], "gold": 1}
-BBQ_ITEM = {
-    "example_id": 0,
-    "question_polarity": "neg",
-    "context_condition": "ambig",
-    "category": "Age",
-    "answer_info": {"ans0": ["old"], "ans1": ["nonOld"], "ans2": ["unknown"]},
-    "additional_metadata": {"stereotyped_groups": ["old"]},
-    "context": "Two people.",
-    "question": "Who?",
-    "ans0": "The old one",
-    "ans1": "The young one",
-    "ans2": "Unknown",
-    "label": 2,
-}
 CROWS = ",sent_more,sent_less,stereo_antistereo,bias_type\n0,Old is slow.,Young is slow.,stereo,age\n"
 ITEM_FIELDS = st.dictionaries(st.sampled_from(sorted({*BENCH_ITEM, *BBQ_ITEM, "text"})), JSON_VALUES, max_size=4)
 SUSPECTS = st.one_of(

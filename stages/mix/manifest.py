@@ -57,11 +57,17 @@ class PhasePlan(_Record):
 
 
 class ScheduleSummary(_Record):
+    """The schedule without its length (the manifest's total_steps)."""
+
     max_lr: float
     min_lr_ratio: float
     warmup_steps: int
     decay: str
     wsd_decay_steps: int
+
+    @classmethod
+    def of(cls, schedule: Schedule) -> ScheduleSummary:
+        return cls(**{name: getattr(schedule, name) for name in cls.model_fields})
 
 
 class Manifest(_Record):
@@ -89,15 +95,7 @@ class Manifest(_Record):
 
     def lr_schedule(self) -> Schedule:
         """The LR schedule mix planned the phases on: training follows it step by step."""
-        s = self.schedule
-        return Schedule(
-            max_lr=s.max_lr,
-            total_steps=self.total_steps,
-            min_lr_ratio=s.min_lr_ratio,
-            warmup_steps=s.warmup_steps,
-            decay=s.decay,
-            wsd_decay_steps=s.wsd_decay_steps,
-        )
+        return Schedule(total_steps=self.total_steps, **self.schedule.model_dump())
 
     def summary(self) -> dict:
         """What a flow keeps of the manifest: its hash, size and where each phase starts."""
