@@ -555,7 +555,7 @@ for recipe, workdir in zip(map(load_recipe, runs[::2]), map(Path, runs[1::2])):
         jobs = tokenize.plan_jobs(recipe, workdir, workdir / "tokenize.tmp", "probe")
         tokenize.write_shard(jobs[-1], recipe.tokenize.seq_len, recipe.tokenize.batch_size, {})
     else:
-        contamination_gate(recipe, workdir, {"sources": {"docs": {"drawn_sequences": 1}}})
+        contamination_gate(recipe, workdir, ["docs"])
     print(pa.default_memory_pool().max_memory())  # the peak so far
 """
 

@@ -194,7 +194,7 @@ def variant_gates(recipe: Recipe, workdir: Path, evaluation: dict, manifest: Man
     return [
         *accuracy_gates(recipe, evaluation, None),
         *loss_gates(recipe, evaluation),
-        contamination_gate(recipe, Path(workdir), manifest),
+        contamination_gate(recipe, Path(workdir), manifest.drawn_sources()),
         health_gate(recipe, train.read_metrics(Path(workdir))),
     ]
 

@@ -14,7 +14,6 @@ from refit.stages.core.config import Recipe
 from refit.stages.core.scores import judged_scores, previous_average
 from refit.stages.core.text import benchmark_ngrams, word_ngrams
 from refit.stages.curate.stage import curated_files, curated_texts
-from refit.stages.mix.manifest import Manifest
 
 RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
 
@@ -249,14 +248,13 @@ def validation_warnings(recipe: Recipe, evaluation: dict) -> list[str]:
     return warnings
 
 
-def contamination_gate(recipe: Recipe, workdir: Path, manifest: Manifest) -> Gate:
-    """Benchmark items sharing an n-gram with the documents actually trained on (read in
-    record batches: memory does not grow with the corpus)."""
+def contamination_gate(recipe: Recipe, workdir: Path, trained: list[str]) -> Gate:
+    """Benchmark items sharing an n-gram with the curated training documents of the sources
+    `trained` (read in record batches: memory does not grow with the corpus)."""
     n = recipe.curate.decontaminate_ngram
     owners = benchmark_ngrams(recipe.evaluate.benchmarks, n)
 
     found: set[str] = set()
-    trained = [name for name, s in manifest.sources.items() if s.drawn_sequences > 0]
     for source in trained:
         for path in curated_files(workdir, source, "train"):
             for texts in curated_texts(path, CONTAMINATION_BATCH):

@@ -152,7 +152,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             *accuracy_gates(recipe, evaluation, previous_eval),
             *loss_gates(recipe, evaluation),
             *safety_gates(recipe, evaluation),
-            contamination_gate(recipe, workdir, manifest),
+            contamination_gate(recipe, workdir, manifest.drawn_sources()),
             health_gate(recipe, metrics),
             lineage_gate(record),
         ]

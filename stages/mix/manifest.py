@@ -97,6 +97,10 @@ class Manifest(_Record):
         """The LR schedule mix planned the phases on: training follows it step by step."""
         return Schedule(total_steps=self.total_steps, **self.schedule.model_dump())
 
+    def drawn_sources(self) -> list[str]:
+        """The sources training draws at least one sequence from."""
+        return [name for name, source in self.sources.items() if source.drawn_sequences > 0]
+
     def summary(self) -> dict:
         """What a flow keeps of the manifest: its hash, size and where each phase starts."""
         return {
