@@ -114,7 +114,9 @@ def test_acc_norm_learning_on_the_new_cloze_passes_the_gain_gate_naming_what_dro
     }
     benchmarks = [{"name": name, "path": "data/old.jsonl", "domain": "new"} for name in report["benchmarks"]]
     equal = {**BASE_RECIPE, "gates": {"gain_estimator": "equal"}}  # the figures below are the macro average's
-    by_default = load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": benchmarks}}))
+    by_default = load_recipe(
+        write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": benchmarks}}), check_files=False
+    )
     gain = accuracy_gates(by_default, report, None)[0]
     assert gain["passed"] and gain["value"] == pytest.approx((0.10 - 0.004) / 4)
     assert gain["drivers"] == ["sql_cloze"] and "driven by sql_cloze;" in gain["reason"]
@@ -122,13 +124,17 @@ def test_acc_norm_learning_on_the_new_cloze_passes_the_gain_gate_naming_what_dro
     # the same run counted by unnormalised accuracy: +0.35 points on average, within noise
     as_acc = [{**b, "metric": "acc"} for b in benchmarks]
     gain = accuracy_gates(
-        load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": as_acc}})), report, None
+        load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": as_acc}}), check_files=False),
+        report,
+        None,
     )[0]
     assert not gain["passed"] and gain["value"] == pytest.approx((0.018 - 0.004) / 4)
     # weights: the QA sets at chance not counted in the average (still gated for regression)
     weighted = [{**b, "weight": 0} if b["name"] in ("sql_qa", "sql_commands") else b for b in benchmarks]
     gates = accuracy_gates(
-        load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": weighted}})), report, None
+        load_recipe(write_recipe(tmp_path, {**equal, "evaluate": {"benchmarks": weighted}}), check_files=False),
+        report,
+        None,
     )
     assert gates[0]["value"] == pytest.approx((0.10 - 0.004) / 2) and gates[0]["passed"]
     assert {g["name"] for g in gates[1:]} == {f"benchmark_regression:{n}" for n in report["benchmarks"]}
@@ -208,8 +214,9 @@ def test_a_regression_on_a_large_benchmark_fails_whatever_the_average_does(tmp_p
 def test_the_detectable_difference_of_each_benchmark_and_of_the_average_before_a_run(tmp_path, capsys):
     from refit.flows.cli import main as refit
 
-    write_jsonl(tmp_path / "big.jsonl", [{"id": i} for i in range(1000)])
-    write_jsonl(tmp_path / "small.jsonl", [{"id": i} for i in range(63)])
+    item = {"query": "q", "choices": [" a", " b"], "gold": 0}
+    write_jsonl(tmp_path / "big.jsonl", [{"id": i, **item} for i in range(1000)])
+    write_jsonl(tmp_path / "small.jsonl", [{"id": i, **item} for i in range(63)])
     for name in ("base", "data"):
         (tmp_path / name).mkdir(exist_ok=True)
     (tmp_path / "base" / "config.json").write_text("{}")

@@ -30,8 +30,9 @@ def layout(tmp_path: Path) -> Path:
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "config.json").write_text("{}")
     (tmp_path / "data").mkdir()
-    for name in ("old.jsonl", "new.jsonl", "qa.jsonl", "bench.jsonl"):
+    for name in ("old.jsonl", "new.jsonl", "qa.jsonl"):
         (tmp_path / "data" / name).write_text('{"id": "1", "text": "x"}\n')
+    (tmp_path / "data" / "bench.jsonl").write_text('{"id": "1", "query": "q", "choices": [" a", " b"], "gold": 0}\n')
     return tmp_path
 
 

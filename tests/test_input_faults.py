@@ -20,7 +20,7 @@ import pytest
 import zstandard
 from conftest import BBQ_ITEM, NEW, make_recipe, write_jsonl
 
-from refit.stages.core.config import CurateSpec, SourceSpec, load_recipe
+from refit.stages.core.config import CurateSpec, RecipeError, SourceSpec, load_recipe
 from refit.stages.core.input_files import InputFileError, load_benchmark
 from refit.stages.curate import records
 from refit.stages.curate.records import read_records
@@ -180,10 +180,11 @@ def test_curate_quarantines_json_pythons_parser_refuses_instead_of_failing_in_it
 
 def test_benchmark_item_missing_a_field_fails_curate_in_one_line_before_reading_instead_of_in_a_worker(tmp_path):
     write_jsonl(tmp_path / "data" / "d.jsonl", [{"id": "a", "text": NEW[0]["text"]}])
-    recipe = make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}])
+    recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}]))
+    # changed after the recipe was validated (validation reads it too)
     (tmp_path / "bench.jsonl").write_text('{"id": "q1", "choices": [" a", " b"], "gold": 0}\n')
     with pytest.raises(CurationError, match=r"^benchmark .*bench\.jsonl, line 1: missing field\(s\) query; previous"):
-        run_curate(load_recipe(recipe), tmp_path / "wd")
+        run_curate(recipe, tmp_path / "wd")
 
 
 @pytest.mark.parametrize(
@@ -207,6 +208,33 @@ def test_malformed_benchmark_item_is_an_error_naming_file_and_line(tmp_path, lin
     with pytest.raises(InputFileError) as raised:
         load_benchmark(path)
     assert str(raised.value).startswith(f"{path}, line 2: {problem}")
+
+
+@pytest.mark.parametrize(
+    "data, problem",
+    [
+        (b"\n\n", "line 1: no benchmark item in the file"),
+        (b'{"id": 7, "query": "q", "choices": [" a", " b"], "gold": 0}\n' * 2, "line 2: id 7 repeats line 1"),
+    ],
+    ids=["empty", "repeated-id"],
+)
+def test_a_benchmark_without_items_or_with_a_repeated_id_is_refused(tmp_path, data, problem):
+    """An empty benchmark scored nothing and averaged a NaN into the gain; a repeated id paired
+    two items' scores as one."""
+    path = _written(tmp_path / "bench.jsonl", data)
+    with pytest.raises(InputFileError, match="^" + re.escape(f"{path}, {problem}")):
+        load_benchmark(path)
+
+
+def test_validate_reads_every_benchmark_item_and_names_the_field_and_the_problem(tmp_path):
+    """A malformed item stops the recipe at `refit validate`, not at evaluate after training."""
+    recipe = make_recipe(tmp_path, [{"name": "docs", "paths": ["bench.jsonl"], "role": "new"}])
+    good = b'{"id": "ok", "query": "q", "choices": [" a", " b"], "gold": 0}\n'
+    _written(tmp_path / "bench.jsonl", good + b'{"id": "q", "query": "q", "choices": [" a"], "gold": 0}\n')
+    with pytest.raises(RecipeError) as raised:
+        load_recipe(recipe)
+    assert "evaluate.benchmarks[0].path" in str(raised.value)
+    assert "bench.jsonl, line 2: choices must be a list of at least two non-empty strings" in str(raised.value)
 
 
 def _bbq(**changes) -> bytes:

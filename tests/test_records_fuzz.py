@@ -349,8 +349,8 @@ SUSPECTS = st.one_of(
     st.binary(max_size=40),
     DEPTHS.map(lambda n: b"[" * n + b"]" * n),
 )
-LOADERS = {  # loader, a good line of its files
-    "benchmark": (load_benchmark, json.dumps(BENCH_ITEM).encode()),
+LOADERS = {  # loader, a good line of its files ("{n}": the line's own number, for ids that must not repeat)
+    "benchmark": (load_benchmark, json.dumps(BENCH_ITEM | {"id": "good {n}"}).encode()),
     "bbq": (lambda path: safety.load_bbq([path]), json.dumps(BBQ_ITEM).encode()),
     "prompts": (safety.load_prompts, b'{"id": "p", "text": "Once upon a time"}'),
     "word list": (safety.load_word_list, b"word"),
@@ -363,7 +363,8 @@ def check_loader(folder: Path, loader: str, before: int, suspect: bytes, after: 
     suspect's line (for CSV, where a quote can run on to the end, a line from it on)."""
     load, good, suspect = *LOADERS[loader], suspect.replace(b"\n", b" ")  # one line
     header = CROWS.splitlines()[0].encode() + b"\n" if loader == "crows pairs" else b""
-    data = header + b"".join(line + b"\n" for line in [good] * before + [suspect] + [good] * after)
+    goods = [good.replace(b"{n}", b"%d" % n) for n in range(before + after)]
+    data = header + b"".join(line + b"\n" for line in goods[:before] + [suspect] + goods[before:])
     path = folder / f"items.txt{'.gz' if gz else ''}"
     path.write_bytes(gzip.compress(data) if gz else data)
     first = before + 1 + bool(header)
@@ -373,7 +374,15 @@ def check_loader(folder: Path, loader: str, before: int, suspect: bytes, after: 
         where, _, _ = str(error).partition(": ")
         assert where.startswith(f"{path}, line "), error
         line = int(where.rsplit(" ", 1)[1])
-        assert line == first or loader == "crows pairs" and line >= first or not suspect.strip() and line == 1, error
+        repeats_suspect = f"repeats line {first}" in str(error)  # a later good line with the suspect's id
+        assert (
+            line == first
+            or repeats_suspect
+            or loader == "crows pairs"
+            and line >= first
+            or not suspect.strip()
+            and line == 1
+        ), error
         return "refused"
     return "loaded"
 

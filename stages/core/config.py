@@ -36,6 +36,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from refit.stages.core.input_files import InputFileError, load_benchmark
 from refit.stages.core.markers import MARKER
 
 Loc = tuple[str | int, ...]
@@ -493,7 +494,8 @@ class BenchmarkSpec(Section):
     name: Name
     """Name in reports."""
     path: RecipePath
-    """JSONL with {"id", "query", "choices", "gold"}; choices start with a space."""
+    """JSONL with {"id", "query", "choices", "gold"}, ids unique; choices start with a space.
+    Every item is checked when the recipe is validated."""
     domain: Literal["legacy", "new"]
     """Whether it measures retention of the legacy domain or learning of the new one."""
     metric: Literal["acc", "acc_norm"] | None = None
@@ -1147,6 +1149,11 @@ def _file_problems(data: dict[str, Any], base_dir: Path) -> list[tuple[Loc, str]
         path = resolved(bench.get("path"))
         if path is not None and not path.is_file():
             problems.append((("evaluate", "benchmarks", i, "path"), f"no such file: {path}"))
+        elif path is not None:
+            try:  # every item, so that a bad one stops the recipe here and not after training
+                load_benchmark(path)
+            except InputFileError as error:
+                problems.append((("evaluate", "benchmarks", i, "path"), str(error)))
     return problems
 
 

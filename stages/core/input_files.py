@@ -75,8 +75,15 @@ def item_at(where: str, make: Callable[..., T], *args: Any) -> T:
 def load_benchmark(path: Path) -> list[dict]:
     """The items of a benchmark file, JSONL {"id", "query", "choices", "gold"}, each checked:
     an id (string or integer), a non-empty query, at least two non-empty choices (strings)
-    and gold an integer index of one of them."""
-    return [item_at(where, _benchmark_item, where, item) for _, where, item in json_lines(path)]
+    and gold an integer index of one of them; ids unique (scores are paired by id), at least one item."""
+    items, lines = [], {}
+    for number, where, item in json_lines(path):
+        items.append(item_at(where, _benchmark_item, where, item))
+        if (first := lines.setdefault(items[-1]["id"], number)) != number:
+            raise InputFileError(f"{where}: id {reprlib.repr(items[-1]['id'])} repeats line {first}")
+    if not items:
+        raise InputFileError(f"{path}, line 1: no benchmark item in the file")
+    return items
 
 
 def _benchmark_item(where: str, item: Any) -> dict:
