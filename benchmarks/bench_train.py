@@ -82,6 +82,12 @@ def stage_rate(log: Path, tokens_per_step: int) -> float:
     return (len(lines) - WARMUP) * tokens_per_step / (lines[-1]["elapsed"] - lines[WARMUP - 1]["elapsed"])
 
 
+def copy_data_stages(demo: Path, workdir: Path) -> None:
+    """The demo's curated documents and shards: train reads both (its validation rows, the shards)."""
+    for stage in ("curate", "tokenize"):
+        shutil.copytree(demo / stage, workdir / stage)
+
+
 def two_process_strategies(recipe, demo: Path) -> dict[str, float]:
     rates = {}
     for strategy in ("ddp", "fsdp"):
@@ -89,7 +95,7 @@ def two_process_strategies(recipe, demo: Path) -> dict[str, float]:
         variant = recipe.model_copy(update={"train": train})
         with tempfile.TemporaryDirectory() as tmp:
             workdir = Path(tmp)
-            shutil.copytree(demo / "tokenize", workdir / "tokenize")
+            copy_data_stages(demo, workdir)
             manifest = run_mix(variant, workdir)
             run_train(variant, workdir)
             rates[strategy] = stage_rate(workdir / "train" / "metrics.jsonl", manifest.tokens_per_step)
@@ -109,7 +115,7 @@ def main() -> None:
     recipe = recipe.model_copy(update={"schedule": recipe.schedule.model_copy(update={"total_tokens": tokens})})
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        shutil.copytree(demo / "tokenize", workdir / "tokenize")
+        copy_data_stages(demo, workdir)
         manifest = run_mix(recipe, workdir)
         for source in manifest.sources.values():  # the manifest's shard paths are relative to the workdir
             assert all((workdir / s.path).is_file() for s in source.shards)

@@ -160,7 +160,7 @@ def run_plan(recipe: Recipe, workdir: Path) -> str:
     manifest = None
     for stage in ("curate", "tokenize", "mix"):  # each is skipped when its output is up to date
         manifest = STAGES[stage].run(recipe, workdir)
-    return format_plan(manifest)
+    return format_plan(recipe.name, manifest)
 
 
 def cmd_plan(args: argparse.Namespace) -> int:

@@ -12,9 +12,10 @@ import typing
 from typing import Any
 
 from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 from pydantic_core import PydanticUndefined
 
-from refit.stages.core.config import Recipe
+from refit.stages.core.config import Recipe, sections_in, unfingerprinted
 
 HEADER = """# Recipe reference
 
@@ -23,16 +24,14 @@ default and what it does; a field without a default is required. Relative paths 
 to the recipe file. `refit validate RECIPE` checks a recipe and lists every problem at once;
 `refit init` writes a complete, commented one from a template.
 
+A field marked *execution only* says where or how a stage runs, never what it makes: changing
+it reruns nothing. One marked *fingerprinted by content* names input files whose content, not
+location, decides what reruns. *Read by the flows only*: no stage reads it (see
+[Fingerprints](design.md#fingerprints)).
+
 This page is generated from the field docstrings in `stages/core/config.py` by `make docs`
 (`python -m refit.flows.recipe_reference`); edit those, not this file.
 """
-
-
-def _models(annotation: Any) -> list[type[BaseModel]]:
-    """The recipe sections (pydantic models) an annotation holds, directly or in a list/union."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    return [model for arg in typing.get_args(annotation) for model in _models(arg)]
 
 
 def _type(annotation: Any) -> str:
@@ -64,6 +63,12 @@ def _cell(text: str | None) -> str:
     return " ".join((text or "").split()).replace("|", "\\|")
 
 
+def _description(field: FieldInfo) -> str:
+    """The field's docstring, after its mark when its value enters no fingerprint."""
+    mark = unfingerprinted(field)
+    return _cell(f"*{mark.capitalize()}.* {field.description}" if mark else field.description)
+
+
 def render() -> str:
     """The whole reference: the top-level fields, then each section once, where it is first met."""
     lines, seen, todo = [HEADER], set(), [(Recipe, "")]
@@ -80,9 +85,9 @@ def render() -> str:
             lines += ["", _cell(model.__doc__)]
         lines += ["", "| field | type | default | description |", "|---|---|---|---|"]
         for name, field in model.model_fields.items():
-            lines.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {_cell(field.description)} |")
+            lines.append(f"| `{name}` | {_type(field.annotation)} | {_default(field)} | {_description(field)} |")
             many = typing.get_origin(field.annotation) is list
-            todo += [(m, f"{path}.{name}".lstrip(".") + "[]" * many) for m in _models(field.annotation)]
+            todo += [(m, f"{path}.{name}".lstrip(".") + "[]" * many) for m in sections_in(field.annotation)]
         lines.append("")
     return "\n".join(lines)
 

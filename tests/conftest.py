@@ -485,10 +485,12 @@ def kill_at_step(
     *options: str,
     whole_group: bool = True,
     launcher: str = "refit.flows.cli stage train",
+    counter: str = "step",
 ) -> None:
     """Run the stage in a subprocess and SIGKILL its process group (or the stage process
-    alone) once `step` is logged: a machine crash, as far as the workdir can tell. The
-    training processes, in sessions of their own, must die with it."""
+    alone) once `step` is logged (as `counter`: optimizer_warmup_step for a step of the
+    optimizer warm-up): a machine crash, as far as the workdir can tell. The training
+    processes, in sessions of their own, must die with it."""
     process = subprocess.Popen(
         [sys.executable, "-m", *launcher.split(), str(path), "--workdir", str(workdir), *options],
         cwd=REPO,
@@ -498,7 +500,9 @@ def kill_at_step(
     )
     log = workdir / "train.tmp" / "metrics.jsonl"  # the run in progress, staged
     deadline = time.time() + 300
-    while not (log.exists() and any(json.loads(line)["step"] >= step for line in log.read_text().splitlines())):
+    while not (
+        log.exists() and any(json.loads(line).get(counter, -1) >= step for line in log.read_text().splitlines())
+    ):
         assert process.poll() is None and time.time() < deadline
         time.sleep(0.002)
     # the launcher and the ranks, taken before the kill: a dying process's command line can

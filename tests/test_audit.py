@@ -11,8 +11,15 @@ import torch
 from conftest import BASE_RECIPE, arrow_peaks, write_jsonl, write_recipe
 from safetensors.torch import load_file, save_file
 
-from refit.stages.audit.gates import accuracy_gates, health_gate, lineage_gate, loss_gates, validation_warnings
-from refit.stages.audit.stage import AuditFailed, lineage, run_audit
+from refit.stages.audit.gates import (
+    accuracy_gates,
+    health_gate,
+    lineage_gate,
+    loss_gates,
+    loss_spikes,
+    validation_warnings,
+)
+from refit.stages.audit.stage import AuditFailed, cost_report, lineage, run_audit
 from refit.stages.core.config import load_recipe
 from refit.stages.core.scores import (
     chosen_metric,
@@ -22,7 +29,7 @@ from refit.stages.core.scores import (
     underpowered,
 )
 from refit.stages.evaluate.stage import run_evaluate
-from refit.stages.mix.manifest import Manifest, ScheduleSummary, Shard, SourcePlan
+from refit.stages.mix.manifest import MANIFEST_VERSION, Manifest, ScheduleSummary, Shard, SourcePlan
 
 
 def side(base, candidate, delta_stderr, stderr=0.01):
@@ -309,8 +316,19 @@ def test_a_loss_spike_must_come_back_within_the_recovery_window(recipe):
     assert health_gate(recipe, _metrics(recovered))["passed"]
     failed = health_gate(recipe, _metrics(unrecovered))
     assert not failed["passed"] and failed["value"] >= 1 and "unrecovered loss spikes at steps [25" in failed["reason"]
+    assert loss_spikes(recipe, _metrics(recovered)) == [{"step": 25, "loss": 30.0, "recovered": True}]
+    assert loss_spikes(recipe, _metrics(unrecovered))[0] == {"step": 25, "loss": 30.0, "recovered": False}
     nan = health_gate(recipe, _metrics(steady[:10] + [float("nan")]))
     assert not nan["passed"] and "non-finite loss" in nan["reason"]
+
+
+def test_the_cost_counts_the_optimizer_warmup_tokens(recipe):
+    """The warm-up's steps at LR 0 run forward and backward passes like any step: their tokens
+    count in the FLOPs, the throughput and against retraining (its seconds are in the wall time)."""
+    trained = {"seconds": 50.0, "processes": 2, "tokens": 4000, "optimizer_warmup_tokens": 1000}
+    cost = cost_report(recipe, trained, evaluation({}, {}), parameters=10)
+    assert (cost["tokens"], cost["optimizer_warmup_tokens"], cost["flops"]) == (5000, 1000, 6 * 10 * 5000)
+    assert cost["tokens_per_second"] == 100 and cost["device_hours"] == 100 / 3600
 
 
 def test_lineage_fails_on_a_shard_that_does_not_match_its_manifest_or_a_missing_training(recipe, tmp_path):
@@ -321,8 +339,7 @@ def test_lineage_fails_on_a_shard_that_does_not_match_its_manifest_or_a_missing_
     source = SourcePlan(role="new", rows=1, tokens=8, shards=[shard], drawn_sequences=1, drawn_tokens=8, epochs=1.0)
     schedule = ScheduleSummary(max_lr=1e-4, min_lr_ratio=0.01, warmup_steps=0, decay="cosine", wsd_decay_steps=1)
     manifest = Manifest(
-        version=1,
-        recipe="r",
+        version=MANIFEST_VERSION,
         tokenizer_sha256="t" * 64,
         dtype="uint16",
         eos_id=0,

@@ -195,6 +195,17 @@ def test_plan_gives_the_time_and_cost_of_the_full_run_and_of_a_pilot_variant(tmp
     assert "full run" in text and "pilot variant (25%)" in text and "USD" in text
 
 
+def test_the_optimizer_warmup_is_planned_in_every_run(tmp_path):
+    """Its steps at LR 0 cost a step's forward and backward passes each, in the full run and the pilot's."""
+    shape = model_shape(LLAMA_31_8B)
+    cold = plan_for(load_recipe(_recipe(tmp_path / "cold", LLAMA_31_8B, sequences_per_step=64)), shape, H100)
+    warm_path = _recipe(tmp_path / "warm", LLAMA_31_8B, sequences_per_step=64, optimizer_warmup_steps=10)
+    warm = plan_for(load_recipe(warm_path), shape, H100)
+    for name in ("full", "pilot"):
+        assert warm.runs[name].tokens == cold.runs[name].tokens + 10 * 64 * 4096
+        assert warm.runs[name].seconds / warm.runs[name].tokens == pytest.approx(1 / warm.tokens_per_second)
+
+
 def test_without_stated_memory_or_a_visible_gpu_the_fit_is_not_checked(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     path = _recipe(tmp_path, LLAMA_31_8B, micro_batch_size=4, sequences_per_step=64, num_processes=8)

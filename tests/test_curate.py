@@ -26,10 +26,10 @@ from refit.stages.core.config import load_recipe
 from refit.stages.core.disk import full_disk_cause, full_disk_line
 from refit.stages.core.text import word_ngrams
 from refit.stages.curate.stage import (
+    STAGE,
     CurationError,
     curated_files,
     data_version,
-    input_fingerprint,
     run_curate,
 )
 
@@ -502,18 +502,18 @@ def test_files_are_known_by_their_content_not_their_mtime(tmp_path, monkeypatch)
     recipe = load_recipe(make_recipe(tmp_path, [{"name": "docs", "paths": ["data/*.jsonl"], "role": "new"}]))
     workdir = tmp_path / "wd"
     first = run_curate(recipe, workdir)
-    version, fingerprint = data_version(recipe, workdir), input_fingerprint(recipe, workdir)
+    version, fingerprint = data_version(recipe, workdir), STAGE.input_fingerprint(recipe, workdir)
     hashed = []
     monkeypatch.setattr(
         file_hashes, "file_sha256", lambda path, real=file_hashes.file_sha256: hashed.append(path) or real(path)
     )
-    assert input_fingerprint(recipe, workdir) == fingerprint and hashed == []  # unchanged files are not read again
+    assert STAGE.input_fingerprint(recipe, workdir) == fingerprint and hashed == []  # unchanged files: not read again
 
     day1.write_bytes(day1.read_bytes())  # copied again: same bytes, new mtime
     os.utime(day1, ns=(day1.stat().st_atime_ns, day1.stat().st_mtime_ns + 10**9))
     copy = tmp_path / "data" / "day1-copy.jsonl"
     shutil.copy(day1, copy)
-    assert input_fingerprint(recipe, workdir) == fingerprint and data_version(recipe, workdir) == version
+    assert STAGE.input_fingerprint(recipe, workdir) == fingerprint and data_version(recipe, workdir) == version
     assert sorted(hashed) == [copy, day1]  # each hashed once, then cached
     assert run_curate(recipe, workdir) == first and not (workdir / "curate" / "docs" / "train-0002.parquet").exists()
 

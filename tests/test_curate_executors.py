@@ -13,7 +13,7 @@ from conftest import LEGACY, NEW, edited, make_recipe, write_jsonl
 from refit.stages.core.config import CurateSpec, RecipeError, load_recipe
 from refit.stages.core.executors import Step, build_executors
 from refit.stages.curate.minhash import FastMinhashSignature
-from refit.stages.curate.stage import input_fingerprint, run_curate
+from refit.stages.curate.stage import STAGE, run_curate
 
 SETTINGS = {"max_chars": 3000, "max_bad_fraction": 0.2}  # the long document is split; 5 of 38 records are bad
 
@@ -77,7 +77,7 @@ def test_decisions_and_output_are_identical_on_one_or_two_local_workers_and_ray(
         recipe = load_recipe(make_recipe(tmp_path / name, sources, **SETTINGS, **curate))
         report = run_curate(recipe, tmp_path / name / "wd")
         outputs[name] = _outputs(tmp_path / name / "wd")
-        fingerprints.add(input_fingerprint(recipe, tmp_path / name / "wd"))
+        fingerprints.add(STAGE.input_fingerprint(recipe, tmp_path / name / "wd"))
     new = report["sources"]["new"]
     assert new["removed"] == {"contaminated_span": 1, "exact_duplicate": 1, "near_duplicate": 8}
     assert new["quarantined"] == {"duplicate_id": 2, "not_json": 1, "too_short": 1, "unreadable_file": 1}

@@ -113,11 +113,11 @@ def test_a_manifest_of_another_version_is_refused_with_what_to_rerun(curated):
     run_tokenize(recipe, workdir)
     manifest = run_mix(recipe, workdir)
     assert read_manifest(workdir) == manifest  # what is written is what is read
-    older = {**json.loads(manifest_path(workdir).read_text()), "version": 0}
+    older = {**json.loads(manifest_path(workdir).read_text()), "version": 1, "recipe": "t"}  # version 1 named it
     rewrite_output(workdir / "mix", "manifest.json", json.dumps(older))
-    with pytest.raises(ManifestMismatch, match=r"manifest version 0, this Refit reads version 1: rerun mix"):
+    with pytest.raises(ManifestMismatch, match=r"manifest version 1, this Refit reads version 2: rerun mix"):
         read_manifest(workdir)
-    without_phases = {k: v for k, v in older.items() if k != "phases"} | {"version": 1}
+    without_phases = {k: v for k, v in older.items() if k not in ("phases", "recipe")} | {"version": 2}
     rewrite_output(workdir / "mix", "manifest.json", json.dumps(without_phases))
     with pytest.raises(ManifestMismatch, match=r"not a valid manifest \(1 problems\): rerun mix"):
         read_manifest(workdir)

@@ -1,7 +1,8 @@
 """train: tiny Llama and GPT-2 through the same code; the switch where the plan says; the
 validation loss at every checkpoint; SIGKILL and rerun gives bitwise the same run; 2 gloo
 processes match 1; NaN stops cleanly; cancelling stops every process; a forced rerun keeps the
-last model until the new one is complete; the optimizer state is loaded as saved."""
+last model until the new one is complete; the optimizer state is loaded as saved; the
+optimizer warm-up fills the moments, leaves the weights, and resumes bitwise."""
 
 from __future__ import annotations
 
@@ -35,10 +36,12 @@ from transformers import AutoModelForCausalLM
 from refit.stages.core.config import load_recipe
 from refit.stages.core.lock import WorkdirBusy, workdir_lock
 from refit.stages.core.markers import file_sha256, read_marker
+from refit.stages.mix.manifest import load_manifest
 from refit.stages.train.loop import record_failure
 from refit.stages.train.stage import (
     FAILURE,
     TrainingError,
+    failure_reason,
     run_train,
 )
 
@@ -53,6 +56,14 @@ def checkpoint_model(base: Path, checkpoint: Path, scratch: Path) -> torch.nn.Mo
     model = AutoModelForCausalLM.from_pretrained(base, use_safetensors=True)
     model.load_state_dict(torch.load(scratch / "checkpoint.pt", weights_only=True)["model"])
     return model
+
+
+def optimizer_state(checkpoint: Path, scratch: Path) -> dict:
+    """A DCP checkpoint's AdamW state (step, exp_avg, exp_avg_sq), keyed by parameter name."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(checkpoint, scratch / "state.pt")
+    return torch.load(scratch / "state.pt", weights_only=True)["optimizer"]["state"]
 
 
 def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
@@ -255,6 +266,12 @@ def test_only_the_first_failing_rank_leaves_its_reason(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [FAILURE]
 
 
+def test_a_single_training_process_killed_by_a_signal_is_named(tmp_path):
+    """One process runs without a launcher (no torchrun summary to read): its own exit status says it."""
+    assert failure_reason(tmp_path, "", -signal.SIGKILL).startswith("the training process was killed by SIGKILL")
+    assert failure_reason(tmp_path, "", 1) == "exit code 1; see the log above"
+
+
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
 def test_a_base_model_that_needs_its_own_code_is_refused_in_one_line(tmp_path, tiny_model_dir):
     base = tmp_path / "custom-base"
@@ -289,16 +306,10 @@ def test_optional_optimizer_state_is_loaded(tmp_path, tiny_model_dir):
     run_train(load_recipe(warm_path), warm)
     assert metrics(fresh)[0]["loss"] == metrics(warm)[0]["loss"]  # same weights and data at step 0
 
-    def state(workdir: Path, name: str) -> dict:  # a DCP checkpoint's optimizer state, keyed by parameter name
-        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-
-        dcp_to_torch_save(workdir / "train" / "checkpoints" / name, tmp_path / "state.pt")
-        return torch.load(tmp_path / "state.pt", weights_only=True)["optimizer"]["state"]
-
     loaded, one_step, warm_step = (
-        state(fresh, "step-00000006"),
-        state(fresh, "step-00000001"),
-        state(warm, "step-00000001"),
+        optimizer_state(fresh / "train" / "checkpoints" / "step-00000006", tmp_path),
+        optimizer_state(fresh / "train" / "checkpoints" / "step-00000001", tmp_path),
+        optimizer_state(warm / "train" / "checkpoints" / "step-00000001", tmp_path),
     )
     beta1, beta2 = load_recipe(warm_path).train.adam_betas
     assert loaded.keys() == warm_step.keys() and loaded
@@ -308,3 +319,90 @@ def test_optional_optimizer_state_is_loaded(tmp_path, tiny_model_dir):
         expected_v = beta2 * loaded[key]["exp_avg_sq"] + one_step[key]["exp_avg_sq"]
         assert torch.allclose(warm_step[key]["exp_avg"], expected_m, rtol=1e-5, atol=1e-9)
         assert torch.allclose(warm_step[key]["exp_avg_sq"], expected_v, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_the_optimizer_warmup_fills_the_moments_and_changes_neither_weights_nor_schedule(tmp_path, tiny_model_dir):
+    """train.optimizer_warmup_steps: after W steps at LR 0, AdamW's moments are the running
+    averages of the clipped gradients of the base weights on the warm-up's batches, its step
+    count is W, and the weights are bitwise the base's; the scheduled steps are a run's without
+    a warm-up (the same LRs and switch, the same loss at step 0); the warm-up's steps are
+    flagged in the log and counted in the report."""
+    from refit.stages.mix.stage import manifest_path
+    from refit.stages.train.sampler import Sampler
+    from refit.stages.train.stage import read_metrics
+
+    cold_path, cold = prepare(tmp_path / "cold", tiny_model_dir, steps=8, checkpoint_every=2)
+    warm_path, warm = prepare(tmp_path / "warm", tiny_model_dir, steps=8, checkpoint_every=2, optimizer_warmup_steps=4)
+    cold_report, report = run_train(load_recipe(cold_path), cold), run_train(load_recipe(warm_path), warm)
+    checkpoints = warm / "train" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        "step-00000000-warmup-00000002",
+        "step-00000000-warmup-00000004",
+        *(f"step-{s:08d}" for s in (2, 4, 6, 8)),
+    ]
+    logged, scheduled = metrics(warm), read_metrics(warm)
+    assert [(m["optimizer_warmup_step"], m["lr"], m["phase"], "step" in m) for m in logged[:4]] == [
+        (w, 0.0, "general", False) for w in range(4)
+    ]
+    assert scheduled == logged[4:] and [m["step"] for m in scheduled] == list(range(8))
+    assert [m["lr"] for m in scheduled] == [m["lr"] for m in read_metrics(cold)]
+    assert scheduled[0]["loss"] == read_metrics(cold)[0]["loss"]  # the base's weights on the same batch
+    assert report["switches"] == cold_report["switches"] and report["steps"] == cold_report["steps"] == 8
+    assert (report["optimizer_warmup_steps"], report["optimizer_warmup_tokens"]) == (4, 4 * 4 * 32)
+    assert (cold_report["optimizer_warmup_steps"], cold_report["optimizer_warmup_tokens"]) == (0, 0)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, use_safetensors=True)
+    for name in ("step-00000000-warmup-00000002", "step-00000000-warmup-00000004"):
+        weights = checkpoint_model(tiny_model_dir, checkpoints / name, tmp_path).state_dict()
+        assert all(torch.equal(weights[key], value) for key, value in base.state_dict().items())
+
+    recipe = load_recipe(warm_path)
+    sampler = Sampler(load_manifest(manifest_path(warm)), warm, 4)
+    beta1, beta2 = recipe.train.adam_betas
+    expected = {name: (torch.zeros_like(p), torch.zeros_like(p)) for name, p in base.named_parameters()}
+    base.train()
+    for warmup_step in range(4):  # as the loop steps: two micro-batches of 2, the mean loss, clipped
+        for micro_batch in (range(0, 2), range(2, 4)):
+            batch = torch.from_numpy(sampler.batch(warmup_step, micro_batch, warmup=True))
+            (base(input_ids=batch, labels=batch).loss / 2).backward()
+        torch.nn.utils.clip_grad_norm_(base.parameters(), recipe.train.grad_clip)
+        for name, p in base.named_parameters():
+            m, v = expected[name]
+            m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+            v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        base.zero_grad()
+    state = optimizer_state(checkpoints / "step-00000000-warmup-00000004", tmp_path)
+    assert state.keys() == expected.keys()
+    for name, (m, v) in expected.items():
+        assert float(state[name]["step"]) == 4 and state[name]["exp_avg"].abs().sum() > 0
+        assert torch.allclose(state[name]["exp_avg"], m, rtol=1e-5, atol=1e-10)
+        assert torch.allclose(state[name]["exp_avg_sq"], v, rtol=1e-5, atol=1e-14)
+
+
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
+def test_sigkill_during_the_optimizer_warmup_resumes_bitwise(tmp_path, tiny_model_dir):
+    """Killed after the checkpoint of 2 of 5 warm-up steps, the rerun goes on from it: every
+    logged step, of the warm-up's and of the schedule's, and the final weights are the
+    uninterrupted run's (the warm-up ends between checkpoints)."""
+    settings = dict(steps=6, checkpoint_every=2, optimizer_warmup_steps=5)
+    reference_path, reference = prepare(tmp_path / "ref", tiny_model_dir, **settings)
+    run_train(load_recipe(reference_path), reference)
+    path, workdir = prepare(tmp_path / "killed", tiny_model_dir, **settings)
+    kill_at_step(path, workdir, 2, counter="optimizer_warmup_step")
+    staged = workdir / "train.tmp"
+    complete = sorted(p.name for p in (staged / "checkpoints").glob("step-*") if (p / "_SUCCESS.json").exists())
+    assert complete[-1].startswith("step-00000000-warmup-")  # killed during the warm-up
+    assert any(m.get("optimizer_warmup_step", -1) >= int(complete[-1][-8:]) for m in metrics(workdir, "train.tmp"))
+    run_train(load_recipe(path), workdir)
+
+    def logged(run: Path) -> list[tuple]:
+        fields = ("optimizer_warmup_step", "step", "loss", "grad_norm", "lr", "phase", "sources", "val_loss")
+        return [tuple(m.get(field) for field in fields) for m in metrics(run)]
+
+    assert logged(workdir) == logged(reference) and len(logged(reference)) == 5 + 6
+    final, ref = (
+        load_file(workdir / "train/final/model.safetensors"),
+        load_file(reference / "train/final/model.safetensors"),
+    )
+    assert final.keys() == ref.keys() and all(torch.equal(final[k], ref[k]) for k in ref)

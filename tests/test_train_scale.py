@@ -233,7 +233,7 @@ def test_out_of_memory_names_the_step_the_memory_and_what_to_change(tmp_path, ti
 
     path, _ = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
     error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.50 GiB. GPU 0 has a total capacity")
-    message = str(out_of_memory(error, 7, load_recipe(path)))
+    message = str(out_of_memory(error, "step 7", load_recipe(path)))
     assert message.startswith("out of GPU memory at step 7: asked for 2.50 GiB")
     for hint in ("train.micro_batch_size (now 2)", "train.activation_checkpointing: true", "train.strategy: fsdp"):
         assert hint in message

@@ -15,6 +15,7 @@ from refit.stages.core.scores import judged_scores, previous_average
 from refit.stages.core.text import benchmark_ngrams, word_ngrams
 from refit.stages.curate.stage import curated_files, curated_texts
 
+SPIKE_WINDOW = 20  # a loss spike is measured against the median of this many losses before it
 RECOVERY_STEPS = 10  # a loss spike must come back under its running median within this many steps
 
 
@@ -272,17 +273,24 @@ def contamination_gate(recipe: Recipe, workdir: Path, trained: list[str]) -> Gat
     )
 
 
+def loss_spikes(recipe: Recipe, metrics: list[dict]) -> list[dict]:
+    """Each step whose loss is above gates.loss_spike_factor x the median of the SPIKE_WINDOW
+    losses before it, and whether the loss came back under that median within RECOVERY_STEPS."""
+    losses = np.array([m["loss"] for m in metrics])
+    spikes = []
+    for i in range(SPIKE_WINDOW, len(losses)):
+        median = float(np.median(losses[i - SPIKE_WINDOW : i]))
+        if losses[i] > recipe.gates.loss_spike_factor * median:
+            after = losses[i + 1 : i + 1 + RECOVERY_STEPS]
+            recovered = bool(len(after) and after.min() <= median)
+            spikes.append({"step": metrics[i]["step"], "loss": float(losses[i]), "recovered": recovered})
+    return spikes
+
+
 def health_gate(recipe: Recipe, metrics: list[dict]) -> Gate:
     """No non-finite loss (training stops on one) and no loss spike left unrecovered."""
     losses = np.array([m["loss"] for m in metrics])
-    unrecovered = []
-    window = 20
-    for i in range(window, len(losses)):
-        median = float(np.median(losses[i - window : i]))
-        if losses[i] > recipe.gates.loss_spike_factor * median:
-            after = losses[i + 1 : i + 1 + RECOVERY_STEPS]
-            if not len(after) or after.min() > median:
-                unrecovered.append(metrics[i]["step"])
+    unrecovered = [spike["step"] for spike in loss_spikes(recipe, metrics) if not spike["recovered"]]
     finite = bool(np.all(np.isfinite(losses)))
     return gate(
         "training_health",

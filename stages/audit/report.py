@@ -29,6 +29,14 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _optimizer_warmup(train: dict) -> str:
+    """The optimizer warm-up's steps, when the run had some (they count in the cost's tokens)."""
+    steps = train["optimizer_warmup_steps"]
+    if not steps:
+        return ""
+    return f" (after {steps} optimizer warm-up steps at LR 0 on {train['optimizer_warmup_tokens']:,} tokens)"
+
+
 def _points(figure: dict) -> str:
     """'base -> candidate | difference +- stderr' in points."""
     return (
@@ -127,9 +135,9 @@ def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict],
         "",
         f"![loss and learning rate]({training_png})",
         "",
-        f"{train['steps']} steps, {train['tokens']:,} tokens, loss {train['first_loss']:.3f} -> "
-        f"{train['final_loss']:.3f}; {_validation_line(train['validation'])}; "
-        f"data switches: {switches}; loss spikes: {len(train['spikes'])}.",
+        f"{train['steps']} steps, {train['tokens']:,} tokens{_optimizer_warmup(train)}, "
+        f"loss {train['first_loss']:.3f} -> {train['final_loss']:.3f}; {_validation_line(train['validation'])}; "
+        f"data switches: {switches}; loss spikes: {len(report['loss_spikes'])}.",
     ]
     cost = report["cost"]
     lines += ["", "## Cost", "", "| | this refresh | retrain from scratch |", "|---|---|---|"]

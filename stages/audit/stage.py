@@ -26,22 +26,22 @@ from refit.stages.audit.gates import (
     health_gate,
     lineage_gate,
     loss_gates,
+    loss_spikes,
     validation_warnings,
 )
 from refit.stages.audit.report import write_report
 from refit.stages.audit.safety_gates import safety_gates
 from refit.stages.core.config import Recipe
-from refit.stages.core.contract import Stage
+from refit.stages.core.contract import Stage, StageOptions
 from refit.stages.core.markers import (
-    code_version,
     file_sha256,
-    fingerprint,
     is_done,
     staged_output,
     write_json_atomic,
     write_marker,
 )
 from refit.stages.core.scores import judged_scores
+from refit.stages.curate import stage as curate
 from refit.stages.evaluate import stage as evaluate
 from refit.stages.mix import stage as mix
 from refit.stages.mix.manifest import Manifest
@@ -63,6 +63,7 @@ class AuditReport(TypedDict):
     lineage: dict
     candidate: str
     train: dict  # the train stage's report
+    loss_spikes: list[dict]  # step, loss and whether it recovered, of each loss spike (gates.loss_spike_factor)
 
 
 class AuditFailed(RuntimeError):
@@ -84,20 +85,23 @@ def lineage(recipe: Recipe, workdir: Path, manifest: Manifest) -> dict:
         "tokenizer_sha256": manifest.tokenizer_sha256,
         "shards": sum(len(s.shards) for s in manifest.sources.values()),
         "shards_verified": shards_ok,
-        "code_version": code_version(train.__name__),  # of the training code
+        "code_version": train.STAGE.code_version,  # of the training code
         "train_fingerprint": train.run_fingerprint(workdir),
     }
 
 
 def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) -> dict:
-    """Training FLOPs and device-hours of this refresh against retraining from scratch."""
+    """Training FLOPs and device-hours of this refresh against retraining from scratch. The
+    optimizer warm-up's tokens count: their forward and backward passes cost as much."""
     hours = train["seconds"] * train["processes"] / 3600
-    tokens_per_s = train["tokens"] / max(train["seconds"], 1e-9)
+    tokens = train["tokens"] + train["optimizer_warmup_tokens"]
+    tokens_per_s = tokens / max(train["seconds"], 1e-9)
     price = recipe.cost.device_hour_price
     report = {
         "parameters": parameters,
-        "tokens": train["tokens"],
-        "flops": 6 * parameters * train["tokens"],
+        "tokens": tokens,
+        "optimizer_warmup_tokens": train["optimizer_warmup_tokens"],
+        "flops": 6 * parameters * tokens,
         "wall_seconds": train["seconds"],
         "devices": train["processes"],
         "device_hours": hours,
@@ -115,32 +119,18 @@ def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) 
             "cost": scratch_hours * price,
             "assumption": "same model at this run's measured tokens/s per device",
         }
-        report["refit_over_scratch_compute"] = train["tokens"] / pretraining
+        report["refit_over_scratch_compute"] = tokens / pretraining
     average = judged_scores(recipe, evaluation)["average"]
     if average and hours > 0:
         report["accuracy_points_per_device_hour"] = 100 * average["delta"] / hours
     return report
 
 
-def input_fingerprint(recipe: Recipe, workdir: Path, previous_eval: dict | None = None) -> str:
-    section = {
-        "gates": recipe.gates.model_dump(mode="json"),
-        "cost": recipe.cost.model_dump(mode="json"),
-        "validation_tokens": recipe.curate.min_validation_tokens,  # for its warnings
-        "counted": [
-            b.model_dump(mode="json", include={"name", "metric", "weight"}) for b in recipe.evaluate.benchmarks
-        ],
-        "previous": previous_eval,
-    }
-    upstream = [stage.STAGE.produced(workdir, "audit") for stage in (mix, train, evaluate)]
-    return fingerprint("audit", section, upstream, code_version(__name__))
-
-
 def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval: dict | None = None) -> AuditReport:
     """Write audit/report.json and audit/report.md with plots; raise AuditFailed if a gate fails."""
     workdir = Path(workdir)
     final = workdir / FOLDER
-    expected = input_fingerprint(recipe, workdir, previous_eval)
+    expected = STAGE.input_fingerprint(recipe, workdir, StageOptions(previous_eval=previous_eval))
     if force or not is_done(final, expected):
         started = time.time()
         manifest = mix.read_manifest(workdir)
@@ -174,11 +164,12 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             "lineage": record,
             "candidate": str(train.final_model(workdir)),
             "train": trained,
+            "loss_spikes": loss_spikes(recipe, metrics),
         }
         with staged_output(final) as out:
             write_report(out, report, evaluation, metrics, manifest)
             write_json_atomic(out / "report.json", report)
-            write_marker(out, "audit", expected, started, code_version(__name__))
+            write_marker(out, "audit", expected, started, STAGE.code_version)
     report = read_report(workdir)
     if not report["passed"]:
         raise AuditFailed(
@@ -215,12 +206,15 @@ def has_report(workdir: Path) -> bool:
 
 STAGE = Stage(
     name="audit",
-    reads=("curate", "mix", "train", "evaluate"),  # curate: the contamination gate reads curated documents
-    sections=("gates", "cost"),
+    reads=(curate.STAGE, mix.STAGE, train.STAGE, evaluate.STAGE),  # curate: the contamination gate reads it
+    recipe_reads=(
+        *("gates", "cost", "evaluate", "name"),  # evaluate: the benchmarks counted, how, and the probes asked for
+        *("curate.decontaminate_ngram", "curate.min_validation_tokens"),  # the contamination gate, the warnings
+        *("base_model.path", "base_model.pretraining_tokens"),  # the lineage, the cost against retraining
+    ),
     folder=FOLDER,
     report=AuditReport,
     summarize=summary,
     run_function=run_audit,
-    fingerprint_function=input_fingerprint,
     takes=("previous_eval",),
 )

@@ -53,6 +53,8 @@ import os
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from refit.stages.core.schedule import tokens_per_step
+
 if TYPE_CHECKING:
     from refit.stages.core.config import Recipe
 
@@ -299,8 +301,8 @@ class Plan:
     tokens_per_second: float | None
     """Per device, of the recipe's setup; None when the device's peak FLOP/s is unknown."""
     runs: dict[str, RunCost]
-    """"full" (the run) and "pilot" (one sweep variant, at sweep.budget_fraction); none when
-    tokens/s is unknown."""
+    """"full" (the run) and "pilot" (one sweep variant, at sweep.budget_fraction of the
+    schedule's tokens), each with the optimizer warm-up's; none when tokens/s is unknown."""
     fix: tuple[dict[str, Any], Memory] | None
     """The smallest change of the train fields (name: value) that fits, and what it needs; None
     when the recipe's setup fits, nothing is known of the device's memory, or nothing fits."""
@@ -379,7 +381,9 @@ def plan_for(recipe: Recipe, shape: ModelShape, device: Device | None = None) ->
         per_device = recipe.cost.assumed_mfu * device.peak_flops / flops_per_token(shape, setup)
         budgets = {"full": recipe.schedule.total_tokens}
         budgets["pilot"] = int(recipe.sweep.budget_fraction * budgets["full"])
-        for name, tokens in budgets.items():
+        warmup = train.optimizer_warmup_steps * tokens_per_step(recipe)  # the same in every run
+        for name, scheduled in budgets.items():
+            tokens = scheduled + warmup
             seconds = tokens / (per_device * train.num_processes)
             hours = seconds * train.num_processes / 3600
             runs[name] = RunCost(tokens, seconds, hours, hours * recipe.cost.device_hour_price)

@@ -18,6 +18,7 @@ import json
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -34,7 +35,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import InitErrorDetails, PydanticCustomError
+from pydantic.fields import FieldInfo
+from pydantic_core import InitErrorDetails, PydanticCustomError, PydanticUndefined
 
 from refit.stages.core.input_files import InputFileError, load_benchmark
 from refit.stages.core.markers import MARKER
@@ -125,6 +127,76 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
 
 
+def sections_in(annotation: Any) -> list[type[Section]]:
+    """The recipe sections an annotation holds, directly or in a list or union."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return [annotation]
+    return [section for arg in typing.get_args(annotation) for section in sections_in(arg)]
+
+
+# A stage's fingerprint holds the recipe values it declares it reads (stages/core/contract.py),
+# but for the fields marked below, which never change what a stage makes as values.
+UNFINGERPRINTED = "unfingerprinted"  # the key of the mark in a field's JSON schema
+
+
+def _marked(why: str, default: Any, constraints: dict[str, Any]) -> Any:
+    return Field(default, json_schema_extra={UNFINGERPRINTED: why}, **constraints)
+
+
+def execution_only(default: Any = PydanticUndefined, **constraints: Any) -> Any:
+    """A field of where or how a stage runs (processes, machines, executors, caches), never of
+    what it makes: it enters no fingerprint, so the same run is recognised on any allocation."""
+    return _marked("execution only", default, constraints)
+
+
+def by_content(default: Any = PydanticUndefined, **constraints: Any) -> Any:
+    """Input files fingerprinted by what they hold, not where they are: curate hashes the
+    sources' files and the benchmarks, tokenize the tokenizer's, so moving them reruns nothing."""
+    return _marked("fingerprinted by content", default, constraints)
+
+
+def flows_only(default: Any = PydanticUndefined, **constraints: Any) -> Any:
+    """Settings of the flows around the stages (the pilot sweep and search): no stage reads them."""
+    return _marked("read by the flows only", default, constraints)
+
+
+def unfingerprinted(field: FieldInfo) -> str | None:
+    """Why a field's value enters no fingerprint (its mark), or None."""
+    return field.json_schema_extra.get(UNFINGERPRINTED) if isinstance(field.json_schema_extra, dict) else None
+
+
+def fingerprinted(value: Any) -> Any:
+    """A recipe value as fingerprints hold it: every marked field left out, at any depth."""
+    if isinstance(value, Section):
+        fields = type(value).model_fields
+        return {name: fingerprinted(getattr(value, name)) for name in fields if not unfingerprinted(fields[name])}
+    if isinstance(value, (list, tuple)):
+        return [fingerprinted(item) for item in value]
+    return value
+
+
+def fields_along(path: str) -> list[FieldInfo]:
+    """The fields a dotted recipe path goes through, from the recipe down (through lists of
+    sections too: `evaluate.benchmarks.name`); ValueError for a path that names no field."""
+    fields: list[FieldInfo] = []
+    section: type[Section] | None = Recipe
+    for name in path.split("."):
+        if section is None or name not in section.model_fields:
+            raise ValueError(f"{path!r} names no recipe field")
+        fields.append(section.model_fields[name])
+        section = next(iter(sections_in(fields[-1].annotation)), None)
+    return fields
+
+
+def value_at(value: Any, path: list[str]) -> Any:
+    """The value at a path of field names below `value`, item by item through lists."""
+    if not path or value is None:
+        return value
+    if isinstance(value, list):
+        return [value_at(item, path) for item in value]
+    return value_at(getattr(value, path[0]), path[1:])
+
+
 def _problem(loc: Loc, message: str, value: Any = None) -> InitErrorDetails:
     return InitErrorDetails(type=PydanticCustomError("recipe", message), loc=loc, input=value)
 
@@ -184,7 +256,7 @@ def _not_a_stage_own_name(name: str) -> str:
 class SourceSpec(Section):
     name: Annotated[Name, AfterValidator(_not_a_stage_own_name)]
     """Short name used in weights, shard folders and reports (letters, digits, _ . -)."""
-    paths: list[RecipePath] = Field(min_length=1)
+    paths: list[RecipePath] = by_content(min_length=1)
     """Files or glob patterns (** allowed) of this source; each must match at least one file."""
     format: Literal["jsonl", "parquet"] = "jsonl"
     """File format. JSONL may be compressed (.gz, .zst), detected from the file suffix."""
@@ -303,14 +375,14 @@ class CurateSpec(Section):
     chars_per_token: float = Field(default=4.0, gt=0)
     """Characters per token for the estimate above (English prose under a BPE of 32k-128k tokens
     is about 4; code and small vocabularies are fewer)."""
-    workers: int = Field(default=2, ge=1)
+    workers: int = execution_only(2, ge=1)
     """Parallel datatrove tasks at once (local processes, or Ray tasks; with Slurm, array jobs)."""
-    executor: Literal["local", "ray", "slurm"] = "local"
+    executor: Literal["local", "ray", "slurm"] = execution_only("local")
     """Where curate's datatrove steps run: local (worker processes on this machine), ray
     (curate.ray) or slurm (job arrays, curate.slurm). Decisions are the same on each."""
-    ray: RaySpec | None = None
+    ray: RaySpec | None = execution_only(None)
     """Ray settings, for executor ray (default: a private local cluster)."""
-    slurm: SlurmSpec | None = None
+    slurm: SlurmSpec | None = execution_only(None)
     """Slurm settings, required for executor slurm."""
 
     @model_validator(mode="after")
@@ -339,7 +411,7 @@ class TokenizeSpec(Section):
     """Packed sequences per Arrow shard."""
     batch_size: int = Field(default=512, ge=1)
     """Documents per record batch read from the curated Parquet files and per call of the fast tokenizer."""
-    workers: int = Field(default=2, ge=1)
+    workers: int = execution_only(2, ge=1)
     """Parallel tokenizer worker processes."""
 
 
@@ -403,10 +475,10 @@ class TrainSpec(Section):
     """Seeds the data order and initialisation of anything new; the run is a function of it."""
     checkpoint_every: int = Field(default=100, ge=1)
     """Optimizer steps between checkpoints (one is always written at the end)."""
-    num_processes: int = Field(default=1, ge=1)
+    num_processes: int = execution_only(1, ge=1)
     """Training processes in all, over every machine (GPUs, or CPU processes over gloo),
     started by `accelerate launch`. A checkpoint resumes on another number (DCP resharding)."""
-    devices: list[int] | None = None
+    devices: list[int] | None = execution_only(None)
     """GPU ids the training may use (CUDA_VISIBLE_DEVICES); default: every visible one. The
     pilot sweep sets it to give concurrent variants devices of their own."""
     grad_clip: float = Field(default=1.0, gt=0)
@@ -419,31 +491,39 @@ class TrainSpec(Section):
     """Optional optimizer state to start from (default: fresh): a file saved with
     `torch.save(optimizer.state_dict())` (strategy ddp only), or a Refit checkpoint folder
     (`train/checkpoints/step-NNNNNNNN/` of another run), whose optimizer part is loaded."""
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+    optimizer_warmup_steps: int = Field(default=0, ge=0)
+    """Optimizer steps at LR 0 before the schedule's first, on the first phase's data (a draw
+    of its own: the scheduled steps read the same sequences as without): they only fill
+    AdamW's moments, which released checkpoints lack, so the first scheduled updates are not
+    oversized; the weights are left exactly as they are. Not steps of the schedule (its steps,
+    its LR and the phase switches are unchanged), but logged (`optimizer_warmup_step` in
+    metrics.jsonl), counted in the train report and in the cost. On top of optimizer_state when
+    both are given. 0: none."""
+    strategy: Literal["ddp", "fsdp"] = execution_only("ddp")
     """ddp: every process holds the whole model and optimizer. fsdp: FSDP2 (`fully_shard`) on
     each decoder layer and on the root, so parameters, gradients and optimizer state are
     sharded across the processes (for models that do not fit on one device)."""
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = execution_only(False)
     """Recompute each decoder layer's activations in the backward pass: less memory, ~30% more compute."""
-    compile: bool = False
+    compile: bool = execution_only(False)
     """torch.compile each decoder layer (the first steps are slower while it compiles)."""
-    keep_checkpoints: int | None = Field(default=None, ge=1)
+    keep_checkpoints: int | None = execution_only(None, ge=1)
     """Keep only the newest N complete checkpoints (older ones are deleted). Default: keep all."""
-    num_machines: int | None = Field(default=None, ge=1)
+    num_machines: int | None = execution_only(None, ge=1)
     """Machines taking part (num_processes counts the processes of all of them). Default: from
     the environment under torchrun (WORLD_SIZE / LOCAL_WORLD_SIZE of the launchers) or Slurm
     (SLURM_NNODES), else 1."""
-    machine_rank: int | None = Field(default=None, ge=0)
+    machine_rank: int | None = execution_only(None, ge=0)
     """This machine's rank, 0 being the main one. Default: GROUP_RANK under torchrun,
     SLURM_NODEID under Slurm, else 0. Not part of what the run makes: every machine reads
     the same recipe."""
-    main_process_ip: str | None = None
+    main_process_ip: str | None = execution_only(None)
     """Address of machine 0, which the others connect to. Default: MASTER_ADDR from the
     environment (torchrun sets it; the Slurm script in deployments/ exports it)."""
-    main_process_port: int | None = Field(default=None, ge=1, le=65535)
+    main_process_port: int | None = execution_only(None, ge=1, le=65535)
     """Port on machine 0 for the processes' rendezvous. Default: a free port on one machine,
     29500 on several."""
-    heartbeat_timeout: float = Field(default=120.0, gt=0)
+    heartbeat_timeout: float = execution_only(120.0, gt=0)
     """Seconds without a heartbeat after which a training process is declared dead and the
     others stop, naming it (instead of waiting for a collective's 30-minute timeout)."""
     validation_tokens: int = Field(default=32768, ge=0)
@@ -451,7 +531,7 @@ class TrainSpec(Section):
     checkpoint (`val_loss` in metrics.jsonl, the train report; what `refit sweep --search tpe`
     prunes on): the first curated validation documents of each source, in order, the count
     shared out equally between sources, packed into rows of tokenize.seq_len. 0: no validation pass."""
-    device_memory: float | None = Field(default=None, gt=0)
+    device_memory: float | None = execution_only(None, gt=0)
     """Memory of each training device in GiB (2^30 bytes; an H100 80GB has 79.6), for the
     capacity plan that `refit plan` prints and `refit validate` checks: a setup that needs more
     than 90% of it is refused, with the smallest change that fits. Default: the visible GPU's
@@ -493,7 +573,7 @@ class TrainSpec(Section):
 class BenchmarkSpec(Section):
     name: Name
     """Name in reports."""
-    path: RecipePath
+    path: RecipePath = by_content()
     """JSONL with {"id", "query", "choices", "gold"}, ids unique; choices start with a space.
     Every item is checked when the recipe is validated."""
     domain: Literal["legacy", "new"]
@@ -562,17 +642,17 @@ class EvaluateSpec(Section):
     """Where models are scored. auto: CUDA when this machine has a GPU, else the CPU."""
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     """auto: bf16 on a GPU that supports it, else fp32 (always fp32 on the CPU)."""
-    num_processes: int | None = Field(default=None, ge=1)
+    num_processes: int | None = execution_only(None, ge=1)
     """Processes scoring data-parallel, started with torchrun: one GPU each, or CPU processes
     over gloo. Each scores every N-th request; the results are the same as with one. Default:
     as many as training runs on one machine (train.num_processes over the machines), on the
     same GPUs (train.devices) and at most as many as there are; 1 for the default train."""
-    cache_dir: RecipePath | None = None
+    cache_dir: RecipePath | None = execution_only(None)
     """Folder where the base model's scores are kept across runs, keyed by the base's weights,
     what is scored, the scorer's version and the device settings. Default:
     `.refit-cache/` beside the workdir (in its parent folder), shared by the sweep's variants
     and by every nightly run of the recipe."""
-    cache_max_age_days: float = Field(default=30, ge=0)
+    cache_max_age_days: float = execution_only(30, ge=0)
     """Cached scores neither read nor written for this many days are removed after each
     evaluation (0: never). Nightly runs that continue from the newest version score a new
     base each night; its scores are not read again once a newer base is in use."""
@@ -766,12 +846,12 @@ class Recipe(Section):
     """Run name: names the workdir, the Prefect flow runs and the published model."""
     description: str = ""
     """Free text for the model card."""
-    workdir: RecipePath | None = None
+    workdir: RecipePath | None = execution_only(None)
     """Where every stage writes. Default: runs/<name> beside the recipe file."""
     base_model: BaseModelSpec
     """The checkpoint to continue from. Pretraining facts missing here are read from
     refit_pretraining.json in its folder when present (the demo base model writes one)."""
-    tokenizer: RecipePath | None = None
+    tokenizer: RecipePath | None = by_content(None)
     """Tokenizer directory. Default: the base model's."""
     sources: list[SourceSpec] = Field(min_length=1)
     """Training corpora."""
@@ -793,7 +873,7 @@ class Recipe(Section):
     """Registry and model card."""
     cost: CostSpec = CostSpec()
     """Prices for the cost report."""
-    sweep: SweepSpec = SweepSpec()
+    sweep: SweepSpec = flows_only(SweepSpec())
     """The pilot sweep of the recipe's knobs before a full run."""
 
     @model_validator(mode="wrap")

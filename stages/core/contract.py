@@ -1,7 +1,9 @@
 """The contract every stage keeps: one `Stage` description, one way to call it.
 
 Each stage module ends with its `STAGE`; `refit.stages.pipeline` lists them in pipeline
-order, and flows, the CLI, fingerprints and the sweep find stages there, never by name.
+order, and flows, the CLI, fingerprints and the sweep find stages there, never by name. A
+stage declares once what it reads, the stages before it and the recipe's sections or fields,
+and its input fingerprint and code version are derived from that declaration.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from refit.stages.core.config import Recipe
+from refit.stages.core.code_version import code_version
+from refit.stages.core.config import Recipe, fields_along, fingerprinted, unfingerprinted, value_at
 from refit.stages.core.disk import full_disk_reported
-from refit.stages.core.markers import is_done, output_fingerprint, recover
+from refit.stages.core.markers import fingerprint, is_done, output_fingerprint, recover
 
 
 def _input(default):
@@ -48,17 +51,22 @@ RUN_ONLY_OPTIONS = frozenset(f.name for f in fields(StageOptions) if f.metadata.
 
 @dataclass(frozen=True)
 class Stage:
-    """One pipeline stage: its name, the stages whose output it reads, the recipe sections
-    its output depends on, its output folder under the workdir, and its functions."""
+    """One pipeline stage: its name, what it reads (the stages whose output it uses, the recipe
+    sections and fields its output depends on), its output folder under the workdir, and its
+    functions."""
 
     name: str
-    reads: tuple[str, ...]
-    sections: tuple[str, ...]
+    reads: tuple[Stage, ...]
+    # dotted paths: a section (`train`), a field (`train.seed`), a field of each item of a list
+    # of sections (`evaluate.benchmarks.name`); checked against what its code reads (tests)
+    recipe_reads: tuple[str, ...]
     folder: str
     report: Any  # the type of what run_function returns: a TypedDict or a pydantic model
     run_function: Callable[..., Any]  # (recipe, workdir, force=..., **takes, **run_only) -> report
-    fingerprint_function: Callable[..., str]  # (recipe, workdir, **takes) -> input fingerprint
-    takes: tuple[str, ...] = ()  # input options (StageOptions) passed to both functions
+    # what else the output depends on, beyond the recipe values and the stages it reads (the
+    # content of input files, what "auto" resolves to here): (recipe, workdir) -> JSON values
+    other_inputs: Callable[[Recipe, Path], Any] | None = None
+    takes: tuple[str, ...] = ()  # input options (StageOptions) passed to the run function and fingerprinted
     run_only: tuple[str, ...] = ()  # run-only options (StageOptions) passed to the run function alone
     # what else must hold outside the output folder for a done stage to count as done (publish:
     # the version is still in the registry and `latest` names the newest); (recipe, workdir) -> bool
@@ -67,6 +75,11 @@ class Stage:
     summarize: Callable[[Any], dict] | None = None
 
     def __post_init__(self) -> None:
+        for path in self.recipe_reads:
+            try:
+                fields_along(path)
+            except ValueError as error:
+                raise ValueError(f"stage {self.name} declares it reads {error}") from None
         declared = {"input": (self.takes, INPUT_OPTIONS), "run-only": (self.run_only, RUN_ONLY_OPTIONS)}
         for kind, (names, allowed) in declared.items():
             if unknown := sorted(set(names) - allowed):
@@ -81,8 +94,39 @@ class Stage:
     def _options(self, options: StageOptions, names: tuple[str, ...]) -> dict:
         return {name: getattr(options, name) for name in names}
 
+    @property
+    def code_version(self) -> str:
+        """What the code it runs does: the project modules its module imports and, of the
+        recipe's module, what serves the recipe paths it declares (see `code_version`)."""
+        return code_version(self.run_function.__module__, self.recipe_reads)
+
+    def recipe_values(self, recipe: Recipe) -> dict[str, Any]:
+        """The recipe values it declares, as fingerprints hold them: a field marked as entering
+        no fingerprint (execution only, ...) is left out, on its own or inside a section."""
+        return {
+            path: fingerprinted(value_at(recipe, path.split(".")))
+            for path in self.recipe_reads
+            if not any(map(unfingerprinted, fields_along(path)))
+        }
+
     def input_fingerprint(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> str:
-        return self.fingerprint_function(recipe, Path(workdir), **self._options(options, self.takes))
+        """The declared recipe values, the input options it takes, its other inputs, what the
+        stages it reads produced (a clear error if one has not run) and its code version."""
+        other = self.other_inputs(recipe, Path(workdir)) if self.other_inputs else None
+        return self.fingerprint_with(recipe, workdir, other, options)
+
+    def fingerprint_with(
+        self, recipe: Recipe, workdir: Path, other_inputs: Any, options: StageOptions = StageOptions()
+    ) -> str:
+        """The input fingerprint from other inputs the run has gathered already (curate lists
+        its input files once a run: a file arriving meanwhile is the next run's)."""
+        inputs = {
+            "recipe": self.recipe_values(recipe),
+            "options": self._options(options, self.takes),
+            "other": other_inputs,
+        }
+        upstream = [stage.produced(workdir, self.name) for stage in self.reads]
+        return fingerprint(self.name, inputs, upstream, self.code_version)
 
     def is_done(self, recipe: Recipe, workdir: Path, options: StageOptions = StageOptions()) -> bool:
         """Done for this input fingerprint, its output undamaged, and what else it needs holding."""

@@ -46,9 +46,11 @@ def die_with_parent(expected_parent: int) -> None:
 
 def die_with_launcher() -> None:
     """In a process started by a program running under the lifeline (`accelerate launch`, for
-    the training processes): die with that program. Does nothing in a process started otherwise."""
+    the training processes): die with that program. Does nothing in a process started otherwise,
+    or in the lifeline's own process (a training process started without a launcher), which
+    already dies with its parent."""
     launcher = os.environ.get(LAUNCHER_ENV)
-    if launcher:
+    if launcher and int(launcher) != os.getpid():
         die_with_parent(int(launcher))
 
 

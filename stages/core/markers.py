@@ -1,4 +1,5 @@
-"""Done markers, fingerprints, code versions and the one atomic-output rule of every stage.
+"""Done markers, fingerprints and the one atomic-output rule of every stage (code versions:
+`code_version`).
 
 The rule: a stage builds its output in `<folder>.tmp/`, writes `_SUCCESS.json` there last,
 then swaps the folder into place (two renames). A stage is done iff the marker exists,
@@ -10,10 +11,7 @@ put right by `recover` at the next start.
 
 from __future__ import annotations
 
-import ast
-import functools
 import hashlib
-import importlib.util
 import json
 import os
 import shutil
@@ -24,90 +22,13 @@ from pathlib import Path
 from typing import IO, Any
 
 MARKER = "_SUCCESS.json"
-PROJECT = "refit"  # the import namespace whose modules make up a stage's code version
 
 
-def _module_file(name: str) -> Path | None:
-    """The source file of module `name`, found without importing it (only its parent packages)."""
-    parent, _, leaf = name.rpartition(".")
-    try:
-        spec = importlib.util.find_spec(parent) if parent else None
-    except (ImportError, ValueError):
-        return None
-    for location in (spec.submodule_search_locations or []) if spec else []:
-        for candidate in (Path(location) / f"{leaf}.py", Path(location) / leaf / "__init__.py"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _imported_names(source: str) -> Iterator[str]:
-    """Every absolute module name `source` may run: its import statements at any depth
-    (imports inside functions count: they run when the stage does) and string constants that
-    name a project module (one started with `python -m`, like the training worker)."""
-    for node in ast.walk(ast.parse(source)):
-        if isinstance(node, ast.Import):
-            yield from (alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            yield node.module
-            yield from (f"{node.module}.{alias.name}" for alias in node.names)
-        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith(PROJECT + "."):
-            yield node.value
-
-
-@functools.cache
-def project_modules(module: str) -> dict[str, Path]:
-    """The project modules `module` imports, directly or through others, with their package
-    `__init__` files: its import graph within the `refit` namespace."""
-    found: dict[str, Path] = {}
-    todo = [module]
-    while todo:
-        name = todo.pop()
-        if name in found or (path := _module_file(name)) is None:
-            continue
-        found[name] = path
-        parts = name.split(".")
-        todo += [".".join(parts[:i]) for i in range(2, len(parts))]  # the packages it lives in
-        todo += [n for n in _imported_names(path.read_text()) if n.split(".")[0] == PROJECT]
-    return found
-
-
-def _meaning(source: str) -> bytes:
-    """A module as Python runs it: its syntax tree without comments (the parser drops them),
-    line numbers, or string statements (docstrings, and the field docstrings pydantic turns into
-    descriptions, which only the documentation reads)."""
-    tree = ast.parse(source)
-    for node in ast.walk(tree):
-        for field in ("body", "orelse", "finalbody"):
-            statements = getattr(node, field, None)
-            if isinstance(statements, list) and statements and isinstance(statements[0], ast.stmt):
-                kept = [
-                    s
-                    for s in statements
-                    if not (
-                        isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) and isinstance(s.value.value, str)
-                    )
-                ]
-                setattr(node, field, kept or [ast.Pass()])
-    return ast.dump(tree).encode()
-
-
-@functools.cache
-def code_version(module: str) -> str:
-    """Hash of what the project modules `module` imports do (see `project_modules`, `_meaning`):
-    editing a stage's code reruns that stage and those that read its output, not the others;
-    rewording a comment or a docstring reruns nothing."""
-    digest = hashlib.sha256()
-    for name, path in sorted(project_modules(module).items()):
-        digest.update(name.encode() + b"\0" + _meaning(path.read_text()))
-    return digest.hexdigest()[:16]
-
-
-def fingerprint(stage: str, section: Any, upstream: list[str] | tuple[str, ...], code: str) -> str:
-    """Input fingerprint: what the stage reads from the recipe, what the stages before it
-    produced (their `output_fingerprint`s) and its code version."""
+def fingerprint(stage: str, inputs: Any, upstream: list[str] | tuple[str, ...], code: str) -> str:
+    """Input fingerprint: what the stage reads of the recipe and besides it (`inputs`), what the
+    stages before it produced (their `output_fingerprint`s) and its code version."""
     payload = json.dumps(
-        {"stage": stage, "section": section, "upstream": list(upstream), "code": code}, sort_keys=True, default=str
+        {"stage": stage, "inputs": inputs, "upstream": list(upstream), "code": code}, sort_keys=True, default=str
     )
     return hashlib.sha256(payload.encode()).hexdigest()
 

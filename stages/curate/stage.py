@@ -43,9 +43,7 @@ from refit.stages.core.contract import Stage
 from refit.stages.core.file_hashes import memoized_sha256
 from refit.stages.core.input_files import InputFileError, load_benchmark
 from refit.stages.core.markers import (
-    code_version,
     damaged_outputs,
-    fingerprint,
     is_done,
     read_marker,
     staged_output,
@@ -66,7 +64,6 @@ CREATE TABLE IF NOT EXISTS files (source TEXT, path TEXT, sha256 TEXT, batch INT
 CREATE TABLE IF NOT EXISTS unreadable (source TEXT, path TEXT, reason TEXT, batch INTEGER,
     PRIMARY KEY (source, path, reason));
 """
-EXECUTION_SETTINGS = {"executor", "ray", "slurm", "workers"}  # where the steps run: decisions do not depend on it
 HASH_MEMO = ".curate-hashes"  # in the workdir: the sha256 of each input file at its size and mtime
 
 
@@ -97,19 +94,6 @@ def source_files(source: SourceSpec, patterns: list[str] | None = None) -> tuple
                 matched.add(Path(name))
     listed = [(path, file_problem(path)) for path in sorted(matched)]
     return [path for path, problem in listed if problem is None], [problem for _, problem in listed if problem]
-
-
-def _settings(recipe: Recipe) -> dict:
-    """What curated output depends on apart from the input files: changing it means starting over."""
-    benchmarks = {b.name: hashlib.sha256(Path(b.path).read_bytes()).hexdigest() for b in recipe.evaluate.benchmarks}
-    sources = [s.model_dump(mode="json", exclude={"paths"}) for s in recipe.sources]
-    return {
-        "curate": recipe.curate.model_dump(mode="json", exclude=EXECUTION_SETTINGS),
-        "sources": sources,
-        "benchmarks": benchmarks,
-        "validation_files": _validation_listing(recipe),
-        "code": code_version(__name__),
-    }  # batches curated by other code are not extended, but redone
 
 
 Listing = dict[str, tuple[list[tuple[str, str]], list[Record]]]
@@ -144,16 +128,32 @@ def data_version(recipe: Recipe, workdir: Path | None = None) -> str:
     return _version(_listing(recipe, workdir))
 
 
-def _fingerprint(settings: dict, listing: Listing) -> str:
-    section = {"settings": settings, "data": _version(listing)}
+def _inputs(recipe: Recipe, listing: Listing) -> dict:
+    """What curated output depends on besides the recipe values it declares: the benchmarks it
+    decontaminates against and the explicit validation files (a change starts over, see
+    `_settings_hash`), and the contents of every input file (new data means a new batch)."""
     # a path that appears, or changes, and cannot be read reruns the stage: it is reported, not skipped
     problems = {name: [(row.file, row.reason) for row in rows] for name, (_, rows) in listing.items() if rows}
-    return fingerprint("curate", section | ({"unreadable": problems} if problems else {}), (), code_version(__name__))
+    benchmarks = recipe.evaluate.benchmarks
+    return {
+        "benchmarks": {b.name: hashlib.sha256(Path(b.path).read_bytes()).hexdigest() for b in benchmarks},
+        "validation_files": _validation_listing(recipe),
+        "data": _version(listing),
+        **({"unreadable": problems} if problems else {}),
+    }
 
 
-def input_fingerprint(recipe: Recipe, workdir: Path | None = None) -> str:
-    """Settings plus the contents of every input file: new data means a rerun."""
-    return _fingerprint(_settings(recipe), _listing(recipe, workdir))
+def other_inputs(recipe: Recipe, workdir: Path) -> dict:
+    """`_inputs` over the input files as they are now (the hash memo is in the workdir)."""
+    return _inputs(recipe, _listing(recipe, workdir))
+
+
+def _settings_hash(recipe: Recipe, inputs: dict) -> str:
+    """What a batch builds on, all but the input files: curated output made with other settings,
+    benchmarks, validation files or code is not extended by a new batch, but redone."""
+    settings = {"recipe": STAGE.recipe_values(recipe), "code": STAGE.code_version}
+    settings |= {key: inputs[key] for key in ("benchmarks", "validation_files")}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
 
 
 def _bucket(doc_id: str) -> float:
@@ -554,16 +554,16 @@ def _source_report(source: SourceSpec, screened: dict, written: dict, db: sqlite
 def run_curate(recipe: Recipe, workdir: Path, force: bool = False) -> CurateReport:
     """Curate every source into `<workdir>/curate/`; returns the report (also in report.json)."""
     final = Path(workdir) / FOLDER
-    # one listing: a file arriving mid-run is the next run's
-    settings, listing = _settings(recipe), _listing(recipe, workdir)
-    expected = _fingerprint(settings, listing)
+    listing = _listing(recipe, workdir)  # one listing: a file arriving mid-run is the next run's
+    inputs = _inputs(recipe, listing)
+    expected = STAGE.fingerprint_with(recipe, workdir, inputs)
     if not force and is_done(final, expected):
         log.info("curate: up to date (%s)", expected[:12])
         return json.loads((final / "report.json").read_text())
-    return _curate(recipe, final, force, settings, listing, expected)
+    return _curate(recipe, final, force, _settings_hash(recipe, inputs), listing, expected)
 
 
-def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: dict, expected: str) -> dict:
+def _curate(recipe: Recipe, final: Path, force: bool, settings_hash: str, listing: dict, expected: str) -> dict:
     from refit.stages.core.executors import executor_session
     from refit.stages.curate.steps import Spool
 
@@ -573,7 +573,6 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
             load_benchmark(Path(bench.path))
     except InputFileError as error:
         raise CurationError(f"benchmark {error}; previous curated output kept") from None
-    settings_hash = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     previous = read_marker(final)
     damaged = damaged_outputs(final, previous) if previous else {}
     if damaged:  # a batch builds on every earlier one: with one of them damaged, start over
@@ -619,7 +618,7 @@ def _curate(recipe: Recipe, final: Path, force: bool, settings: dict, listing: d
         }
         write_json_atomic(out / "report.json", report)
         extra = {"settings": settings_hash, "data_version": _version(listing)}
-        write_marker(out, "curate", expected, started, code_version(__name__), extra)
+        write_marker(out, "curate", expected, started, STAGE.code_version, extra)
     return report
 
 
@@ -663,9 +662,10 @@ def curated_data_version(workdir: Path) -> str | None:
 STAGE = Stage(
     name="curate",
     reads=(),
-    sections=("sources", "curate", "evaluate"),
+    # the benchmarks: decontaminated against (their contents, in `other_inputs`); the workdir: its hash memo
+    recipe_reads=("sources", "curate", "evaluate.benchmarks.name", "evaluate.benchmarks.path", "workdir"),
     folder=FOLDER,
     report=CurateReport,
     run_function=run_curate,
-    fingerprint_function=input_fingerprint,
+    other_inputs=other_inputs,
 )

@@ -44,9 +44,9 @@ from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict
 
 from refit.stages.core.config import Recipe
-from refit.stages.core.contract import Stage
+from refit.stages.core.contract import Stage, StageOptions
 from refit.stages.core.input_files import load_benchmark
-from refit.stages.core.markers import code_version, fingerprint, is_done, staged_output, write_json_atomic, write_marker
+from refit.stages.core.markers import is_done, staged_output, write_json_atomic, write_marker
 from refit.stages.core.scores import METRICS, paired_comparison
 from refit.stages.curate import stage as curate
 from refit.stages.evaluate.scorer import (
@@ -231,26 +231,9 @@ def evaluate_models(
     }
 
 
-def input_fingerprint(recipe: Recipe, workdir: Path, backend: str = "refit") -> str:
-    settings = scoring_settings(recipe)
-    section = {  # the device as resolved (what "auto" means here); not how many processes, nor the cache;
-        # nor what the audit counts (metric, weight): that changes no score, only the audit reruns
-        "evaluate": recipe.evaluate.model_dump(
-            mode="json",
-            exclude={
-                "device": True,
-                "precision": True,
-                "num_processes": True,
-                "cache_dir": True,
-                "benchmarks": {"__all__": {"metric", "weight"}},
-            },
-        ),
-        "scoring": settings.numerics(),
-        "base": str(recipe.base_model.path),
-        "backend": backend,
-    }
-    upstream = [train.STAGE.produced(workdir, "evaluate"), curate.STAGE.produced(workdir, "evaluate")]
-    return fingerprint("evaluate", section, upstream, code_version(__name__))
+def other_inputs(recipe: Recipe, workdir: Path) -> dict:
+    """The scoring settings as resolved here: the device and precision "auto" means on this machine."""
+    return {"scoring": scoring_settings(recipe).numerics()}
 
 
 def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: str = "refit") -> EvaluateReport:
@@ -259,7 +242,7 @@ def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: st
         raise ValueError(f"unknown evaluation backend {backend!r}: one of {', '.join(BACKENDS)}")
     workdir = Path(workdir)
     final = workdir / FOLDER
-    expected = input_fingerprint(recipe, workdir, backend)
+    expected = STAGE.input_fingerprint(recipe, workdir, StageOptions(backend=backend))
     if not force and is_done(final, expected):
         return read_report(workdir)
     started = time.time()
@@ -268,7 +251,7 @@ def run_evaluate(recipe: Recipe, workdir: Path, force: bool = False, backend: st
         report = {"stage": "evaluate", **evaluate_models(recipe, workdir, candidate, backend, out / "lm_eval_tasks")}
         report["seconds"] = round(time.time() - started, 2)
         write_json_atomic(out / "report.json", report)
-        write_marker(out, "evaluate", expected, started, code_version(__name__))
+        write_marker(out, "evaluate", expected, started, STAGE.code_version)
     return report
 
 
@@ -283,11 +266,18 @@ def read_report(workdir: Path) -> EvaluateReport:
 
 STAGE = Stage(
     name="evaluate",
-    reads=("train", "curate"),
-    sections=("evaluate", "base_model"),
+    reads=(train.STAGE, curate.STAGE),
+    recipe_reads=(
+        # not what the audit counts (benchmarks' metric and weight): that changes no score
+        *("evaluate.benchmarks.name", "evaluate.benchmarks.path", "evaluate.benchmarks.domain", "evaluate.safety"),
+        *("evaluate.validation_docs", "evaluate.batch_size", "evaluate.device", "evaluate.precision"),
+        *("evaluate.num_processes", "evaluate.prefix_eos", "evaluate.cache_dir", "evaluate.cache_max_age_days"),
+        *("base_model.path", "base_model.trust_remote_code", "tokenizer", "tokenize.seq_len", "sources"),
+        "train",  # its processes and devices, which scoring follows
+    ),
     folder=FOLDER,
     report=EvaluateReport,
     run_function=run_evaluate,
-    fingerprint_function=input_fingerprint,
+    other_inputs=other_inputs,
     takes=("backend",),
 )

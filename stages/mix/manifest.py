@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from refit.stages.core.markers import write_json_atomic
 from refit.stages.core.schedule import Schedule
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2  # 2: no recipe name (renaming a recipe changes no plan)
 
 
 class ManifestMismatch(ValueError):
@@ -72,7 +72,6 @@ class ScheduleSummary(_Record):
 
 class Manifest(_Record):
     version: int
-    recipe: str
     tokenizer_sha256: str | None
     dtype: str | None
     eos_id: int | None

@@ -15,9 +15,7 @@ from refit.stages.core.config import Recipe
 from refit.stages.core.contract import Stage
 from refit.stages.core.markers import (
     DamagedOutput,
-    code_version,
     file_sha256,
-    fingerprint,
     is_done,
     staged_output,
     write_marker,
@@ -134,7 +132,6 @@ def build_manifest(recipe: Recipe, workdir: Path) -> Manifest:
     first = next(iter(table.values()), {})
     return Manifest(
         version=MANIFEST_VERSION,
-        recipe=recipe.name,
         tokenizer_sha256=first.get("tokenizer_sha256"),
         dtype=first.get("dtype"),
         eos_id=first.get("eos_id"),
@@ -151,16 +148,11 @@ def build_manifest(recipe: Recipe, workdir: Path) -> Manifest:
     ).sealed()
 
 
-def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    sections = {k: getattr(recipe, k).model_dump(mode="json") for k in ("mixture", "schedule", "train", "tokenize")}
-    return fingerprint("mix", sections, [tokenize.STAGE.produced(workdir, "mix")], code_version(__name__))
-
-
 def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> Manifest:
     """Write `<workdir>/mix/manifest.json` (done marker beside it); returns the manifest."""
     workdir = Path(workdir)
     final = workdir / FOLDER
-    expected = input_fingerprint(recipe, workdir)
+    expected = STAGE.input_fingerprint(recipe, workdir)
     if not force and is_done(final, expected):
         return read_manifest(workdir)
     started = time.time()
@@ -169,7 +161,7 @@ def run_mix(recipe: Recipe, workdir: Path, force: bool = False) -> Manifest:
         log.warning("mix: %s", warning)
     with staged_output(final) as out:
         write_manifest(out / MANIFEST, manifest)
-        write_marker(out, "mix", expected, started, code_version(__name__), {"manifest_sha256": manifest.sha256})
+        write_marker(out, "mix", expected, started, STAGE.code_version, {"manifest_sha256": manifest.sha256})
     return manifest
 
 
@@ -208,11 +200,11 @@ def verify_shards(workdir: Path) -> int:
     return sum((Path(workdir) / s.path).stat().st_size for src in manifest.sources.values() for s in src.shards)
 
 
-def format_plan(manifest: Manifest) -> str:
-    """The manifest as tables: phases (steps, tokens, switch) and sources (share, epochs)."""
+def format_plan(name: str, manifest: Manifest) -> str:
+    """The manifest of recipe `name` as tables: phases (steps, tokens, switch) and sources (share, epochs)."""
     total = manifest.total_steps
     lines = [
-        f"{manifest.recipe}: {total} steps x {manifest.tokens_per_step:,} tokens = {manifest.total_tokens:,} tokens "
+        f"{name}: {total} steps x {manifest.tokens_per_step:,} tokens = {manifest.total_tokens:,} tokens "
         f"({manifest.schedule.decay}, max_lr {manifest.schedule.max_lr:.2e})",
         "",
         f"{'phase':<12}{'trigger':<16}{'start step':>11}{'% of run':>10}{'steps':>8}{'tokens':>13}  weights",
@@ -240,11 +232,13 @@ def format_plan(manifest: Manifest) -> str:
 
 STAGE = Stage(
     name="mix",
-    reads=("tokenize",),
-    sections=("mixture", "schedule", "train", "tokenize"),
+    reads=(tokenize.STAGE,),
+    recipe_reads=(
+        *("mixture", "schedule", "tokenize.seq_len", "train.seed", "train.sequences_per_step"),
+        "sources.name",
+    ),
     folder=FOLDER,
     report=Manifest,
     summarize=Manifest.summary,
     run_function=run_mix,
-    fingerprint_function=input_fingerprint,
 )

@@ -48,9 +48,7 @@ from refit.stages.audit.safety_gates import model_card_section
 from refit.stages.core.config import Recipe
 from refit.stages.core.contract import Stage
 from refit.stages.core.markers import (
-    code_version,
     file_sha256,
-    fingerprint,
     staged_output,
     write_json_atomic,
     write_marker,
@@ -379,12 +377,6 @@ def identity(recipe: Recipe, workdir: Path) -> str:
     return hashlib.sha256(json.dumps(where, sort_keys=True).encode()).hexdigest()
 
 
-def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    """The weights and the audit that passed them."""
-    upstream = [audit.STAGE.produced(workdir, "publish")]
-    return fingerprint("publish", {"identity": identity(recipe, workdir)}, upstream, code_version(__name__))
-
-
 def _report(identity_: str, version: str, path: str, already: bool) -> dict:
     return {"stage": "publish", "version": version, "path": path, "already_published": already, "identity": identity_}
 
@@ -398,7 +390,7 @@ def run_publish(recipe: Recipe, workdir: Path, force: bool = False) -> PublishRe
     data_version = curate.curated_data_version(workdir)
     if data_version is None:
         raise PublishRefused(f"no finished curate stage in {workdir}: the published version could not name its data")
-    weights_identity, expected = identity(recipe, workdir), input_fingerprint(recipe, workdir)
+    weights_identity, expected = identity(recipe, workdir), STAGE.input_fingerprint(recipe, workdir)
     if foreign := foreign_code_references(train.final_model(workdir)):
         named = "; ".join(f"{name}: {', '.join(refs)}" for name, refs in foreign.items())
         raise PublishRefused(
@@ -459,17 +451,17 @@ def _record_in_workdir(workdir: Path, expected: str, report: dict) -> dict:
     started = time.time()
     with staged_output(Path(workdir) / FOLDER) as out:
         write_json_atomic(out / "report.json", report)
-        write_marker(out, "publish", expected, started, code_version(__name__))
+        write_marker(out, "publish", expected, started, STAGE.code_version)
     return report
 
 
 STAGE = Stage(
     name="publish",
-    reads=("audit", "train", "mix", "evaluate", "curate"),
-    sections=("publish",),
+    reads=(audit.STAGE, train.STAGE, mix.STAGE, evaluate.STAGE, curate.STAGE),
+    # the registry and the model's name there; for the model card and the record, the rest
+    recipe_reads=("publish", "name", "description", "sources", "base_model.path"),
     folder=FOLDER,
     report=PublishReport,
     run_function=run_publish,
-    fingerprint_function=input_fingerprint,
     still_holds=still_published,
 )

@@ -33,11 +33,10 @@ from datatrove.pipeline.base import PipelineStep
 from pydantic import ConfigDict, with_config
 from typing_extensions import TypedDict
 
-from refit.stages.core.config import Recipe
+from refit.stages.core.config import CurateSpec, Recipe, fingerprinted
 from refit.stages.core.contract import Stage
 from refit.stages.core.executors import Step, run_steps
 from refit.stages.core.markers import (
-    code_version,
     file_sha256,
     fingerprint,
     is_done,
@@ -197,30 +196,23 @@ def _complete(job: ShardJob) -> dict | None:
     return entry if entry["job"] == asdict(job) else None
 
 
-def _settings(recipe: Recipe) -> str:
-    return fingerprint(
-        "tokenize-settings",
-        {"tokenize": recipe.tokenize.model_dump(mode="json"), "tokenizer": tokenizer_sha256(tokenizer_dir(recipe))},
-        (),
-        code_version(__name__),
-    )
+def other_inputs(recipe: Recipe, workdir: Path) -> dict:
+    """What the shards depend on besides the recipe values: the tokenizer, by its files' content."""
+    return {"tokenizer": tokenizer_sha256(tokenizer_dir(recipe))}
 
 
-def _fingerprint(settings: str, workdir: Path) -> str:
-    upstream = [curate.STAGE.produced(workdir, "tokenize")]
-    return fingerprint("tokenize", {"settings": settings}, upstream, code_version(__name__))
-
-
-def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    return _fingerprint(_settings(recipe), workdir)
+def _settings(recipe: Recipe, workdir: Path) -> str:
+    """What a shard is made with besides its documents: the packing settings, the tokenizer and
+    the code; a shard made with other settings is never reused (see `_complete`)."""
+    made_with = {"tokenize": fingerprinted(recipe.tokenize), **other_inputs(recipe, workdir)}
+    return fingerprint("tokenize-settings", made_with, (), STAGE.code_version)
 
 
 def run_tokenize(recipe: Recipe, workdir: Path, force: bool = False) -> TokenizeReport:
     """Tokenize every source's curated train documents; returns the report."""
     workdir = Path(workdir)
     final = workdir / FOLDER
-    settings = _settings(recipe)
-    expected = _fingerprint(settings, workdir)
+    settings, expected = _settings(recipe, workdir), STAGE.input_fingerprint(recipe, workdir)
     if not force and is_done(final, expected):
         return json.loads((final / "report.json").read_text())
     started = time.time()
@@ -254,7 +246,12 @@ def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expec
     if todo:
         tasks = min(recipe.tokenize.workers, len(todo))
         step = WriteShards(todo, str(tok_dir), seq_len, recipe.tokenize.batch_size, metadata)
-        where = recipe.curate.model_copy(update={"workers": recipe.tokenize.workers})  # curate.executor's settings
+        where = CurateSpec(  # curate's executor, with tokenize's workers
+            executor=recipe.curate.executor,
+            ray=recipe.curate.ray,
+            slurm=recipe.curate.slurm,
+            workers=recipe.tokenize.workers,
+        )
         run_steps([Step("tokenize", [step], tasks)], where, tmp / "logs")
         for job in todo:
             done[job] = _complete(job)
@@ -277,7 +274,7 @@ def _write_shards(recipe: Recipe, workdir: Path, tmp: Path, settings: str, expec
     report["seconds"] = round(time.time() - started, 2)
     write_json_atomic(tmp / "report.json", report)
     shard_sha256 = {str(Path(j.out).relative_to(tmp)): done[j]["sha256"] for j in jobs}
-    write_marker(tmp, "tokenize", expected, started, code_version(__name__), known_sha256=shard_sha256)
+    write_marker(tmp, "tokenize", expected, started, STAGE.code_version, known_sha256=shard_sha256)
     return report
 
 
@@ -293,10 +290,13 @@ def shard_path(source: str, file: str) -> str:
 
 STAGE = Stage(
     name="tokenize",
-    reads=("curate",),
-    sections=("tokenizer", "tokenize"),
+    reads=(curate.STAGE,),
+    recipe_reads=(
+        *("tokenize", "tokenizer", "base_model.path", "sources.name"),  # base_model.path: the default tokenizer
+        *("curate.executor", "curate.ray", "curate.slurm"),  # where its steps run: curate's executor
+    ),
     folder=FOLDER,
     report=TokenizeReport,
     run_function=run_tokenize,
-    fingerprint_function=input_fingerprint,
+    other_inputs=other_inputs,
 )

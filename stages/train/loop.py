@@ -3,13 +3,15 @@
     accelerate launch [...] -m refit.stages.train.loop <job folder>
 
 Reads `<job folder>/job.json` (resolved recipe, fingerprint, manifest path, data root);
-writes `checkpoints/step-NNNNNNNN/`, `metrics.jsonl` (with the validation loss on
-`validation.arrow`, when the job has one, at every checkpoint) and `final/` beside it. Continues from
-the latest complete checkpoint of the same run when there is one, else from the base model.
+writes `checkpoints/step-NNNNNNNN/` (`step-00000000-warmup-NNNNNNNN/` during the optimizer
+warm-up), `metrics.jsonl` (with the validation loss on `validation.arrow`, when the job has
+one, at every checkpoint) and `final/` beside it. Continues from the latest complete
+checkpoint of the same run when there is one, else from the base model.
 
 `train()` reads top to bottom: `set_up` (the model, resumed or from the base, and the data),
-then per step `switch_phase`, `optimizer_step` and `record_step`, at each checkpoint
-`validate` then `save_checkpoint`, and `finish` (the export). How the processes share the
+the optimizer warm-up's steps at LR 0 (`warm_up_optimizer`), then per step `switch_phase`,
+`optimizer_step` and `record_step`, at each checkpoint `validate` then `save_checkpoint`,
+and `finish` (the export). How the processes share the
 model (`train.strategy`) is strategy.py's. Either way checkpoints are
 torch.distributed.checkpoint (DCP) folders written by every process, so a run resumes on
 another number of processes (or the other strategy): DCP reshards on load, and the data
@@ -54,7 +56,6 @@ from refit.stages.train.heartbeat import Heartbeat
 from refit.stages.train.sampler import Sampler
 from refit.stages.train.strategy import Strategy, strategy_for
 
-SPIKE_WINDOW = 20
 EXPORT_SHARD_BYTES = 5 * 2**30  # safetensors shard size of the Hugging Face export
 
 
@@ -175,7 +176,7 @@ def save_checkpoint(
     process's RNG state, the trainer state. Staged in `.tmp`, renamed, then the marker, which
     lists the sha256 of each file, hashed once here by the process that wrote it."""
     rank = dist.get_rank() if dist.is_initialized() else 0
-    final = train_dir / "checkpoints" / f"step-{state['step']:08d}"
+    final = train_dir / "checkpoints" / checkpoint_name(state)
     tmp = final.with_name(final.name + ".tmp")
     if rank == 0:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -208,6 +209,13 @@ def save_checkpoint(
         for old in complete_checkpoints(train_dir, fingerprint)[: -keep if keep else 0]:
             shutil.rmtree(old)
     _barrier()
+
+
+def checkpoint_name(state: dict) -> str:
+    """step-NNNNNNNN after N steps of the schedule; before its first, during the optimizer
+    warm-up, step-00000000-warmup-NNNNNNNN after N warm-up steps (which sorts before step 1)."""
+    name = f"step-{state['step']:08d}"
+    return name if state["step"] else f"{name}-warmup-{state['optimizer_warmup_steps']:08d}"
 
 
 def load_checkpoint(model: torch.nn.Module, optimizer, checkpoint: Path, weights: bool = True) -> None:
@@ -300,8 +308,8 @@ def export_final(model: torch.nn.Module, recipe: Recipe, train_dir: Path, state:
     tmp.rename(train_dir / "final")
 
 
-def out_of_memory(error: torch.OutOfMemoryError, step: int, recipe: Recipe) -> torch.OutOfMemoryError:
-    """The error to raise instead: the step, the memory asked for and what to change."""
+def out_of_memory(error: torch.OutOfMemoryError, where: str, recipe: Recipe) -> torch.OutOfMemoryError:
+    """The error to raise instead: the step (`where`), the memory asked for and what to change."""
     asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]i?B)", str(error))
     held = ""
     if torch.cuda.is_available():
@@ -312,7 +320,7 @@ def out_of_memory(error: torch.OutOfMemoryError, step: int, recipe: Recipe) -> t
         hints.append("set train.activation_checkpointing: true")
     hints.append(strategy_for(recipe).out_of_memory_hint(recipe))
     return torch.OutOfMemoryError(
-        f"out of GPU memory at step {step}: asked for {asked.group(1) if asked else 'more than was free'}{held}. "
+        f"out of GPU memory at {where}: asked for {asked.group(1) if asked else 'more than was free'}{held}. "
         f"To fit: {'; or '.join(hints)}"
     )
 
@@ -352,12 +360,14 @@ class Run:
     sampler: Sampler
     held_out: torch.Tensor | None  # the validation rows, when the job has them
     micro_batches: list[range]  # this process's sequences of a step, one range per forward pass
-    state: dict  # what checkpoints keep: step, tokens, phase, switches, spikes, losses
+    state: dict  # what checkpoints keep: step, optimizer_warmup_steps, tokens, phase, switches
     started: float = field(default_factory=time.time)
 
 
 def train(train_dir: Path) -> None:
     run = set_up(train_dir)
+    for warmup_step in range(run.state["optimizer_warmup_steps"], run.recipe.train.optimizer_warmup_steps):
+        warm_up_optimizer(run, warmup_step)
     total_steps = run.schedule.total_steps
     for step in range(run.state["step"], total_steps):
         step_started = time.time()
@@ -365,20 +375,46 @@ def train(train_dir: Path) -> None:
         lr = run.schedule.lr(step)
         phase = switch_phase(run, step, lr)
         loss, grad_norm = optimizer_step(run, step, lr)
-        record_step(run.state, step, loss, run.recipe.gates.loss_spike_factor, run.manifest.tokens_per_step)
+        record_step(run.state, step, run.manifest.tokens_per_step)
         step_seconds = time.time() - step_started
         checkpoint_due = run.state["step"] % run.recipe.train.checkpoint_every == 0 or run.state["step"] == total_steps
         validation = validate(run) if checkpoint_due and run.held_out is not None else {}
         if run.acc.is_main_process:
             line = {"step": step, "tokens": run.state["tokens"], "lr": lr, "loss": loss, "grad_norm": grad_norm}
             line |= {"phase": run.manifest.phases[phase].name, "sources": run.sampler.phase_counts(step)}
-            line |= {"tokens_per_s": run.manifest.tokens_per_step / step_seconds, "elapsed": time.time() - run.started}
-            with open(train_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(line | validation) + "\n")
+            log_metrics(run, line | validation, step_seconds)
         if checkpoint_due:
             keep = run.recipe.train.keep_checkpoints
             save_checkpoint(run.raw_model, run.raw_optimizer, run.state, train_dir, run.job["fingerprint"], keep)
     finish(run)
+
+
+def warm_up_optimizer(run: Run, warmup_step: int) -> None:
+    """One step of the optimizer warm-up (train.optimizer_warmup_steps): a whole step at LR 0
+    on the warm-up's own draw of the first phase (sampler.py), so AdamW's moments gather the
+    gradients while the weights stay bitwise as they are (its decoupled weight decay is scaled
+    by the LR too). AdamW counts these steps, so its bias correction (dividing by 1 - beta^t)
+    matches the gradients the moments hold: the first scheduled update is not scaled up as a
+    fresh optimizer's first step would be. Logged (`optimizer_warmup_step` instead of `step`)
+    and checkpointed at the usual interval; no step of the schedule."""
+    started = time.time()
+    loss, grad_norm = optimizer_step(run, warmup_step, 0.0, warmup=True)
+    run.state["optimizer_warmup_steps"] = warmup_step + 1
+    if run.acc.is_main_process:
+        line = {"optimizer_warmup_step": warmup_step, "lr": 0.0, "loss": loss, "grad_norm": grad_norm}
+        line |= {"phase": run.manifest.phases[run.sampler.warmup_phase].name}
+        line |= {"sources": run.sampler.phase_counts(warmup_step, warmup=True)}
+        log_metrics(run, line, time.time() - started)
+    if run.state["optimizer_warmup_steps"] % run.recipe.train.checkpoint_every == 0:
+        keep = run.recipe.train.keep_checkpoints
+        save_checkpoint(run.raw_model, run.raw_optimizer, run.state, run.train_dir, run.job["fingerprint"], keep)
+
+
+def log_metrics(run: Run, line: dict, step_seconds: float) -> None:
+    """Append a step's line to metrics.jsonl (main process), with its throughput and the time so far."""
+    line |= {"tokens_per_s": run.manifest.tokens_per_step / step_seconds, "elapsed": time.time() - run.started}
+    with open(run.train_dir / "metrics.jsonl", "a") as log:
+        log.write(json.dumps(line) + "\n")
 
 
 def set_up(train_dir: Path) -> Run:
@@ -400,9 +436,9 @@ def set_up(train_dir: Path) -> Run:
     held_out = None
     if job["validation"]:  # the rows run_train packed (a small file: read whole)
         held_out = torch.from_numpy(read_shard(train_dir / job["validation"]).astype("int64"))
-    sampler = Sampler(manifest, Path(job["data_root"]))
+    sampler = Sampler(manifest, Path(job["data_root"]), recipe.train.optimizer_warmup_steps)
     if acc.is_main_process:
-        keep_metrics_before(train_dir / "metrics.jsonl", state["step"])
+        keep_metrics_before(train_dir / "metrics.jsonl", state)
     mine = range(acc.process_index, manifest.sequences_per_step, acc.num_processes)  # this process's sequences
     micro = recipe.train.micro_batch_size
     return Run(
@@ -456,13 +492,20 @@ def resume(
         load_checkpoint(model, optimizer, Path(warm), weights=False)
     elif warm:
         strategy.load_optimizer_file(optimizer, warm)
-    return {"step": 0, "tokens": 0, "phase": 0, "switches": [], "spikes": [], "losses": []}
+    return {"step": 0, "optimizer_warmup_steps": 0, "tokens": 0, "phase": 0, "switches": []}
 
 
-def keep_metrics_before(metrics: Path, step: int) -> None:
-    """A resumed run rewrites the log from its checkpoint on."""
+def keep_metrics_before(metrics: Path, state: dict) -> None:
+    """A resumed run rewrites the log from its checkpoint on: the steps, and the optimizer
+    warm-up's steps, that state has not done yet are dropped."""
+
+    def done(line: dict) -> bool:
+        if "optimizer_warmup_step" in line:
+            return line["optimizer_warmup_step"] < state["optimizer_warmup_steps"]
+        return line["step"] < state["step"]
+
     lines = metrics.read_text().splitlines() if metrics.exists() else []
-    write_text_atomic(metrics, "".join(line + "\n" for line in lines if json.loads(line)["step"] < step))
+    write_text_atomic(metrics, "".join(line + "\n" for line in lines if done(json.loads(line))))
 
 
 def switch_phase(run: Run, step: int, lr: float) -> int:
@@ -485,18 +528,23 @@ def switch_phase(run: Run, step: int, lr: float) -> int:
     return phase
 
 
-def optimizer_step(run: Run, step: int, lr: float) -> tuple[float, float]:
-    """One step of the optimizer at lr; the loss (the mean over every process) and the
-    gradient norm. Either one non-finite stops training before the weights change."""
+def step_label(step: int, warmup: bool) -> str:
+    return f"optimizer warm-up step {step}" if warmup else f"step {step}"
+
+
+def optimizer_step(run: Run, step: int, lr: float, warmup: bool = False) -> tuple[float, float]:
+    """One step of the optimizer at lr (a step of the optimizer warm-up's, or of the schedule's);
+    the loss (the mean over every process) and the gradient norm. Either one non-finite stops
+    training before the weights change."""
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss_sum = accumulate_gradients(run, step)
+    loss_sum = accumulate_gradients(run, step, warmup)
     grad_norm = run.strategy.clip_gradients(run.model, run.recipe.train.grad_clip)
     loss = run.acc.reduce((loss_sum / len(run.micro_batches)).to(run.acc.device), reduction="mean").item()
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
         last = latest_checkpoint(run.train_dir, run.job["fingerprint"])
         raise FloatingPointError(
-            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step} "
+            f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at {step_label(step, warmup)} "
             f"(LR {lr:.3e}); training stopped, last good checkpoint kept: "
             f"{last.name if last else 'none yet'}. Lower schedule.max_lr or check the data."
         )
@@ -505,30 +553,26 @@ def optimizer_step(run: Run, step: int, lr: float) -> tuple[float, float]:
     return loss, grad_norm
 
 
-def accumulate_gradients(run: Run, step: int) -> torch.Tensor:
-    """Forward and backward passes over this process's micro-batches of the step, each loss
-    scaled so that the gradients add up to the step's mean; the sum of their losses."""
+def accumulate_gradients(run: Run, step: int, warmup: bool) -> torch.Tensor:
+    """Forward and backward passes over this process's micro-batches of the step (of the
+    optimizer warm-up's, or of the schedule's), each loss scaled so that the gradients add up
+    to the step's mean; the sum of their losses."""
     loss_sum = torch.zeros((), dtype=torch.float64)
     try:
         for i, sequences in enumerate(run.micro_batches):
-            batch = torch.from_numpy(run.sampler.batch(step, sequences)).to(run.acc.device)
+            batch = torch.from_numpy(run.sampler.batch(step, sequences, warmup)).to(run.acc.device)
             last = i == len(run.micro_batches) - 1  # gradients are reduced across processes once, here
             with run.strategy.micro_batch(run.acc, run.model, reduce=last):
                 loss = run.model(input_ids=batch, labels=batch).loss
                 run.acc.backward(loss / len(run.micro_batches))
             loss_sum += loss.detach().double().cpu()
     except torch.OutOfMemoryError as error:
-        raise out_of_memory(error, step, run.recipe) from None
+        raise out_of_memory(error, step_label(step, warmup), run.recipe) from None
     return loss_sum
 
 
-def record_step(state: dict, step: int, loss: float, spike_factor: float, tokens_per_step: int) -> None:
-    """The trainer state after `step`. A loss above spike_factor x the median of the last
-    SPIKE_WINDOW losses is recorded as a spike (training goes on: the audit judges them)."""
-    recent = state["losses"][-SPIKE_WINDOW:]
-    if len(recent) == SPIKE_WINDOW and loss > spike_factor * sorted(recent)[SPIKE_WINDOW // 2]:
-        state["spikes"].append({"step": step, "loss": loss})
-    state["losses"] = recent + [loss]
+def record_step(state: dict, step: int, tokens_per_step: int) -> None:
+    """The trainer state after `step` (loss spikes are the audit's to find, in the metrics log)."""
     state["step"], state["tokens"] = step + 1, (step + 1) * tokens_per_step
 
 

@@ -6,6 +6,13 @@ sources by deterministic blending: source s takes the slots where its ideal posi
 its weight times the slots. Each source is read in a fresh permutation per epoch, seeded by
 (seed, source, epoch), and its draws are counted across phases, so no sequence repeats
 before its source is exhausted. Resuming at step k therefore needs nothing but k.
+
+The optimizer warm-up (train.optimizer_warmup_steps, at LR 0 before step 0) draws from a
+stream of its own: the blend of the first phase (the one step 0 trains on) over its slots,
+each source read in permutations seeded apart from the schedule's. Its steps are as pure a
+function of their number as the scheduled ones, its sequences are another sample of the
+same data (not the batches the first steps will train on), and the scheduled steps read
+exactly what they read without a warm-up.
 """
 
 from __future__ import annotations
@@ -16,7 +23,11 @@ from pathlib import Path
 import numpy as np
 
 from refit.stages.core.shards import read_shard
-from refit.stages.mix.manifest import Manifest
+from refit.stages.mix.manifest import Manifest, PhasePlan
+
+# the fourth seed word of the warm-up stream's permutations; the schedule's seeds have three,
+# which numpy pads with 0 ([seed, source, epoch] seeds as [seed, source, epoch, 0] does)
+WARMUP_STREAM = 1
 
 
 @dataclass
@@ -34,6 +45,23 @@ class SourceRows:
         return self.shards[shard][index - self.offsets[shard]]
 
 
+@dataclass
+class Stream:
+    """Which source, and which of its draws, fills each slot of a sequence of steps."""
+
+    owner: np.ndarray  # source index of each slot
+    draw: np.ndarray  # draw number of each slot within its source, counted over the stream
+    seed_words: tuple[int, ...]  # after (seed, source, epoch) in the seed of its permutations
+
+    @classmethod
+    def of(cls, owner: np.ndarray, sources: int, seed_words: tuple[int, ...] = ()) -> Stream:
+        draw = np.empty(len(owner), dtype=np.int64)
+        for source in range(sources):
+            mask = owner == source
+            draw[mask] = np.arange(int(mask.sum()))
+        return cls(owner, draw, seed_words)
+
+
 def blend(weights: np.ndarray, slots: int) -> np.ndarray:
     """Source index of each of `slots` consecutive slots for the given normalised weights."""
     positions, owners = [], []
@@ -48,52 +76,61 @@ def blend(weights: np.ndarray, slots: int) -> np.ndarray:
 
 
 class Sampler:
-    def __init__(self, manifest: Manifest, workdir: Path):
+    def __init__(self, manifest: Manifest, workdir: Path, optimizer_warmup_steps: int = 0):
         self.seed = manifest.seed
         self.per_step = manifest.sequences_per_step
-        names = list(manifest.sources)
         self.sources = []
-        for name in names:
+        for name in manifest.sources:
             shards = [read_shard(Path(workdir) / s.path) for s in manifest.sources[name].shards]
             offsets = np.concatenate([[0], np.cumsum([len(s) for s in shards])]).astype(np.int64)
             self.sources.append(SourceRows(name, shards, offsets))
-        total = manifest.total_steps * self.per_step
-        owner = np.empty(total, dtype=np.int64)
+        owner = np.empty(manifest.total_steps * self.per_step, dtype=np.int64)
         for phase in manifest.phases:
-            first, last = phase.start_step * self.per_step, (phase.start_step + phase.steps) * self.per_step
-            weights = np.array([phase.weights.get(name, 0.0) for name in names])
-            if last > first:
-                empty = [n for n, w in zip(names, weights) if w > 0 and not self.sources[names.index(n)].rows]
-                if empty:
-                    raise ValueError(f"phase {phase.name} draws from source(s) with no tokens: {', '.join(empty)}")
-                owner[first:last] = blend(weights, last - first)
-        self.owner = owner
-        # draw number of each slot within its source, counted over the whole run
-        self.draw = np.empty(total, dtype=np.int64)
-        for source in range(len(names)):
-            mask = owner == source
-            self.draw[mask] = np.arange(int(mask.sum()))
-        self._permutations: dict[tuple[int, int], np.ndarray] = {}
+            first = phase.start_step * self.per_step
+            owner[first : first + phase.steps * self.per_step] = self._blend(phase, phase.steps * self.per_step)
+        self.scheduled = Stream.of(owner, len(self.sources))
+        self.warmup_phase = next(i for i, phase in enumerate(manifest.phases) if phase.steps)  # step 0's
+        warmup_slots = optimizer_warmup_steps * self.per_step
+        warmup_owner = self._blend(manifest.phases[self.warmup_phase], warmup_slots)
+        self.warmup = Stream.of(warmup_owner, len(self.sources), (WARMUP_STREAM,))
+        self._permutations: dict[tuple, np.ndarray] = {}
 
-    def _permutation(self, source: int, epoch: int) -> np.ndarray:
-        key = (source, epoch)
+    def _blend(self, phase: PhasePlan, slots: int) -> np.ndarray:
+        """The phase's blend over `slots` slots, refused when it draws from a source with no rows."""
+        if not slots:
+            return np.empty(0, dtype=np.int64)
+        weights = np.array([phase.weights.get(source.name, 0.0) for source in self.sources])
+        empty = [source.name for source, w in zip(self.sources, weights) if w > 0 and not source.rows]
+        if empty:
+            raise ValueError(f"phase {phase.name} draws from source(s) with no tokens: {', '.join(empty)}")
+        return blend(weights, slots)
+
+    def _permutation(self, stream: Stream, source: int, epoch: int) -> np.ndarray:
+        key = (source, epoch, *stream.seed_words)
         if key not in self._permutations:
-            rng = np.random.default_rng([self.seed, source, epoch])
+            rng = np.random.default_rng([self.seed, *key])
             self._permutations[key] = rng.permutation(self.sources[source].rows)
         return self._permutations[key]
 
-    def slot(self, index: int) -> tuple[int, int]:
-        """(source index, row within the source) of global slot `index`."""
-        source, draw = int(self.owner[index]), int(self.draw[index])
+    def _stream(self, warmup: bool) -> Stream:
+        return self.warmup if warmup else self.scheduled
+
+    def slot(self, index: int, warmup: bool = False) -> tuple[int, int]:
+        """(source index, row within the source) of global slot `index` of the schedule's stream
+        (or of the optimizer warm-up's)."""
+        stream = self._stream(warmup)
+        source, draw = int(stream.owner[index]), int(stream.draw[index])
         rows = self.sources[source].rows
-        return source, int(self._permutation(source, draw // rows)[draw % rows])
+        return source, int(self._permutation(stream, source, draw // rows)[draw % rows])
 
-    def batch(self, step: int, slots: range) -> np.ndarray:
-        """Rows (as int64 token ids) for the given slot offsets within an optimizer step."""
+    def batch(self, step: int, slots: range, warmup: bool = False) -> np.ndarray:
+        """Rows (as int64 token ids) for the given slot offsets within an optimizer step (or
+        within an optimizer warm-up step)."""
         base = step * self.per_step
-        return np.stack([self.sources[s].row(r) for s, r in (self.slot(base + i) for i in slots)]).astype(np.int64)
+        rows = (self.slot(base + i, warmup) for i in slots)
+        return np.stack([self.sources[s].row(r) for s, r in rows]).astype(np.int64)
 
-    def phase_counts(self, step: int) -> dict[str, int]:
+    def phase_counts(self, step: int, warmup: bool = False) -> dict[str, int]:
         """Sequences drawn per source in one step (for the metrics log)."""
-        owners = self.owner[step * self.per_step : (step + 1) * self.per_step]
+        owners = self._stream(warmup).owner[step * self.per_step : (step + 1) * self.per_step]
         return {self.sources[i].name: int((owners == i).sum()) for i in range(len(self.sources))}

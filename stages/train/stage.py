@@ -47,8 +47,6 @@ from refit.stages.core.contract import Stage
 from refit.stages.core.disk import full_disk_line
 from refit.stages.core.lock import held_locks, record_lock_holder
 from refit.stages.core.markers import (
-    code_version,
-    fingerprint,
     is_done,
     read_marker,
     staged_output,
@@ -57,6 +55,7 @@ from refit.stages.core.markers import (
 )
 from refit.stages.core.progress import Progress
 from refit.stages.core.remote_code import check_loadable_config
+from refit.stages.core.schedule import tokens_per_step
 from refit.stages.core.shards import token_dtype, write_rows
 from refit.stages.curate import stage as curate
 from refit.stages.mix import stage as mix
@@ -84,8 +83,9 @@ class TrainReport(TypedDict):
     machine_rank: NotRequired[int]  # machines after the first report only this and the seconds
     steps: NotRequired[int]
     tokens: NotRequired[int]
+    optimizer_warmup_steps: NotRequired[int]  # train.optimizer_warmup_steps, at LR 0 before the steps
+    optimizer_warmup_tokens: NotRequired[int]  # the tokens they read: in the audit's cost, not in `tokens`
     switches: NotRequired[list[dict]]  # step, phase and LR of each LR-triggered switch
-    spikes: NotRequired[list[dict]]
     first_loss: NotRequired[float]
     final_loss: NotRequired[float]
     validation: NotRequired[dict]  # the held-out rows and their loss at each checkpoint, or why off
@@ -105,12 +105,19 @@ class StopTraining(Exception):
     prunes a trial); the checkpoints stay in the staging folder."""
 
 
+def _scheduled(line: dict) -> bool:
+    """Whether a metrics line is a step of the schedule's, not of the optimizer warm-up's."""
+    return "optimizer_warmup_step" not in line
+
+
 def _metrics(train_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if _scheduled(line)]
 
 
 def read_metrics(workdir: Path) -> list[dict]:
-    """The finished run's per-step log, one dict per optimizer step."""
+    """The finished run's per-step log, one dict per step of the schedule (the optimizer
+    warm-up's lines, flagged `optimizer_warmup_step`, left out)."""
     return _metrics(Path(workdir) / FOLDER)
 
 
@@ -135,9 +142,10 @@ def run_fingerprint(workdir: Path) -> str | None:
     return marker["fingerprint"] if marker else None
 
 
-def base_model_listing(path: Path) -> list[tuple[str, int, int]]:
+def other_inputs(recipe: Recipe, workdir: Path) -> dict:
     """The base checkpoint's files with size and mtime: a changed base means a new run."""
-    return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(Path(path).iterdir()) if p.is_file()]
+    files = sorted(Path(recipe.base_model.path).iterdir())
+    return {"base_files": [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files if p.is_file()]}
 
 
 def _free_port() -> int:
@@ -193,7 +201,11 @@ def resolve_machines(spec: TrainSpec, env: Mapping[str, str]) -> Machines:
 
 def launch_command(num_processes: int, job_dir: Path, machines: Machines = Machines(1, 0, None, None)) -> list[str]:
     """`accelerate launch` of this machine's share of the num_processes training processes; the
-    launcher dies with this process and the training processes with the launcher (lifeline.py)."""
+    launcher dies with this process and the training processes with the launcher (lifeline.py).
+    One process on one machine needs no launcher: it is started directly (a Python start with
+    torch imported, 2-3 s, saved per run), with OMP_NUM_THREADS from `launch_env`."""
+    if num_processes == 1 and machines.count == 1:
+        return lifeline.command(WORKER, str(job_dir))
     command = lifeline.command(
         "accelerate.commands.launch",
         "--num_machines",
@@ -209,9 +221,20 @@ def launch_command(num_processes: int, job_dir: Path, machines: Machines = Machi
         command += ["--multi_gpu", "--main_process_port", str(machines.main_port or _free_port())]
     if machines.count > 1:
         command += ["--machine_rank", str(machines.rank), "--main_process_ip", machines.main_ip]
-    cores = os.cpu_count() or 1
-    command += ["--num_cpu_threads_per_process", str(max(1, cores * machines.count // num_processes))]
+    command += ["--num_cpu_threads_per_process", str(_threads_per_process(num_processes, machines))]
     return command + ["-m", WORKER, str(job_dir)]
+
+
+def _threads_per_process(num_processes: int, machines: Machines) -> int:
+    return max(1, (os.cpu_count() or 1) * machines.count // num_processes)
+
+
+def launch_env(num_processes: int, machines: Machines) -> dict[str, str]:
+    """The environment of `launch_command`: one CPU thread count for every process, as
+    `accelerate launch` sets it for the processes it starts."""
+    threads = str(_threads_per_process(num_processes, machines))
+    # one checkpoint, one "Writing model shards" bar otherwise: the progress lines say enough
+    return {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **os.environ, "OMP_NUM_THREADS": threads}
 
 
 # the process torchrun saw fail first, when a signal killed it (its ChildFailedError summary)
@@ -238,6 +261,8 @@ def failure_reason(train_dir: Path, launcher_log: str, code: int) -> str:
         f"{m['signal']}, and the others were stopped"
         for m in _KILLED.finditer(launcher_log)
     }
+    if code < 0:  # the training process itself, started without a launcher (one process)
+        killed[0] = f"the training process was killed by {signal.Signals(-code).name}"
     failure = train_dir / FAILURE
     recorded = [failure.read_text().strip()] if failure.is_file() else []
     if killed or recorded:
@@ -258,34 +283,6 @@ def _stop(process: subprocess.Popen, grace: float = 10.0) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
-
-
-# where and how it runs is not what it makes: a checkpoint resumes on another number of
-# processes or machines, or under the other strategy, with the same data order
-EXECUTION_FIELDS = {
-    "devices",
-    "num_processes",
-    "num_machines",
-    "machine_rank",
-    "main_process_ip",
-    "main_process_port",
-    "strategy",
-    "activation_checkpointing",
-    "compile",
-    "keep_checkpoints",
-    "heartbeat_timeout",
-    "device_memory",
-}
-
-
-def input_fingerprint(recipe: Recipe, workdir: Path) -> str:
-    sections = {
-        "train": recipe.train.model_dump(mode="json", exclude=EXECUTION_FIELDS),
-        "base_model": recipe.base_model.model_dump(mode="json"),
-        "base_files": base_model_listing(Path(recipe.base_model.path)),
-    }
-    upstream = [curate.STAGE.produced(workdir, "train"), mix.STAGE.produced(workdir, "train")]
-    return fingerprint("train", sections, upstream, code_version(__name__))
 
 
 def write_validation_set(recipe: Recipe, workdir: Path, out: Path) -> dict:
@@ -329,7 +326,7 @@ def _wait(
     process: subprocess.Popen, metrics: Path, total_steps: int, on_progress: Callable[[dict], None] | None
 ) -> int:
     """Wait for the training processes, logging a progress line with an ETA every few seconds
-    and passing the newest metrics line to on_progress. A progress report that fails (a
+    and passing the newest metrics line of a scheduled step to on_progress. A progress report that fails (a
     half-written line, an unreachable UI) never stops training."""
     progress = Progress("train", total_steps, "steps", log, every=PROGRESS_SECONDS)
     offset = 0
@@ -344,8 +341,8 @@ def _wait(
             complete = [line for line in lines if line.endswith(b"\n")]  # the writer may be mid-line
             offset += sum(len(line) for line in complete)
             try:
-                if complete:
-                    line = json.loads(complete[-1])
+                if scheduled := [line for line in map(json.loads, complete) if _scheduled(line)]:
+                    line = scheduled[-1]
                     progress.update(
                         line["step"] + 1, f"loss {line['loss']:.3f} lr {line['lr']:.2e} phase {line['phase']}"
                     )
@@ -367,12 +364,13 @@ def run_train(
     recipe: Recipe, workdir: Path, force: bool = False, on_progress: Callable[[dict], None] | None = None
 ) -> TrainReport:
     """Train from the manifest; returns the report (also `train/report.json`). on_progress
-    receives the latest metrics line (step, loss, lr, phase, ...) every few seconds. On a
-    machine other than 0, launches its processes on machine 0's job and returns once they end."""
+    receives the latest metrics line of a scheduled step (step, loss, lr, phase, ...) every few
+    seconds. On a machine other than 0, launches its processes on machine 0's job and returns
+    once they end."""
     workdir = Path(workdir)
     final = workdir / FOLDER
     machines = resolve_machines(recipe.train, os.environ)
-    expected = input_fingerprint(recipe, workdir)
+    expected = STAGE.input_fingerprint(recipe, workdir)
     if not force and is_done(final, expected):
         return read_report(workdir)
     check_loadable_config(Path(recipe.base_model.path), recipe.base_model.trust_remote_code)  # before any launch
@@ -413,7 +411,7 @@ def run_train(
         write_json_atomic(job_dir / "report.json", report)
         shutil.rmtree(job_dir / HEARTBEATS, ignore_errors=True)  # the processes have ended
         write_marker(
-            job_dir, "train", expected, started, code_version(__name__), known_sha256=_hashed_when_written(job_dir)
+            job_dir, "train", expected, started, STAGE.code_version, known_sha256=_hashed_when_written(job_dir)
         )
     return read_report(workdir)
 
@@ -459,8 +457,7 @@ def _run_processes(
     """Run this machine's training processes on the job in job_dir until they finish."""
     command = launch_command(recipe.train.num_processes, job_dir, machines)
     log.info("train: %s", " ".join(command))
-    # one checkpoint, one "Writing model shards" bar otherwise: the progress lines say enough
-    env = {"HF_HUB_DISABLE_PROGRESS_BARS": "1", **os.environ}
+    env = launch_env(recipe.train.num_processes, machines)
     if recipe.train.devices is not None:
         env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, recipe.train.devices))
     # the launcher holds the workdir lock too, and is named as a holder: until it has died with
@@ -491,8 +488,9 @@ def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -
         "stage": "train",
         "steps": state["step"],
         "tokens": state["tokens"],
+        "optimizer_warmup_steps": state["optimizer_warmup_steps"],
+        "optimizer_warmup_tokens": state["optimizer_warmup_steps"] * tokens_per_step(recipe),
         "switches": state["switches"],
-        "spikes": state["spikes"],
         "final_loss": metrics[-1]["loss"],
         "first_loss": metrics[0]["loss"],
         "validation": _validation_report(job_dir, metrics),
@@ -530,11 +528,11 @@ def _wait_for_job(job_file: Path, expected: str, timeout: float = 600.0, every: 
 
 STAGE = Stage(
     name="train",
-    reads=("curate", "tokenize", "mix"),  # tokenize: the held-out rows are packed as it packs
-    sections=("base_model", "train"),
+    reads=(curate.STAGE, tokenize.STAGE, mix.STAGE),  # tokenize: the held-out rows are packed as it packs
+    recipe_reads=("base_model", "train", "schedule.max_lr", "tokenize.seq_len", "tokenizer", "sources.name"),
     folder=FOLDER,
     report=TrainReport,
     run_function=run_train,
-    fingerprint_function=input_fingerprint,
+    other_inputs=other_inputs,
     run_only=("on_progress",),
 )
