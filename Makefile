@@ -36,7 +36,7 @@ lint: $(STAMP)
 docs: $(STAMP)
 	$(BIN)/python -m refit.flows.recipe_reference > docs/recipe.md
 
-# headless Chromium for the browser test (tests/test_ui.py), which is skipped where it cannot be installed
+# headless Chromium for the browser test (tests/flows/test_ui.py), which is skipped where it cannot be installed
 browser:
 	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } \

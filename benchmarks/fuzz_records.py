@@ -1,5 +1,5 @@
 """Fuzz curate's record reader, its file listing and the benchmark and probe loaders with the
-generators and checks of tests/test_records_fuzz.py, on many more examples than `make test` runs.
+generators and checks of tests/curate/test_records_fuzz.py, on many more examples than `make test` runs.
 
     python benchmarks/fuzz_records.py [--records 100000] [--round 500]
 
@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the generators and checks
+TESTS = Path(__file__).resolve().parent.parent / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "curate")]  # the generators and checks, and the conftest they import
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_records_fuzz import (  # noqa: E402

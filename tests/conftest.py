@@ -2,7 +2,7 @@
 downloaded), the bundled data, recipes, prepared runs and probes that several test modules use.
 
 Fixtures are found by pytest; plain helpers and constants are imported as `from conftest
-import X`. Test modules never import from each other (test_suite_layout.py checks it).
+import X`. Test modules never import from each other (tests/test_suite_layout.py checks it).
 """
 
 from __future__ import annotations
@@ -446,8 +446,8 @@ def hold_lock(workdir: Path) -> subprocess.Popen:
 
 
 # ----------------------------------------------------------------------------- training runs
-# What the train tests of test_train.py and test_train_scale.py both read: the held-out rows, the
-# validation losses, and a stage killed at a step.
+# What tests/train/test_train.py and tests/train/test_train_scale.py both read: the held-out
+# rows, the validation losses, and a stage killed at a step.
 
 # 4 more documents of each source held out (the training documents stay those of the other tests),
 # 65 rows of them scored at each checkpoint: 33 of old, 32 of new, and under 2 processes 33 against

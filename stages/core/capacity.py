@@ -38,7 +38,7 @@ per step. With one, there are no gradients yet, and they grow as the backward pa
 activations: the peak holds the larger of the two (and DDP's buckets throughout). A setup fits
 when it needs at most USABLE of the device's memory: the CUDA context, NCCL's buffers and the
 allocator's fragmentation take the rest. Measured against torch's own count on the CPU by
-tests/test_capacity.py.
+tests/core/test_capacity.py.
 
 Throughput: a token costs 6 FLOPs per parameter that multiplies it (all but the input
 embedding's; a tied LM head counts) and 12 x layers x A x s for attention, as PaLM counts the

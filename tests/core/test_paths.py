@@ -1,5 +1,5 @@
 """Names that become folders stay inside their folder: the recipe rejects `.` and `..`
-(test_config.py), and where a name is joined to a path the result is checked again, for
+(tests/core/test_config.py), and where a name is joined to a path the result is checked again, for
 recipes made in code (model_copy skips validation)."""
 
 from __future__ import annotations

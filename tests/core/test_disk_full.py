@@ -1,7 +1,7 @@
 """A full disk in any stage that writes: one line naming the stage and the place, exit code 1,
 and the stage's previous output (or the registry's versions) unchanged. Each stage is run
 forced on a copy of a finished workdir on a small tmpfs with no space left, then with half
-the space its output needs (and a page for the workdir's lock) (curate's own case is in test_curate.py)."""
+the space its output needs (and a page for the workdir's lock) (curate's own case is in tests/curate/test_curate.py)."""
 
 from __future__ import annotations
 

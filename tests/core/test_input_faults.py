@@ -1,4 +1,4 @@
-"""Regression tests, one per fault that fuzzing the input readers found (tests/test_records_fuzz.py,
+"""Regression tests, one per fault that fuzzing the input readers found (tests/curate/test_records_fuzz.py,
 benchmarks/fuzz_records.py): each is named after the input, and checks that it is now a
 quarantine row with its reason (source files) or an error naming file and line (benchmark and
 probe files), instead of a traceback, a skipped path, a hang or unbounded memory."""
