@@ -11,7 +11,7 @@ from pathlib import Path
 
 import fsspec
 import pytest
-from conftest import BASE_RECIPE, write_recipe
+from conftest import BASE_RECIPE, REPO, write_recipe
 from pydantic import ValidationError
 
 from refit.flows.cli import main as refit
@@ -322,7 +322,7 @@ def test_new_settings_are_checked_with_the_field_named(layout):
 
 
 def test_bundled_recipes_validate_without_the_base_model():
-    recipe = load_recipe(Path(__file__).parent.parent / "deployments" / "demo.yaml", check_files=False)
+    recipe = load_recipe(REPO / "deployments" / "demo.yaml", check_files=False)
     assert [p.name for p in recipe.phases] == ["general", "qa"]
     assert len(recipe.evaluate.benchmarks) == 3
 

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import LEGACY, NEW, make_recipe, write_jsonl
+from conftest import LEGACY, NEW, REPO, make_recipe, write_jsonl
 
 pytestmark = pytest.mark.slow
 
@@ -21,7 +21,7 @@ def refit(*args: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "refit.flows.cli", *args],
         env=env,
-        cwd=Path(__file__).parent.parent,
+        cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )

@@ -98,7 +98,7 @@ def test_quick_pilot_runs_tiny_data_through_every_stage(tmp_path, tiny_model_dir
     spec["tokenize"] = {"seq_len": 32, "workers": 1}
     spec["curate"]["workers"] = 1
     spec["train"].update(micro_batch_size=2, sequences_per_step=4, checkpoint_every=6, validation_tokens=256)
-    bench = Path(__file__).resolve().parent.parent / "datasets" / "benchmarks" / "sql_cloze.jsonl"
+    bench = DATASETS / "benchmarks" / "sql_cloze.jsonl"
     spec["evaluate"] = {
         "benchmarks": [{"name": "sql_cloze", "path": str(bench), "domain": "new"}],
         "validation_docs": 20,
