@@ -462,7 +462,9 @@ def set_up(train_dir: Path) -> Run:
 
 
 def base_model(recipe: Recipe) -> torch.nn.Module:
-    """The base in fp32: the architecture, and the weights unless a checkpoint overwrites them."""
+    """The base in fp32: the architecture, and the weights unless a checkpoint overwrites them.
+    Attention is transformers' default, SDPA where the architecture supports it, else eager: asking
+    for SDPA is refused for Gemma2, whose attention logits are soft-capped, which SDPA cannot do."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(
@@ -471,7 +473,6 @@ def base_model(recipe: Recipe) -> torch.nn.Module:
         use_kernels=False,  # transformers >= 5.25 would swap in Hub kernels (other numerics, fetched code)
         dtype=torch.float32,
         trust_remote_code=recipe.base_model.trust_remote_code,
-        **({"attn_implementation": "sdpa"} if torch.cuda.is_available() else {}),
     )
 
 
