@@ -26,8 +26,7 @@ sys.path[:0] = [str(TESTS), str(TESTS / "curate")]  # the generators and checks,
 from hypothesis import HealthCheck, Phase, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from test_records_fuzz import (  # noqa: E402
-    LOADERS,
-    SUSPECTS,
+    LOADER_INPUTS,
     check_jsonl,
     check_listing,
     check_loader,
@@ -81,13 +80,7 @@ def fuzz_round(tally: Tally, folder: Path, examples: int, records: Counter) -> N
     def listing(entries, recursive):
         tally.run("listing", check_listing, folder, entries, recursive)
 
-    @given(
-        loader=st.sampled_from(sorted(LOADERS)),
-        before=st.integers(0, 3),
-        suspect=SUSPECTS,
-        after=st.integers(0, 3),
-        gz=st.booleans(),
-    )
+    @given(**LOADER_INPUTS)
     @settings(FUZZ, max_examples=max(examples // 5, 1))
     def loaders(loader, before, suspect, after, gz):
         tally.run("loaders", lambda *args: Counter([check_loader(*args)]), folder, loader, before, suspect, after, gz)

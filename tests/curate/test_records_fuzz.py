@@ -387,13 +387,17 @@ def check_loader(folder: Path, loader: str, before: int, suspect: bytes, after: 
     return "loaded"
 
 
-@given(
-    loader=st.sampled_from(sorted(LOADERS)),
-    before=st.integers(0, 3),
-    suspect=SUSPECTS,
-    after=st.integers(0, 3),
-    gz=st.booleans(),
-)
+# check_loader's arguments but the folder: which loader, good lines before and after the suspect, gzipped or not
+LOADER_INPUTS = {
+    "loader": st.sampled_from(sorted(LOADERS)),
+    "before": st.integers(0, 3),
+    "suspect": SUSPECTS,
+    "after": st.integers(0, 3),
+    "gz": st.booleans(),
+}
+
+
+@given(**LOADER_INPUTS)
 @settings(EXAMPLES, max_examples=150)
 def test_a_bad_benchmark_or_probe_item_is_an_error_naming_its_file_and_line(
     tmp_path, loader, before, suspect, after, gz
