@@ -131,7 +131,8 @@ def _self_reads(function: ast.FunctionDef) -> set[str]:
     return reads
 
 
-def _covers(declared: tuple[str, ...], path: str) -> bool:
+def covers(declared: tuple[str, ...] | set[str], path: str) -> bool:
+    """Whether a declared dotted recipe path is `path` or holds it (`train` holds `train.seed`)."""
     return any(path == entry or path.startswith(entry + ".") for entry in declared)
 
 
@@ -164,7 +165,7 @@ def _recipe_code(tree: ast.Module, declared: tuple[str, ...], imported: set[str]
                 held += sorted(_names(classes[name]) & sections - {name, RECIPE})
     for node in classes[RECIPE].body:
         decorators = {getattr(d, "id", None) for d in getattr(node, "decorator_list", [])}
-        if "property" in decorators and all(_covers(declared, read) for read in _self_reads(node)):
+        if "property" in decorators and all(covers(declared, read) for read in _self_reads(node)):
             parts[f"{RECIPE}.{node.name}"] = node
     todo = sorted(imported & top.keys() - sections)
     while todo:  # the imported functions and constants, and what they name in the module

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 from conftest import NEW, REPO, make_recipe, write_jsonl
 
+from refit.stages.core.code_version import covers
 from refit.stages.core.config import (
     Recipe,
     Section,
@@ -37,16 +38,12 @@ from refit.stages.pipeline import NAMES, PIPELINE, STAGES
 # ----------------------------------------------------------------------------- every field classified
 
 
-def _covers(declared: set[str], path: str) -> bool:
-    return any(path == entry or path.startswith(entry + ".") for entry in declared)
-
-
 def unclassified(recipe: type[Section], declared: set[str], prefix: str = "") -> list[str]:
     """The recipe's fields (at any depth) that no stage declares it reads and no mark classifies."""
     found = []
     for name, field in recipe.model_fields.items():
         path = prefix + name
-        if unfingerprinted(field) or _covers(declared, path):
+        if unfingerprinted(field) or covers(declared, path):
             continue
         sections = sections_in(field.annotation)
         found += unclassified(sections[0], declared, path + ".") if sections else [path]
@@ -164,7 +161,7 @@ def undeclared_reads(stage: str, sources: dict[str, str]) -> dict[str, list[str]
             for path in paths:
                 partly = any(entry.startswith(path + ".") for entry in declared) and not beyond
                 container = bool(sections_in(fields_along(path)[-1].annotation))
-                if not (_covers(declared, path) or (container and partly)):
+                if not (covers(declared, path) or (container and partly)):
                     found.setdefault(path, []).append(f"{module.name}:{line}")
         for callee in set(module.callees(code)) - followed:
             followed.add(callee)
