@@ -376,8 +376,9 @@ def test_the_optimizer_warmup_fills_the_moments_and_changes_neither_weights_nor_
     assert state.keys() == expected.keys()
     for name, (m, v) in expected.items():
         assert float(state[name]["step"]) == 4 and state[name]["exp_avg"].abs().sum() > 0
-        assert torch.allclose(state[name]["exp_avg"], m, rtol=1e-5, atol=1e-10)
-        assert torch.allclose(state[name]["exp_avg_sq"], v, rtol=1e-5, atol=1e-14)
+        # to float noise of the tensor's scale: the loop's matmuls may run on other threads than this process's
+        assert torch.allclose(state[name]["exp_avg"], m, rtol=1e-5, atol=1e-6 * m.abs().max().item())
+        assert torch.allclose(state[name]["exp_avg_sq"], v, rtol=1e-5, atol=1e-6 * v.abs().max().item())
 
 
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
