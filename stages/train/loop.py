@@ -231,53 +231,75 @@ def load_checkpoint(model: torch.nn.Module, optimizer, checkpoint: Path, weights
     set_optimizer_state_dict(model, optimizer, wanted["optimizer"])
 
 
+def skipped_on_export(model: torch.nn.Module) -> set[str]:
+    """State-dict names the export leaves out, as save_pretrained does: tied copies (the
+    parameter is written once, under its first name) and those the class asks not to save."""
+    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+    return tied | set(getattr(model, "_keys_to_ignore_on_save", None) or ())
+
+
+class SafetensorsShards:
+    """Tensors added one at a time to Hugging Face's safetensors layout: shards of at most
+    shard_bytes (a larger tensor alone), one held in memory at a time, written under temporary
+    names and renamed by `close` to those save_pretrained gives (model.safetensors, or
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json)."""
+
+    def __init__(self, out_dir: Path, shard_bytes: int):
+        self.out_dir, self.shard_bytes = out_dir, shard_bytes
+        self.written: list[tuple[Path, list[str]]] = []
+        self.shard: dict[str, torch.Tensor] = {}
+        self.size = self.total = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if self.shard and self.size + tensor.nbytes > self.shard_bytes:
+            self._flush()
+        self.shard[name] = tensor
+        self.size += tensor.nbytes
+        self.total += tensor.nbytes
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.out_dir / f"shard-{len(self.written)}.tmp"
+        save_file(self.shard, path, metadata={"format": "pt"})
+        self.written.append((path, list(self.shard)))
+        self.shard, self.size = {}, 0
+
+    def close(self) -> dict[str, str]:
+        """Write the last shard (and the index when there are several); {file name: sha256}."""
+        self._flush()
+        if len(self.written) == 1:
+            names = ["model.safetensors"]
+        else:
+            names = [f"model-{i + 1:05d}-of-{len(self.written):05d}.safetensors" for i in range(len(self.written))]
+            index = {"metadata": {"total_size": self.total}, "weight_map": {}}
+            for file, (_, keys) in zip(names, self.written):
+                index["weight_map"].update(dict.fromkeys(keys, file))
+            write_json_atomic(self.out_dir / "model.safetensors.index.json", index)
+        digests = {}
+        for file, (path, _) in zip(names, self.written):
+            path.rename(self.out_dir / file)
+            digests[file] = file_sha256(self.out_dir / file)
+        return digests
+
+
 def export_weights(model: torch.nn.Module, out_dir: Path, shard_bytes: int = EXPORT_SHARD_BYTES) -> dict[str, str]:
     """The weights in Hugging Face's safetensors layout, streamed: one tensor is gathered at a
     time (a collective under fsdp, so every process calls this) and the main process holds at
     most one shard of the export besides its own share of the model. Tied copies are written
     once, as save_pretrained does. Returns {file name: sha256} of what it wrote (main process)."""
-    from safetensors.torch import save_file
-
     main = not dist.is_initialized() or dist.get_rank() == 0
-    tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
-    skipped = tied | set(getattr(model, "_keys_to_ignore_on_save", None) or ())
-    written: list[tuple[Path, list[str]]] = []
-    shard: dict[str, torch.Tensor] = {}
-    size = total = 0
-
-    def flush() -> None:
-        path = out_dir / f"shard-{len(written)}.tmp"
-        save_file(shard, path, metadata={"format": "pt"})
-        written.append((path, list(shard)))
-        shard.clear()
-
+    skipped = skipped_on_export(model)
+    shards = SafetensorsShards(out_dir, shard_bytes)
     for name, tensor in model.state_dict().items():
         if name in skipped:
             continue
         full = tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-        if not main:
-            continue
-        if shard and size + full.nbytes > shard_bytes:
-            flush()
-            size = 0
-        shard[name] = full.detach().to("cpu").contiguous()
-        size += full.nbytes
-        total += full.nbytes
+        if main:
+            shards.add(name, full.detach().to("cpu").contiguous())
     if not main:
         return {}
-    flush()
-    if len(written) == 1:
-        names = ["model.safetensors"]
-    else:
-        names = [f"model-{i + 1:05d}-of-{len(written):05d}.safetensors" for i in range(len(written))]
-        index = {"metadata": {"total_size": total}, "weight_map": {}}
-        for file, (_, keys) in zip(names, written):
-            index["weight_map"].update(dict.fromkeys(keys, file))
-        write_json_atomic(out_dir / "model.safetensors.index.json", index)
-    digests = {}
-    for file, (path, _) in zip(names, written):
-        path.rename(out_dir / file)
-        digests[file] = file_sha256(out_dir / file)
+    digests = shards.close()
     model.config.save_pretrained(out_dir)
     if model.can_generate() and model.generation_config is not None:
         model.generation_config.save_pretrained(out_dir)

@@ -13,6 +13,11 @@ each source read in permutations seeded apart from the schedule's. Its steps are
 function of their number as the scheduled ones, its sequences are another sample of the
 same data (not the batches the first steps will train on), and the scheduled steps read
 exactly what they read without a warm-up.
+
+An anneal ingredient (`ingredient` i >= 1: one of the copies of the last phase that train from
+the same checkpoint and are averaged into a soup, soup.py) reads the last phase's slots in an
+order of its own, a permutation seeded by (seed, i) apart from every source's: the same
+sequences as ingredient 0 there, in another order, and the same steps before it.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from refit.stages.mix.manifest import Manifest, PhasePlan
 # the fourth seed word of the warm-up stream's permutations; the schedule's seeds have three,
 # which numpy pads with 0 ([seed, source, epoch] seeds as [seed, source, epoch, 0] does)
 WARMUP_STREAM = 1
+# the fourth seed word of an ingredient's order of the last phase, [seed, ingredient, 0, 2]:
+# apart from the schedule's and the warm-up's permutations
+INGREDIENT_STREAM = 2
 
 
 @dataclass
@@ -76,7 +84,7 @@ def blend(weights: np.ndarray, slots: int) -> np.ndarray:
 
 
 class Sampler:
-    def __init__(self, manifest: Manifest, workdir: Path, optimizer_warmup_steps: int = 0):
+    def __init__(self, manifest: Manifest, workdir: Path, optimizer_warmup_steps: int = 0, ingredient: int = 0):
         self.seed = manifest.seed
         self.per_step = manifest.sequences_per_step
         self.sources = []
@@ -89,11 +97,22 @@ class Sampler:
             first = phase.start_step * self.per_step
             owner[first : first + phase.steps * self.per_step] = self._blend(phase, phase.steps * self.per_step)
         self.scheduled = Stream.of(owner, len(self.sources))
+        if ingredient:
+            self._reorder_last_phase(manifest, ingredient)
         self.warmup_phase = next(i for i, phase in enumerate(manifest.phases) if phase.steps)  # step 0's
         warmup_slots = optimizer_warmup_steps * self.per_step
         warmup_owner = self._blend(manifest.phases[self.warmup_phase], warmup_slots)
         self.warmup = Stream.of(warmup_owner, len(self.sources), (WARMUP_STREAM,))
         self._permutations: dict[tuple, np.ndarray] = {}
+
+    def _reorder_last_phase(self, manifest: Manifest, ingredient: int) -> None:
+        """Permute the last phase's slots (which source, and which of its draws, fills each)."""
+        last = [phase for phase in manifest.phases if phase.steps][-1]
+        slots = slice(last.start_step * self.per_step, (last.start_step + last.steps) * self.per_step)
+        rng = np.random.default_rng([self.seed, ingredient, 0, INGREDIENT_STREAM])
+        order = rng.permutation(last.steps * self.per_step)
+        self.scheduled.owner[slots] = self.scheduled.owner[slots][order]
+        self.scheduled.draw[slots] = self.scheduled.draw[slots][order]
 
     def _blend(self, phase: PhasePlan, slots: int) -> np.ndarray:
         """The phase's blend over `slots` slots, refused when it draws from a source with no rows."""
