@@ -61,9 +61,19 @@ if TYPE_CHECKING:
 GiB = 2**30
 USABLE = 0.9
 """Share of a device's memory a setup may plan for."""
-CPU_CORE_PEAK_FLOPS = 1e11
-"""Peak fp32 FLOP/s assumed of one CPU core (two 8-lane FMA units at about 3 GHz) when training
-runs on the CPU, the cores shared between the processes; cost.device_peak_flops overrides it."""
+CPU_CORE_PEAK_FLOPS = {"AVX512": 2e11, "AVX2": 1e11}
+"""Peak fp32 FLOP/s assumed of one CPU core by the vector units torch uses on it: two FMA units
+of 16 fp32 lanes (AVX-512) or 8 (AVX2, and what else) at about 3 GHz. On the CPU the cores are
+shared between the processes; cost.device_peak_flops overrides it."""
+
+
+def cpu_core_peak_flops() -> tuple[float, str]:
+    """The assumed peak of one core here, and the capability it is assumed for."""
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    known = capability if capability in CPU_CORE_PEAK_FLOPS else "AVX2"
+    return CPU_CORE_PEAK_FLOPS[known], capability
 GPU_PEAK_FLOPS = {
     "H100 PCIe": (756e12, 51e12),
     "H100 NVL": (835e12, 60e12),
@@ -272,8 +282,9 @@ def training_device(recipe: Recipe) -> Device:
     else:
         name, memory, memory_from, compute = "the CPU", None, "", 4
         cores = os.cpu_count() or 1
-        peak = CPU_CORE_PEAK_FLOPS * cores / recipe.train.num_processes
-        each = f"{CPU_CORE_PEAK_FLOPS / 1e9:.0f} GFLOP/s each"
+        per_core, capability = cpu_core_peak_flops()
+        peak = per_core * cores / recipe.train.num_processes
+        each = f"{per_core / 1e9:.0f} GFLOP/s each ({capability})"
         peak_from = f"{cores} CPU cores at {each}, shared by {recipe.train.num_processes} process(es)"
     if recipe.cost.device_peak_flops is not None:
         peak, peak_from = recipe.cost.device_peak_flops, "cost.device_peak_flops"

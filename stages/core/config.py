@@ -768,8 +768,9 @@ class CostSpec(Section):
     device_peak_flops: float | None = Field(default=None, gt=0)
     """Peak FLOP/s of one device at the training precision, from which the capacity plan's
     tokens/s, time and cost follow. Default: from the visible GPU's name for the H100, H200,
-    A100, L40S, L40 and L4 (dense bf16, or fp32 without TF32); on the CPU 1e11 per core, the
-    cores shared by the processes; else unknown, and the plan gives no time or cost."""
+    A100, L40S, L40 and L4 (dense bf16, or fp32 without TF32); on the CPU 2e11 per core with
+    AVX-512, else 1e11, the cores shared by the processes; else unknown, and the plan gives no
+    time or cost."""
     assumed_mfu: Fraction = 0.4
     """Model FLOPs utilisation the capacity plan assumes: the share of device_peak_flops spent
     on the model's own FLOPs (6 per parameter and token, plus attention, as PaLM counts them).
