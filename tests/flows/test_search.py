@@ -1,5 +1,6 @@
 """TPE pilot search: the space from the recipe, trials as recipe variants, a pruned trial's
-training really stops, and a search killed mid-trial resumes without rerunning finished trials."""
+training really stops, and a search killed mid-trial resumes without rerunning finished trials:
+the killed settings are proposed again, then new ones, and the results list each trial once."""
 
 from __future__ import annotations
 
@@ -163,6 +164,15 @@ def test_a_killed_search_resumes_and_does_not_rerun_finished_trials(prefect_harn
     rows = {r["variant"]: r for r in summary["rows"]}
     assert {"baseline-legacy-only", "baseline-no-switch"} <= set(rows) and len(rows) == 5
     assert summary["winner"] and "pass every required gate" in summary["reason"]
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert [t.number for t in done] == [0, killed + 1, killed + 2]
+    assert done[2].params != done[1].params  # after the one proposed again, new settings: not a replay of the draws
+    variants = [trial_variant(load_recipe(path), t.params).name for t in done]
+    results = (sweep_dir / "results.md").read_text().splitlines()
+    assert [line.split(" ")[1] for line in results if line.startswith("| tpe-")] == variants  # each trial once
+    trials_table = [line.split(" | ")[:3] for line in results if re.match(r"\| \d+ \|", line)]
+    assert trials_table == [[f"| {t.number}", "complete", v] for t, v in zip(done, variants)]
+    assert sum("(winner)" in line for line in results) == 1
     best = Path(summary["best_recipe"])
     assert best.read_text().startswith("# Chosen by `refit sweep`") and load_recipe(best).schedule.total_tokens == 2560
     for png in ("best_vs_compute.png", "slice.png", "accuracy_vs_compute.png"):
@@ -187,43 +197,6 @@ def test_a_trial_killed_after_its_row_was_kept_is_listed_once(tmp_path, tiny_mod
     assert [line for line in (sweep_dir / "results.md").read_text().splitlines() if "tpe-0" in line] == [
         "| 1 | complete | tpe-0 | its settings | 50.0 | 1 |"
     ]
-
-
-class _Killed(BaseException):
-    """A kill at a trial's training: the search stops with the trial left running, as by SIGKILL."""
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(1800)
-def test_a_resumed_search_proposes_new_settings_and_lists_each_trial_once(
-    prefect_harness, tmp_path, tiny_model_dir, monkeypatch
-):
-    import refit.flows.search as search_flow
-
-    path, workdir = _searched(tmp_path, tiny_model_dir, {"qa_share": None, "pruner": "none"})  # 3 random startup trials
-    sweep_dir = workdir / "sweep"
-
-    def killed(*args):
-        raise _Killed
-
-    monkeypatch.setattr(search_flow, "train_trial", killed)
-    with pytest.raises(_Killed):
-        search_flow.search(recipe=str(path), trials=2, budget_fraction=0.5, workdir=str(workdir))
-    assert _study_states(sweep_dir) == ["RUNNING"]
-    monkeypatch.undo()
-
-    search_flow.search(recipe=str(path), trials=2, budget_fraction=0.5, workdir=str(workdir))  # the rerun
-    study = optuna.load_study(study_name="t", storage=f"sqlite:///{sweep_dir / 'search.db'}")
-    killed_trial, *ran = study.trials
-    assert killed_trial.state == optuna.trial.TrialState.FAIL and [t.number for t in ran] == [1, 2]
-    assert ran[0].params == killed_trial.params  # proposed again, then new settings: not the first run's draw
-    assert ran[1].params != ran[0].params
-    variants = [trial_variant(load_recipe(path), t.params).name for t in ran]
-    results = (sweep_dir / "results.md").read_text().splitlines()
-    assert [line.split(" ")[1] for line in results if line.startswith("| tpe-")] == variants  # the results table
-    trials_table = [line.split(" | ")[:3] for line in results if re.match(r"\| \d+ \|", line)]
-    assert trials_table == [["| 1", "complete", variants[0]], ["| 2", "complete", variants[1]]]
-    assert sum("(winner)" in line for line in results) == 1
 
 
 def trial_dir_of(sweep_dir: Path, number: int) -> str:
