@@ -570,6 +570,22 @@ class TrainSpec(Section):
         return self
 
 
+class SoupSpec(Section):
+    """Anneal ingredients averaged into a soup (Wortsman et al., 2022; OLMo 2's mid-training):
+    the run up to the last phase's switch is trained once, then the last phase again from that
+    step's checkpoint for each further ingredient, and the released model is their average."""
+
+    ingredients: int = Field(default=1, ge=1)
+    """Copies of the last phase of the mixture, each trained from the same checkpoint at the
+    step where that phase starts (the shared prefix, trained once), each reading the phase's
+    sequences in an order of its own (ingredient 0: the order of a single run). The phases must
+    include a later one that starts after step 0. 1: train the recipe once, no soup."""
+    method: Literal["uniform", "greedy"] = "uniform"
+    """How the ingredients' weights are averaged into the model: uniform, all of them equally;
+    greedy, best first by their final validation loss, each joining the average only if the
+    held-out loss of the average drops (needs train.validation_tokens > 0)."""
+
+
 class BenchmarkSpec(Section):
     name: Name
     """Name in reports."""
@@ -866,6 +882,8 @@ class Recipe(Section):
     """LR schedule and token budget."""
     train: TrainSpec = TrainSpec()
     """Optimizer, batch and checkpointing."""
+    soup: SoupSpec = SoupSpec()
+    """Anneal ingredients averaged into a soup. Default: one run, no soup."""
     evaluate: EvaluateSpec = EvaluateSpec()
     """Benchmarks and validation loss."""
     gates: GatesSpec = GatesSpec()
@@ -1026,6 +1044,7 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
                 held_out,
             )
         )
+    problems += _soup_problems(data, phases, held_out)
     warmup = _setting(data, ScheduleSpec, "schedule", "warmup_fraction")
     counts = (tokens, per_step, seq_len, warmup)
     if all(isinstance(v, number) and math.isfinite(v) for v in counts) and min(tokens, per_step, seq_len) > 0:
@@ -1039,6 +1058,36 @@ def _cross_problems(data: dict) -> list[InitErrorDetails]:
                     tokens,
                 )
             )
+    return problems
+
+
+def _soup_problems(data: dict, phases: Any, held_out: Any) -> list[InitErrorDetails]:
+    """Ingredients branch where a later phase starts; a greedy soup is judged on held-out loss.
+    (Whether that phase starts after step 0 is known once mix has planned it: the train stage
+    checks it.)"""
+    problems = []
+    ingredients = _setting(data, SoupSpec, "soup", "ingredients")
+    if not (isinstance(ingredients, int) and ingredients >= 2):
+        return problems
+    if isinstance(phases, list) and len(phases) < 2:
+        problems.append(
+            _problem(
+                ("soup", "ingredients"),
+                f"{ingredients} ingredients branch off the shared run where the mixture's last phase starts, but "
+                "mixture.phases has one phase: add a later phase (with lr_below), or set soup.ingredients to 1",
+                ingredients,
+            )
+        )
+    method = _setting(data, SoupSpec, "soup", "method")
+    if method == "greedy" and held_out == 0:
+        problems.append(
+            _problem(
+                ("soup", "method"),
+                "greedy keeps an ingredient only if the held-out loss drops, but train.validation_tokens is 0 (no "
+                "held-out rows): give train.validation_tokens, or use method uniform",
+                method,
+            )
+        )
     return problems
 
 

@@ -1,12 +1,18 @@
 """The training process: one per device, started by `accelerate launch` (see stages/train/stage.py).
 
-    accelerate launch [...] -m refit.stages.train.loop <job folder>
+    accelerate launch [...] -m refit.stages.train.loop <job folder> [<ingredient>]
 
 Reads `<job folder>/job.json` (resolved recipe, fingerprint, manifest path, data root);
 writes `checkpoints/step-NNNNNNNN/` (`step-00000000-warmup-NNNNNNNN/` during the optimizer
 warm-up), `metrics.jsonl` (with the validation loss on `validation.arrow`, when the job has
 one, at every checkpoint) and `final/` beside it. Continues from the latest complete
 checkpoint of the same run when there is one, else from the base model.
+
+A job with a soup (job["soup"], recipe section `soup`) is launched once per anneal ingredient,
+the second argument naming it (see `Ingredient`): ingredient 0 is the single run, which also
+keeps a checkpoint where the last phase starts (the branch point, never pruned); ingredient
+i >= 1 trains the last phase again from that checkpoint in a folder of its own, reading the
+phase in an order of its own (sampler.py), with checkpoints no other ingredient resumes.
 
 `train()` reads top to bottom: `set_up` (the model, resumed or from the base, and the data),
 the optimizer warm-up's steps at LR 0 (`warm_up_optimizer`), then per step `switch_phase`,
@@ -170,11 +176,18 @@ def latest_checkpoint(train_dir: Path, fingerprint: str) -> Path | None:
 
 
 def save_checkpoint(
-    model: torch.nn.Module, optimizer, state: dict, train_dir: Path, fingerprint: str, keep: int | None
+    model: torch.nn.Module,
+    optimizer,
+    state: dict,
+    train_dir: Path,
+    fingerprint: str,
+    keep: int | None,
+    spare: str | None = None,
 ) -> None:
     """Write step-NNNNNNNN/ from every process: weights and optimizer state as DCP shards, each
     process's RNG state, the trainer state. Staged in `.tmp`, renamed, then the marker, which
-    lists the sha256 of each file, hashed once here by the process that wrote it."""
+    lists the sha256 of each file, hashed once here by the process that wrote it. Of the
+    complete checkpoints, all but the newest `keep` are deleted, never the one named `spare`."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     final = train_dir / "checkpoints" / checkpoint_name(state)
     tmp = final.with_name(final.name + ".tmp")
@@ -207,7 +220,8 @@ def save_checkpoint(
             },
         )
         for old in complete_checkpoints(train_dir, fingerprint)[: -keep if keep else 0]:
-            shutil.rmtree(old)
+            if old.name != spare:
+                shutil.rmtree(old)
     _barrier()
 
 
@@ -306,14 +320,14 @@ def export_weights(model: torch.nn.Module, out_dir: Path, shard_bytes: int = EXP
     return digests
 
 
-def export_final(model: torch.nn.Module, recipe: Recipe, train_dir: Path, state: dict, digests_file: str) -> None:
-    """final/: the model in HF format with its tokenizer and the resolved recipe; the sha256 of
-    the weights, hashed as they were written, go to digests_file beside it."""
+def export_final(model: torch.nn.Module, recipe: Recipe, out_dir: Path, state: dict, digests_file: str) -> None:
+    """out_dir/final/: the model in HF format with its tokenizer and the resolved recipe; the
+    sha256 of the weights, hashed as they were written, go to digests_file beside it."""
     main = not dist.is_initialized() or dist.get_rank() == 0
-    tmp = train_dir / "final.tmp"
+    tmp = out_dir / "final.tmp"
     if main:
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        tmp.mkdir(parents=True)
     _barrier()
     digests = export_weights(model, tmp)
     if not main:
@@ -325,9 +339,9 @@ def export_final(model: torch.nn.Module, recipe: Recipe, train_dir: Path, state:
         print(f"train: the export's {name} names code it does not hold, auto_map dropped: {references}", flush=True)
     (tmp / "refit_recipe.yaml").write_text(dump_recipe(recipe))
     write_json_atomic(tmp / "trainer_state.json", state)
-    write_json_atomic(train_dir / digests_file, digests)
-    shutil.rmtree(train_dir / "final", ignore_errors=True)
-    tmp.rename(train_dir / "final")
+    write_json_atomic(out_dir / digests_file, digests)
+    shutil.rmtree(out_dir / "final", ignore_errors=True)
+    tmp.rename(out_dir / "final")
 
 
 def out_of_memory(error: torch.OutOfMemoryError, where: str, recipe: Recipe) -> torch.OutOfMemoryError:
@@ -363,11 +377,56 @@ def _stop_for(failure: Path):
     return stop
 
 
+@dataclass(frozen=True)
+class Ingredient:
+    """What one launch trains, and where: the single run, or one anneal ingredient of a soup,
+    laid out by the stage in job["soup"] (stage.py, `ingredient_folders`)."""
+
+    index: int  # 0: the single run (with a soup, the one that trains the shared prefix)
+    train_dir: Path  # its checkpoints/ and metrics.jsonl
+    export_dir: Path  # its final/ and the sha256 of its weights
+    fingerprint: str  # of its checkpoints: one ingredient never resumes another's
+    branch_step: int | None  # with a soup, the step the ingredients branch off at (the last phase's start)
+    shared: Ingredient | None = None  # for ingredients 1..: ingredient 0, whose branch checkpoint they start from
+
+    @classmethod
+    def of(cls, job_dir: Path, job: dict, index: int) -> Ingredient:
+        soup = job.get("soup")
+        if soup is None:
+            if index:
+                raise ValueError(f"ingredient {index}: the job in {job_dir} trains no soup, only ingredient 0")
+            return cls(0, job_dir, job_dir, job["fingerprint"], None)
+        own = soup["ingredients"][index]
+        shared = cls.of(job_dir, job, 0) if index else None
+        folders = job_dir / own["train_dir"], job_dir / own["export_dir"]
+        return cls(index, *folders, own["fingerprint"], soup["branch_step"], shared)
+
+    @property
+    def branch_checkpoint(self) -> str | None:
+        """The name of the checkpoint at the branch point (ingredient 0 writes and keeps it)."""
+        return None if self.branch_step is None else checkpoint_name({"step": self.branch_step})
+
+    def start(self) -> Path | None:
+        """Where a first launch starts: ingredient 0 from the base, the others from the shared
+        run's complete checkpoint at the branch point."""
+        if self.shared is None:
+            return None
+        for checkpoint in complete_checkpoints(self.shared.train_dir, self.shared.fingerprint):
+            if checkpoint.name == self.branch_checkpoint:
+                return checkpoint
+        raise RuntimeError(
+            f"ingredient {self.index} starts from the shared run's checkpoint {self.branch_checkpoint} (where the "
+            f"last phase starts), but {self.shared.train_dir / 'checkpoints'} holds no complete one: deleted or "
+            "damaged since ingredient 0 finished; rerun the stage with --force to train the shared run again"
+        )
+
+
 @dataclass
 class Run:
     """One training process's run, as `set_up` leaves it for the steps."""
 
-    train_dir: Path
+    job_dir: Path  # job.json, the held-out rows, the failure file
+    ingredient: Ingredient  # what this launch trains: its own folders
     job: dict
     recipe: Recipe
     strategy: Strategy
@@ -385,9 +444,18 @@ class Run:
     state: dict  # what checkpoints keep: step, optimizer_warmup_steps, tokens, phase, switches
     started: float = field(default_factory=time.time)
 
+    @property
+    def train_dir(self) -> Path:
+        return self.ingredient.train_dir
 
-def train(train_dir: Path) -> None:
-    run = set_up(train_dir)
+    @property
+    def branch_step(self) -> int | None:
+        """With a soup, the step where ingredients branch off (ingredient 0 checkpoints it)."""
+        return self.ingredient.branch_step
+
+
+def train(job_dir: Path, ingredient: int = 0) -> None:
+    run = set_up(job_dir, ingredient)
     for warmup_step in range(run.state["optimizer_warmup_steps"], run.recipe.train.optimizer_warmup_steps):
         warm_up_optimizer(run, warmup_step)
     total_steps = run.schedule.total_steps
@@ -399,15 +467,15 @@ def train(train_dir: Path) -> None:
         loss, grad_norm = optimizer_step(run, step, lr)
         record_step(run.state, step, run.manifest.tokens_per_step)
         step_seconds = time.time() - step_started
-        checkpoint_due = run.state["step"] % run.recipe.train.checkpoint_every == 0 or run.state["step"] == total_steps
+        done = run.state["step"]  # a checkpoint at the interval, at the end, and where ingredients branch off
+        checkpoint_due = done % run.recipe.train.checkpoint_every == 0 or done in (total_steps, run.branch_step)
         validation = validate(run) if checkpoint_due and run.held_out is not None else {}
         if run.acc.is_main_process:
             line = {"step": step, "tokens": run.state["tokens"], "lr": lr, "loss": loss, "grad_norm": grad_norm}
             line |= {"phase": run.manifest.phases[phase].name, "sources": run.sampler.phase_counts(step)}
             log_metrics(run, line | validation, step_seconds)
         if checkpoint_due:
-            keep = run.recipe.train.keep_checkpoints
-            save_checkpoint(run.raw_model, run.raw_optimizer, run.state, train_dir, run.job["fingerprint"], keep)
+            checkpoint(run)
     finish(run)
 
 
@@ -428,8 +496,21 @@ def warm_up_optimizer(run: Run, warmup_step: int) -> None:
         line |= {"sources": run.sampler.phase_counts(warmup_step, warmup=True)}
         log_metrics(run, line, time.time() - started)
     if run.state["optimizer_warmup_steps"] % run.recipe.train.checkpoint_every == 0:
-        keep = run.recipe.train.keep_checkpoints
-        save_checkpoint(run.raw_model, run.raw_optimizer, run.state, run.train_dir, run.job["fingerprint"], keep)
+        checkpoint(run)
+
+
+def checkpoint(run: Run) -> None:
+    """Save the run's checkpoint now (the branch point's is never pruned)."""
+    keep, ingredient = run.recipe.train.keep_checkpoints, run.ingredient
+    save_checkpoint(
+        run.raw_model,
+        run.raw_optimizer,
+        run.state,
+        ingredient.train_dir,
+        ingredient.fingerprint,
+        keep,
+        spare=ingredient.branch_checkpoint,
+    )
 
 
 def log_metrics(run: Run, line: dict, step_seconds: float) -> None:
@@ -439,32 +520,39 @@ def log_metrics(run: Run, line: dict, step_seconds: float) -> None:
         log.write(json.dumps(line) + "\n")
 
 
-def set_up(train_dir: Path) -> Run:
+def set_up(job_dir: Path, index: int = 0) -> Run:
     """The job's recipe and manifest, the model (resumed, or from the base) wrapped for the
-    strategy, and this process's share of the data."""
-    job = json.loads((train_dir / "job.json").read_text())
+    strategy, and this process's share of the data, for ingredient `index` of the job."""
+    job = json.loads((job_dir / "job.json").read_text())
+    ingredient = Ingredient.of(job_dir, job, index)
     recipe = Recipe.model_validate(job["recipe"])
     strategy = strategy_for(recipe)
     acc = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=strategy.autocast(recipe))
-    stop = _stop_for(train_dir / job["failure"])
-    heartbeat = Heartbeat(train_dir, acc.process_index, acc.num_processes, recipe.train.heartbeat_timeout, stop).start()
+    stop = _stop_for(job_dir / job["failure"])
+    heartbeat = Heartbeat(
+        ingredient.train_dir, acc.process_index, acc.num_processes, recipe.train.heartbeat_timeout, stop
+    ).start()
     manifest = load_manifest(Path(job["manifest"]))
     torch.manual_seed(recipe.train.seed)
     raw_model = prepare_model(base_model(recipe), recipe, acc.device)
     raw_optimizer = _optimizer(raw_model, recipe)
-    state = resume(raw_model, raw_optimizer, train_dir, job["fingerprint"], recipe, strategy)
+    state = resume(raw_model, raw_optimizer, ingredient, recipe, strategy)
     model, optimizer = strategy.prepare(acc, raw_model, raw_optimizer)
     model.train()
     held_out = None
     if job["validation"]:  # the rows run_train packed (a small file: read whole)
-        held_out = torch.from_numpy(read_shard(train_dir / job["validation"]).astype("int64"))
-    sampler = Sampler(manifest, Path(job["data_root"]), recipe.train.optimizer_warmup_steps)
+        held_out = torch.from_numpy(read_shard(job_dir / job["validation"]).astype("int64"))
+    sampler = Sampler(manifest, Path(job["data_root"]), recipe.train.optimizer_warmup_steps, ingredient=index)
     if acc.is_main_process:
-        keep_metrics_before(train_dir / "metrics.jsonl", state)
+        ingredient.train_dir.mkdir(parents=True, exist_ok=True)
+        keep_metrics_before(ingredient.train_dir / "metrics.jsonl", state)
+    if index:
+        acc.print(f"ingredient {index}: the last phase again, on from step {state['step']}", flush=True)
     mine = range(acc.process_index, manifest.sequences_per_step, acc.num_processes)  # this process's sequences
     micro = recipe.train.micro_batch_size
     return Run(
-        train_dir=train_dir,
+        job_dir=job_dir,
+        ingredient=ingredient,
         job=job,
         recipe=recipe,
         strategy=strategy,
@@ -498,12 +586,11 @@ def base_model(recipe: Recipe) -> torch.nn.Module:
     )
 
 
-def resume(
-    model: torch.nn.Module, optimizer, train_dir: Path, fingerprint: str, recipe: Recipe, strategy: Strategy
-) -> dict:
-    """The trainer state to go on from. The latest complete checkpoint of this run, when there
-    is one, is loaded with this process's RNG state; else train.optimizer_state, if given."""
-    checkpoint = latest_checkpoint(train_dir, fingerprint)
+def resume(model: torch.nn.Module, optimizer, ingredient: Ingredient, recipe: Recipe, strategy: Strategy) -> dict:
+    """The trainer state to go on from. The latest complete checkpoint of this run (of this
+    ingredient), else where an ingredient starts (the shared run's checkpoint at the branch
+    point), is loaded with this process's RNG state; else train.optimizer_state, if given."""
+    checkpoint = latest_checkpoint(ingredient.train_dir, ingredient.fingerprint) or ingredient.start()
     if checkpoint is not None:
         load_checkpoint(model, optimizer, checkpoint)
         rank = dist.get_rank() if dist.is_initialized() else 0
@@ -565,7 +652,7 @@ def optimizer_step(run: Run, step: int, lr: float, warmup: bool = False) -> tupl
     grad_norm = run.strategy.clip_gradients(run.model, run.recipe.train.grad_clip)
     loss = run.acc.reduce((loss_sum / len(run.micro_batches)).to(run.acc.device), reduction="mean").item()
     if not math.isfinite(loss) or not math.isfinite(grad_norm):
-        last = latest_checkpoint(run.train_dir, run.job["fingerprint"])
+        last = latest_checkpoint(run.train_dir, run.ingredient.fingerprint)
         raise FloatingPointError(
             f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at {step_label(step, warmup)} "
             f"(LR {lr:.3e}); training stopped, last good checkpoint kept: "
@@ -613,7 +700,7 @@ def finish(run: Run) -> None:
         run.acc.print(
             f"compile: {run.state['compiled']['graphs']} graphs, graph breaks: {run.state['compiled']['graph_breaks']}"
         )
-    export_final(run.raw_model, run.recipe, run.train_dir, run.state, run.job["final_sha256"])
+    export_final(run.raw_model, run.recipe, run.ingredient.export_dir, run.state, run.job["final_sha256"])
     run.acc.wait_for_everyone()
     run.heartbeat.finish()
     run.acc.end_training()
@@ -636,7 +723,7 @@ def record_failure(path: Path, error: BaseException) -> None:
 if __name__ == "__main__":
     die_with_launcher()  # no training process outlives its launcher (lifeline.py)
     try:
-        train(Path(sys.argv[1]))
+        train(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)
     except Exception as error:
         job_dir = Path(sys.argv[1])
         full = full_disk_cause(error)

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from refit.stages.core.markers import MARKER, swap_into_place
-from refit.stages.train.loop import EXPORT_SHARD_BYTES, SafetensorsShards, skipped_on_export
+from refit.stages.core.shards import read_shard
+from refit.stages.train.loop import EXPORT_SHARD_BYTES, SafetensorsShards, skipped_on_export, validation_loss
 
 Spec = tuple[tuple[int, ...], torch.dtype]  # shape, dtype
 
@@ -198,3 +199,22 @@ def greedy_soup(
     swap_into_place(best, out_dir)
     shutil.rmtree(candidate, ignore_errors=True)
     return GreedySoup(kept, losses, digests)
+
+
+def validation_loss_of(
+    rows: Path, batch_size: int, device: str = "cpu", trust_remote_code: bool = False
+) -> Callable[[Path], float]:
+    """A greedy soup's loss_of: the mean token loss of the held-out rows in `rows` (the train
+    stage's validation.arrow) under a Hugging Face folder's weights in fp32, computed in this
+    process as the training processes compute it at their checkpoints (loop.validation_loss)."""
+    from transformers import AutoModelForCausalLM
+
+    held_out = torch.from_numpy(read_shard(rows).astype("int64"))
+
+    def loss_of(folder: Path) -> float:
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, use_safetensors=True, use_kernels=False, dtype=torch.float32, trust_remote_code=trust_remote_code
+        )
+        return validation_loss(model.to(device), held_out, batch_size, torch.device(device))
+
+    return loss_of

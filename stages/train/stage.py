@@ -13,6 +13,14 @@ Before launching, it packs a fixed held-out set (`validation.arrow`: the first c
 validation documents of each source, train.validation_tokens in all) whose mean loss the
 training processes compute at every checkpoint (`val_loss` in metrics.jsonl and the report).
 
+With anneal ingredients (recipe section `soup`, #26), the training processes are launched once
+per ingredient (loop.py): ingredient 0 is the single run, which also keeps its checkpoint where
+the last phase starts (the branch point); each ingredient i >= 1 trains the last phase again
+from that checkpoint in `ingredients/<i>/` (its own checkpoints, metrics and final/), in a data
+order of its own. Every ingredient exports to `ingredients/<i>/final/`, and their average, the
+soup (soup.py, uniform or greedy), becomes `final/`, with `soup.json` saying how it was made. A
+rerun resumes the ingredient it was killed in, skips those finished, and averages again.
+
 On several machines, one launcher runs on each (`python -m refit.flows.train_launcher RECIPE`,
 e.g. under `srun` or torchrun, see deployments/train.sbatch), all on a shared workdir: machine 0
 prepares the job and writes the stage's output, the others wait for its job and launch
@@ -59,7 +67,7 @@ from refit.stages.core.schedule import tokens_per_step
 from refit.stages.core.shards import token_dtype, write_rows
 from refit.stages.curate import stage as curate
 from refit.stages.mix import stage as mix
-from refit.stages.mix.manifest import load_manifest
+from refit.stages.mix.manifest import Manifest, load_manifest
 from refit.stages.tokenize import stage as tokenize
 from refit.stages.train.heartbeat import FOLDER as HEARTBEATS
 
@@ -72,6 +80,8 @@ JOB = "job.json"
 FAILURE = "failure.txt"  # why the training processes stopped, written by a failing rank
 FINAL_SHA256 = "final_sha256.json"  # sha256 of the exported weights, hashed as they were written
 VALIDATION = "validation.arrow"  # the held-out rows the training processes score at every checkpoint
+INGREDIENTS = "ingredients"  # with a soup: ingredients/<i>/, each anneal ingredient's folder
+SOUP = "soup.json"  # in the soup's final/: the averaging rule, the ingredients, which were kept, the losses
 POLL_SECONDS = 2.0  # how often the launcher reads the metrics log
 PROGRESS_SECONDS = 10.0  # at most one progress line this often
 
@@ -94,10 +104,19 @@ class TrainReport(TypedDict):
     strategy: NotRequired[str]
     compiled: NotRequired[dict]  # train.compile: graphs and breaks of the main process
     final_model: NotRequired[str]
+    # soup.ingredients > 1: each ingredient's {index, steps, tokens (its model's, the shared prefix's
+    # included), anneal_tokens (trained for it alone), final_loss, val_loss}; `tokens` then counts the
+    # shared prefix once and each ingredient's anneal once (as the audit's cost does)
+    ingredients: NotRequired[list[dict]]
+    soup: NotRequired[dict]  # final/soup.json: method, branch step, kept ingredients, losses
 
 
 class TrainingError(RuntimeError):
     """The training processes failed; the latest complete checkpoint is kept."""
+
+
+class SoupUnplanned(TrainingError):
+    """The recipe's soup cannot be made from this run's plan (no branch point, no held-out rows)."""
 
 
 class StopTraining(Exception):
@@ -128,6 +147,25 @@ def read_report(workdir: Path) -> TrainReport:
 def final_model(workdir: Path) -> Path:
     """The finished run's model in Hugging Face format."""
     return Path(workdir) / FOLDER / "final"
+
+
+def ingredient_models(workdir: Path) -> list[Path]:
+    """The finished run's anneal ingredients in Hugging Face format, by index, which `final_model`
+    averages; empty for a run without a soup (soup.ingredients 1)."""
+    folder = Path(workdir) / FOLDER / INGREDIENTS
+    found = [p for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
+    return [p / "final" for p in sorted(found, key=lambda p: int(p.name))]
+
+
+def ingredient_folders(folder: Path, ingredients: int, index: int) -> tuple[Path, Path]:
+    """(where ingredient `index` trains: its checkpoints/ and metrics.jsonl; where its final/ goes)
+    within the stage's (staging) folder. One run: the folder itself for both. With a soup,
+    ingredient 0 trains in the folder itself (its checkpoints hold the shared prefix) and exports
+    to ingredients/0/, the soup taking final/; ingredient i >= 1 trains and exports in ingredients/<i>/."""
+    if ingredients == 1:
+        return folder, folder
+    own = folder / INGREDIENTS / str(index)
+    return (folder if index == 0 else own), own
 
 
 def final_model_sha256(workdir: Path) -> dict[str, str]:
@@ -199,13 +237,16 @@ def resolve_machines(spec: TrainSpec, env: Mapping[str, str]) -> Machines:
     return Machines(count, rank, main_ip if count > 1 else None, port)
 
 
-def launch_command(num_processes: int, job_dir: Path, machines: Machines = Machines(1, 0, None, None)) -> list[str]:
-    """`accelerate launch` of this machine's share of the num_processes training processes; the
-    launcher dies with this process and the training processes with the launcher (lifeline.py).
-    One process on one machine needs no launcher: it is started directly (a Python start with
-    torch imported, 2-3 s, saved per run), with OMP_NUM_THREADS from `launch_env`."""
+def launch_command(
+    num_processes: int, job_dir: Path, machines: Machines = Machines(1, 0, None, None), ingredient: int = 0
+) -> list[str]:
+    """`accelerate launch` of this machine's share of the num_processes training processes, to
+    train `ingredient` of the job (0: the single run); the launcher dies with this process and
+    the training processes with the launcher (lifeline.py). One process on one machine needs no
+    launcher: it is started directly (a Python start with torch imported, 2-3 s, saved per
+    run), with OMP_NUM_THREADS from `launch_env`."""
     if num_processes == 1 and machines.count == 1:
-        return lifeline.command(WORKER, str(job_dir))
+        return lifeline.command(WORKER, str(job_dir), str(ingredient))
     command = lifeline.command(
         "accelerate.commands.launch",
         "--num_machines",
@@ -222,7 +263,7 @@ def launch_command(num_processes: int, job_dir: Path, machines: Machines = Machi
     if machines.count > 1:
         command += ["--machine_rank", str(machines.rank), "--main_process_ip", machines.main_ip]
     command += ["--num_cpu_threads_per_process", str(_threads_per_process(num_processes, machines))]
-    return command + ["-m", WORKER, str(job_dir)]
+    return command + ["-m", WORKER, str(job_dir), str(ingredient)]
 
 
 def _threads_per_process(num_processes: int, machines: Machines) -> int:
@@ -322,13 +363,75 @@ def write_validation_set(recipe: Recipe, workdir: Path, out: Path) -> dict:
     return {"rows": len(flat) // seq_len, "tokens": len(flat), "sources": sources, "sources_without_documents": without}
 
 
+def branch_step(recipe: Recipe, manifest: Manifest) -> int | None:
+    """The step the anneal ingredients branch off the shared run at: where the last phase starts,
+    as mix planned it (the phase whose order each ingredient redraws, sampler.py); None without
+    a soup. SoupUnplanned, naming the field, when that phase does not start after step 0."""
+    ingredients = recipe.soup.ingredients
+    if ingredients == 1:
+        return None
+    last = manifest.phases[-1]
+    if len(manifest.phases) > 1 and last.steps and last.start_step > 0:
+        return last.start_step
+    why = (
+        f"it gets no steps in this run's {manifest.total_steps} (its LR trigger never fires)"
+        if not last.steps
+        else f"it starts at step 0 (its lr_below {last.lr_below} is met from the first step)"
+        if len(manifest.phases) > 1
+        else "the mixture has one phase"
+    )
+    raise SoupUnplanned(
+        f"soup.ingredients: {ingredients} ingredients branch off the shared run where the last phase "
+        f"({last.name}) starts, but {why}: lower that phase's lr_below, or set soup.ingredients to 1"
+    )
+
+
+def _soup_job(recipe: Recipe, fingerprint: str, branch: int | None, job_dir: Path) -> dict | None:
+    """job["soup"]: where each ingredient trains and exports (relative to the job folder), the
+    fingerprint of its checkpoints (one ingredient never resumes another's), the branch step."""
+    count = recipe.soup.ingredients
+    if count == 1:
+        return None
+    folders = [ingredient_folders(job_dir, count, i) for i in range(count)]
+    return {
+        "branch_step": branch,
+        "ingredients": [
+            {
+                "train_dir": str(train_dir.relative_to(job_dir)),
+                "export_dir": str(export_dir.relative_to(job_dir)),
+                "fingerprint": fingerprint if i == 0 else f"{fingerprint}/ingredient-{i}",
+            }
+            for i, (train_dir, export_dir) in enumerate(folders)
+        ],
+    }
+
+
+def _training_folders(job_dir: Path) -> list[Path]:
+    """The folders training processes write in: the job folder, and each ingredient's with a soup."""
+    return [job_dir, *sorted(job_dir.glob(f"{INGREDIENTS}/*"))]
+
+
+def _to_train(job_dir: Path, ingredients: int) -> list[int]:
+    """The ingredients to launch: a single run always (it resumes, or exports, from its latest
+    checkpoint); with a soup, those without a final export yet (an export appears whole)."""
+    if ingredients == 1:
+        return [0]
+    return [i for i in range(ingredients) if not (ingredient_folders(job_dir, ingredients, i)[1] / "final").is_dir()]
+
+
 def _wait(
-    process: subprocess.Popen, metrics: Path, total_steps: int, on_progress: Callable[[dict], None] | None
+    process: subprocess.Popen,
+    metrics: Path,
+    total_steps: int,
+    on_progress: Callable[[dict], None] | None,
+    ingredient: int | None = None,
 ) -> int:
     """Wait for the training processes, logging a progress line with an ETA every few seconds
-    and passing the newest metrics line of a scheduled step to on_progress. A progress report that fails (a
+    and passing the newest metrics line of a scheduled step to on_progress (with the ingredient
+    it trains, `ingredient`, when the run makes a soup). A progress report that fails (a
     half-written line, an unreachable UI) never stops training."""
-    progress = Progress("train", total_steps, "steps", log, every=PROGRESS_SECONDS)
+    label = "train" if ingredient is None else f"train ingredient {ingredient}"
+    progress = Progress(label, total_steps, "steps", log, every=PROGRESS_SECONDS)
     offset = 0
     while True:
         code = process.poll()
@@ -347,7 +450,7 @@ def _wait(
                         line["step"] + 1, f"loss {line['loss']:.3f} lr {line['lr']:.2e} phase {line['phase']}"
                     )
                     if on_progress is not None:
-                        on_progress(line)
+                        on_progress(line if ingredient is None else {**line, "ingredient": ingredient})
             except StopTraining:
                 raise
             except Exception as error:  # progress is best effort; training is not
@@ -374,24 +477,28 @@ def run_train(
     if not force and is_done(final, expected):
         return read_report(workdir)
     check_loadable_config(Path(recipe.base_model.path), recipe.base_model.trust_remote_code)  # before any launch
+    ingredients = recipe.soup.ingredients
     if machines.rank > 0:  # machine 0 stages the run and swaps it into place
         job_dir = final.with_name(final.name + ".tmp")
         _wait_for_job(job_dir / JOB, expected)
         started = time.time()
-        _run_processes(recipe, job_dir, on_progress, machines)
+        for ingredient in _to_train(job_dir, ingredients):  # as machine 0 launches them, in turn
+            _run_processes(recipe, job_dir, on_progress, machines, ingredient)
         return {"stage": "train", "machine_rank": machines.rank, "seconds": round(time.time() - started, 2)}
 
     log.info("train: %.1f MB of shards match the manifest's sha256", mix.verify_shards(workdir) / 1e6)
+    branch = branch_step(recipe, mix.read_manifest(workdir))
 
     def same_run(staging: Path) -> bool:  # another run's checkpoints are never resumed
         job = staging / JOB
         return not force and job.is_file() and json.loads(job.read_text())["fingerprint"] == expected
 
     with staged_output(final, reuse=same_run) as job_dir:
-        for unfinished in (job_dir / "checkpoints").glob("*.tmp"):  # staged by a killed run
-            shutil.rmtree(unfinished)
+        for folder in _training_folders(job_dir):
+            for unfinished in (folder / "checkpoints").glob("*.tmp"):  # staged by a killed run
+                shutil.rmtree(unfinished)
+            shutil.rmtree(folder / HEARTBEATS, ignore_errors=True)  # the last launch's processes
         (job_dir / FAILURE).unlink(missing_ok=True)
-        shutil.rmtree(job_dir / HEARTBEATS, ignore_errors=True)  # the last launch's processes
         job = {
             "fingerprint": expected,
             "recipe": recipe.model_dump(mode="json"),
@@ -399,17 +506,27 @@ def run_train(
             "data_root": str(workdir.resolve()),  # manifest shard paths are relative to it
             "failure": FAILURE,
             "final_sha256": FINAL_SHA256,
+            "soup": _soup_job(recipe, expected, branch, job_dir),
         }
         held_out = write_validation_set(recipe, workdir, job_dir / VALIDATION)
         job["validation"] = None if "off" in held_out else VALIDATION
         job["validation_set"] = held_out
         _log_validation_set(held_out)
+        if recipe.soup.method == "greedy" and ingredients > 1 and "off" in held_out:
+            raise SoupUnplanned(
+                f"soup.method: greedy keeps an ingredient only if the held-out loss drops, but there are no "
+                f"held-out rows ({held_out['off']}): use method uniform, or hold validation documents out"
+            )
         write_json_atomic(job_dir / JOB, job)
         started = time.time()
-        _run_processes(recipe, job_dir, on_progress, machines)
+        for ingredient in _to_train(job_dir, ingredients):
+            _run_processes(recipe, job_dir, on_progress, machines, ingredient)
+        if ingredients > 1:
+            _make_soup(recipe, job_dir)
         report = {**_report(recipe, job_dir, machines, started), "final_model": str(final_model(workdir))}
         write_json_atomic(job_dir / "report.json", report)
-        shutil.rmtree(job_dir / HEARTBEATS, ignore_errors=True)  # the processes have ended
+        for folder in _training_folders(job_dir):
+            shutil.rmtree(folder / HEARTBEATS, ignore_errors=True)  # the processes have ended
         write_marker(
             job_dir, "train", expected, started, STAGE.code_version, known_sha256=_hashed_when_written(job_dir)
         )
@@ -452,10 +569,19 @@ def _total_steps(job_dir: Path) -> int:
 
 
 def _run_processes(
-    recipe: Recipe, job_dir: Path, on_progress: Callable[[dict], None] | None, machines: Machines
+    recipe: Recipe,
+    job_dir: Path,
+    on_progress: Callable[[dict], None] | None,
+    machines: Machines,
+    ingredient: int = 0,
 ) -> None:
-    """Run this machine's training processes on the job in job_dir until they finish."""
-    command = launch_command(recipe.train.num_processes, job_dir, machines)
+    """Run this machine's training processes on the job in job_dir, training one of its
+    ingredients (0: the single run), until they finish."""
+    ingredients = recipe.soup.ingredients
+    train_dir = ingredient_folders(job_dir, ingredients, ingredient)[0]
+    if ingredients > 1:
+        log.info("train: ingredient %d (of ingredients 0-%d) in %s", ingredient, ingredients - 1, train_dir)
+    command = launch_command(recipe.train.num_processes, job_dir, machines, ingredient)
     log.info("train: %s", " ".join(command))
     env = launch_env(recipe.train.num_processes, machines)
     if recipe.train.devices is not None:
@@ -468,23 +594,26 @@ def _run_processes(
     relay = threading.Thread(target=_relay, args=(process.stderr, launcher_log), daemon=True)
     relay.start()
     try:
-        code = _wait(process, job_dir / "metrics.jsonl", _total_steps(job_dir), on_progress)
+        souping = ingredient if ingredients > 1 else None
+        code = _wait(process, train_dir / "metrics.jsonl", _total_steps(job_dir), on_progress, souping)
     except BaseException:
         _stop(process)
         raise
     relay.join(timeout=10)
     if code != 0:
         reason = failure_reason(job_dir, "".join(launcher_log), code)
+        which = f" (ingredient {ingredient})" if ingredients > 1 else ""
         raise TrainingError(
-            f"training failed: {reason}. Rerunning the stage resumes from the latest complete "
-            f"checkpoint in {job_dir / 'checkpoints'}"
+            f"training failed{which}: {reason}. Rerunning the stage resumes from the latest complete "
+            f"checkpoint in {train_dir / 'checkpoints'}"
         )
 
 
 def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -> dict:
-    state = json.loads((job_dir / "final" / "trainer_state.json").read_text())
+    ingredients = recipe.soup.ingredients
+    state = _final_state(job_dir, ingredients, 0)
     metrics = _metrics(job_dir)
-    return {
+    report = {
         "stage": "train",
         "steps": state["step"],
         "tokens": state["tokens"],
@@ -500,17 +629,107 @@ def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -
         "seconds": round(time.time() - started, 2),
         **({"compiled": state["compiled"]} if "compiled" in state else {}),  # train.compile: main process, last launch
     }
+    if ingredients == 1:
+        return report
+    soup = json.loads((job_dir / "final" / SOUP).read_text())
+    shared = soup["branch_step"] * tokens_per_step(recipe)  # the prefix's tokens, trained once
+    each = [_ingredient_report(job_dir, ingredients, i, shared) for i in range(ingredients)]
+    tokens = shared + sum(i["anneal_tokens"] for i in each)
+    return {**report, "tokens": tokens, "ingredients": each, "soup": {**soup, "shared_tokens": shared}}
+
+
+def _final_state(job_dir: Path, ingredients: int, index: int) -> dict:
+    """The trainer state an ingredient's export (the single run's) was made with."""
+    export_dir = ingredient_folders(job_dir, ingredients, index)[1]
+    return json.loads((export_dir / "final" / "trainer_state.json").read_text())
+
+
+def _final_val_loss(metrics: list[dict]) -> float | None:
+    """The held-out loss of the export's weights, scored at the last step's checkpoint (none
+    when train.validation_tokens is 0 or no source holds validation documents)."""
+    return metrics[-1].get("val_loss")
+
+
+def _ingredient_report(job_dir: Path, ingredients: int, index: int, shared_tokens: int) -> dict:
+    state = _final_state(job_dir, ingredients, index)
+    metrics = _metrics(ingredient_folders(job_dir, ingredients, index)[0])
+    return {
+        "index": index,
+        "steps": state["step"],
+        "tokens": state["tokens"],  # what its model was trained on, the shared prefix's included
+        "anneal_tokens": state["tokens"] - shared_tokens,  # trained for it alone
+        "final_loss": metrics[-1]["loss"],
+        "val_loss": _final_val_loss(metrics),
+    }
+
+
+def _make_soup(recipe: Recipe, job_dir: Path) -> dict:
+    """final/: the average of the ingredients' exports (soup.py), made again by every run that
+    gets here (the same bytes: a run killed while averaging just averages again), with
+    `soup.json` beside the weights and the sha256 of the weights in FINAL_SHA256."""
+    from refit.stages.train.soup import average_weights, greedy_soup, validation_loss_of
+
+    ingredients, method = recipe.soup.ingredients, recipe.soup.method
+    finals = [ingredient_folders(job_dir, ingredients, i)[1] / "final" for i in range(ingredients)]
+    val_losses = [_final_val_loss(_metrics(ingredient_folders(job_dir, ingredients, i)[0])) for i in range(ingredients)]
+    soup = {
+        "method": method,
+        "branch_step": json.loads((job_dir / JOB).read_text())["soup"]["branch_step"],
+        "ingredients": [
+            {"index": i, "model": str(final.relative_to(job_dir)), "val_loss": loss}
+            for i, (final, loss) in enumerate(zip(finals, val_losses))
+        ],
+    }
+    out = job_dir / "final"
+    log.info("train: averaging %d ingredients into %s (%s)", ingredients, out, method)
+    if method == "uniform":
+        digests = average_weights(finals, out)
+        soup |= {"kept": list(range(ingredients)), "val_loss": None}
+    else:  # best first by the held-out loss each logged at its last checkpoint
+        order = sorted(range(ingredients), key=lambda i: (val_losses[i], i))
+        device = "cuda" if recipe.train.devices is None else f"cuda:{recipe.train.devices[0]}"
+        loss_of = validation_loss_of(
+            job_dir / VALIDATION,
+            recipe.train.micro_batch_size,
+            device if _cuda_available() else "cpu",
+            recipe.base_model.trust_remote_code,
+        )
+        greedy = greedy_soup([finals[i] for i in order], out, loss_of)
+        kept = [finals.index(path) for path in greedy.kept]
+        soup |= {
+            "order": order,  # the order they were tried in
+            "kept": kept,
+            "tried": [{"index": i, "soup_val_loss": loss} for i, loss in zip(order, greedy.losses)],
+            "val_loss": min(loss for i, loss in zip(order, greedy.losses) if i in kept),
+        }
+        digests = greedy.digests
+    (out / "trainer_state.json").unlink(missing_ok=True)  # ingredient 0's, copied with its other files
+    write_json_atomic(out / SOUP, soup)
+    write_json_atomic(job_dir / FINAL_SHA256, digests)
+    log.info("train: soup of ingredients %s in %s", soup["kept"], out)
+    return soup
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _hashed_when_written(train_dir: Path) -> dict[str, str]:
-    """sha256 of the checkpoints' and the export's files, as their writers recorded them: the
-    stage's marker does not read those bytes again."""
+    """sha256 of the checkpoints' and the exports' files (the single run's or the soup's, and
+    each ingredient's), as their writers recorded them: the stage's marker does not read those
+    bytes again."""
     known = {}
-    for checkpoint in (train_dir / "checkpoints").glob("step-*"):
-        marker = read_marker(checkpoint) or {}
-        known.update({f"checkpoints/{checkpoint.name}/{n}": d for n, d in marker.get("outputs", {}).items()})
-    exported = json.loads((train_dir / FINAL_SHA256).read_text())
-    known.update({f"final/{name}": digest for name, digest in exported.items()})
+    for folder in _training_folders(train_dir):
+        prefix = folder.relative_to(train_dir)
+        for checkpoint in (folder / "checkpoints").glob("step-*"):
+            marker = read_marker(checkpoint) or {}
+            outputs = marker.get("outputs", {})
+            known.update({(prefix / "checkpoints" / checkpoint.name / n).as_posix(): d for n, d in outputs.items()})
+        if (folder / FINAL_SHA256).is_file():
+            exported = json.loads((folder / FINAL_SHA256).read_text())
+            known.update({(prefix / "final" / name).as_posix(): digest for name, digest in exported.items()})
     return known
 
 
@@ -529,7 +748,7 @@ def _wait_for_job(job_file: Path, expected: str, timeout: float = 600.0, every: 
 STAGE = Stage(
     name="train",
     reads=(curate.STAGE, tokenize.STAGE, mix.STAGE),  # tokenize: the held-out rows are packed as it packs
-    recipe_reads=("base_model", "train", "schedule.max_lr", "tokenize.seq_len", "tokenizer", "sources.name"),
+    recipe_reads=("base_model", "train", "soup", "schedule.max_lr", "tokenize.seq_len", "tokenizer", "sources.name"),
     folder=FOLDER,
     report=TrainReport,
     run_function=run_train,
