@@ -66,6 +66,7 @@ def optimizer_state(checkpoint: Path, scratch: Path) -> dict:
     return torch.load(scratch / "state.pt", weights_only=True)["optimizer"]["state"]
 
 
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)  # GPT-2 trains in test_architectures.py
 def test_trains_switches_where_planned_and_exports(tmp_path, tiny_model_dir):
     path, workdir = prepare(tmp_path, tiny_model_dir, **HELD_OUT)
     report = run_train(load_recipe(path), workdir)

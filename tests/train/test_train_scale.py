@@ -59,6 +59,7 @@ def fsdp_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, Path]:
     return path, workdir
 
 
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)  # GPT-2 trains in test_architectures.py
 def test_fsdp_matches_ddp_with_two_processes(tmp_path, tiny_model_dir, fsdp_run):
     ddp_path, ddp = prepare(tmp_path, tiny_model_dir, num_processes=2, **HELD_OUT)
     run_train(load_recipe(ddp_path), ddp)
@@ -336,6 +337,7 @@ def few_steps(model_dir: Path, recipe_path: Path, steps: int = 3, count_forwards
     return losses, len(forwards)
 
 
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)  # GPT-2 trains in test_architectures.py
 def test_activation_checkpointing_recomputes_each_decoder_layer_with_the_same_losses(tmp_path, tiny_model_dir):
     """Each decoder layer's insides run forward twice per step (again in the backward pass,
     from the layer's input alone) and the losses stay those of the run without it, to fp32
