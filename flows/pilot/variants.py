@@ -4,9 +4,11 @@ Every variant is the resolved recipe with some fields overridden (`schedule.max_
 `mixture.phases.1.lr_below`, ...), written as a complete recipe in its own workdir under
 `<workdir>/sweep/` and validated like any recipe. Variants share the curated and tokenized
 data (symlinked), so only mix, train and evaluate run per variant; that is why only the
-schedule, mixture and train sections may be swept. Two baselines run beside the grid at the
-same budget: continuing on the legacy data alone (the paper's baseline) and the general
-blend without a switch. The winner is chosen by the rule in the recipe's `sweep` section.
+schedule, mixture, train and soup sections may be swept (`soup.ingredients=1,3`: does
+souping the anneal pay at this scale). Two baselines run beside the grid at the same budget:
+continuing on the legacy data alone (the paper's baseline) and the general blend without a
+switch, each a single run (one phase has no anneal to soup). The winner is chosen by the rule
+in the recipe's `sweep` section.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from refit.stages.mix import stage as mix
 from refit.stages.mix.manifest import Manifest
 from refit.stages.train import stage as train
 
-SWEEPABLE = ("schedule.", "mixture.", "train.")
+SWEEPABLE = ("schedule.", "mixture.", "train.", "soup.")
 SHARED_STAGES = ("curate", "tokenize")
 SWEEP_DIR = "sweep"  # <workdir>/sweep/: one folder per variant, and the results
 
@@ -112,11 +114,12 @@ def plan_variants(recipe: Recipe, grid: dict[str, list]) -> list[Variant]:
     if not legacy:
         raise SweepError("the legacy-only baseline needs a source with role: legacy")
     first = recipe.mixture.phases[0].model_dump(mode="json")
+    single = {"soup.ingredients": 1} if recipe.soup.ingredients > 1 else {}  # one phase: no anneal to soup
     variants.append(
         Variant(
             "baseline-legacy-only",
             "baseline",
-            {"mixture.phases": [{"name": "legacy-only", "weights": dict.fromkeys(legacy, 1.0)}]},
+            {"mixture.phases": [{"name": "legacy-only", "weights": dict.fromkeys(legacy, 1.0)}], **single},
             "continue on the legacy data alone (the paper's baseline)",
         )
     )
@@ -124,7 +127,7 @@ def plan_variants(recipe: Recipe, grid: dict[str, list]) -> list[Variant]:
         Variant(
             "baseline-no-switch",
             "baseline",
-            {"mixture.phases": [first]},
+            {"mixture.phases": [first], **single},
             f"the general blend ({first['name']}) for the whole run, no switch",
         )
     )

@@ -308,7 +308,12 @@ def health_gate(recipe: Recipe, metrics: list[dict]) -> Gate:
 
 
 def lineage_gate(record: dict) -> Gate:
+    """Every hash recorded; with a soup, every ingredient's weights too."""
     missing = [k for k, v in record.items() if v in (None, {}, "")]
+    soup = record.get("soup") or {}
+    missing += [
+        f"soup.ingredients[{i['index']}].weights_sha256" for i in soup.get("ingredients", []) if not i["weights_sha256"]
+    ]
     ok = not missing and record["shards_verified"]
     return gate(
         "lineage",
@@ -316,6 +321,7 @@ def lineage_gate(record: dict) -> Gate:
         len(missing),
         0,
         "complete: base weights, recipe, manifest, shard and code hashes"
+        + (f", the weights of all {len(soup['ingredients'])} soup ingredients" if soup else "")
         if ok
         else f"missing {', '.join(missing) or 'nothing'}; shards match the manifest: {record['shards_verified']}",
     )

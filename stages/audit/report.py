@@ -45,6 +45,93 @@ def _points(figure: dict) -> str:
     )
 
 
+def _delta(figure: dict | None, scale: float = 100, digits: int = 1) -> str:
+    """'difference +- stderr' (points by default), empty when not measured."""
+    if figure is None or figure.get("delta") is None:
+        return ""
+    return f"{scale * figure['delta']:+.{digits}f} +- {scale * (figure['delta_stderr'] or 0):.{digits}f}"
+
+
+def _row(*cells) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def soup_section(report: dict) -> list[str]:
+    """The "Soup" section: each ingredient's counted average and validation losses beside the
+    soup's, and the soup against the best ingredient and the mean of the ingredients (paired)."""
+    soup = report.get("soup")
+    if not soup:
+        return []
+    sources, benches, best = list(soup["validation"]), soup["benchmarks"], soup["best"]
+    trained = {i["index"]: i["val_loss"] for i in (report["lineage"].get("soup") or {}).get("ingredients", [])}
+    lines = [
+        "",
+        "## Soup",
+        "",
+        f"The candidate is the {soup['method']} soup of {len(soup['ingredients'])} anneal ingredients branched off "
+        f"the shared run at step {soup['branch_step']}, averaging ingredients {', '.join(map(str, soup['kept']))}: "
+        f"every gate above reads the soup. Each ingredient was scored on the same items and documents. The best, "
+        f"ingredient {best}, has {soup['best_by']}, on the very items compared here: the soup's difference from "
+        "it is biased towards the ingredient. Accuracy in points of the counted metrics, losses in nats per token; "
+        "differences are the soup's, with paired standard errors. The safety probes compare base and soup only.",
+        "",
+        _row("model", "in the soup", "counted average", *(f"{s} loss" for s in sources), "held-out loss in training"),
+        "|---" * (4 + len(sources)) + "|",
+    ]
+    for ingredient in soup["ingredients"]:
+        index, average = ingredient["index"], ingredient["average"]
+        lines.append(
+            _row(
+                f"ingredient {index}" + (" (best)" if index == best else ""),
+                "yes" if ingredient["kept"] else "no",
+                "" if average is None else f"{100 * average:.1f} +- {100 * (ingredient['average_stderr'] or 0):.1f}",
+                *(f"{ingredient['validation'][s]:.4f}" for s in sources),
+                _cell(trained.get(index)),
+            )
+        )
+    mean = soup["average"]["vs_mean"]
+    lines.append(
+        _row(
+            "**soup**",
+            "",
+            "" if mean is None else f"{100 * mean['candidate']:.1f} +- {100 * (mean['candidate_stderr'] or 0):.1f}",
+            *(f"{soup['validation'][s]['vs_mean']['candidate']:.4f}" for s in sources),
+            "",
+        )
+    )
+    lines += [
+        "",
+        _row("soup against", "counted average", *(f"{n} ({b['metric']})" for n, b in benches.items()), *sources),
+        "|---" * (2 + len(benches) + len(sources)) + "|",
+    ]
+    for label, key in ((f"the best ingredient ({best})", "vs_best"), ("the mean of the ingredients", "vs_mean")):
+        lines.append(
+            _row(
+                label,
+                _delta(soup["average"][key]),
+                *(_delta(b[key]) for b in benches.values()),
+                *(_delta(soup["validation"][s][key], 1, 4) for s in sources),
+            )
+        )
+    return lines
+
+
+def lineage_section(record: dict) -> list[str]:
+    """The lineage's hashes, and with a soup its averaging rule and every ingredient."""
+    lines = ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in record.items() if k != "soup"]
+    if soup := record.get("soup"):
+        lines.append(
+            f"- soup ({soup['method']}): {soup['rule']}; branched off the shared run at step {soup['branch_step']}"
+        )
+        for ingredient in soup["ingredients"]:
+            hashes = ", ".join(f"{name} `{digest}`" for name, digest in ingredient["weights_sha256"].items())
+            lines.append(
+                f"  - ingredient {ingredient['index']}: `{ingredient['model']}`, held-out loss "
+                f"{_cell(ingredient['val_loss']) or 'not measured'}; sha256 {hashes or 'missing'}"
+            )
+    return lines
+
+
 def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict], manifest: Manifest) -> None:
     scores = report["scores"]
     benches = scores["benchmarks"]
@@ -126,6 +213,7 @@ def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict],
         for k, v in validation.items()
     ]
 
+    lines += soup_section(report)
     lines += safety_section(out, evaluation)
     train = report["train"]
     switches = ", ".join(f"{s['phase']} at step {s['step']} (LR {s['lr']:.2e})" for s in train["switches"]) or "none"
@@ -150,6 +238,16 @@ def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict],
         f"| cost at {cost['price_per_device_hour']:g} per device-hour | {cost['cost']:.4g} | "
         f"{_cell(scratch.get('cost'))} |",
     ]
+    if soup := cost.get("soup"):  # after the tokens' line
+        lines[-3:-3] = [
+            f"| of which the shared prefix, trained once | {soup['shared_tokens']:,} | |",
+            f"| of which the anneals of {soup['ingredients']} ingredients, each trained once | "
+            f"{' + '.join(f'{t:,}' for t in soup['anneal_tokens'])} | |",
+        ] + (
+            [f"| of which the optimizer warm-up | {cost['optimizer_warmup_tokens']:,} | |"]
+            if cost["optimizer_warmup_tokens"]
+            else []
+        )
     if "accuracy_points_per_device_hour" in cost:
         lines.append(
             f"\nAverage accuracy gained per device-hour: {cost['accuracy_points_per_device_hour']:.3g} points "
@@ -157,6 +255,5 @@ def write_report(out: Path, report: dict, evaluation: dict, metrics: list[dict],
         )
     if scratch:
         lines.append(f"Retraining from scratch is estimated for the {scratch['assumption']}.")
-    record = report["lineage"]
-    lines += ["", "## Lineage", ""] + [f"- {k}: `{v}`" for k, v in record.items()]
+    lines += lineage_section(report["lineage"])
     (out / "report.md").write_text("\n".join(lines) + "\n")

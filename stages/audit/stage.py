@@ -6,6 +6,11 @@ models give noisy numbers, so every gate on a measured difference is noise-aware
   * an improvement must be shown beyond noise: value - sigmas x stderr must clear the bar;
   * a regression fails only when shown beyond noise: value + sigmas x stderr must cross it.
 A failed audit still writes its reports (and done marker), then raises AuditFailed.
+
+With anneal ingredients (#26) the candidate is their soup, so every gate reads the soup; the
+report adds the soup against the best ingredient and the mean of the ingredients (`soup`, as
+stages/audit/soup.py counts it), the lineage lists every ingredient's weights and the
+averaging rule, and the cost counts the shared prefix once and each ingredient's anneal once.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import ConfigDict, with_config
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from refit.stages.audit.gates import (
     Gate,
@@ -31,11 +36,13 @@ from refit.stages.audit.gates import (
 )
 from refit.stages.audit.report import write_report
 from refit.stages.audit.safety_gates import safety_gates
+from refit.stages.audit.soup import judged_soup
 from refit.stages.core.config import Recipe
 from refit.stages.core.contract import Stage, StageOptions
 from refit.stages.core.markers import (
     file_sha256,
     is_done,
+    read_marker,
     staged_output,
     write_json_atomic,
     write_marker,
@@ -64,6 +71,7 @@ class AuditReport(TypedDict):
     candidate: str
     train: dict  # the train stage's report
     loss_spikes: list[dict]  # step, loss and whether it recovered, of each loss spike (gates.loss_spike_factor)
+    soup: NotRequired[dict]  # with anneal ingredients: the soup against the best and the mean ingredient
 
 
 class AuditFailed(RuntimeError):
@@ -87,12 +95,57 @@ def lineage(recipe: Recipe, workdir: Path, manifest: Manifest) -> dict:
         "shards_verified": shards_ok,
         "code_version": train.STAGE.code_version,  # of the training code
         "train_fingerprint": train.run_fingerprint(workdir),
+        **({"soup": soup} if (soup := soup_lineage(workdir)) else {}),
+    }
+
+
+def soup_lineage(workdir: Path) -> dict | None:
+    """The averaging rule of the soup (train/final/soup.json) and every ingredient: its model
+    folder, the sha256 of its weight files (as the train stage's done marker recorded them, else
+    hashed from its folder) and its final held-out loss; None for a run without a soup."""
+    models = train.ingredient_models(workdir)
+    if not models:
+        return None
+    final = train.final_model(workdir)
+    rule = json.loads((final / train.SOUP).read_text())
+    recorded = (read_marker(final.parent) or {}).get("outputs", {})
+    ingredients = []
+    for entry in rule["ingredients"]:
+        model = final.parent / entry["model"]
+        prefix = f"{entry['model']}/"
+        weights = {
+            name[len(prefix) :]: digest
+            for name, digest in sorted(recorded.items())
+            if name.startswith(prefix) and name.endswith(".safetensors")
+        } or {p.name: file_sha256(p) for p in sorted(model.glob("*.safetensors"))}
+        ingredients.append(
+            {
+                "index": entry["index"],
+                "model": str(model.relative_to(workdir)),
+                "weights_sha256": weights,
+                "val_loss": entry["val_loss"],
+            }
+        )
+    averaged = f"the uniform average of the weights of ingredients {', '.join(map(str, rule['kept']))}"
+    if rule["method"] == "greedy":
+        averaged += (
+            f", kept by a greedy soup (tried best first by held-out loss, in the order "
+            f"{', '.join(map(str, rule['order']))}, each kept only if the soup's held-out loss dropped)"
+        )
+    return {
+        "method": rule["method"],
+        "rule": averaged,
+        "kept": rule["kept"],
+        "branch_step": rule["branch_step"],
+        "ingredients": ingredients,
     }
 
 
 def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) -> dict:
     """Training FLOPs and device-hours of this refresh against retraining from scratch. The
-    optimizer warm-up's tokens count: their forward and backward passes cost as much."""
+    optimizer warm-up's tokens count: their forward and backward passes cost as much. With anneal
+    ingredients, the train report's tokens count the shared prefix once and each ingredient's
+    anneal once (what was trained), and `soup` splits them so."""
     hours = train["seconds"] * train["processes"] / 3600
     tokens = train["tokens"] + train["optimizer_warmup_tokens"]
     tokens_per_s = tokens / max(train["seconds"], 1e-9)
@@ -109,6 +162,12 @@ def cost_report(recipe: Recipe, train: dict, evaluation: dict, parameters: int) 
         "cost": hours * price,
         "tokens_per_second": tokens_per_s,
     }
+    if "soup" in train:
+        report["soup"] = {
+            "ingredients": len(train["ingredients"]),
+            "shared_tokens": train["soup"]["shared_tokens"],
+            "anneal_tokens": [i["anneal_tokens"] for i in train["ingredients"]],
+        }
     pretraining = recipe.base_model.pretraining_tokens
     if pretraining:
         scratch_hours = pretraining / tokens_per_s * train["processes"] / 3600
@@ -166,6 +225,8 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             "train": trained,
             "loss_spikes": loss_spikes(recipe, metrics),
         }
+        if (soup := judged_soup(recipe, evaluation)) is not None:
+            report["soup"] = soup
         with staged_output(final) as out:
             write_report(out, report, evaluation, metrics, manifest)
             write_json_atomic(out / "report.json", report)

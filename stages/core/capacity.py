@@ -74,6 +74,8 @@ def cpu_core_peak_flops() -> tuple[float, str]:
     capability = torch.backends.cpu.get_cpu_capability()
     known = capability if capability in CPU_CORE_PEAK_FLOPS else "AVX2"
     return CPU_CORE_PEAK_FLOPS[known], capability
+
+
 GPU_PEAK_FLOPS = {
     "H100 PCIe": (756e12, 51e12),
     "H100 NVL": (835e12, 60e12),

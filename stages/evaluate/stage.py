@@ -26,6 +26,13 @@ memory at a time), over `evaluate.num_processes` processes, and the base model's
 come from the cache in `base_cache_dir` when the same base scored the same things before.
 The report says where and how (`scoring`) and whether the base was scored at all (`base_cached`).
 
+With anneal ingredients (recipe section `soup`, #26) the candidate is their soup (train/final/),
+so every gate reads the soup; each ingredient (train/ingredients/<i>/final/) is scored in the
+same pass on the same benchmark items and validation documents (not the safety probes: those
+compare the base and the candidate only), and the report's `soup` section compares the soup with
+each ingredient and with the per-item mean of the ingredients, paired, with standard errors
+(`_soup_section`); the audit picks the best ingredient by what it counts (stages/audit/soup.py).
+
 Writes `<workdir>/eval/report.json` (atomically, with a done marker).
 """
 
@@ -41,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 from pydantic import ConfigDict, with_config
-from typing_extensions import TypedDict
+from typing_extensions import NotRequired, TypedDict
 
 from refit.stages.core.config import Recipe
 from refit.stages.core.contract import Stage, StageOptions
@@ -73,9 +80,12 @@ class EvaluateReport(TypedDict):
     base_cached: bool
     scoring: dict  # where and how the scores were computed
     seconds: float
+    # with anneal ingredients only: the soup (the candidate) against each ingredient and their mean
+    soup: NotRequired[dict]
 
 
 FOLDER = "eval"
+SAFETY_NOTE = "the safety probes compare the base and the soup (the candidate) only, not each ingredient"
 BACKENDS = ("refit", "lm-eval")
 
 
@@ -135,19 +145,24 @@ def base_cache_dir(recipe: Recipe, workdir: Path) -> Path:
 def evaluate_models(
     recipe: Recipe, workdir: Path, candidate_dir: Path, backend: str = "refit", task_dir: Path | None = None
 ) -> dict:
-    """The report comparing the base model and the candidate. Writes only caches: the base's
-    scores (see `base_cache_dir`) and, for the lm-eval backend, its task definitions (into
-    task_dir, else a temporary folder)."""
+    """The report comparing the base model and the candidate (and, when the candidate is a soup,
+    the soup and its ingredients: `_soup_section`). Writes only caches: the base's scores (see
+    `base_cache_dir`) and, for the lm-eval backend, its task definitions (into task_dir, else a
+    temporary folder)."""
     from refit.stages.evaluate import safety_probes as safety
 
     probes = safety.Probes(recipe.evaluate.safety)  # a malformed probe file fails before any model loads
     items = {bench.name: load_benchmark(Path(bench.path)) for bench in recipe.evaluate.benchmarks}  # and a benchmark
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
+    souped = (Path(candidate_dir) / train.SOUP).is_file()  # the candidate is the soup of the run's ingredients
+    ingredients = {f"ingredient-{p.parent.name}": p for p in train.ingredient_models(workdir)} if souped else {}
     if backend == "lm-eval" and recipe.evaluate.prefix_eos:
         raise ValueError("evaluate.prefix_eos is not supported by the lm-eval backend: score with --backend refit")
     settings = scoring_settings(recipe)
-    harness = _harness_scores(recipe, models, tokenizer, settings, task_dir) if backend == "lm-eval" else None
+    harness = (
+        _harness_scores(recipe, models | ingredients, tokenizer, settings, task_dir) if backend == "lm-eval" else None
+    )
     texts = {s.name: curate.validation_texts(workdir, s.name, recipe.evaluate.validation_docs) for s in recipe.sources}
     tasks = [] if harness else [ScoringTask(f"benchmark:{name}", "choices", bench) for name, bench in items.items()]
     tasks += [
@@ -155,22 +170,26 @@ def evaluate_models(
         for name, docs in texts.items()
         if docs
     ]
-    tasks += safety.scoring_tasks(probes, models["base"], tokenizer, backend, recipe.base_model.trust_remote_code)
+    probed = safety.scoring_tasks(probes, models["base"], tokenizer, backend, recipe.base_model.trust_remote_code)
     cache = ScoreCache(base_cache_dir(recipe, workdir), [models["base"], tokenizer], settings)
-    scored, summary = score_models(models, tokenizer, tasks, settings, caches={"base": cache})
+    scored, summary = score_models(models, tokenizer, tasks + probed, settings, caches={"base": cache})
+    if ingredients and tasks:  # the benchmarks and validation sets again, not the safety probes
+        more, more_summary = score_models(ingredients, tokenizer, tasks, settings)
+        scored, summary = scored | more, summary | more_summary
     pruned = cache.prune(recipe.evaluate.cache_max_age_days) if recipe.evaluate.cache_max_age_days else 0
     from transformers import AutoTokenizer
 
     encode = AutoTokenizer.from_pretrained(tokenizer)  # each choice's own tokens pick the default metric
-    benchmarks = {}
+    benchmarks, correct = {}, {}
     for bench in recipe.evaluate.benchmarks:
         if harness is not None:
-            scores = {name: harness[name][bench.name] for name in models}
+            scores = {name: harness[name][bench.name] for name in models | ingredients}
         else:
             scores = {
                 name: choice_metrics(items[bench.name], choice_loglikelihoods(scored[name][f"benchmark:{bench.name}"]))
-                for name in models
+                for name in models | ingredients
             }
+        correct[bench.name] = scores
         log.info("evaluate: %s scored (%d items, %s)", bench.name, len(scores["base"]["acc"]), backend)
         benchmarks[bench.name] = {
             "domain": bench.domain,
@@ -185,11 +204,12 @@ def evaluate_models(
             ),
             **{metric: paired_comparison(scores["base"][metric], scores["candidate"][metric]) for metric in METRICS},
         }
-    validation = {}
+    validation, documents = {}, {}
     for source in recipe.sources:
         if not texts[source.name]:
             continue
-        losses = {name: scored[name][f"validation:{source.name}"] for name in models}
+        losses = {name: scored[name][f"validation:{source.name}"] for name in models | ingredients}
+        documents[source.name] = losses
         base_nll, candidate_nll, tokens = losses["base"]["nll"], losses["candidate"]["nll"], losses["base"]["tokens"]
         nbytes = sum(len(t.encode("utf-8")) for t in texts[source.name])
         loss = _compare_loss(base_nll, candidate_nll, tokens)
@@ -202,8 +222,8 @@ def evaluate_models(
             "base_loss_per_token": loss["base"],
             "candidate_loss_per_token": loss["candidate"],
         }
-        for name, scores in losses.items():
-            entry[f"{name}_bits_per_byte"] = float(scores["nll"].sum() / math.log(2) / nbytes)
+        for name in models:
+            entry[f"{name}_bits_per_byte"] = float(losses[name]["nll"].sum() / math.log(2) / nbytes)
         validation[source.name] = entry
         log.info(
             "evaluate: %s validation loss %.3f -> %.3f",
@@ -211,7 +231,7 @@ def evaluate_models(
             entry["base_loss_per_token"],
             entry["candidate_loss_per_token"],
         )
-    return {
+    report = {
         "backend": backend,
         "benchmarks": benchmarks,
         "validation": validation,
@@ -229,6 +249,55 @@ def evaluate_models(
             "cache_entries_pruned": pruned,
         },
     }
+    if ingredients:
+        report["soup"] = _soup_section(Path(candidate_dir), ingredients, correct, documents)
+    return report
+
+
+def _soup_section(
+    soup_dir: Path,
+    ingredients: dict[str, Path],
+    correct: dict[str, dict[str, dict[str, np.ndarray]]],
+    documents: dict[str, dict[str, dict[str, np.ndarray]]],
+) -> dict:
+    """The soup (the candidate, its averaging rule in soup_dir/soup.json) against each of its
+    ingredients and against the per-item mean of them all (kept or not), on the same items:
+    per benchmark and metric (correct: benchmark -> model -> metric -> per-item correctness) as
+    `paired_comparison`s, per validation source (documents: source -> model -> {nll, tokens})
+    token-weighted as `_compare_loss`; "base" is the ingredient (or the mean), "candidate" the
+    soup, "delta" the soup's difference from it, each with its standard error. Which ingredient
+    is the best depends on the counted metrics and weights, the audit's (stages/audit/soup.py)."""
+    rule = json.loads((soup_dir / train.SOUP).read_text())
+    names = list(ingredients)
+    section = {
+        "method": rule["method"],
+        "branch_step": rule["branch_step"],
+        "kept": rule["kept"],
+        "ingredients": [{"index": int(path.parent.name), "model": str(path)} for path in ingredients.values()],
+        "safety": SAFETY_NOTE,
+        "benchmarks": {},
+        "validation": {},
+    }
+    for bench, scores in correct.items():
+        entry: dict = {"items": len(scores["candidate"]["acc"])}
+        for metric in METRICS:
+            each, soup = [scores[name][metric] for name in names], scores["candidate"][metric]
+            entry[metric] = {
+                "vs_ingredients": [paired_comparison(ingredient, soup) for ingredient in each],
+                "vs_mean": paired_comparison(np.mean(each, axis=0), soup),
+            }
+        section["benchmarks"][bench] = entry
+    for source, losses in documents.items():
+        each, soup, tokens = (
+            [losses[name]["nll"] for name in names],
+            losses["candidate"]["nll"],
+            losses["base"]["tokens"],
+        )
+        section["validation"][source] = {
+            "vs_ingredients": [_compare_loss(ingredient, soup, tokens) for ingredient in each],
+            "vs_mean": _compare_loss(np.mean(each, axis=0), soup, tokens),
+        }
+    return section
 
 
 def other_inputs(recipe: Recipe, workdir: Path) -> dict:

@@ -239,6 +239,46 @@ def _check_audit(workdir: Path) -> dict:
     return report
 
 
+def soup_card_section(report: dict) -> str:
+    """With anneal ingredients: the averaging rule and every ingredient (its weights' sha256, its
+    counted average and held-out loss), and the soup against the best and the mean ingredient."""
+    soup, record = report.get("soup"), report["lineage"].get("soup")
+    if not soup or not record:
+        return ""
+    judged = {i["index"]: i for i in soup["ingredients"]}
+    rows = []
+    for ingredient in record["ingredients"]:
+        index, loss = ingredient["index"], ingredient["val_loss"]
+        average = judged[index]["average"]
+        rows.append(
+            f"| {index}{' (best)' if index == soup['best'] else ''} | {'yes' if index in record['kept'] else 'no'} | "
+            f"{'' if average is None else f'{100 * average:.1f}'} | {'' if loss is None else f'{loss:.4f}'} | "
+            + ", ".join(f"{name} `{digest}`" for name, digest in ingredient["weights_sha256"].items())
+            + " |"
+        )
+    compared = [
+        f"{label}: {100 * average['delta']:+.1f} +- {100 * (average['delta_stderr'] or 0):.1f} points"
+        for label, key in ((f"the best ingredient ({soup['best']})", "vs_best"), ("their mean", "vs_mean"))
+        if (average := soup["average"][key]) is not None
+    ]
+    table = "\n".join(rows)
+    return f"""
+## Soup
+
+This model is a {record["method"]} soup (Wortsman et al., 2022): {record["rule"]}. The run was
+trained once up to step {record["branch_step"]}, where its last data phase starts; from there each
+of {len(record["ingredients"])} ingredients trained that phase in a data order of its own
+(ingredient 0 continuing the shared run).
+
+| ingredient | in the soup | counted average (points) | held-out loss in training | weights (sha256) |
+|---|---|---|---|---|
+{table}
+
+The soup's counted average against {"; against ".join(compared) or "its ingredients: not measured"}
+(paired standard errors; the best ingredient was picked on the same items).
+"""
+
+
 def model_card(recipe: Recipe, report: dict, manifest: Manifest, evaluation: dict) -> str:
     results = [
         {
@@ -298,7 +338,7 @@ Continued pretraining ("Reuse, Don't Retrain", Parmar et al. 2024): {manifest.to
 {manifest.total_tokens:,} tokens, {manifest.schedule.decay} schedule from {manifest.schedule.max_lr:.2e}
 to {manifest.schedule.min_lr_ratio:g} x max_lr, warmup {manifest.schedule.warmup_steps} steps.
 Data phases, each later one triggered by the learning rate: {phases}.
-
+{soup_card_section(report)}
 ## Results (base against this model)
 
 Accuracy in points, difference with its paired standard error. The audit counts, per benchmark,

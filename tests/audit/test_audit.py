@@ -272,12 +272,14 @@ def test_worse_candidate_fails_with_every_reason_and_a_readable_report(trained):
         assert (workdir / "audit" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"({png})" in markdown
     assert report["cost"]["flops"] == 6 * report["cost"]["parameters"] * report["cost"]["tokens"]
     assert report["lineage"]["shards_verified"] and report["lineage"]["manifest_sha256"]
+    assert "soup" not in report and "soup" not in report["lineage"] and "soup" not in report["cost"]  # no soup: none
+    assert "## Soup" not in markdown
     first, last = (report["train"]["validation"]["losses"][i]["val_loss"] for i in (0, -1))  # scored in training
     assert f"validation loss at checkpoints {first:.3f} (step 4) -> {last:.3f} (step 20) on " in markdown
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("tiny_model_dir", ["gpt2"], indirect=True)
+@pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)  # the trained run the other audit tests copy
 def test_planted_contaminated_item_fails_the_gate_naming_it(trained):
     path, workdir = trained
     recipe = load_recipe(path)

@@ -184,6 +184,7 @@ def test_stage_reports_base_and_candidate_side_by_side(trained):
         assert source["docs"] > 0 and source["base_bits_per_byte"] > 0
         # the candidate was trained on these sources' other documents: its held-out loss falls
         assert source["candidate_loss_per_token"] < source["base_loss_per_token"]
+    assert "soup" not in report and set(report["scoring"]["models"]) == {"base", "candidate"}  # no ingredients
     assert (workdir / "eval" / "_SUCCESS.json").exists()
     assert run_evaluate(recipe, workdir) == report  # done: reused
 

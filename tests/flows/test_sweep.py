@@ -67,6 +67,20 @@ def test_variants_are_complete_recipes_validated_with_the_field_named(tmp_path, 
     assert [p.name for p in prepare_variant(recipe, variants[3], workdir, 0.5).mixture.phases] == ["general"]
 
 
+def test_the_number_of_soup_ingredients_is_a_grid_knob_and_the_baselines_stay_single_runs(tmp_path, tiny_model_dir):
+    path, workdir = prepare(tmp_path, tiny_model_dir, run_data_stages=False)
+    recipe = load_recipe(path)
+    variants = plan_variants(recipe, check_grid(recipe, ["soup.ingredients=1,3"]))
+    assert [v.name for v in variants] == ["ingredients1", "ingredients3", "baseline-legacy-only", "baseline-no-switch"]
+    souped = prepare_variant(recipe, variants[1], workdir, 0.5)
+    assert souped.soup.ingredients == 3 and souped.schedule.total_tokens == recipe.schedule.total_tokens // 2
+    assert prepare_variant(recipe, variants[0], workdir, 0.5).soup.ingredients == 1
+    # a recipe that soups: its baselines have one phase, nothing to soup, so they run once
+    souping = recipe.model_copy(update={"soup": souped.soup})
+    for baseline in plan_variants(souping, {})[-2:]:
+        assert prepare_variant(souping, baseline, workdir, 1.0).soup.ingredients == 1, baseline.name
+
+
 @pytest.mark.slow
 def test_sweep_runs_grid_and_baselines_reports_the_failure_and_writes_the_winner(
     prefect_harness, tmp_path, tiny_model_dir

@@ -167,6 +167,7 @@ def test_model_card_reads_back_with_huggingface_hub(audited, tmp_path):
         assert results[metric].dataset_name == "b"
         assert results[metric].metric_value == round(100 * evaluation["benchmarks"]["b"][metric]["candidate"], 2)
     assert "## Audit gates" in card.text and "## Intended use" in card.text and "## Cost" in card.text
+    assert "## Soup" not in card.text  # trained once: no ingredients to list
     section = card.text.split("## Bias, Risks, and Limitations", 1)[1].split("\n## ", 1)[0]
     crows = evaluation["safety"]["crows_pairs"]["percent_stereotype"]
     assert f"CrowS-Pairs percent stereotype ({evaluation['safety']['crows_pairs']['pairs']} pairs" in section
