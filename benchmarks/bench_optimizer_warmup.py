@@ -25,6 +25,8 @@ import shutil
 import statistics
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 os.environ.setdefault("LOGURU_LEVEL", "WARNING")
@@ -63,12 +65,19 @@ def legacy_loss(recipe: Recipe, demo: Path, model: Path) -> float:
     return float(sum(s["nll"].sum() for s in scores) / sum(s["tokens"].sum() for s in scores))
 
 
-def run(recipe: Recipe, demo: Path) -> dict:
+@contextmanager
+def demo_workdir(recipe: Recipe, demo: Path) -> Iterator[Path]:
+    """A temporary workdir holding the demo's curated data and shards, mixed for recipe."""
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         for stage in ("curate", "tokenize"):  # train's fingerprint reads curate's marker
             shutil.copytree(demo / stage, workdir / stage)
         run_mix(recipe, workdir)
+        yield workdir
+
+
+def run(recipe: Recipe, demo: Path) -> dict:
+    with demo_workdir(recipe, demo) as workdir:
         report = run_train(recipe, workdir)
         losses = [m["loss"] for m in read_metrics(workdir)[:FIRST_STEPS]]
         return {

@@ -84,6 +84,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import psutil  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from bench_train import matmul_peak  # noqa: E402  (this folder is on sys.path as the script's)
 
 from refit.flows.demo_base import DemoBaseSpec, read_texts, train_tokenizer  # noqa: E402
 from refit.flows.report import format_capacity  # noqa: E402
@@ -103,17 +104,6 @@ MiB = 2**20
 
 # hidden 768, 12 layers x 12 heads (head_dim 64), gated MLP 2304 (3 x hidden), untied embeddings
 HIDDEN, LAYERS, HEADS, INTERMEDIATE = 768, 12, 12, 2304
-
-
-def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
-    """fp32 matmul FLOP/s of this machine with every core (torch's default threads)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
 
 
 def build_model(out: Path, tokenizer_from: Path | None) -> int:
