@@ -53,6 +53,7 @@ from refit.stages.evaluate import stage as evaluate
 from refit.stages.mix import stage as mix
 from refit.stages.mix.manifest import Manifest
 from refit.stages.train import stage as train
+from refit.stages.train.layout import SOUP
 
 FOLDER = "audit"
 
@@ -107,7 +108,7 @@ def soup_lineage(workdir: Path) -> dict | None:
     if not models:
         return None
     final = train.final_model(workdir)
-    rule = json.loads((final / train.SOUP).read_text())
+    rule = json.loads((final / SOUP).read_text())
     recorded = (read_marker(final.parent) or {}).get("outputs", {})
     ingredients = []
     for entry in rule["ingredients"]:

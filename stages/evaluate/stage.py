@@ -64,6 +64,7 @@ from refit.stages.evaluate.scorer import (
     score_models,
 )
 from refit.stages.train import stage as train
+from refit.stages.train.layout import SOUP
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def evaluate_models(
     items = {bench.name: load_benchmark(Path(bench.path)) for bench in recipe.evaluate.benchmarks}  # and a benchmark
     tokenizer = Path(recipe.tokenizer or recipe.base_model.path)
     models = {"base": Path(recipe.base_model.path), "candidate": Path(candidate_dir)}
-    souped = (Path(candidate_dir) / train.SOUP).is_file()  # the candidate is the soup of the run's ingredients
+    souped = (Path(candidate_dir) / SOUP).is_file()  # the candidate is the soup of the run's ingredients
     ingredients = {f"ingredient-{p.parent.name}": p for p in train.ingredient_models(workdir)} if souped else {}
     if backend == "lm-eval" and recipe.evaluate.prefix_eos:
         raise ValueError("evaluate.prefix_eos is not supported by the lm-eval backend: score with --backend refit")
@@ -267,7 +268,7 @@ def _soup_section(
     token-weighted as `_compare_loss`; "base" is the ingredient (or the mean), "candidate" the
     soup, "delta" the soup's difference from it, each with its standard error. Which ingredient
     is the best depends on the counted metrics and weights, the audit's (stages/audit/soup.py)."""
-    rule = json.loads((soup_dir / train.SOUP).read_text())
+    rule = json.loads((soup_dir / SOUP).read_text())
     names = list(ingredients)
     section = {
         "method": rule["method"],

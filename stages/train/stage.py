@@ -67,23 +67,43 @@ from refit.stages.core.schedule import tokens_per_step
 from refit.stages.core.shards import token_dtype, write_rows
 from refit.stages.curate import stage as curate
 from refit.stages.mix import stage as mix
-from refit.stages.mix.manifest import Manifest, load_manifest
+from refit.stages.mix.manifest import load_manifest
 from refit.stages.tokenize import stage as tokenize
 from refit.stages.train.heartbeat import FOLDER as HEARTBEATS
+from refit.stages.train.ingredients import (
+    SoupUnplanned,
+    branch_step,
+    final_state,
+    make_soup,
+    soup_job,
+    soup_report,
+    to_train,
+)
+from refit.stages.train.layout import (
+    FAILURE,
+    FINAL_SHA256,
+    FOLDER,
+    INGREDIENTS,
+    JOB,
+    VALIDATION,
+    TrainingError,
+    ingredient_folders,
+    scheduled,
+    scheduled_metrics,
+    training_folders,
+)
 
 log = logging.getLogger(__name__)
 
 
-FOLDER = "train"
 WORKER = "refit.stages.train.loop"  # the training process, one per device
-JOB = "job.json"
-FAILURE = "failure.txt"  # why the training processes stopped, written by a failing rank
-FINAL_SHA256 = "final_sha256.json"  # sha256 of the exported weights, hashed as they were written
-VALIDATION = "validation.arrow"  # the held-out rows the training processes score at every checkpoint
-INGREDIENTS = "ingredients"  # with a soup: ingredients/<i>/, each anneal ingredient's folder
-SOUP = "soup.json"  # in the soup's final/: the averaging rule, the ingredients, which were kept, the losses
 POLL_SECONDS = 2.0  # how often the launcher reads the metrics log
 PROGRESS_SECONDS = 10.0  # at most one progress line this often
+
+
+class StopTraining(Exception):
+    """Raised by an on_progress callback to stop the training processes (the pilot search
+    prunes a trial); the checkpoints stay in the staging folder."""
 
 
 @with_config(ConfigDict(extra="forbid"))
@@ -111,33 +131,10 @@ class TrainReport(TypedDict):
     soup: NotRequired[dict]  # final/soup.json: method, branch step, kept ingredients, losses
 
 
-class TrainingError(RuntimeError):
-    """The training processes failed; the latest complete checkpoint is kept."""
-
-
-class SoupUnplanned(TrainingError):
-    """The recipe's soup cannot be made from this run's plan (no branch point, no held-out rows)."""
-
-
-class StopTraining(Exception):
-    """Raised by an on_progress callback to stop the training processes (the pilot search
-    prunes a trial); the checkpoints stay in the staging folder."""
-
-
-def _scheduled(line: dict) -> bool:
-    """Whether a metrics line is a step of the schedule's, not of the optimizer warm-up's."""
-    return "optimizer_warmup_step" not in line
-
-
-def _metrics(train_dir: Path) -> list[dict]:
-    lines = [json.loads(line) for line in (Path(train_dir) / "metrics.jsonl").read_text().splitlines()]
-    return [line for line in lines if _scheduled(line)]
-
-
-def read_metrics(workdir: Path) -> list[dict]:
+def readscheduled_metrics(workdir: Path) -> list[dict]:
     """The finished run's per-step log, one dict per step of the schedule (the optimizer
     warm-up's lines, flagged `optimizer_warmup_step`, left out)."""
-    return _metrics(Path(workdir) / FOLDER)
+    return scheduled_metrics(Path(workdir) / FOLDER)
 
 
 def read_report(workdir: Path) -> TrainReport:
@@ -155,17 +152,6 @@ def ingredient_models(workdir: Path) -> list[Path]:
     folder = Path(workdir) / FOLDER / INGREDIENTS
     found = [p for p in folder.iterdir() if p.name.isdigit()] if folder.is_dir() else []
     return [p / "final" for p in sorted(found, key=lambda p: int(p.name))]
-
-
-def ingredient_folders(folder: Path, ingredients: int, index: int) -> tuple[Path, Path]:
-    """(where ingredient `index` trains: its checkpoints/ and metrics.jsonl; where its final/ goes)
-    within the stage's (staging) folder. One run: the folder itself for both. With a soup,
-    ingredient 0 trains in the folder itself (its checkpoints hold the shared prefix) and exports
-    to ingredients/0/, the soup taking final/; ingredient i >= 1 trains and exports in ingredients/<i>/."""
-    if ingredients == 1:
-        return folder, folder
-    own = folder / INGREDIENTS / str(index)
-    return (folder if index == 0 else own), own
 
 
 def final_model_sha256(workdir: Path) -> dict[str, str]:
@@ -363,62 +349,6 @@ def write_validation_set(recipe: Recipe, workdir: Path, out: Path) -> dict:
     return {"rows": len(flat) // seq_len, "tokens": len(flat), "sources": sources, "sources_without_documents": without}
 
 
-def branch_step(recipe: Recipe, manifest: Manifest) -> int | None:
-    """The step the anneal ingredients branch off the shared run at: where the last phase starts,
-    as mix planned it (the phase whose order each ingredient redraws, sampler.py); None without
-    a soup. SoupUnplanned, naming the field, when that phase does not start after step 0."""
-    ingredients = recipe.soup.ingredients
-    if ingredients == 1:
-        return None
-    last = manifest.phases[-1]
-    if len(manifest.phases) > 1 and last.steps and last.start_step > 0:
-        return last.start_step
-    why = (
-        f"it gets no steps in this run's {manifest.total_steps} (its LR trigger never fires)"
-        if not last.steps
-        else f"it starts at step 0 (its lr_below {last.lr_below} is met from the first step)"
-        if len(manifest.phases) > 1
-        else "the mixture has one phase"
-    )
-    raise SoupUnplanned(
-        f"soup.ingredients: {ingredients} ingredients branch off the shared run where the last phase "
-        f"({last.name}) starts, but {why}: lower that phase's lr_below, or set soup.ingredients to 1"
-    )
-
-
-def _soup_job(recipe: Recipe, fingerprint: str, branch: int | None, job_dir: Path) -> dict | None:
-    """job["soup"]: where each ingredient trains and exports (relative to the job folder), the
-    fingerprint of its checkpoints (one ingredient never resumes another's), the branch step."""
-    count = recipe.soup.ingredients
-    if count == 1:
-        return None
-    folders = [ingredient_folders(job_dir, count, i) for i in range(count)]
-    return {
-        "branch_step": branch,
-        "ingredients": [
-            {
-                "train_dir": str(train_dir.relative_to(job_dir)),
-                "export_dir": str(export_dir.relative_to(job_dir)),
-                "fingerprint": fingerprint if i == 0 else f"{fingerprint}/ingredient-{i}",
-            }
-            for i, (train_dir, export_dir) in enumerate(folders)
-        ],
-    }
-
-
-def _training_folders(job_dir: Path) -> list[Path]:
-    """The folders training processes write in: the job folder, and each ingredient's with a soup."""
-    return [job_dir, *sorted(job_dir.glob(f"{INGREDIENTS}/*"))]
-
-
-def _to_train(job_dir: Path, ingredients: int) -> list[int]:
-    """The ingredients to launch: a single run always (it resumes, or exports, from its latest
-    checkpoint); with a soup, those without a final export yet (an export appears whole)."""
-    if ingredients == 1:
-        return [0]
-    return [i for i in range(ingredients) if not (ingredient_folders(job_dir, ingredients, i)[1] / "final").is_dir()]
-
-
 def _wait(
     process: subprocess.Popen,
     metrics: Path,
@@ -444,8 +374,8 @@ def _wait(
             complete = [line for line in lines if line.endswith(b"\n")]  # the writer may be mid-line
             offset += sum(len(line) for line in complete)
             try:
-                if scheduled := [line for line in map(json.loads, complete) if _scheduled(line)]:
-                    line = scheduled[-1]
+                if steps := [line for line in map(json.loads, complete) if scheduled(line)]:
+                    line = steps[-1]
                     progress.update(
                         line["step"] + 1, f"loss {line['loss']:.3f} lr {line['lr']:.2e} phase {line['phase']}"
                     )
@@ -482,7 +412,7 @@ def run_train(
         job_dir = final.with_name(final.name + ".tmp")
         _wait_for_job(job_dir / JOB, expected)
         started = time.time()
-        for ingredient in _to_train(job_dir, ingredients):  # as machine 0 launches them, in turn
+        for ingredient in to_train(job_dir, ingredients):  # as machine 0 launches them, in turn
             _run_processes(recipe, job_dir, on_progress, machines, ingredient)
         return {"stage": "train", "machine_rank": machines.rank, "seconds": round(time.time() - started, 2)}
 
@@ -494,7 +424,7 @@ def run_train(
         return not force and job.is_file() and json.loads(job.read_text())["fingerprint"] == expected
 
     with staged_output(final, reuse=same_run) as job_dir:
-        for folder in _training_folders(job_dir):
+        for folder in training_folders(job_dir):
             for unfinished in (folder / "checkpoints").glob("*.tmp"):  # staged by a killed run
                 shutil.rmtree(unfinished)
             shutil.rmtree(folder / HEARTBEATS, ignore_errors=True)  # the last launch's processes
@@ -506,7 +436,7 @@ def run_train(
             "data_root": str(workdir.resolve()),  # manifest shard paths are relative to it
             "failure": FAILURE,
             "final_sha256": FINAL_SHA256,
-            "soup": _soup_job(recipe, expected, branch, job_dir),
+            "soup": soup_job(recipe, expected, branch, job_dir),
         }
         held_out = write_validation_set(recipe, workdir, job_dir / VALIDATION)
         job["validation"] = None if "off" in held_out else VALIDATION
@@ -519,13 +449,13 @@ def run_train(
             )
         write_json_atomic(job_dir / JOB, job)
         started = time.time()
-        for ingredient in _to_train(job_dir, ingredients):
+        for ingredient in to_train(job_dir, ingredients):
             _run_processes(recipe, job_dir, on_progress, machines, ingredient)
         if ingredients > 1:
-            _make_soup(recipe, job_dir)
+            make_soup(recipe, job_dir)
         report = {**_report(recipe, job_dir, machines, started), "final_model": str(final_model(workdir))}
         write_json_atomic(job_dir / "report.json", report)
-        for folder in _training_folders(job_dir):
+        for folder in training_folders(job_dir):
             shutil.rmtree(folder / HEARTBEATS, ignore_errors=True)  # the processes have ended
         write_marker(
             job_dir, "train", expected, started, STAGE.code_version, known_sha256=_hashed_when_written(job_dir)
@@ -611,8 +541,8 @@ def _run_processes(
 
 def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -> dict:
     ingredients = recipe.soup.ingredients
-    state = _final_state(job_dir, ingredients, 0)
-    metrics = _metrics(job_dir)
+    state = final_state(job_dir, ingredients, 0)
+    metrics = scheduled_metrics(job_dir)
     report = {
         "stage": "train",
         "steps": state["step"],
@@ -629,91 +559,7 @@ def _report(recipe: Recipe, job_dir: Path, machines: Machines, started: float) -
         "seconds": round(time.time() - started, 2),
         **({"compiled": state["compiled"]} if "compiled" in state else {}),  # train.compile: main process, last launch
     }
-    if ingredients == 1:
-        return report
-    soup = json.loads((job_dir / "final" / SOUP).read_text())
-    shared = soup["branch_step"] * tokens_per_step(recipe)  # the prefix's tokens, trained once
-    each = [_ingredient_report(job_dir, ingredients, i, shared) for i in range(ingredients)]
-    tokens = shared + sum(i["anneal_tokens"] for i in each)
-    return {**report, "tokens": tokens, "ingredients": each, "soup": {**soup, "shared_tokens": shared}}
-
-
-def _final_state(job_dir: Path, ingredients: int, index: int) -> dict:
-    """The trainer state an ingredient's export (the single run's) was made with."""
-    export_dir = ingredient_folders(job_dir, ingredients, index)[1]
-    return json.loads((export_dir / "final" / "trainer_state.json").read_text())
-
-
-def _final_val_loss(metrics: list[dict]) -> float | None:
-    """The held-out loss of the export's weights, scored at the last step's checkpoint (none
-    when train.validation_tokens is 0 or no source holds validation documents)."""
-    return metrics[-1].get("val_loss")
-
-
-def _ingredient_report(job_dir: Path, ingredients: int, index: int, shared_tokens: int) -> dict:
-    state = _final_state(job_dir, ingredients, index)
-    metrics = _metrics(ingredient_folders(job_dir, ingredients, index)[0])
-    return {
-        "index": index,
-        "steps": state["step"],
-        "tokens": state["tokens"],  # what its model was trained on, the shared prefix's included
-        "anneal_tokens": state["tokens"] - shared_tokens,  # trained for it alone
-        "final_loss": metrics[-1]["loss"],
-        "val_loss": _final_val_loss(metrics),
-    }
-
-
-def _make_soup(recipe: Recipe, job_dir: Path) -> dict:
-    """final/: the average of the ingredients' exports (soup.py), made again by every run that
-    gets here (the same bytes: a run killed while averaging just averages again), with
-    `soup.json` beside the weights and the sha256 of the weights in FINAL_SHA256."""
-    from refit.stages.train.soup import average_weights, greedy_soup, validation_loss_of
-
-    ingredients, method = recipe.soup.ingredients, recipe.soup.method
-    finals = [ingredient_folders(job_dir, ingredients, i)[1] / "final" for i in range(ingredients)]
-    val_losses = [_final_val_loss(_metrics(ingredient_folders(job_dir, ingredients, i)[0])) for i in range(ingredients)]
-    soup = {
-        "method": method,
-        "branch_step": json.loads((job_dir / JOB).read_text())["soup"]["branch_step"],
-        "ingredients": [
-            {"index": i, "model": str(final.relative_to(job_dir)), "val_loss": loss}
-            for i, (final, loss) in enumerate(zip(finals, val_losses))
-        ],
-    }
-    out = job_dir / "final"
-    log.info("train: averaging %d ingredients into %s (%s)", ingredients, out, method)
-    if method == "uniform":
-        digests = average_weights(finals, out)
-        soup |= {"kept": list(range(ingredients)), "val_loss": None}
-    else:  # best first by the held-out loss each logged at its last checkpoint
-        order = sorted(range(ingredients), key=lambda i: (val_losses[i], i))
-        device = "cuda" if recipe.train.devices is None else f"cuda:{recipe.train.devices[0]}"
-        loss_of = validation_loss_of(
-            job_dir / VALIDATION,
-            recipe.train.micro_batch_size,
-            device if _cuda_available() else "cpu",
-            recipe.base_model.trust_remote_code,
-        )
-        greedy = greedy_soup([finals[i] for i in order], out, loss_of)
-        kept = [finals.index(path) for path in greedy.kept]
-        soup |= {
-            "order": order,  # the order they were tried in
-            "kept": kept,
-            "tried": [{"index": i, "soup_val_loss": loss} for i, loss in zip(order, greedy.losses)],
-            "val_loss": min(loss for i, loss in zip(order, greedy.losses) if i in kept),
-        }
-        digests = greedy.digests
-    (out / "trainer_state.json").unlink(missing_ok=True)  # ingredient 0's, copied with its other files
-    write_json_atomic(out / SOUP, soup)
-    write_json_atomic(job_dir / FINAL_SHA256, digests)
-    log.info("train: soup of ingredients %s in %s", soup["kept"], out)
-    return soup
-
-
-def _cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
+    return report if ingredients == 1 else {**report, **soup_report(recipe, job_dir)}
 
 
 def _hashed_when_written(train_dir: Path) -> dict[str, str]:
@@ -721,7 +567,7 @@ def _hashed_when_written(train_dir: Path) -> dict[str, str]:
     each ingredient's), as their writers recorded them: the stage's marker does not read those
     bytes again."""
     known = {}
-    for folder in _training_folders(train_dir):
+    for folder in training_folders(train_dir):
         prefix = folder.relative_to(train_dir)
         for checkpoint in (folder / "checkpoints").glob("step-*"):
             marker = read_marker(checkpoint) or {}

@@ -28,10 +28,9 @@ from refit.stages.core.markers import file_sha256, read_marker
 from refit.stages.mix.stage import read_manifest
 from refit.stages.train import soup as soup_module
 from refit.stages.train import stage as train_stage
+from refit.stages.train.ingredients import SoupUnplanned, branch_step
 from refit.stages.train.soup import average_weights
 from refit.stages.train.stage import (
-    SoupUnplanned,
-    branch_step,
     final_model,
     final_model_sha256,
     ingredient_models,
