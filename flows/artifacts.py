@@ -93,24 +93,30 @@ def show_in_ui(stage: str, recipe: Recipe, workdir: Path, report: dict | None) -
 
 class TrainingProgress:
     """Called by the train stage with each new metrics line: a progress artifact, made on the
-    first line, so a stage with nothing to do leaves none. (The stage logs progress lines.)"""
+    first line, so a stage with nothing to do leaves none. (The stage logs progress lines.) With
+    anneal ingredients the progress runs over every step trained: the whole run once (ingredient
+    0), then the last phase again per further ingredient (a line's `ingredient`)."""
 
-    def __init__(self, name: str, workdir: Path):
-        self.name, self.workdir = name, workdir
+    def __init__(self, recipe: Recipe, workdir: Path):
+        self.name, self.workdir, self.ingredients = recipe.name, workdir, recipe.soup.ingredients
         self.artifact = None
 
     def __call__(self, line: dict) -> None:
         if self.artifact is None:
-            self.total_steps = mix.read_manifest(self.workdir).total_steps
+            manifest = mix.read_manifest(self.workdir)
+            self.anneal_steps = manifest.phases[-1].steps if self.ingredients > 1 else 0
+            self.total_steps = manifest.total_steps + (self.ingredients - 1) * self.anneal_steps
             self.artifact = create_progress_artifact(
                 progress=0.0,
                 key=artifact_key("training", self.name),
                 description=f"training {self.name}: {self.total_steps} steps",
             )
-        done = line["step"] + 1
+        ingredient = line.get("ingredient", 0)
+        done = line["step"] + 1 + ingredient * self.anneal_steps  # ingredient i >= 1 follows the others
+        of_which = f", ingredient {ingredient} of {self.ingredients}" if self.ingredients > 1 else ""
         update_progress_artifact(
             self.artifact,
             progress=100.0 * done / self.total_steps,
-            description=f"step {done}/{self.total_steps}, loss {line['loss']:.3f}, "
+            description=f"step {done}/{self.total_steps}{of_which}, loss {line['loss']:.3f}, "
             f"LR {line['lr']:.2e}, phase {line['phase']}",
         )

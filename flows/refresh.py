@@ -59,7 +59,7 @@ def _transient(task_, task_run, state) -> bool:
 def stage_task(stage: str, recipe: Recipe, workdir: str, fingerprint: str, options: StageOptions) -> dict:
     """A stage's run; it returns and persists the report's summary: paths and small figures, never data."""
     # a stage that reports progress (train) shows it in the UI
-    options = dataclasses.replace(options, on_progress=TrainingProgress(recipe.name, Path(workdir)))
+    options = dataclasses.replace(options, on_progress=TrainingProgress(recipe, Path(workdir)))
     return STAGES[stage].summary(STAGES[stage].run(recipe, Path(workdir), options))
 
 

@@ -51,7 +51,7 @@ from refit.stages.train.stage import StopTraining
 @task(task_run_name="train", cache_policy=NONE)
 def train_trial(recipe: Recipe, workdir: str, pruning: CheckpointPruning) -> dict:
     """Train one trial, reporting to its pruner; {"pruned": reason} when it stopped it."""
-    progress = TrainingProgress(recipe.name, Path(workdir))
+    progress = TrainingProgress(recipe, Path(workdir))
 
     def on_progress(line: dict) -> None:
         progress(line)

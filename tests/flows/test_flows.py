@@ -334,3 +334,28 @@ def test_a_run_repairs_latest_when_publish_is_cached(refreshed, damage):
     assert result["stages"]["publish"] == "Completed" and result["published"]["already_published"]
     assert {s for name, s in result["stages"].items() if name != "publish"} == {"Cached"}
     assert pointer.read_text() == f"{newest}\n"
+
+
+def test_training_progress_runs_over_every_ingredients_steps_once(tmp_path, tiny_model_dir):
+    """With 3 anneal ingredients the progress artifact covers the whole run, then the last phase
+    twice more: it never goes back when an ingredient starts, and ends at 100%."""
+    from refit.flows.artifacts import TrainingProgress
+    from refit.stages.core.config import load_recipe
+    from refit.stages.mix.stage import read_manifest
+
+    path, workdir = prepare(tmp_path, tiny_model_dir)
+    spec = yaml.safe_load(path.read_text())
+    spec["name"] = "progress-of-a-soup"
+    path.write_text(yaml.safe_dump({**spec, "soup": {"ingredients": 3}}))
+    manifest = read_manifest(workdir)
+    branch, total = manifest.phases[-1].start_step, manifest.total_steps
+    progress = TrainingProgress(load_recipe(path), workdir)
+    seen = []
+    for ingredient in range(3):
+        for step in range(0 if ingredient == 0 else branch, total):
+            progress({"step": step, "loss": 1.0, "lr": 1e-3, "phase": "late", "ingredient": ingredient})
+            (latest,) = artifact("training-progress-of-a-soup")
+            seen.append(float(latest.data))
+    assert seen == sorted(seen) and seen[-1] == 100.0
+    assert len(seen) == progress.total_steps == total + 2 * (total - branch)
+    assert latest.description.startswith(f"step {progress.total_steps}/{progress.total_steps}, ingredient 2 of 3")
