@@ -198,7 +198,7 @@ def variant_gates(recipe: Recipe, workdir: Path, evaluation: dict, manifest: Man
         *accuracy_gates(recipe, evaluation, None),
         *loss_gates(recipe, evaluation),
         contamination_gate(recipe, Path(workdir), manifest.drawn_sources()),
-        health_gate(recipe, train.read_metrics(Path(workdir))),
+        health_gate(recipe, train.training_logs(Path(workdir))),
     ]
 
 

@@ -287,23 +287,27 @@ def loss_spikes(recipe: Recipe, metrics: list[dict]) -> list[dict]:
     return spikes
 
 
-def health_gate(recipe: Recipe, metrics: list[dict]) -> Gate:
-    """No non-finite loss (training stops on one) and no loss spike left unrecovered."""
-    losses = np.array([m["loss"] for m in metrics])
-    unrecovered = [spike["step"] for spike in loss_spikes(recipe, metrics) if not spike["recovered"]]
-    finite = bool(np.all(np.isfinite(losses)))
+def health_gate(recipe: Recipe, logs: list[list[dict]]) -> Gate:
+    """No non-finite loss (training stops on one) and no loss spike left unrecovered, in every
+    training log (with a soup, each ingredient's: `train.training_logs`)."""
+    problems, unrecovered_count = [], 0
+    for index, metrics in enumerate(logs):
+        which = f"ingredient {index}: " if len(logs) > 1 else ""
+        losses = np.array([m["loss"] for m in metrics])
+        unrecovered = [spike["step"] for spike in loss_spikes(recipe, metrics) if not spike["recovered"]]
+        unrecovered_count += len(unrecovered)
+        if not np.all(np.isfinite(losses)):
+            problems.append(f"{which}non-finite loss in the log")
+        if unrecovered:
+            problems.append(f"{which}unrecovered loss spikes at steps {unrecovered}")
+    steps = " + ".join(str(len(metrics)) for metrics in logs)
     return gate(
         "training_health",
-        finite and not unrecovered,
-        len(unrecovered),
+        not problems,
+        unrecovered_count,
         0,
-        ("non-finite loss in the log; " if not finite else "")
-        + (
-            f"unrecovered loss spikes at steps {unrecovered}"
-            if unrecovered
-            else f"{len(losses)} steps, all finite, no unrecovered spike (> "
-            f"{recipe.gates.loss_spike_factor:g} x running median)"
-        ),
+        "; ".join(problems)
+        or f"{steps} steps, all finite, no unrecovered spike (> {recipe.gates.loss_spike_factor:g} x running median)",
     )
 
 

@@ -203,7 +203,7 @@ def run_audit(recipe: Recipe, workdir: Path, force: bool = False, previous_eval:
             *loss_gates(recipe, evaluation),
             *safety_gates(recipe, evaluation),
             contamination_gate(recipe, workdir, manifest.drawn_sources()),
-            health_gate(recipe, metrics),
+            health_gate(recipe, train.training_logs(workdir)),
             lineage_gate(record),
         ]
         from safetensors import safe_open

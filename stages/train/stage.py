@@ -131,10 +131,18 @@ class TrainReport(TypedDict):
     soup: NotRequired[dict]  # final/soup.json: method, branch step, kept ingredients, losses
 
 
-def readscheduled_metrics(workdir: Path) -> list[dict]:
+def read_metrics(workdir: Path) -> list[dict]:
     """The finished run's per-step log, one dict per step of the schedule (the optimizer
     warm-up's lines, flagged `optimizer_warmup_step`, left out)."""
     return scheduled_metrics(Path(workdir) / FOLDER)
+
+
+def training_logs(workdir: Path) -> list[list[dict]]:
+    """Every model's per-step log, as `read_metrics` gives the run's: the single run's; with a
+    soup, each ingredient's by index, the shared prefix's steps leading those of ingredients 1.."""
+    run = read_metrics(workdir)
+    anneals = [scheduled_metrics(model.parent) for model in ingredient_models(workdir)[1:]]
+    return [run, *([m for m in run if m["step"] < anneal[0]["step"]] + anneal for anneal in anneals if anneal)]
 
 
 def read_report(workdir: Path) -> TrainReport:

@@ -314,14 +314,17 @@ def test_a_loss_spike_must_come_back_within_the_recovery_window(recipe):
     steady = [3.0 - 0.01 * i for i in range(30)]
     recovered = steady[:25] + [30.0] + steady[25:]  # back under the running median at the next step
     unrecovered = steady[:25] + [30.0] + [25.0] * 12  # never back within RECOVERY_STEPS
-    assert health_gate(recipe, _metrics(steady))["passed"]
-    assert health_gate(recipe, _metrics(recovered))["passed"]
-    failed = health_gate(recipe, _metrics(unrecovered))
+    assert health_gate(recipe, [_metrics(steady)])["passed"]
+    assert health_gate(recipe, [_metrics(recovered)])["passed"]
+    failed = health_gate(recipe, [_metrics(unrecovered)])
     assert not failed["passed"] and failed["value"] >= 1 and "unrecovered loss spikes at steps [25" in failed["reason"]
     assert loss_spikes(recipe, _metrics(recovered)) == [{"step": 25, "loss": 30.0, "recovered": True}]
     assert loss_spikes(recipe, _metrics(unrecovered))[0] == {"step": 25, "loss": 30.0, "recovered": False}
-    nan = health_gate(recipe, _metrics(steady[:10] + [float("nan")]))
+    nan = health_gate(recipe, [_metrics(steady[:10] + [float("nan")])])
     assert not nan["passed"] and "non-finite loss" in nan["reason"]
+    # with a soup every ingredient's log counts, named: here ingredient 1's anneal never recovers
+    souped = health_gate(recipe, [_metrics(steady), _metrics(unrecovered), _metrics(recovered)])
+    assert not souped["passed"] and souped["reason"].startswith("ingredient 1: unrecovered loss spikes at steps [25")
 
 
 def test_the_cost_counts_the_optimizer_warmup_tokens(recipe):

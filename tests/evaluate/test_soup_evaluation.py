@@ -205,6 +205,8 @@ def test_the_audit_gates_the_soup_and_lists_every_ingredient_and_the_cost_of_eac
         assert entry["weights_sha256"] == {"model.safetensors": file_sha256(model / "model.safetensors")}
         assert entry["val_loss"] == trained["ingredients"][index]["val_loss"] is not None
     assert next(g for g in audit["gates"] if g["name"] == "lineage")["passed"]
+    health = next(g for g in audit["gates"] if g["name"] == "training_health")  # each ingredient's log, prefix included
+    assert health["passed"] and health["reason"].startswith("20 + 20 + 20 steps, all finite")
 
     cost, shared = audit["cost"], trained["soup"]["shared_tokens"]
     anneals = [i["anneal_tokens"] for i in trained["ingredients"]]
