@@ -7,7 +7,6 @@ averaging rerun to the same bytes; the recipe refuses a soup it cannot make, nam
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
 import signal
@@ -17,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import safetensors.torch
 import torch
 import yaml
 from conftest import BASE_RECIPE, REPO, held_out_loss, prepare, training_processes, wait_exited, workdir_processes
@@ -158,6 +156,45 @@ def test_three_ingredients_share_the_prefix_and_the_soup_is_their_average(unifor
     assert "soup" not in read_report(uniform["plain"]) and f"step-{branch:08d}" not in os.listdir(plain / "checkpoints")
 
 
+# The stage in a process of its own that records which ingredients it launches and its progress
+# lines, and SIGKILLs itself once the averaging has written half of the soup's first shard.
+KILLED_WHILE_AVERAGING = """
+import json, logging, os, signal, sys
+from pathlib import Path
+import safetensors.torch
+from refit.stages.core.config import load_recipe
+from refit.stages.train import stage
+
+def half_a_shard_then_killed(tensors, path, metadata=None):
+    Path(path).write_bytes(b"\\0" * 100)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+safetensors.torch.save_file = half_a_shard_then_killed
+launched, run_processes = open(sys.argv[3], "a"), stage._run_processes
+
+def recorded(recipe, job_dir, on_progress, machines, ingredient=0):
+    launched.write(f"{ingredient}\\n")
+    launched.flush()
+    run_processes(recipe, job_dir, on_progress, machines, ingredient)
+
+stage._run_processes = recorded
+logging.basicConfig(level=logging.INFO)
+progress = lambda line: print(json.dumps(line), flush=True)
+stage.run_train(load_recipe(sys.argv[1]), Path(sys.argv[2]), on_progress=progress)
+"""
+
+
+def recorded(launched: list[int]):
+    """_run_processes that also appends the ingredient it launches to launched."""
+    run_processes = train_stage._run_processes
+
+    def launch(recipe, job_dir, on_progress, machines, ingredient=0):
+        launched.append(ingredient)
+        run_processes(recipe, job_dir, on_progress, machines, ingredient)
+
+    return launch
+
+
 def kill_when_logged(path: Path, workdir: Path, metrics: Path, step: int) -> None:
     """Run the stage in a subprocess and SIGKILL its process group once `metrics` logs `step`."""
     process = subprocess.Popen(
@@ -184,11 +221,9 @@ def kill_when_logged(path: Path, workdir: Path, metrics: Path, step: int) -> Non
 
 @pytest.mark.slow
 @pytest.mark.parametrize("tiny_model_dir", ["llama"], indirect=True)
-def test_a_kill_during_an_ingredient_and_one_while_averaging_rerun_to_the_same_bytes(
-    prepared, uniform, monkeypatch, caplog
-):
+def test_a_kill_during_an_ingredient_and_one_while_averaging_rerun_to_the_same_bytes(prepared, uniform, monkeypatch):
     """SIGKILL while ingredient 1 trains past its first checkpoint: the rerun trains ingredients 1
-    (from that checkpoint) and 2 only; killed again while averaging (half a shard written), the
+    (from that checkpoint) and 2 only; SIGKILLed again while averaging (half a shard written), the
     next run only averages. Every ingredient and the soup are the uninterrupted run's bytes.
     Progress lines and on_progress name the ingredient being trained.
     With keep_checkpoints 1 (execution only: the same run) the branch checkpoint is spared."""
@@ -202,29 +237,22 @@ def test_a_kill_during_an_ingredient_and_one_while_averaging_rerun_to_the_same_b
     assert [read_marker(p)["step"] for p in checkpoints if read_marker(p)] in ([12], [16])  # its own, to resume
     assert not (staged / "ingredients" / "2").exists()
 
-    launched = []
-    run_processes = train_stage._run_processes
-
-    def recorded(recipe, job_dir, on_progress, machines, ingredient=0):
-        launched.append(ingredient)
-        run_processes(recipe, job_dir, on_progress, machines, ingredient)
-
-    monkeypatch.setattr(train_stage, "_run_processes", recorded)
-    real_save = safetensors.torch.save_file
-
-    def killed(tensors, path, metadata=None):  # half a shard written, then the process is gone
-        Path(path).write_bytes(b"\0" * 100)
-        raise SystemExit("killed while averaging")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", killed)  # this process's writes: the averaging's only
-    progress: list[dict] = []
-    with caplog.at_level(logging.INFO, logger=train_stage.log.name), pytest.raises(SystemExit):
-        run_train(load_recipe(recipe), workdir, on_progress=progress.append)
+    # the rerun trains ingredients 1 and 2, then is SIGKILLed by itself with half a shard of the soup written
+    launched_file = workdir.parent / "launched.txt"
+    rerun = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_AVERAGING, str(recipe), str(workdir), str(launched_file)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert rerun.returncode == -signal.SIGKILL, rerun.stderr
+    launched = [int(line) for line in launched_file.read_text().split()]
+    progress = [json.loads(line) for line in rerun.stdout.splitlines() if line.startswith("{")]  # not the trainers'
     assert launched == [1, 2] and {line["ingredient"] for line in progress} == {1, 2}
-    logged = [record.getMessage() for record in caplog.records]
-    assert any(m.startswith("train ingredient 2: [####################] 20/20 steps") for m in logged)
+    assert "train ingredient 2: [####################] 20/20 steps" in rerun.stderr
     assert (staged / "final.tmp" / "shard-0.tmp").stat().st_size == 100 and read_marker(staged) is None
-    monkeypatch.setattr(safetensors.torch, "save_file", real_save)
+    monkeypatch.setattr(train_stage, "_run_processes", recorded(launched))
     report = run_train(load_recipe(recipe), workdir)
     assert launched == [1, 2]  # the ingredients were finished: only the averaging ran again
 
