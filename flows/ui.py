@@ -140,8 +140,28 @@ def _is_prefect_server(pid: int) -> bool:
     return b"prefect" in command and b"server" in command
 
 
+def _group_alive(pgid: int) -> bool:
+    """Whether any process of the group has not exited (a zombie has)."""
+    proc = Path("/proc")
+    if not proc.is_dir():  # no /proc (macOS): whether the group can still be signalled
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+        except (OSError, ValueError):  # gone while read
+            continue
+        if int(group) == pgid and state != "Z":
+            return True
+    return False
+
+
 def _stop_group(pid: int, grace: float = 20.0) -> None:
-    """SIGTERM the server's process group (server and workers), SIGKILL after the grace period."""
+    """SIGTERM the server's process group (server and workers), SIGKILL after the grace period
+    whatever of the group is left: not only the server, whose workers may outlive it."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(pid, sig)
@@ -153,7 +173,7 @@ def _stop_group(pid: int, grace: float = 20.0) -> None:
                 os.waitpid(pid, os.WNOHANG)  # reaps it when this process started it
             except ChildProcessError:
                 pass
-            if not _alive(pid):
+            if not _group_alive(pid):
                 return
             time.sleep(0.2)
 

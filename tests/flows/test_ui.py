@@ -134,17 +134,25 @@ def test_a_port_outside_1_to_65535_is_refused_in_one_line(capsys):
         assert f"refit ui: error: argument --port: {why}" in capsys.readouterr().err.splitlines()[-1]
 
 
-def group_members(pgid: int) -> list[int]:
-    """The processes of a process group that have not exited (zombies count as exited)."""
-    members = []
+def group_processes(pgid: int) -> set[tuple[int, int]]:
+    """(pid, start time) of each process of a process group that has not exited (zombies count
+    as exited). The start time tells a process from a later one given the same pid: pids wrap
+    at 32768 here, and a long suite goes through many."""
+    members = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, ValueError):  # gone while read
             continue
-        if int(group) == pgid and state != "Z":
-            members.append(int(stat.parent.name))
+        state, group, started = fields[0], int(fields[2]), int(fields[19])
+        if group == pgid and state != "Z":
+            members.add((int(stat.parent.name), started))
     return members
+
+
+def group_members(pgid: int) -> list[int]:
+    """The pids of the processes of a process group that have not exited."""
+    return sorted(pid for pid, _ in group_processes(pgid))
 
 
 def servers_on(port: int) -> list[int]:
@@ -174,11 +182,25 @@ def start_ui(env: dict, port: int) -> tuple[subprocess.Popen, int]:
     return ui, json.loads(state.read_text())["pid"]
 
 
+def commands(pids: list[int]) -> list[str]:
+    """The command lines of these processes, for a failure's message."""
+    lines = []
+    for pid in pids:
+        try:
+            lines.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:
+            lines.append(f"{pid}: gone")
+    return lines
+
+
 def wait_gone(pgid: int, seconds: float = 60) -> list[int]:
+    """The pids of the group's processes of now that are still there after `seconds` (a process
+    that later takes one of their pids, or joins the group, is not one of them)."""
+    members = group_processes(pgid)
     deadline = time.time() + seconds
-    while (left := group_members(pgid)) and time.time() < deadline:
+    while (left := members & group_processes(pgid)) and time.time() < deadline:
         time.sleep(0.2)
-    return left
+    return sorted(pid for pid, _ in left)
 
 
 @pytest.mark.slow
@@ -191,7 +213,8 @@ def test_an_interrupted_start_stops_its_server_and_a_killed_one_is_left_to_stop(
         servers.append(server)
         ui.send_signal(signal.SIGINT)
         ui.wait(timeout=60)
-        assert not wait_gone(server) and not (Path(refit_env["REFIT_HOME"]) / "ui" / "server.json").exists()
+        assert not (left := wait_gone(server)), commands(left)
+        assert not (Path(refit_env["REFIT_HOME"]) / "ui" / "server.json").exists()
         assert refit(refit_env, "ui", "--stop").strip() == "no Refit UI server is running"
 
         ui, server = start_ui(refit_env, port)  # killed while it waits: the server stays, recorded
@@ -211,7 +234,7 @@ def test_an_interrupted_start_stops_its_server_and_a_killed_one_is_left_to_stop(
             or f"the server `refit ui` started at {url} (pid {server}) does not answer" in again.stderr
         ), again.stdout + again.stderr  # the one refit started, not a second one nor someone else's
         assert refit(refit_env, "ui", "--stop").startswith(f"stopped the Refit UI server at {url} (pid {server})")
-        assert not wait_gone(server)
+        assert not (left := wait_gone(server)), commands(left)
 
         for key in ("REFIT_HOME", "PREFECT_HOME"):  # a start that times out, here
             monkeypatch.setenv(key, refit_env[key])
