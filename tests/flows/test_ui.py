@@ -183,12 +183,14 @@ def start_ui(env: dict, port: int) -> tuple[subprocess.Popen, int]:
 
 
 def commands(pids: list[int]) -> list[str]:
-    """The command lines of these processes, for a failure's message."""
+    """The command lines, states and parents of these processes, for a failure's message."""
     lines = []
     for pid in pids:
         try:
-            lines.append(f"{pid}: " + Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode())
-        except OSError:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
+            lines.append(f"{pid}: {command} (state {status['State']}, parent {status['PPid']})")
+        except (OSError, ValueError, KeyError):
             lines.append(f"{pid}: gone")
     return lines
 
